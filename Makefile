@@ -1,0 +1,41 @@
+# The two set-up commands of the README: `make demo` (install + run the main job on the sample graph)
+# and `make test` (install + run the tests). Both create ./.venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Where no GPU exists, take a CPU build of torch: this pin resolves to the CPU wheel of the machines we
+# run on; elsewhere pass TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+TORCH_CPU ?= torch==2.13.0
+TORCH_INDEX ?=
+DEMO_WS ?= .kalmkg-demo
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing the default torch build"; $(BIN)/pip install "torch>=2.3"; \
+	else \
+		echo "no GPU: installing a CPU build of torch"; \
+		$(BIN)/pip install "$(TORCH_CPU)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+	fi
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+demo: install
+	rm -rf $(DEMO_WS)
+	$(BIN)/kalmkg -w $(DEMO_WS) ingest sample_graphs/world.ttl
+	$(BIN)/kalmkg -w $(DEMO_WS) stats
+	$(BIN)/kalmkg -w $(DEMO_WS) entities "Marie Cury"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_WS) .pytest_cache bench/_work

@@ -1,0 +1,3 @@
+from kalmkg.cli import main
+
+main()

@@ -1,0 +1,189 @@
+"""RDF readers: triples become edges, labels and descriptions become texts, other literals attributes.
+
+N-Triples and N-Quads (the formats of large dumps) stream through oxigraph's Rust parser; the other
+formats go through rdflib, which holds a whole document in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+from kalmkg.errors import KalmkgError
+from kalmkg.ingest.batches import Batch, Batcher
+from kalmkg.ingest.sources import CountingReader
+
+RDFS = "http://www.w3.org/2000/01/rdf-schema#"
+SKOS = "http://www.w3.org/2004/02/skos/core#"
+# Lower rank wins when an entity has several.
+LABEL_PREDICATES = {
+    RDFS + "label": 0, SKOS + "prefLabel": 1, "https://schema.org/name": 2, "http://schema.org/name": 2,
+    "http://xmlns.com/foaf/0.1/name": 3,
+}
+DESCRIPTION_PREDICATES = {
+    RDFS + "comment": 0, "https://schema.org/description": 1, "http://schema.org/description": 1,
+    SKOS + "definition": 2, "http://purl.org/dc/terms/description": 3,
+}
+XSD_STRING = "http://www.w3.org/2001/XMLSchema#string"
+_RDFLIB_FORMATS = {"turtle": "turtle", "trig": "trig", "rdfxml": "xml", "jsonld": "json-ld"}
+
+
+class _Router:
+    """Sends each (subject, predicate, object) to edges, texts or attributes of a Batcher."""
+
+    def __init__(self, batcher: Batcher):
+        self.b = batcher
+        (self.eh, self.er, self.et, self.es) = batcher.columns["stage_edges"]
+        (self.xk, self.xtarget, self.xfield, self.xrank, self.xlang, self.xvalue) = batcher.columns["stage_texts"]
+        (self.ak, self.ap, self.av, self.adt, self.alang) = batcher.columns["stage_attrs"]
+
+    def edge(self, s: str, p: str, o: str) -> None:
+        self.eh.append(s)
+        self.er.append(p)
+        self.et.append(o)
+        self.es.append("train")
+        self.b.rows += 1
+
+    def literal(self, s: str, p: str, value: str, datatype: str, lang: str) -> None:
+        rank = LABEL_PREDICATES.get(p)
+        field = "label"
+        if rank is None:
+            rank = DESCRIPTION_PREDICATES.get(p)
+            field = "description"
+        if rank is not None:
+            self.xk.append(s)
+            self.xtarget.append("any")
+            self.xfield.append(field)
+            self.xrank.append(rank)
+            self.xlang.append(lang)
+            self.xvalue.append(value)
+        else:
+            self.ak.append(s)
+            if datatype == XSD_STRING:  # plain and xsd:string literals are the same value in RDF 1.1
+                datatype = ""
+            self.ap.append(p)
+            self.av.append(value)
+            self.adt.append(datatype)
+            self.alang.append(lang)
+        self.b.rows += 1
+
+
+def read_rdf(path: Path, fmt: str, source_tag: str, on_bytes: Callable[[int], None] | None = None) -> Iterator[Batch]:
+    """Yield staging batches for one RDF file. Blank nodes get keys `_:<source_tag>:<id>`."""
+    if fmt in ("ntriples", "nquads"):
+        yield from _read_oxigraph(path, fmt, source_tag, on_bytes)
+    else:
+        yield from _read_rdflib(path, fmt, source_tag, on_bytes)
+
+
+def _read_oxigraph(path: Path, fmt: str, source_tag: str, on_bytes) -> Iterator[Batch]:
+    import pyoxigraph as ox
+
+    batcher = Batcher()
+    route = _Router(batcher)
+    bnode_prefix = f"_:{source_tag}:"
+    named, blank, literal = ox.NamedNode, ox.BlankNode, ox.Literal
+    rdf_format = ox.RdfFormat.N_TRIPLES if fmt == "ntriples" else ox.RdfFormat.N_QUADS
+    reader = CountingReader(path, on_bytes)
+    try:
+        # Document-scoped blank node labels are kept by this parser, so keys are stable per source.
+        for quad in ox.parse(reader, format=rdf_format):
+            s, o = quad.subject, quad.object
+            skey = s.value if type(s) is named else (bnode_prefix + s.value if type(s) is blank else None)
+            if skey is None:
+                raise KalmkgError(f"{path}: RDF-star quoted triples are not supported")
+            if type(o) is literal:
+                lang = o.language
+                route.literal(skey, quad.predicate.value, o.value, "" if lang else o.datatype.value, lang or "")
+            elif type(o) is named:
+                route.edge(skey, quad.predicate.value, o.value)
+            elif type(o) is blank:
+                route.edge(skey, quad.predicate.value, bnode_prefix + o.value)
+            else:
+                raise KalmkgError(f"{path}: RDF-star quoted triples are not supported")
+            if batcher.rows >= batcher.batch_rows:
+                yield from batcher.flush()
+    except SyntaxError as exc:
+        raise KalmkgError(f"{path}: syntax error: {_one_line(exc)}") from None
+    finally:
+        reader.close()
+    yield from batcher.flush()
+
+
+def _read_rdflib(path: Path, fmt: str, source_tag: str, on_bytes) -> Iterator[Batch]:
+    import rdflib
+
+    graph = rdflib.Dataset(default_union=True) if fmt == "trig" else rdflib.Graph()
+    try:
+        graph.parse(str(path), format=_RDFLIB_FORMATS[fmt])
+    except Exception as exc:  # rdflib raises a different type per parser
+        raise KalmkgError(f"{path}: syntax error: {_syntax_message(exc)}") from None
+    if on_bytes:
+        on_bytes(path.stat().st_size)
+    keys = _blank_node_keys(graph, f"_:{source_tag}:")
+    batcher = Batcher()
+    route = _Router(batcher)
+    for s, p, o in graph.triples((None, None, None)):
+        skey = keys[s] if isinstance(s, rdflib.BNode) else str(s)
+        if isinstance(o, rdflib.Literal):
+            lang = o.language or ""
+            route.literal(skey, str(p), str(o), "" if lang or o.datatype is None else str(o.datatype), lang)
+        else:
+            route.edge(skey, str(p), keys[o] if isinstance(o, rdflib.BNode) else str(o))
+        if batcher.full():
+            yield from batcher.flush()
+    yield from batcher.flush()
+
+
+def _blank_node_keys(graph, prefix: str) -> dict:
+    """Stable keys for blank nodes: rdflib invents random ids on every parse, so name each blank node
+    by a hash of what it says (its outgoing triples, recursively) and where it is used (its incoming
+    IRI subjects). Blank nodes that say exactly the same thing in the same place are merged, which
+    leaves the graph's meaning unchanged."""
+    import rdflib
+
+    out: dict = {}
+    incoming: dict = {}
+    for s, p, o in graph.triples((None, None, None)):
+        if isinstance(s, rdflib.BNode):
+            out.setdefault(s, []).append((p, o))
+        if isinstance(o, rdflib.BNode):
+            out.setdefault(o, [])
+            if not isinstance(s, rdflib.BNode):
+                incoming.setdefault(o, []).append(f"{s.n3()} {p.n3()}")
+    memo: dict = {}
+
+    def digest(node, path: frozenset) -> str:
+        if node in memo:
+            return memo[node]
+        if node in path:  # a cycle of blank nodes: cut it
+            return "cycle"
+        parts = sorted(
+            f"{p.n3()} " + (digest(o, path | {node}) if isinstance(o, rdflib.BNode) else o.n3())
+            for p, o in out[node]
+        )
+        parts += sorted("<- " + x for x in incoming.get(node, []))
+        memo[node] = hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+        return memo[node]
+
+    try:
+        return {node: prefix + digest(node, frozenset()) for node in out}
+    except RecursionError:  # a blank-node chain too deep to hash (a very long RDF list)
+        return {node: prefix + str(node) for node in out}
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _syntax_message(exc: BaseException) -> str:
+    text = str(exc)
+    # rdflib's Turtle parser: "at line 3 of <>:\nBad syntax (objectList expected) at ^ in: ..."
+    line = re.search(r"line (\d+)", text)
+    what = re.search(r"Bad syntax \(([^)]*)\)", text)
+    if what:
+        return f"line {line.group(1) if line else '?'}: {what.group(1)}"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return " ".join(first.split())[:300]

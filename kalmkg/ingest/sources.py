@@ -1,0 +1,184 @@
+"""What a path on the command line is: its format, its files, and a content fingerprint.
+
+One pre-pass per file hashes the bytes (for idempotent re-ingest) and checks they are UTF-8, so that
+every reader can assume valid text and every encoding error names the file and the line.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kalmkg.errors import KalmkgError
+
+# --format name -> canonical format
+RDF_FORMATS = {
+    "turtle": "turtle", "ttl": "turtle",
+    "nt": "ntriples", "ntriples": "ntriples", "n-triples": "ntriples",
+    "nq": "nquads", "nquads": "nquads", "n-quads": "nquads",
+    "trig": "trig",
+    "xml": "rdfxml", "rdf": "rdfxml", "rdfxml": "rdfxml", "rdf/xml": "rdfxml", "owl": "rdfxml",
+    "jsonld": "jsonld", "json-ld": "jsonld",
+}
+DELIMITED_FORMATS = {"tsv": "tsv", "csv": "csv", "txt": "tsv"}
+SUPPORTED = "turtle (.ttl), ntriples (.nt), nquads (.nq), trig (.trig), rdfxml (.rdf/.owl/.xml), " \
+            "jsonld (.jsonld), tsv (.tsv/.txt), csv (.csv), or a folder of TSV files"
+
+_EXTENSIONS = {
+    ".ttl": "turtle", ".turtle": "turtle", ".nt": "ntriples", ".ntriples": "ntriples", ".nq": "nquads",
+    ".nquads": "nquads", ".trig": "trig", ".rdf": "rdfxml", ".owl": "rdfxml", ".xml": "rdfxml",
+    ".jsonld": "jsonld", ".json": "jsonld", ".tsv": "tsv", ".txt": "tsv", ".csv": "csv",
+}
+
+# Triple files of a benchmark folder and the split each one holds (KG-BERT layout and ours).
+SPLIT_FILES = {"train.tsv": "train", "triples.tsv": "train", "dev.tsv": "valid", "valid.tsv": "valid",
+               "test.tsv": "test"}
+# Text files: (target, role). role 'text' = `id<TAB>text`; 'long' = a long description only.
+TEXT_FILES = {"entity2text.txt": ("entity", "text"), "entity2textlong.txt": ("entity", "long"),
+              "entities.tsv": ("entity", "text"), "relation2text.txt": ("relation", "text"),
+              "relations.tsv": ("relation", "text")}
+
+
+@dataclass
+class SourceFile:
+    path: Path
+    kind: str  # 'rdf', 'triples', 'text'
+    format: str  # canonical RDF format, or 'tsv' / 'csv'
+    split: str = "train"
+    target: str = "entity"  # text files: 'entity' or 'relation'
+    role: str = "text"
+    size: int = 0
+
+
+@dataclass
+class Source:
+    """One argument of `kalmkg ingest`: a file, or a folder of TSV files read as one graph."""
+
+    name: str
+    format: str
+    files: list[SourceFile] = field(default_factory=list)
+    sha256: str = ""
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def _text_role(name: str) -> tuple[str, str] | None:
+    lower = name.lower()
+    if lower in TEXT_FILES:
+        return TEXT_FILES[lower]
+    if lower.startswith("entity2text") or lower.startswith("entities."):
+        return ("entity", "long" if "long" in lower else "text")
+    if lower.startswith("relation2text") or lower.startswith("relations."):
+        return ("relation", "text")
+    return None
+
+
+def resolve_source(path: Path, fmt: str | None = None, split: str = "train") -> Source:
+    """Classify a path; raises KalmkgError for a missing path or an unknown format."""
+    if not path.exists():
+        raise KalmkgError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _folder_source(path)
+    if fmt is not None:
+        canonical = RDF_FORMATS.get(fmt.lower()) or DELIMITED_FORMATS.get(fmt.lower())
+        if canonical is None:
+            raise KalmkgError(f"unknown format '{fmt}'; supported: {SUPPORTED}")
+    else:
+        suffixes = [s.lower() for s in path.suffixes if s.lower() not in (".gz",)]
+        canonical = _EXTENSIONS.get(suffixes[-1]) if suffixes else None
+        if canonical is None:
+            raise KalmkgError(
+                f"{path}: cannot tell the format from the extension '{path.suffix}'; "
+                f"pass --format, one of: {SUPPORTED}"
+            )
+    if canonical in ("tsv", "csv"):
+        role = _text_role(path.name)
+        if role is not None:
+            file = SourceFile(path, "text", canonical, target=role[0], role=role[1])
+        else:
+            file = SourceFile(path, "triples", canonical, split=split)
+    else:
+        file = SourceFile(path, "rdf", canonical)
+    return Source(str(path), canonical, [file])
+
+
+def _folder_source(path: Path) -> Source:
+    files: list[SourceFile] = []
+    for child in sorted(path.iterdir()):
+        name = child.name.lower()
+        if not child.is_file():
+            continue
+        if name in SPLIT_FILES:
+            files.append(SourceFile(child, "triples", "tsv", split=SPLIT_FILES[name]))
+        elif (role := _text_role(child.name)) is not None:
+            files.append(SourceFile(child, "text", "tsv", target=role[0], role=role[1]))
+    if not any(f.kind == "triples" for f in files):
+        raise KalmkgError(
+            f"{path}: a folder must hold train.tsv (and optionally dev.tsv, test.tsv, entity2text.txt, "
+            "relation2text.txt) or triples.tsv"
+        )
+    return Source(str(path), "tsv-folder", files)
+
+
+def fingerprint(source: Source, on_bytes: Callable[[int], None] | None = None) -> None:
+    """Hash the source's files and check they are non-empty UTF-8; fills `sha256` and sizes."""
+    total = hashlib.sha256()
+    for f in source.files:
+        digest, f.size = _check_file(f.path, on_bytes)
+        total.update(f"{f.path.name}\0{f.kind}\0{f.split}\0{f.target}\0{f.role}\0{digest}\n".encode())
+    source.sha256 = total.hexdigest()
+
+
+def _check_file(path: Path, on_bytes: Callable[[int], None] | None) -> tuple[str, int]:
+    h = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    size = 0
+    nonblank = False
+    lines_before = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                line = lines_before + chunk.count(b"\n", 0, exc.start) + 1
+                raise KalmkgError(f"{path}:{line}: not valid UTF-8 (byte 0x{chunk[exc.start]:02x})") from None
+            lines_before += chunk.count(b"\n")
+            nonblank = nonblank or bool(chunk.strip())
+            size += len(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise KalmkgError(f"{path}:{lines_before + 1}: not valid UTF-8 (truncated character at the end)") from None
+    if not nonblank:
+        raise KalmkgError(f"{path}: file is empty")
+    return h.hexdigest(), size
+
+
+class CountingReader(io.RawIOBase):
+    """A binary file that reports how many bytes were read, for progress bars over streaming parsers."""
+
+    def __init__(self, path: Path, on_bytes: Callable[[int], None] | None):
+        self._fh = open(path, "rb")
+        self._on_bytes = on_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self._fh.readinto(buffer)
+        if n and self._on_bytes:
+            self._on_bytes(n)
+        return n
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
