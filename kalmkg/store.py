@@ -7,6 +7,7 @@ indexes make bulk loads slow and their memory grows with the graph.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,11 +44,18 @@ MIGRATIONS: list[list[str]] = [
             attributes INTEGER NOT NULL, texts_updated INTEGER NOT NULL,
             started_at TIMESTAMP NOT NULL, seconds DOUBLE NOT NULL)""",
     ],
+    [
+        """CREATE TABLE runs (
+            id VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL, base VARCHAR NOT NULL, status VARCHAR NOT NULL,
+            path VARCHAR NOT NULL, graph_fingerprint VARCHAR NOT NULL, config VARCHAR NOT NULL,
+            steps INTEGER NOT NULL DEFAULT 0, best_metric DOUBLE, finished_at TIMESTAMP)""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Staging tables hold one source's rows as keys (strings) until `merge_staged` turns them into ids.
 _STAGING = {
+    # src: the position of the source in one ingest command (all are staged before any is merged)
     "stage_edges": "h VARCHAR, r VARCHAR, t VARCHAR, split VARCHAR",
     # target: 'entity', 'relation', or 'any' (RDF: decided by whether the key is used as a predicate)
     # field: 'label' or 'description'; rank: preference among predicates (lower wins)
@@ -115,18 +123,22 @@ class Store:
             raise KalmkgError(f"cannot open {path}: {str(exc).splitlines()[0]}") from None
         except duckdb.Error as exc:
             raise KalmkgError(f"cannot open {path}: {str(exc).splitlines()[0]}") from None
-        # Big staging joins spill to disk instead of growing memory with the graph.
+        # A fixed memory budget: staging tables and merge joins of a large ingest spill to disk
+        # (beside the store) instead of growing with the file.
         con.execute("SET preserve_insertion_order = false")
+        con.execute(f"SET memory_limit = '{os.environ.get('KALMKG_MEMORY_LIMIT', '256MB')}'")
+        if write:
+            con.execute(f"SET temp_directory = '{path.parent / '.tmp'}'")
         return cls(con, path, write)
 
     def schema_version(self) -> int:
         has_meta = self.con.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta' AND table_schema = 'main'"
-        ).fetchone()[0]
+        ).fetchall()[0][0]
         if not has_meta:
             return 0
-        row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        return int(row[0]) if row else 0
+        rows = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        return int(rows[0][0]) if rows else 0
 
     def _ensure_schema(self) -> None:
         version = self.schema_version()
@@ -165,23 +177,42 @@ class Store:
 
     # ---------------------------------------------------------------- ingest
     def source_ingested(self, sha256: str) -> bool:
-        return self.con.execute("SELECT count(*) FROM ingests WHERE sha256 = ?", [sha256]).fetchone()[0] > 0
+        return self.con.execute("SELECT count(*) FROM ingests WHERE sha256 = ?", [sha256]).fetchall()[0][0] > 0
 
     def reset_staging(self) -> None:
+        """Empty staging tables. They are temporary (this connection only) and live outside the ingest
+        transaction: inside one, DuckDB keeps every Arrow batch alive until the commit."""
         for name, cols in _STAGING.items():
-            self.con.execute(f"CREATE OR REPLACE TEMP TABLE {name} ({cols})")
+            self.con.execute(f"CREATE OR REPLACE TEMP TABLE {name}_all (src INTEGER, {cols})")
 
-    def stage(self, table: str, batch: "pa.Table") -> None:
-        """Append an Arrow batch (columns as in STAGING_COLUMNS[table]) to a staging table."""
+    def stage(self, table: str, src: int, batch: "pa.Table") -> None:
+        """Append an Arrow batch (columns as in STAGING_COLUMNS[table]) of source `src`."""
         self.con.register("_batch", batch)
         try:
-            self.con.execute(f"INSERT INTO {table} SELECT {', '.join(STAGING_COLUMNS[table])} FROM _batch")
+            self.con.execute(
+                f"INSERT INTO {table}_all SELECT {int(src)}, {', '.join(STAGING_COLUMNS[table])} FROM _batch"
+            )
         finally:
             self.con.unregister("_batch")
 
-    def merge_staged(self, ingest_id: int, lang: str) -> MergeCounts:
-        """Turn the staged keys into ids and add what is new; returns what was added or changed."""
+    def merge_staged(self, src: int, ingest_id: int, lang: str) -> MergeCounts:
+        """Turn the staged keys of source `src` into ids and add what is new; returns what was added
+        or changed."""
+        import duckdb
+
+        try:
+            return self._merge_staged(src, ingest_id, lang)
+        except duckdb.OutOfMemoryException:
+            limit = self.con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+            raise KalmkgError(
+                f"the store ran out of its memory budget ({limit}) while merging; "
+                "set KALMKG_MEMORY_LIMIT higher (e.g. 2GB) and ingest again"
+            ) from None
+
+    def _merge_staged(self, src: int, ingest_id: int, lang: str) -> MergeCounts:
         c = self.con
+        for name in _STAGING:
+            c.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * EXCLUDE (src) FROM {name}_all WHERE src = {int(src)}")
         counts = MergeCounts()
         label = _FALLBACK_LABEL.format(k="key")
 
@@ -195,7 +226,7 @@ class Store:
             f"""INSERT INTO relations
                 SELECT (SELECT coalesce(max(id), -1) FROM relations) + row_number() OVER (ORDER BY key),
                        key, {label}, NULL FROM _new_rel"""
-        ).fetchone()[0]
+        ).fetchall()[0][0]
 
         c.execute(
             """CREATE OR REPLACE TEMP TABLE _new_ent AS
@@ -213,7 +244,7 @@ class Store:
             f"""INSERT INTO entities
                 SELECT (SELECT coalesce(max(id), -1) FROM entities) + row_number() OVER (ORDER BY key),
                        key, {label}, NULL, now() FROM _new_ent"""
-        ).fetchone()[0]
+        ).fetchall()[0][0]
 
         # The best text per key and field: preferred language, its regional variants, untagged, any;
         # then the predicate's rank; then the value itself so the choice never depends on file order.
@@ -234,13 +265,13 @@ class Store:
             """SELECT count(DISTINCT e.id) FROM _best_text b JOIN entities e ON e.key = b.key
                WHERE b.target IN ('entity', 'any') AND e.key NOT IN (SELECT key FROM _new_ent)
                  AND CASE b.field WHEN 'label' THEN e.label ELSE e.description END IS DISTINCT FROM b.value"""
-        ).fetchone()[0]
+        ).fetchall()[0][0]
         for field in ("label", "description"):
             c.execute(
                 f"""UPDATE entities SET {field} = b.value, updated_at = now() FROM _best_text b
                     WHERE b.key = entities.key AND b.field = '{field}' AND b.target IN ('entity', 'any')
                       AND entities.{field} IS DISTINCT FROM b.value"""
-            ).fetchone()[0]
+            ).fetchall()[0][0]
             c.execute(
                 f"""UPDATE relations SET {field} = b.value FROM _best_text b
                     WHERE b.key = relations.key AND b.field = '{field}' AND b.target IN ('relation', 'any')
@@ -258,7 +289,7 @@ class Store:
                    GROUP BY ALL) n
                ANTI JOIN triples o ON o.head = n.head AND o.relation = n.relation AND o.tail = n.tail""",
             {"ingest": ingest_id},
-        ).fetchone()[0]
+        ).fetchall()[0][0]
 
         counts.attributes = c.execute(
             """INSERT INTO attributes
@@ -269,11 +300,11 @@ class Store:
                ANTI JOIN attributes o ON o.entity = n.entity AND o.predicate = n.predicate
                     AND o.value = n.value AND o.datatype = n.datatype AND o.lang = n.lang""",
             {"ingest": ingest_id},
-        ).fetchone()[0]
+        ).fetchall()[0][0]
         return counts
 
     def next_ingest_id(self) -> int:
-        return self.con.execute("SELECT coalesce(max(id), -1) + 1 FROM ingests").fetchone()[0]
+        return self.con.execute("SELECT coalesce(max(id), -1) + 1 FROM ingests").fetchall()[0][0]
 
     def log_ingest(self, ingest_id: int, source: str, fmt: str, sha256: str, counts: MergeCounts,
                    started: float) -> None:
@@ -304,10 +335,61 @@ class Store:
         finally:
             self.con.unregister("_splits")
 
+    # ---------------------------------------------------------------- reads for training and evaluation
+    def entity_table(self) -> "pa.Table":
+        """id, key, label, description of every entity, by id (ids are dense: 0..n-1)."""
+        return self.con.execute("SELECT id, key, label, description FROM entities ORDER BY id").fetch_arrow_table()
+
+    def relation_table(self) -> "pa.Table":
+        return self.con.execute("SELECT id, key, label, description FROM relations ORDER BY id").fetch_arrow_table()
+
+    def triples_array(self, splits: tuple[str, ...] = SPLITS):
+        """[n, 3] int64 array of (head, relation, tail) in the given splits, in a stable order."""
+        import numpy as np
+
+        placeholders = ", ".join("?" for _ in splits)
+        rows = self.con.execute(
+            f"SELECT head, relation, tail FROM triples WHERE split IN ({placeholders}) ORDER BY head, relation, tail",
+            list(splits),
+        ).fetchnumpy()
+        return np.stack([rows["head"], rows["relation"], rows["tail"]], axis=1).astype(np.int64) \
+            if len(rows["head"]) else np.zeros((0, 3), dtype=np.int64)
+
+    def fingerprint(self) -> str:
+        """Changes whenever entities, texts, triples or splits change (for stale run/index detection)."""
+        row = self.con.execute(
+            """SELECT (SELECT count(*) FROM entities), (SELECT count(*) FROM triples),
+                      (SELECT coalesce(sum(hash(head, relation, tail, split)), 0) FROM triples),
+                      (SELECT coalesce(sum(hash(id, label, description)), 0) FROM entities),
+                      (SELECT coalesce(sum(hash(id, label)), 0) FROM relations)"""
+        ).fetchall()[0]
+        import hashlib
+
+        return hashlib.sha256(repr(row).encode()).hexdigest()[:16]
+
+    # ---------------------------------------------------------------- runs
+    def add_run(self, run_id: str, base: str, path: str, graph_fingerprint: str, config_json: str) -> None:
+        self.con.execute(
+            "INSERT INTO runs (id, created_at, base, status, path, graph_fingerprint, config) "
+            "VALUES (?, now(), ?, 'running', ?, ?, ?)",
+            [run_id, base, path, graph_fingerprint, config_json],
+        )
+
+    def update_run(self, run_id: str, *, status: str, steps: int, best_metric: float | None) -> None:
+        self.con.execute(
+            "UPDATE runs SET status = ?, steps = ?, best_metric = ?, finished_at = now() WHERE id = ?",
+            [status, steps, best_metric, run_id],
+        )
+
+    def runs(self) -> list[dict]:
+        cur = self.con.execute("SELECT * FROM runs ORDER BY created_at")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
     # ---------------------------------------------------------------- queries
     def stats(self, top_relations: int | None = None) -> dict:
         c = self.con
-        one = lambda sql: c.execute(sql).fetchone()[0]  # noqa: E731
+        one = lambda sql: c.execute(sql).fetchall()[0][0]  # noqa: E731
         splits = dict(c.execute("SELECT split, count(*) FROM triples GROUP BY split").fetchall())
         rel_rows = c.execute(
             """SELECT r.key, r.label, count(t.head) AS n,
@@ -324,7 +406,7 @@ class Store:
                        GROUP BY id) x USING (id))
                SELECT min(n), quantile_disc(n, 0.5), avg(n), quantile_disc(n, 0.99), max(n),
                       count(*) FILTER (WHERE n = 0) FROM d"""
-        ).fetchone()
+        ).fetchall()[0]
         return {
             "entities": one("SELECT count(*) FROM entities"),
             "relations": one("SELECT count(*) FROM relations"),

@@ -44,37 +44,44 @@ def resolve_sources(paths: Iterable[Path], fmt: str | None = None, split: str = 
 
 def ingest(store: Store, sources: list[Source], *, lang: str = "en",
            progress: IngestProgress | None = None) -> list[IngestResult]:
-    """Ingest every source in one transaction; raises KalmkgError (and changes nothing) on bad input."""
+    """Ingest every source, all or nothing; raises KalmkgError (and changes nothing) on bad input.
+
+    Phase 1 reads every source into staging tables, so a bad file fails before anything is
+    written; phase 2 merges them in one transaction.
+    """
     progress = progress or IngestProgress()
     results: list[IngestResult] = []
+    staged: list[tuple[int, Source, IngestResult, float]] = []
+    seen: set[str] = set()
+    store.reset_staging()
+    for src, source in enumerate(sources):
+        started = time.time()
+        progress.start(source, "checking")
+        fingerprint(source, on_bytes=lambda n: progress.advance(nbytes=n))
+        result = IngestResult(source.name, source.format, skipped=True)
+        results.append(result)
+        if source.sha256 in seen or store.source_ingested(source.sha256):
+            progress.done(result)
+            continue
+        seen.add(source.sha256)
+        progress.start(source, "reading")
+        for table, batch in _read(source, on_bytes=lambda n: progress.advance(nbytes=n)):
+            store.stage(table, src, batch)
+            result.rows_read += batch.num_rows
+            progress.advance(rows=batch.num_rows)
+        if result.rows_read == 0:
+            raise KalmkgError(f"{source.name}: no triples found")
+        result.skipped = False
+        staged.append((src, source, result, started))
     with store.transaction():
-        seen: set[str] = set()
-        for source in sources:
-            started = time.time()
-            progress.start(source, "checking")
-            fingerprint(source, on_bytes=lambda n: progress.advance(nbytes=n))
-            if source.sha256 in seen or store.source_ingested(source.sha256):
-                result = IngestResult(source.name, source.format, skipped=True)
-                progress.done(result)
-                results.append(result)
-                continue
-            seen.add(source.sha256)
-            progress.start(source, "reading")
-            store.reset_staging()
-            rows = 0
-            for table, batch in _read(source, on_bytes=lambda n: progress.advance(nbytes=n)):
-                store.stage(table, batch)
-                rows += batch.num_rows
-                progress.advance(rows=batch.num_rows)
-            if rows == 0:
-                raise KalmkgError(f"{source.name}: no triples found")
+        for src, source, result, started in staged:
             progress.start(source, "merging")
             ingest_id = store.next_ingest_id()
-            counts = store.merge_staged(ingest_id, lang)
-            store.log_ingest(ingest_id, source.name, source.format, source.sha256, counts, started)
-            result = IngestResult(source.name, source.format, False, counts, rows, time.time() - started)
+            result.counts = store.merge_staged(src, ingest_id, lang)
+            store.log_ingest(ingest_id, source.name, source.format, source.sha256, result.counts, started)
+            result.seconds = time.time() - started
             progress.done(result)
-            results.append(result)
+    store.reset_staging()
     return results
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from kalmkg.errors import KalmkgError
-from kalmkg.ingest.batches import Batch
+from kalmkg.ingest.batches import BATCH_ROWS, Batch
 from kalmkg.ingest.sources import CountingReader, SourceFile
 
 _HEADERS = ({"head", "relation", "tail"}, {"subject", "predicate", "object"}, {"h", "r", "t"})
@@ -77,13 +77,8 @@ def _raise_bad_line(path: Path, delimiter: str) -> None:
     raise KalmkgError(f"{path}: malformed {sep}-separated file")
 
 
-def read_texts(f: SourceFile) -> Iterator[Batch]:
-    """`id<TAB>text` (a label, or "name, description"), `id<TAB>label<TAB>description`, or for a
-    `*long*` file `id<TAB>description`."""
-    import pyarrow as pa
-
+def _text_rows(f: SourceFile) -> Iterator[tuple[str, ...]]:
     delimiter = _delimiter(f)
-    rows: list[tuple[str, ...]] = []
     with open(f.path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.rstrip("\r\n")
@@ -94,23 +89,46 @@ def read_texts(f: SourceFile) -> Iterator[Batch]:
                 expected = "2 columns (id, description)" if f.role == "long" else \
                     "2 columns (id, text) or 3 (id, label, description)"
                 raise KalmkgError(f"{f.path}:{lineno}: expected {expected}, found {len(parts)}")
-            rows.append(tuple(p.strip() for p in parts))
+            yield tuple(p.strip() for p in parts)
 
-    keys, fields, ranks, values = [], [], [], []
 
-    def add(key: str, field: str, rank: int, value: str) -> None:
-        if value:
-            keys.append(key)
-            fields.append(field)
-            ranks.append(rank)
-            values.append(value)
+def read_texts(f: SourceFile, batch_rows: int = BATCH_ROWS) -> Iterator[Batch]:
+    """`id<TAB>text` (a label, or "name, description"), `id<TAB>label<TAB>description`, or for a
+    `*long*` file `id<TAB>description`. Streams in batches, so memory does not grow with the file."""
+    import pyarrow as pa
 
     # KG-BERT style entity text is "name, description" (WN18RR); a plain label list has commas in
     # only a few names ("Washington, D.C."), so split only when nearly every line has one.
-    two = [r for r in rows if len(r) == 2]
-    split_text = f.role == "text" and f.target == "entity" and two and \
-        sum(", " in r[1] for r in two) >= 0.9 * len(two)
-    for r in rows:
+    split_text = False
+    if f.role == "text" and f.target == "entity":
+        two = with_comma = 0
+        for r in _text_rows(f):
+            if len(r) == 2:
+                two += 1
+                with_comma += ", " in r[1]
+        split_text = two > 0 and with_comma >= 0.9 * two
+
+    cols: dict[str, list] = {"key": [], "field": [], "rank": [], "value": []}
+
+    def add(key: str, field: str, rank: int, value: str) -> None:
+        if value:
+            cols["key"].append(key)
+            cols["field"].append(field)
+            cols["rank"].append(rank)
+            cols["value"].append(value)
+
+    def flush() -> Batch:
+        n = len(cols["key"])
+        table = pa.table({
+            "key": pa.array(cols["key"], pa.string()), "target": pa.array([f.target] * n, pa.string()),
+            "field": pa.array(cols["field"], pa.string()), "rank": pa.array(cols["rank"], pa.int32()),
+            "lang": pa.array([""] * n, pa.string()), "value": pa.array(cols["value"], pa.string()),
+        })
+        for c in cols.values():
+            c.clear()
+        return "stage_texts", table
+
+    for r in _text_rows(f):
         if f.role == "long":
             add(r[0], "description", 0, r[1])
         elif len(r) == 3:
@@ -122,9 +140,7 @@ def read_texts(f: SourceFile) -> Iterator[Batch]:
             add(r[0], "description", 1, desc)
         else:
             add(r[0], "label", 0, r[1])
-    n = len(keys)
-    yield "stage_texts", pa.table({
-        "key": pa.array(keys, pa.string()), "target": pa.array([f.target] * n, pa.string()),
-        "field": pa.array(fields, pa.string()), "rank": pa.array(ranks, pa.int32()),
-        "lang": pa.array([""] * n, pa.string()), "value": pa.array(values, pa.string()),
-    })
+        if len(cols["key"]) >= batch_rows:
+            yield flush()
+    if cols["key"]:
+        yield flush()

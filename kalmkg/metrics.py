@@ -1,0 +1,66 @@
+"""Ranking metrics for link prediction, as PyKEEN and SimKGC define them.
+
+Filtered setting: every other known true answer of a query is removed from the candidates before the
+target is ranked. Ties are resolved "realistically": the expected rank under random tie-breaking,
+the mean of the optimistic rank (1 + #better) and the pessimistic rank (#better + #tied, itself included).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+HITS_AT = (1, 3, 10)
+
+
+def filtered_ranks(scores, targets, filter_mask=None) -> np.ndarray:
+    """Realistic ranks of `targets` in each row of `scores` ([B, N] torch or numpy; higher is better).
+
+    `filter_mask` ([B, N] bool) marks known true answers to remove; a row's own target is never removed.
+    """
+    import torch
+
+    scores = torch.as_tensor(scores, dtype=torch.float32).clone()
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    rows = torch.arange(scores.shape[0])
+    target_scores = scores[rows, targets].clone()
+    if filter_mask is not None:
+        mask = torch.as_tensor(filter_mask, dtype=torch.bool).clone()
+        mask[rows, targets] = False
+        scores[mask] = float("-inf")
+    better = (scores > target_scores[:, None]).sum(dim=1)
+    tied = (scores == target_scores[:, None]).sum(dim=1)  # includes the target itself
+    return ((2 * better + 1 + tied).double() / 2).numpy()
+
+
+def summarize(ranks: Iterable[float]) -> dict[str, float]:
+    """MR, MRR and Hits@k of realistic ranks."""
+    r = np.asarray(list(ranks) if not isinstance(ranks, np.ndarray) else ranks, dtype=np.float64)
+    if r.size == 0:
+        return {"count": 0, "mr": float("nan"), "mrr": float("nan"), **{f"hits@{k}": float("nan") for k in HITS_AT}}
+    out = {"count": int(r.size), "mr": float(r.mean()), "mrr": float((1.0 / r).mean())}
+    for k in HITS_AT:
+        out[f"hits@{k}"] = float((r <= k).mean())
+    return out
+
+
+def known_answers(triples: np.ndarray, num_relations: int) -> dict[tuple[int, int], set[int]]:
+    """(query entity, relation) -> true answers, both directions: (h, r) -> t and (t, r + R) -> h."""
+    answers: dict[tuple[int, int], set[int]] = {}
+    for h, r, t in triples.tolist():
+        answers.setdefault((h, r), set()).add(t)
+        answers.setdefault((t, r + num_relations), set()).add(h)
+    return answers
+
+
+def answer_mask(queries: Sequence[tuple[int, int]], answers: Mapping[tuple[int, int], set[int]], n: int):
+    """[B, n] bool mask of the known answers of each (entity, relation) query."""
+    import torch
+
+    mask = torch.zeros(len(queries), n, dtype=torch.bool)
+    for i, q in enumerate(queries):
+        known = answers.get(tuple(q))
+        if known:
+            mask[i, list(known)] = True
+    return mask

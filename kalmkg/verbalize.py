@@ -1,0 +1,58 @@
+"""Every text the model sees, built in one place from store rows.
+
+Views (KaLM's dual view):
+  head-relation view  `Complete the triple: [ <head text>, <relation text> ] =>`
+  tail view           `{ <entity text> }`
+  triple completion   head-relation view + ` ` + tail view + EOS, loss on the tail part only.
+
+The completion target is the tail view itself, so the model learns to write entities in the form it
+embeds them, and the head-relation view is a token-identical prefix of the completion sequence: one
+causal forward pass gives both the hr embedding (at the prefix's last token) and the LM loss.
+Both views end in a fixed token (`=>`, `}`) so last-token pooling reads a position the model can learn
+to summarise into.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+HR_TEMPLATE = "Complete the triple: [ {head}, {relation} ] =>"
+TAIL_TEMPLATE = "{{ {entity} }}"
+INVERSE_TEMPLATE = "inverse of {relation}"
+
+
+class Tokenizer(Protocol):
+    def __call__(self, texts, add_special_tokens: bool = ...) -> dict: ...
+    def decode(self, ids, skip_special_tokens: bool = ...) -> str: ...
+
+
+def entity_text(label: str, description: str | None) -> str:
+    """"name, description" (the paper's entity text); just the name when there is no description."""
+    description = (description or "").strip()
+    return f"{label}, {description}" if description else label
+
+
+def relation_text(label: str, inverse: bool = False) -> str:
+    return INVERSE_TEMPLATE.format(relation=label) if inverse else label
+
+
+def hr_view(head_text: str, relation_text_: str) -> str:
+    return HR_TEMPLATE.format(head=head_text, relation=relation_text_)
+
+
+def tail_view(entity_text_: str) -> str:
+    return TAIL_TEMPLATE.format(entity=entity_text_)
+
+
+def completion_target(entity_text_: str) -> str:
+    """What follows the hr view in a triple-completion sequence (EOS is added by the tokenizing code)."""
+    return " " + tail_view(entity_text_)
+
+
+def truncate_texts(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int) -> list[str]:
+    """Cut each text to `max_tokens` tokens (the paper's ~50-token entity text), at token boundaries."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [
+        text if len(tok) <= max_tokens else tokenizer.decode(tok[:max_tokens], skip_special_tokens=True).rstrip()
+        for text, tok in zip(texts, ids)
+    ]

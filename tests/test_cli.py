@@ -1,0 +1,220 @@
+"""The `kalmkg` command line: exit codes and one-line errors (in real subprocesses), the busy workspace,
+workspace selection, and the ingest summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from helpers_graph import (
+    PREFIXES, SAMPLE_TTL, assert_one_line_error, cli_env, contents, dump, ingest_into, run_kalmkg, write,
+)
+from kalmkg.cli import app
+from kalmkg.store import Store
+from kalmkg.workspace import ENV_VAR, Workspace
+
+
+def _stats(ws: Path, cwd: Path) -> dict:
+    proc = run_kalmkg("-w", ws, "stats", "--json", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: one line `error: ...` on stderr, exit 1, no traceback
+# ---------------------------------------------------------------------------------------------------------
+BAD_FILES = {
+    "turtle_syntax": ("bad.ttl", PREFIXES + "ex:a ex:p ex:b .\nex:a ex:p .\n", ["bad.ttl", "line 9", "syntax error"]),
+    "ntriples_syntax": ("bad.nt", "<http://x.org/a> <http://x.org/p> <http://x.org/b> .\n<http://x.org/a> .\n",
+                        ["bad.nt", "line 2", "syntax error"]),
+    "non_utf8": ("latin1.tsv", b"a\tr\tb\nc\tr\td\n\xe9t\xe9\tr\tb\n", ["latin1.tsv:3", "not valid UTF-8"]),
+    "empty": ("empty.ttl", b"", ["empty.ttl", "empty"]),
+    "four_columns": ("four.tsv", "a\tr\tb\nc\tr\td\te\n", ["four.tsv:2", "expected 3", "found 4"]),
+    "unknown_extension": ("graph.dat", "a\tr\tb\n", ["graph.dat", "--format", "turtle", "ntriples", "jsonld"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_file_is_one_line_error(tmp_path, case):
+    name, content, fragments = BAD_FILES[case]
+    path = write(tmp_path / name, content)
+    proc = run_kalmkg("-w", tmp_path / "ws", "ingest", path, cwd=tmp_path)
+    assert_one_line_error(proc, *fragments)
+
+
+def test_unknown_format_lists_supported_formats(tmp_path):
+    path = write(tmp_path / "g.ttl", PREFIXES + "ex:a ex:p ex:b .\n")
+    proc = run_kalmkg("-w", tmp_path / "ws", "ingest", "--format", "yaml", path, cwd=tmp_path)
+    line = assert_one_line_error(proc, "unknown format 'yaml'")
+    for fmt in ("turtle", "ntriples", "nquads", "trig", "rdfxml", "jsonld", "tsv", "csv"):
+        assert fmt in line
+
+
+def test_missing_path_is_one_line_error(tmp_path):
+    proc = run_kalmkg("-w", tmp_path / "ws", "ingest", tmp_path / "nope.ttl", cwd=tmp_path)
+    assert_one_line_error(proc, "nope.ttl", "no such file")
+
+
+def test_unknown_split_is_one_line_error(tmp_path):
+    path = write(tmp_path / "t.tsv", "a\tr\tb\n")
+    proc = run_kalmkg("-w", tmp_path / "ws", "ingest", "--split", "dev", path, cwd=tmp_path)
+    assert_one_line_error(proc, "unknown split 'dev'")
+
+
+@pytest.mark.parametrize("args", [["stats"], ["stats", "--json"], ["entities", "Paris"], ["split"]])
+def test_commands_on_a_workspace_without_a_graph(tmp_path, args):
+    proc = run_kalmkg("-w", tmp_path / "empty_ws", *args, cwd=tmp_path)
+    assert_one_line_error(proc, "no graph in workspace", "kalmkg ingest")
+    assert not (tmp_path / "empty_ws").exists()
+
+
+def test_entities_without_a_match_is_one_line_error(tmp_path):
+    ingest_into(tmp_path / "ws", [write(tmp_path / "t.tsv", "a\tr\tb\n")])
+    proc = run_kalmkg("-w", tmp_path / "ws", "entities", "zzqqxxj", cwd=tmp_path)
+    assert_one_line_error(proc, "no entity matches 'zzqqxxj'")
+    proc = run_kalmkg("-w", tmp_path / "ws", "entities", "zzqqxxj", "--json", cwd=tmp_path)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == []
+
+
+def test_split_with_bad_fractions_is_one_line_error(tmp_path):
+    ingest_into(tmp_path / "ws", [write(tmp_path / "t.tsv", "a\tr\tb\n")])
+    before = dump(tmp_path / "ws")
+    for args in (["--valid", "0.6", "--test", "0.5"], ["--valid", "-0.1"], ["--test", "1"]):
+        proc = run_kalmkg("-w", tmp_path / "ws", "split", *args, cwd=tmp_path)
+        assert_one_line_error(proc, "--valid and --test")
+    assert dump(tmp_path / "ws") == before
+
+
+def test_failed_multi_file_ingest_via_cli_leaves_the_store_as_it_was(tmp_path):
+    ws = tmp_path / "ws"
+    ok = run_kalmkg("-w", ws, "ingest", SAMPLE_TTL, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    before = dump(ws)
+    good1 = write(tmp_path / "good1.ttl", PREFIXES + "ex:g1 ex:p ex:g2 .\n")
+    bad = write(tmp_path / "bad.tsv", "a\tr\tb\nc\tr\n")
+    good2 = write(tmp_path / "good2.nt", "<http://x.org/g3> <http://x.org/p> <http://x.org/g4> .\n")
+    proc = run_kalmkg("-w", ws, "ingest", good1, bad, good2, cwd=tmp_path)
+    assert_one_line_error(proc, "bad.tsv:2")
+    assert dump(ws) == before
+    assert _stats(ws, tmp_path)["triples"] == 304
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Busy workspace
+# ---------------------------------------------------------------------------------------------------------
+def test_second_process_gets_workspace_is_busy(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    ingest_into(ws.root, [SAMPLE_TTL])
+    extra = write(tmp_path / "extra.tsv", "x\tr\ty\n")
+    with Store.open(ws, write=True) as store:
+        before = store.con.execute("SELECT count(*) FROM triples").fetchone()
+        for args in (["ingest", extra], ["stats"], ["split", "--force"]):
+            proc = run_kalmkg("-w", ws.root, *args, cwd=tmp_path)
+            assert_one_line_error(proc, "workspace is busy")
+        # the held store is intact and still usable
+        assert store.con.execute("SELECT count(*) FROM triples").fetchone() == before == (304,)
+        store.con.execute("INSERT INTO meta VALUES ('still_writable', '1')")
+    # once released, the same ingest goes through
+    proc = run_kalmkg("-w", ws.root, "ingest", extra, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    snap = contents(ws.root)
+    assert len(snap["triples"]) == 305 and ("x", "r", "y", "train") in snap["triples"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Successful runs
+# ---------------------------------------------------------------------------------------------------------
+def test_ingest_stats_entities_end_to_end(tmp_path):
+    ws = tmp_path / "ws"
+    proc = run_kalmkg("-w", ws, "ingest", SAMPLE_TTL, cwd=tmp_path, env=cli_env(COLUMNS="200"))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "error" not in proc.stderr
+    assert "world.ttl" in proc.stdout and "304" in proc.stdout and "144" in proc.stdout
+    assert _stats(ws, tmp_path)["triples"] == 304
+    again = run_kalmkg("-w", ws, "ingest", SAMPLE_TTL, cwd=tmp_path, env=cli_env(COLUMNS="200"))
+    assert again.returncode == 0 and "skipped" in again.stdout
+    found = run_kalmkg("-w", ws, "entities", "Marie Cury", "--json", cwd=tmp_path)
+    assert found.returncode == 0
+    assert json.loads(found.stdout)[0]["label"] == "Marie Curie"
+
+
+def test_ingest_json_summary(tmp_path):
+    ws = tmp_path / "ws"
+    tsv = write(tmp_path / "t.tsv", "a\tr\tb\nb\tr\tc\n")
+    result = CliRunner().invoke(app, ["-w", str(ws), "ingest", "--json", str(SAMPLE_TTL), str(tsv), str(tsv)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0
+    summary = json.loads(result.stdout)
+    assert [(s["format"], s["skipped"], s["triples"], s["entities"]) for s in summary] == \
+        [("turtle", False, 304, 144), ("tsv", False, 2, 3), ("tsv", True, 0, 0)]
+    assert summary[0]["relations"] == 16 and summary[0]["attributes"] == 51
+    assert summary[0]["source"] == str(SAMPLE_TTL)
+
+
+def test_ingest_lang_option(tmp_path):
+    path = write(tmp_path / "l.ttl", PREFIXES + 'ex:a rdfs:label "Chat"@fr, "Cat"@en ; ex:p ex:b .\n')
+    result = CliRunner().invoke(app, ["-w", str(tmp_path / "ws"), "ingest", "--lang", "fr", "--json", str(path)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0
+    assert contents(tmp_path / "ws")["entities"]["http://x.org/a"][0] == "Chat"
+
+
+def test_ingest_format_option_via_cli(tmp_path):
+    path = write(tmp_path / "graph.data", "<http://x.org/a> <http://x.org/p> <http://x.org/b> .\n")
+    proc = run_kalmkg("-w", tmp_path / "ws", "ingest", "-f", "nt", path, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert _stats(tmp_path / "ws", tmp_path)["triples"] == 1
+
+
+def test_workspace_from_environment_variable(tmp_path):
+    path = write(tmp_path / "t.tsv", "a\tr\tb\n")
+    env = cli_env(**{ENV_VAR: str(tmp_path / "env_ws")})
+    proc = run_kalmkg("ingest", path, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "env_ws" / "kg.duckdb").is_file()
+    assert not (tmp_path / ".kalmkg").exists()
+    # -w wins over the variable
+    proc = run_kalmkg("-w", tmp_path / "flag_ws", "ingest", path, cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and (tmp_path / "flag_ws" / "kg.duckdb").is_file()
+
+
+def test_default_workspace_is_dot_kalmkg_in_the_current_folder(tmp_path):
+    path = write(tmp_path / "t.tsv", "a\tr\tb\n")
+    proc = run_kalmkg("ingest", path, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / ".kalmkg" / "kg.duckdb").is_file()
+    proc = run_kalmkg("stats", "--json", cwd=tmp_path)
+    assert json.loads(proc.stdout)["triples"] == 1
+
+
+def test_help_lists_the_commands(tmp_path):
+    proc = run_kalmkg("--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    for command in ("ingest", "stats", "entities", "split", "--workspace"):
+        assert command in proc.stdout
+
+
+def test_console_script_is_installed(tmp_path):
+    script = Path(sys.executable).parent / ("kalmkg.exe" if os.name == "nt" else "kalmkg")
+    assert script.is_file(), f"console script missing: {script} (pip install -e .)"
+    import subprocess
+
+    proc = subprocess.run([str(script), "ingest", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          env=cli_env(), timeout=60)
+    assert proc.returncode == 0 and "--format" in proc.stdout
+
+
+def test_cli_import_does_not_load_heavy_modules(tmp_path):
+    """`kalmkg --help` must stay fast: importing the CLI loads no store, RDF, Arrow or ML library."""
+    import subprocess
+
+    code = ("import sys, kalmkg.cli; heavy = ['duckdb', 'rdflib', 'pyarrow', 'pyoxigraph', 'numpy', 'torch', "
+            "'transformers']; print(','.join(m for m in heavy if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""
