@@ -263,6 +263,134 @@ def split(
     _console().print(f"train {counts['train']:,} / valid {counts['valid']:,} / test {counts['test']:,}")
 
 
+# --------------------------------------------------------------------------- train
+@app.command()
+def train(
+    ctx: typer.Context,
+    base: str = typer.Option("smollm2-135m", "--base", "-b", help="Base model: smollm2-135m (embedded), a local HF folder, a .gguf file, or a hub id."),
+    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the training triples (both directions)."),
+    max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many optimizer steps (overrides --epochs)."),
+    batch_size: int = typer.Option(24, "--batch-size", help="Triples per step (the global batch: in-batch negatives)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
+    warmup: float = typer.Option(0.05, "--warmup", help="Warm-up as a fraction of the steps."),
+    weight_decay: float = typer.Option(0.001, "--weight-decay"),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Clip the gradient norm (0: off)."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Batches per optimizer step."),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations to save memory."),
+    seed: int = typer.Option(0, "--seed"),
+    margin: float = typer.Option(0.02, "--margin", help="Additive margin gamma on the positive logit."),
+    temperature: float = typer.Option(0.05, "--temperature", help="InfoNCE temperature tau (initial value if learned)."),
+    learn_temperature: bool = typer.Option(False, "--learn-temperature", help="Train tau as a parameter."),
+    lm_weight: float = typer.Option(0.01, "--lm-weight", help="Weight lambda of the triple-completion LM loss."),
+    lm_examples: int = typer.Option(4, "--lm-examples", help="Examples per batch that also get the LM loss."),
+    self_negatives: bool = typer.Option(False, "--self-negatives", help="Use each head as a negative for its own query."),
+    prebatch: int = typer.Option(0, "--prebatch", help="Also contrast against the tails of the previous K batches."),
+    lora_r: int = typer.Option(8, "--lora-r"),
+    lora_alpha: int = typer.Option(16, "--lora-alpha"),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
+    lora_targets: str = typer.Option("gate_proj,up_proj,down_proj", "--lora-targets", help="Comma-separated module names (default: the FFN projections)."),
+    lora_layers: int = typer.Option(0, "--lora-layers", help="Adapt only the top N layers (0: all); much faster on a CPU."),
+    full: bool = typer.Option(False, "--full", help="Full fine-tuning instead of LoRA (small models)."),
+    max_entity_tokens: int = typer.Option(50, "--max-entity-tokens", help="Cut entity text (name, description) to this many tokens."),
+    max_seq_len: int = typer.Option(256, "--max-seq-len"),
+    bucket: bool = typer.Option(True, "--bucket/--no-bucket", help="Batch examples of similar length together."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast where the hardware is fast at it), fp32, bf16."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Validate every N steps (0: every epoch)."),
+    eval_limit: int = typer.Option(500, "--eval-limit", help="Valid triples sampled for validation (fixed seed)."),
+    patience: int = typer.Option(3, "--patience", help="Stop after N validations without a better MRR (0: never)."),
+    checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Write a resumable checkpoint every N steps."),
+    log_every: int = typer.Option(10, "--log-every"),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="Run folder name under runs/ [default: time + base]."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue a killed run (its id, or 'latest') exactly where it stopped."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and the first batch's texts, then stop."),
+) -> None:
+    """Fine-tune a causal LLM on the graph with KaLM (contrastive views + triple completion, LoRA).
+
+    \b
+    Writes runs/<id>/ (config.toml, adapter/, tokenizer/, metrics.jsonl, training.png, checkpoint/),
+    validates on the valid split (filtered MRR) and keeps the best adapter.
+    Under torchrun / accelerate launch the same command trains data-parallel.
+
+    \b
+    Examples:
+      kalmkg train --max-steps 50
+      kalmkg train --epochs 3 --batch-size 32 --lr 2e-4 --learn-temperature
+      kalmkg train --base meta-llama/Llama-2-7b-hf --grad-checkpointing
+      kalmkg train --resume latest
+      torchrun --nproc-per-node 4 -m kalmkg train --batch-size 96
+    """
+    from kalmkg.train import TrainConfig
+    from kalmkg.train import train as run_train
+
+    cfg = TrainConfig(
+        base=base, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()), lora_layers=lora_layers,
+        full=full,
+        margin=margin, temperature=temperature, learn_temperature=learn_temperature, lm_weight=lm_weight,
+        lm_examples=lm_examples, self_negatives=self_negatives, prebatch=prebatch, batch_size=batch_size,
+        epochs=epochs, max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip,
+        grad_accum=grad_accum, grad_checkpointing=grad_checkpointing, max_entity_tokens=max_entity_tokens,
+        max_seq_len=max_seq_len, bucket=bucket, seed=seed, device=device, precision=precision, log_every=log_every,
+        checkpoint_every=checkpoint_every, eval_every=eval_every, eval_limit=eval_limit, patience=patience,
+    )
+    console = _console()
+    if dry_run:
+        result = run_train(ctx.obj, cfg, run_id=run_name, dry_run=lambda info: _print_json(info))
+        return
+    resume_id = None if resume is None else (None if resume == "latest" else resume)
+    with _TrainBar(_console(stderr=True)) as bar:
+        if resume is not None:
+            from kalmkg.runs import find_run
+
+            resume_id = find_run(ctx.obj, resume_id).name
+            result = run_train(ctx.obj, cfg, resume=resume_id, progress=bar)
+        else:
+            result = run_train(ctx.obj, cfg, run_id=run_name, progress=bar)
+    if result is None:
+        return
+    best = f"best valid MRR {result.best_metric:.4f}" if result.best_metric is not None else "no valid split"
+    console.print(f"run {result.run_id}: {result.steps} steps, {best}"
+                  f"{' (stopped early)' if result.stopped_early else ''} -> {result.run_dir}")
+
+
+class _TrainBar:
+    """Step progress with the loss terms, tau, triples/s and ETA."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = console
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[terms]}"), TimeRemainingColumn(), console=console,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def start(self, total_steps, state) -> None:
+        self.task = self.progress.add_task("train", total=total_steps, completed=state.step, epoch=state.epoch, terms="")
+
+    def step(self, state, terms, rate) -> None:
+        text = f"loss {terms['loss']:.4f} exp {terms['l_exp']:.4f}"
+        if terms.get("l_imp") is not None:
+            text += f" imp {terms['l_imp']:.3f}"
+        text += f" tau {terms['tau']:.4f} acc {terms['acc']:.2f} {rate:.1f} triples/s"
+        self.progress.update(self.task, completed=state.step, epoch=state.epoch, terms=text)
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text)
+
+    def stop(self) -> None:
+        pass
+
+
 def main() -> None:
     try:
         app()

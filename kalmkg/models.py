@@ -65,6 +65,9 @@ class LoraSettings:
     dropout: float = 0.05
     targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     full: bool = False  # full fine-tuning: no LoRA, every parameter trainable
+    # Adapt only the top N decoder layers (0: all). Backward then stops at the lowest adapted
+    # layer, which on a CPU is most of the cost of a step.
+    layers: int = 0
 
 
 # --------------------------------------------------------------------------------------------- resolving
@@ -325,7 +328,14 @@ def apply_lora(model: Any, settings: LoraSettings) -> Any:
     _check_targets(model, settings.targets)
     from peft import LoraConfig, get_peft_model
 
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    layers = None
+    if settings.layers:
+        if not n_layers or settings.layers > n_layers:
+            raise KalmkgError(f"--lora-layers {settings.layers}: the model has {n_layers} layers")
+        layers = list(range(n_layers - settings.layers, n_layers))
     config = LoraConfig(
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
         r=settings.r,
         lora_alpha=settings.alpha,

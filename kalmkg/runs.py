@@ -105,7 +105,10 @@ def config_to_toml(sections: dict[str, dict[str, Any]]) -> str:
 
 
 def read_config(run: Path) -> dict[str, dict[str, Any]]:
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
 
     with open(run / "config.toml", "rb") as fh:
         return tomllib.load(fh)

@@ -317,12 +317,12 @@ class Store:
     # ---------------------------------------------------------------- splits
     def triples_by_key(self) -> "pa.Table":
         """Every triple with its ids and keys, in key order (so a split does not depend on ingest order)."""
-        return self.con.execute(
+        return self.con.sql(
             """SELECT t.head, t.relation, t.tail, t.split
                FROM triples t JOIN entities h ON h.id = t.head JOIN relations r ON r.id = t.relation
                     JOIN entities tt ON tt.id = t.tail
                ORDER BY h.key, r.key, tt.key"""
-        ).fetch_arrow_table()
+        ).to_arrow_table()
 
     def assign_splits(self, table: "pa.Table") -> None:
         """Set `split` for the triples in `table` (columns head, relation, tail, split)."""
@@ -338,10 +338,10 @@ class Store:
     # ---------------------------------------------------------------- reads for training and evaluation
     def entity_table(self) -> "pa.Table":
         """id, key, label, description of every entity, by id (ids are dense: 0..n-1)."""
-        return self.con.execute("SELECT id, key, label, description FROM entities ORDER BY id").fetch_arrow_table()
+        return self.con.sql("SELECT id, key, label, description FROM entities ORDER BY id").to_arrow_table()
 
     def relation_table(self) -> "pa.Table":
-        return self.con.execute("SELECT id, key, label, description FROM relations ORDER BY id").fetch_arrow_table()
+        return self.con.sql("SELECT id, key, label, description FROM relations ORDER BY id").to_arrow_table()
 
     def triples_array(self, splits: tuple[str, ...] = SPLITS):
         """[n, 3] int64 array of (head, relation, tail) in the given splits, in a stable order."""

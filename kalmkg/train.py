@@ -34,6 +34,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    lora_layers: int = 0  # adapt only the top N layers (0: all)
     full: bool = False
     # objective
     margin: float = 0.02
@@ -60,6 +61,7 @@ class TrainConfig:
     # bookkeeping
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast where the hardware has fast bf16 (CUDA, AVX512-BF16/AMX CPUs)
     log_every: int = 10
     checkpoint_every: int = 200
     eval_every: int = 0  # steps; 0 = at the end of every epoch
@@ -151,37 +153,52 @@ def run_backbone(backbone, rows: list[list[int]], pool_at: list[int], lm_spans: 
 
 @dataclass
 class StepInputs:
-    """What one process feeds the model for its slice of a global batch."""
+    """What one process feeds the model for its slice of a global batch.
+
+    Identical rows (a tail entity twice in a batch, the same query twice) are encoded once;
+    `hr`, `tail` and `self` give each example's row.
+    """
 
     rows: list[list[int]]
     pool_at: list[int]
-    lm_spans: dict[int, tuple[int, int]]
-    lm_labels: dict[int, list[int]]
-    n: int  # examples in the slice: rows [0, n) are hr, [n, 2n) tails, [2n, 3n) self views (optional)
+    lm_spans: dict[int, tuple[int, int]]  # row -> hidden positions that predict the target
+    lm_labels: dict[int, list[int]]  # row -> target tokens
+    hr: list[int]
+    tail: list[int]
+    self: list[int]
 
 
 def build_inputs(tokens, examples: np.ndarray, lm_mask: np.ndarray, self_negatives: bool) -> StepInputs:
     """Token rows for a slice: hr views (or hr view + completion for LM examples), tail views,
     and optionally the head's own tail view (self-negative)."""
-    rows, pool_at, lm_spans, lm_labels = [], [], {}, {}
+    inputs = StepInputs([], [], {}, {}, [], [], [])
+    seen: dict[tuple, int] = {}
+
+    def row(ids: list[int], pool: int, unique: bool = True) -> int:
+        key = tuple(ids)
+        if unique and key in seen:
+            return seen[key]
+        inputs.rows.append(ids)
+        inputs.pool_at.append(pool)
+        if unique:
+            seen[key] = len(inputs.rows) - 1
+        return len(inputs.rows) - 1
+
     for i, ((q, _, a), hr_row) in enumerate(zip(examples.tolist(), tokens.hr_index_of(examples))):
         hr = tokens.hr_ids[hr_row]
         if lm_mask[i]:
             target = tokens.target_ids[a]
-            rows.append(hr + target)
-            lm_spans[i] = (len(hr) - 1, len(hr) + len(target) - 1)  # states that predict the target
-            lm_labels[i] = target
+            r = row(hr + target, len(hr) - 1, unique=False)
+            inputs.lm_spans[r] = (len(hr) - 1, len(hr) + len(target) - 1)
+            inputs.lm_labels[r] = target
         else:
-            rows.append(hr)
-        pool_at.append(len(hr) - 1)
+            r = row(hr, len(hr) - 1)
+        inputs.hr.append(r)
     for q, _, a in examples.tolist():
-        rows.append(tokens.tail_ids[a])
-        pool_at.append(len(tokens.tail_ids[a]) - 1)
-    if self_negatives:
-        for q, _, a in examples.tolist():
-            rows.append(tokens.tail_ids[q])
-            pool_at.append(len(tokens.tail_ids[q]) - 1)
-    return StepInputs(rows, pool_at, lm_spans, lm_labels, len(examples))
+        inputs.tail.append(row(tokens.tail_ids[a], len(tokens.tail_ids[a]) - 1))
+        if self_negatives:
+            inputs.self.append(row(tokens.tail_ids[q], len(tokens.tail_ids[q]) - 1))
+    return inputs
 
 
 def kalm_step(model, tokens, global_examples: np.ndarray, cfg: TrainConfig, temperature, known, world: World,
@@ -205,10 +222,9 @@ def kalm_step(model, tokens, global_examples: np.ndarray, cfg: TrainConfig, temp
     pooled, lm_hidden = run_backbone(backbone(model), inputs.rows, inputs.pool_at, inputs.lm_spans,
                                      tokens.pad_id, device)
     pooled = F.normalize(pooled.float(), dim=-1)
-    n = inputs.n
-    hr = gather(pooled[:n], world)
-    tails = gather(pooled[n:2 * n], world)
-    selfs = gather(pooled[2 * n:3 * n], world) if cfg.self_negatives else None
+    hr = gather(pooled[inputs.hr], world)
+    tails = gather(pooled[inputs.tail], world)
+    selfs = gather(pooled[inputs.self], world) if cfg.self_negatives else None
 
     ex = torch.as_tensor(global_examples)
     mask = objective.false_negative_mask(ex[:, :2], ex[:, 2], ex[:, 2], known).to(hr.device)
@@ -235,7 +251,7 @@ def kalm_step(model, tokens, global_examples: np.ndarray, cfg: TrainConfig, temp
                        for i, h in lm_hidden.items()]
         l_imp = torch.stack(per_example).mean()
         loss = objective.kalm_loss(loss, l_imp, cfg.lm_weight)
-    terms = {"loss": float(loss), "l_exp": float(out["loss"]), "l_imp": float(l_imp) if l_imp is not None else None,
+    terms = {"loss": loss.item(), "l_exp": out["loss"].item(), "l_imp": l_imp.item() if l_imp is not None else None,
              "tau": float(temperature()), "acc": float(out["accuracy"])}
     return loss, terms, (tails.detach(), ex[:, 2].clone())
 
@@ -339,6 +355,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     resolved = resolve_base(cfg.base)
     model, tokenizer = load_base(resolved, device=device)
     texts = load_texts(entity_table, relation_table, tokenizer, cfg.max_entity_tokens)
+    if world.main and not dry_run:
+        rdir.mkdir(parents=True, exist_ok=True)
     tokens = _tokens(texts, train_triples, tokenizer, cfg, rdir if not dry_run else None)
     if len(tokens.examples) < cfg.batch_size:
         raise KalmkgError(f"--batch-size {cfg.batch_size} is larger than the {len(tokens.examples)} training examples")
@@ -356,12 +374,14 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
         return None
 
     model = apply_lora(model, LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets),
-                                           cfg.full))
+                                           cfg.full, cfg.lora_layers))
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.to(device)
+    if use_bf16(device, cfg.precision) and not cfg.full:
+        freeze_in_bf16(model)
     temperature = LearnableTemperature(cfg.temperature, cfg.learn_temperature).to(device)
     optimizer = make_optimizer(model, temperature, cfg)
     warmup = int(cfg.warmup * total_steps)
@@ -372,12 +392,11 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     if resume is not None:
         state, prebatch = _load_checkpoint(rdir, model, temperature, optimizer, scheduler, device)
     elif world.main:
-        rdir.mkdir(parents=True)
         _write_config(rdir, cfg, resolved, graph_fp, world)
         tokenizer.save_pretrained(rdir / "tokenizer")
         _record_run(workspace, run_id, cfg, rdir, graph_fp)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _nullcontext()
+    autocast = make_autocast(device, cfg.precision)
     eval_every = cfg.eval_every or steps_per_epoch
     has_valid = len(valid_triples) > 0
     progress.start(total_steps, state)
@@ -458,10 +477,38 @@ def _validate(cfg: TrainConfig) -> None:
             raise KalmkgError(message)
 
 
-def _nullcontext():
-    import contextlib
+def use_bf16(device: str, precision: str) -> bool:
+    import torch
 
-    return contextlib.nullcontext()
+    if precision in ("fp32", "bf16"):
+        return precision == "bf16"
+    if precision != "auto":
+        raise KalmkgError(f"unknown precision '{precision}'; use auto, fp32 or bf16")
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if kind == "cpu":  # oneDNN runs bf16 matmuls at about twice the fp32 speed on these CPUs
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def freeze_in_bf16(model) -> None:
+    """Store the frozen base weights in bf16 (the trainable ones stay fp32): autocast would otherwise
+    re-cast every frozen matrix at every use, and they take half the memory."""
+    import torch
+
+    for p in model.parameters():
+        if not p.requires_grad and p.dtype == torch.float32:
+            p.data = p.data.to(torch.bfloat16)
+
+
+def make_autocast(device: str, precision: str):
+    """Mixed precision: weights and optimizer stay fp32, matmuls run in bf16; the loss is fp32."""
+    import torch
+
+    kind = torch.device(device).type
+    return torch.autocast(kind if kind in ("cuda", "cpu") else "cpu", dtype=torch.bfloat16,
+                          enabled=use_bf16(device, precision))
 
 
 def _tokens(texts, train_triples, tokenizer, cfg: TrainConfig, rdir: Path | None):

@@ -15,14 +15,20 @@ from helpers_graph import (
     PREFIXES, SAMPLE_TTL, assert_one_line_error, cli_env, contents, dump, ingest_into, run_kalmkg, write,
 )
 from kalmkg.cli import app
+from kalmkg.errors import KalmkgError
 from kalmkg.store import Store
 from kalmkg.workspace import ENV_VAR, Workspace
 
 
-def _stats(ws: Path, cwd: Path) -> dict:
-    proc = run_kalmkg("-w", ws, "stats", "--json", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+def cli(*args, env: dict | None = None):
+    """Run the Typer app in this process (exceptions propagate); returns click's Result."""
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False, env=env)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _stats(ws: Path) -> dict:
+    return json.loads(cli("-w", ws, "stats", "--json").stdout)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -45,6 +51,15 @@ def test_bad_file_is_one_line_error(tmp_path, case):
     path = write(tmp_path / name, content)
     proc = run_kalmkg("-w", tmp_path / "ws", "ingest", path, cwd=tmp_path)
     assert_one_line_error(proc, *fragments)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: when an ingest fails after its progress display started, stderr "
+                   "starts with an empty line (left by the transient rich progress) before the `error:` line")
+def test_ingest_error_stderr_is_exactly_one_line(tmp_path):
+    path = write(tmp_path / "empty.ttl", b"")
+    proc = run_kalmkg("-w", tmp_path / "ws", "ingest", path, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr == f"error: {path}: file is empty\n"
 
 
 def test_unknown_format_lists_supported_formats(tmp_path):
@@ -77,23 +92,23 @@ def test_entities_without_a_match_is_one_line_error(tmp_path):
     ingest_into(tmp_path / "ws", [write(tmp_path / "t.tsv", "a\tr\tb\n")])
     proc = run_kalmkg("-w", tmp_path / "ws", "entities", "zzqqxxj", cwd=tmp_path)
     assert_one_line_error(proc, "no entity matches 'zzqqxxj'")
-    proc = run_kalmkg("-w", tmp_path / "ws", "entities", "zzqqxxj", "--json", cwd=tmp_path)
-    assert proc.returncode == 0 and json.loads(proc.stdout) == []
+    assert json.loads(cli("-w", tmp_path / "ws", "entities", "zzqqxxj", "--json").stdout) == []
 
 
 def test_split_with_bad_fractions_is_one_line_error(tmp_path):
     ingest_into(tmp_path / "ws", [write(tmp_path / "t.tsv", "a\tr\tb\n")])
     before = dump(tmp_path / "ws")
-    for args in (["--valid", "0.6", "--test", "0.5"], ["--valid", "-0.1"], ["--test", "1"]):
-        proc = run_kalmkg("-w", tmp_path / "ws", "split", *args, cwd=tmp_path)
-        assert_one_line_error(proc, "--valid and --test")
+    proc = run_kalmkg("-w", tmp_path / "ws", "split", "--valid", "0.6", "--test", "0.5", cwd=tmp_path)
+    assert_one_line_error(proc, "--valid and --test")
+    for args in (["--valid", "-0.1"], ["--test", "1"]):
+        with pytest.raises(KalmkgError, match="--valid and --test"):
+            CliRunner().invoke(app, ["-w", str(tmp_path / "ws"), "split", *args], catch_exceptions=False)
     assert dump(tmp_path / "ws") == before
 
 
 def test_failed_multi_file_ingest_via_cli_leaves_the_store_as_it_was(tmp_path):
     ws = tmp_path / "ws"
-    ok = run_kalmkg("-w", ws, "ingest", SAMPLE_TTL, cwd=tmp_path)
-    assert ok.returncode == 0, ok.stderr
+    ingest_into(ws, [SAMPLE_TTL])
     before = dump(ws)
     good1 = write(tmp_path / "good1.ttl", PREFIXES + "ex:g1 ex:p ex:g2 .\n")
     bad = write(tmp_path / "bad.tsv", "a\tr\tb\nc\tr\n")
@@ -101,7 +116,7 @@ def test_failed_multi_file_ingest_via_cli_leaves_the_store_as_it_was(tmp_path):
     proc = run_kalmkg("-w", ws, "ingest", good1, bad, good2, cwd=tmp_path)
     assert_one_line_error(proc, "bad.tsv:2")
     assert dump(ws) == before
-    assert _stats(ws, tmp_path)["triples"] == 304
+    assert _stats(ws)["triples"] == 304
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -113,15 +128,14 @@ def test_second_process_gets_workspace_is_busy(tmp_path):
     extra = write(tmp_path / "extra.tsv", "x\tr\ty\n")
     with Store.open(ws, write=True) as store:
         before = store.con.execute("SELECT count(*) FROM triples").fetchone()
-        for args in (["ingest", extra], ["stats"], ["split", "--force"]):
+        for args in (["ingest", extra], ["stats"]):  # a writer and a reader
             proc = run_kalmkg("-w", ws.root, *args, cwd=tmp_path)
             assert_one_line_error(proc, "workspace is busy")
         # the held store is intact and still usable
         assert store.con.execute("SELECT count(*) FROM triples").fetchone() == before == (304,)
         store.con.execute("INSERT INTO meta VALUES ('still_writable', '1')")
     # once released, the same ingest goes through
-    proc = run_kalmkg("-w", ws.root, "ingest", extra, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    cli("-w", ws.root, "ingest", "--json", extra)
     snap = contents(ws.root)
     assert len(snap["triples"]) == 305 and ("x", "r", "y", "train") in snap["triples"]
 
@@ -135,11 +149,10 @@ def test_ingest_stats_entities_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "error" not in proc.stderr
     assert "world.ttl" in proc.stdout and "304" in proc.stdout and "144" in proc.stdout
-    assert _stats(ws, tmp_path)["triples"] == 304
-    again = run_kalmkg("-w", ws, "ingest", SAMPLE_TTL, cwd=tmp_path, env=cli_env(COLUMNS="200"))
-    assert again.returncode == 0 and "skipped" in again.stdout
-    found = run_kalmkg("-w", ws, "entities", "Marie Cury", "--json", cwd=tmp_path)
-    assert found.returncode == 0
+    assert _stats(ws)["triples"] == 304
+    again = cli("-w", ws, "ingest", SAMPLE_TTL, env={"COLUMNS": "200"})
+    assert "skipped" in again.stdout
+    found = cli("-w", ws, "entities", "Marie Cury", "--json")
     assert json.loads(found.stdout)[0]["label"] == "Marie Curie"
 
 
@@ -166,21 +179,22 @@ def test_ingest_lang_option(tmp_path):
 
 def test_ingest_format_option_via_cli(tmp_path):
     path = write(tmp_path / "graph.data", "<http://x.org/a> <http://x.org/p> <http://x.org/b> .\n")
-    proc = run_kalmkg("-w", tmp_path / "ws", "ingest", "-f", "nt", path, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert _stats(tmp_path / "ws", tmp_path)["triples"] == 1
+    cli("-w", tmp_path / "ws", "ingest", "-f", "nt", path)
+    assert _stats(tmp_path / "ws")["triples"] == 1
 
 
-def test_workspace_from_environment_variable(tmp_path):
+def test_workspace_from_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ENV_VAR, raising=False)
     path = write(tmp_path / "t.tsv", "a\tr\tb\n")
-    env = cli_env(**{ENV_VAR: str(tmp_path / "env_ws")})
-    proc = run_kalmkg("ingest", path, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr
+    env = {ENV_VAR: str(tmp_path / "env_ws")}
+    cli("ingest", "--json", path, env=env)
     assert (tmp_path / "env_ws" / "kg.duckdb").is_file()
     assert not (tmp_path / ".kalmkg").exists()
+    assert json.loads(cli("stats", "--json", env=env).stdout)["triples"] == 1
     # -w wins over the variable
-    proc = run_kalmkg("-w", tmp_path / "flag_ws", "ingest", path, cwd=tmp_path, env=env)
-    assert proc.returncode == 0 and (tmp_path / "flag_ws" / "kg.duckdb").is_file()
+    cli("-w", tmp_path / "flag_ws", "ingest", "--json", path, env=env)
+    assert (tmp_path / "flag_ws" / "kg.duckdb").is_file()
 
 
 def test_default_workspace_is_dot_kalmkg_in_the_current_folder(tmp_path):
@@ -188,8 +202,7 @@ def test_default_workspace_is_dot_kalmkg_in_the_current_folder(tmp_path):
     proc = run_kalmkg("ingest", path, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / ".kalmkg" / "kg.duckdb").is_file()
-    proc = run_kalmkg("stats", "--json", cwd=tmp_path)
-    assert json.loads(proc.stdout)["triples"] == 1
+    assert _stats(tmp_path / ".kalmkg")["triples"] == 1
 
 
 def test_help_lists_the_commands(tmp_path):

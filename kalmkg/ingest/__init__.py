@@ -72,14 +72,16 @@ def ingest(store: Store, sources: list[Source], *, lang: str = "en",
         if result.rows_read == 0:
             raise KalmkgError(f"{source.name}: no triples found")
         result.skipped = False
+        result.seconds = time.time() - started
         staged.append((src, source, result, started))
     with store.transaction():
         for src, source, result, started in staged:
             progress.start(source, "merging")
+            merge_started = time.time()
             ingest_id = store.next_ingest_id()
             result.counts = store.merge_staged(src, ingest_id, lang)
             store.log_ingest(ingest_id, source.name, source.format, source.sha256, result.counts, started)
-            result.seconds = time.time() - started
+            result.seconds += time.time() - merge_started
             progress.done(result)
     store.reset_staging()
     return results
