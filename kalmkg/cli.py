@@ -125,7 +125,7 @@ class _IngestBar:
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
             TransferSpeedColumn(), TextColumn("{task.fields[rows]:,} rows"),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-            console=console, disable=quiet, transient=True,
+            console=console, disable=quiet or not console.is_terminal, transient=True,
         )
         self.task = None
         self.rows = 0

@@ -29,9 +29,10 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
         """CREATE TABLE entities (
             id INTEGER NOT NULL, key VARCHAR NOT NULL, label VARCHAR NOT NULL, description VARCHAR,
-            updated_at TIMESTAMP NOT NULL)""",
+            label_lang VARCHAR, description_lang VARCHAR, updated_at TIMESTAMP NOT NULL)""",
         """CREATE TABLE relations (
-            id INTEGER NOT NULL, key VARCHAR NOT NULL, label VARCHAR NOT NULL, description VARCHAR)""",
+            id INTEGER NOT NULL, key VARCHAR NOT NULL, label VARCHAR NOT NULL, description VARCHAR,
+            label_lang VARCHAR, description_lang VARCHAR)""",
         """CREATE TABLE triples (
             head INTEGER NOT NULL, relation INTEGER NOT NULL, tail INTEGER NOT NULL,
             split VARCHAR NOT NULL CHECK (split IN ('train', 'valid', 'test')), ingest INTEGER NOT NULL)""",
@@ -215,6 +216,14 @@ class Store:
             c.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * EXCLUDE (src) FROM {name}_all WHERE src = {int(src)}")
         counts = MergeCounts()
         label = _FALLBACK_LABEL.format(k="key")
+        # How well a text's language tag fits the preferred one (lower is better); NULL marks a
+        # fallback label made from the key, which any real text replaces.
+        c.execute(
+            """CREATE OR REPLACE TEMP MACRO lang_rank(x, pref) AS
+               CASE WHEN x IS NULL THEN 9 WHEN lower(x) = pref THEN 0
+                    WHEN starts_with(lower(x), pref || '-') OR starts_with(pref, lower(x) || '-') THEN 1
+                    WHEN x = '' THEN 2 ELSE 3 END"""
+        )
 
         c.execute(
             """CREATE OR REPLACE TEMP TABLE _new_rel AS
@@ -225,7 +234,7 @@ class Store:
         counts.relations = c.execute(
             f"""INSERT INTO relations
                 SELECT (SELECT coalesce(max(id), -1) FROM relations) + row_number() OVER (ORDER BY key),
-                       key, {label}, NULL FROM _new_rel"""
+                       key, {label}, NULL, NULL, NULL FROM _new_rel"""
         ).fetchall()[0][0]
 
         c.execute(
@@ -236,47 +245,49 @@ class Store:
                    UNION (SELECT key FROM stage_texts WHERE target = 'any'
                           UNION SELECT key FROM stage_attrs
                           -- a property described in the graph is not an entity
-                          EXCEPT (SELECT key FROM relations UNION SELECT predicate FROM stage_attrs
-                                  UNION SELECT predicate FROM attributes))
+                          EXCEPT (SELECT key FROM relations UNION SELECT r FROM stage_edges_all
+                                  UNION SELECT predicate FROM stage_attrs_all UNION SELECT predicate FROM attributes))
                ) s ANTI JOIN entities USING (key)"""
         )
         counts.entities = c.execute(
             f"""INSERT INTO entities
                 SELECT (SELECT coalesce(max(id), -1) FROM entities) + row_number() OVER (ORDER BY key),
-                       key, {label}, NULL, now() FROM _new_ent"""
+                       key, {label}, NULL, NULL, NULL, now() FROM _new_ent"""
         ).fetchall()[0][0]
 
-        # The best text per key and field: preferred language, its regional variants, untagged, any;
-        # then the predicate's rank; then the value itself so the choice never depends on file order.
-        c.execute(
-            """CREATE OR REPLACE TEMP TABLE _best_text AS
-               SELECT key, target, field, value FROM (
-                   SELECT *, row_number() OVER (
-                       PARTITION BY key, field
-                       ORDER BY CASE WHEN lower(lang) = $lang THEN 0
-                                     WHEN starts_with(lower(lang), $lang || '-') THEN 1
-                                     WHEN lang = '' THEN 2 ELSE 3 END,
-                                rank, value) AS rn
-                   FROM stage_texts) WHERE rn = 1""",
-            {"lang": lang.lower()},
-        )
-        # Texts that change entities stored before this ingest (new ones only get their first text).
-        counts.texts_updated = c.execute(
-            """SELECT count(DISTINCT e.id) FROM _best_text b JOIN entities e ON e.key = b.key
-               WHERE b.target IN ('entity', 'any') AND e.key NOT IN (SELECT key FROM _new_ent)
-                 AND CASE b.field WHEN 'label' THEN e.label ELSE e.description END IS DISTINCT FROM b.value"""
-        ).fetchall()[0][0]
-        for field in ("label", "description"):
+        # The best text per key, field and target: preferred language, its regional variants,
+        # untagged, any; then the predicate's rank; then the value, so file order never decides.
+        # Relations look at every source of the command: an ontology file describing a property
+        # may come before the data file that uses it.
+        for table, staged in (("_best_text", "stage_texts"), ("_best_rel_text", "stage_texts_all")):
             c.execute(
-                f"""UPDATE entities SET {field} = b.value, updated_at = now() FROM _best_text b
-                    WHERE b.key = entities.key AND b.field = '{field}' AND b.target IN ('entity', 'any')
-                      AND entities.{field} IS DISTINCT FROM b.value"""
-            ).fetchall()[0][0]
-            c.execute(
-                f"""UPDATE relations SET {field} = b.value FROM _best_text b
-                    WHERE b.key = relations.key AND b.field = '{field}' AND b.target IN ('relation', 'any')
-                      AND relations.{field} IS DISTINCT FROM b.value"""
+                f"""CREATE OR REPLACE TEMP TABLE {table} AS
+                   SELECT key, target, field, lang, value FROM (
+                       SELECT *, row_number() OVER (
+                           PARTITION BY key, field, target ORDER BY lang_rank(lang, $lang), rank, value) AS rn
+                       FROM {staged}) WHERE rn = 1""",
+                {"lang": lang.lower()},
             )
+        # A text replaces a stored one unless the stored one fits the preferred language better
+        # (a later file with only a French label does not undo an English one under --lang en).
+        better = "lang_rank(b.lang, $lang) <= lang_rank(x.{field}_lang, $lang) AND x.{field} IS DISTINCT FROM b.value"
+        counts.texts_updated = c.execute(
+            f"""SELECT count(DISTINCT x.id) FROM _best_text b JOIN entities x ON x.key = b.key
+               WHERE b.target IN ('entity', 'any') AND x.key NOT IN (SELECT key FROM _new_ent)
+                 AND ((b.field = 'label' AND {better.format(field='label')})
+                      OR (b.field = 'description' AND {better.format(field='description')}))""",
+            {"lang": lang.lower()},
+        ).fetchall()[0][0]
+        for table, best, targets in (("entities", "_best_text", "('entity', 'any')"),
+                                     ("relations", "_best_rel_text", "('relation', 'any')")):
+            for field in ("label", "description"):
+                touched = ", updated_at = now()" if table == "entities" else ""
+                c.execute(
+                    f"""UPDATE {table} x SET {field} = b.value, {field}_lang = b.lang{touched} FROM {best} b
+                        WHERE b.key = x.key AND b.field = '{field}' AND b.target IN {targets}
+                          AND {better.format(field=field)}""",
+                    {"lang": lang.lower()},
+                )
 
         # A triple listed in several splits is training data: evaluating on it would leak.
         counts.triples = c.execute(
@@ -290,6 +301,14 @@ class Store:
                ANTI JOIN triples o ON o.head = n.head AND o.relation = n.relation AND o.tail = n.tail""",
             {"ingest": ingest_id},
         ).fetchall()[0][0]
+
+        # ... also when an earlier ingest put it in valid or test.
+        c.execute(
+            """UPDATE triples SET split = 'train' FROM stage_edges s
+               JOIN entities h ON h.key = s.h JOIN relations r ON r.key = s.r JOIN entities t ON t.key = s.t
+               WHERE s.split = 'train' AND triples.split <> 'train'
+                 AND triples.head = h.id AND triples.relation = r.id AND triples.tail = t.id"""
+        )
 
         counts.attributes = c.execute(
             """INSERT INTO attributes

@@ -53,8 +53,6 @@ def test_bad_file_is_one_line_error(tmp_path, case):
     assert_one_line_error(proc, *fragments)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when an ingest fails after its progress display started, stderr "
-                   "starts with an empty line (left by the transient rich progress) before the `error:` line")
 def test_ingest_error_stderr_is_exactly_one_line(tmp_path):
     path = write(tmp_path / "empty.ttl", b"")
     proc = run_kalmkg("-w", tmp_path / "ws", "ingest", path, cwd=tmp_path)

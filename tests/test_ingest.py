@@ -143,9 +143,6 @@ def test_round_trip_ids_are_dense_and_in_key_order(tmp_path):
     assert got["relation_ids"] == {k: i for i, k in enumerate(sorted(EXPECTED_RELATIONS))}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: attribute language tags keep their case through rdflib (Turtle, "
-                   "RDF/XML, JSON-LD, TriG: 'en-GB') but are lower-cased by oxigraph (N-Triples, N-Quads: 'en-gb'), "
-                   "so the same graph gives different attributes per format")
 def test_attribute_language_tag_case_is_the_same_in_every_format(tmp_path):
     ttl = PREFIXES + 'ex:a ex:p ex:b ; ex:spelling "Colour"@en-GB .\n'
     write(tmp_path / "a.ttl", ttl)
@@ -156,9 +153,6 @@ def test_attribute_language_tag_case_is_the_same_in_every_format(tmp_path):
     assert ttl["attributes"] == nt["attributes"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rdflib normalises literal lexical forms on parse (\"0042\"^^xsd:integer "
-                   "-> '42', 1.5e3 -> '1500.0') while the oxigraph N-Triples reader keeps them, so the same "
-                   "hand-written graph in Turtle and N-Triples gives different attribute values")
 def test_attribute_lexical_forms_are_the_same_in_turtle_and_ntriples(tmp_path):
     write(tmp_path / "a.ttl", PREFIXES + 'ex:a ex:p ex:b ; ex:count "0042"^^xsd:integer ; ex:size 1.5e3 .\n')
     write(tmp_path / "a.nt",
@@ -256,9 +250,6 @@ def test_relation_labels_follow_the_language_preference(tmp_path):
     assert set(got["entities"]) == {"http://x.org/a", "http://x.org/b"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a later ingest replaces an entity's label with its best text in that "
-                   "file whatever the language: a French-only label in file 2 overwrites the English label of file 1 "
-                   "under --lang en")
 def test_later_ingest_in_another_language_keeps_preferred_label(tmp_path):
     ws = tmp_path / "ws"
     ingest_into(ws, [write(tmp_path / "one.ttl", PREFIXES + 'ex:a rdfs:label "Paris"@en ; ex:p ex:b .\n')])
@@ -400,9 +391,6 @@ def test_sample_graph_blank_nodes(sample_store):
     assert {t for _, t in award_edges} == set(_bnodes(got))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the fingerprint of a single-file source includes its file name, and "
-                   "blank-node keys are tagged with it, so the same content under another name is not skipped and "
-                   "adds duplicate blank-node entities, triples and attributes")
 def test_same_content_under_another_name_adds_nothing(tmp_path):
     ws = tmp_path / "ws"
     _, before = ingest_read(ws, [SAMPLE_TTL])
@@ -463,8 +451,6 @@ def test_sample_graph_attributes(sample_store):
         in got["attributes"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a property described in one file (e.g. an ontology ingested first) "
-                   "becomes an entity when the file using it as an attribute predicate comes later")
 def test_attribute_property_described_in_an_earlier_file_is_not_an_entity(tmp_path):
     onto = write(tmp_path / "onto.ttl", PREFIXES + 'ex:population rdfs:label "population"@en .\nex:a ex:p ex:b .\n')
     data = write(tmp_path / "data.ttl", PREFIXES + 'ex:a ex:population 5 .\n')
@@ -472,9 +458,6 @@ def test_attribute_property_described_in_an_earlier_file_is_not_an_entity(tmp_pa
     assert "http://x.org/population" not in got["entities"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a relation labelled in a file ingested before the file that uses it "
-                   "(ontology first, then data) becomes an entity with that label, and the relation itself gets only "
-                   "the fallback label")
 def test_relation_described_in_an_earlier_file_keeps_its_label(tmp_path):
     onto = write(tmp_path / "onto.ttl", PREFIXES + 'ex:born_in rdfs:label "was born in"@en .\n')
     data = write(tmp_path / "data.ttl", PREFIXES + 'ex:Ada ex:born_in ex:London .\n')
@@ -667,8 +650,6 @@ def test_tsv_header_line_is_skipped(tmp_path, header):
     assert got["triples"] == {("a", "r", "b", "train")}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a CSV header with quoted names (\"head\",\"relation\",\"tail\", as "
-                   "written by csv.QUOTE_ALL / pandas) is not recognised and is ingested as a triple")
 def test_csv_with_quoted_header(tmp_path):
     path = write(tmp_path / "q.csv", '"head","relation","tail"\n"Paris","capital_of","France"\n')
     _, got = ingest_read(tmp_path / "ws", [path])
@@ -730,8 +711,6 @@ def test_folder_without_triples_is_an_error(tmp_path):
         ingest_into(tmp_path / "ws", [tmp_path / "texts"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a triple ingested into test (or valid) by one ingest stays there when "
-                   "a later ingest lists it as train, so it is in the evaluation split and in the training data")
 def test_triple_in_test_then_in_train_ends_up_in_train(tmp_path):
     ws = tmp_path / "ws"
     ingest_into(ws, [write(tmp_path / "test_part.tsv", "a\tr\tb\n")], split="test")
@@ -739,8 +718,6 @@ def test_triple_in_test_then_in_train_ends_up_in_train(tmp_path):
     assert got["triples"] == {("a", "r", "b", "train"), ("b", "r", "c", "train")}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: texts are chosen per key and field, not per target, so an id that is "
-                   "both an entity (entity2text) and a relation (relation2text) gives its text to only one of them")
 def test_entity_and_relation_sharing_an_id_keep_their_own_texts(tmp_path):
     folder = tmp_path / "f"
     write(folder / "triples.tsv", "x\tp\ty\np\tq\tx\n")

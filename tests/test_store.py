@@ -111,7 +111,7 @@ def test_a_store_of_every_earlier_version_is_migrated_with_its_data(tmp_path, ve
         for sql in statements:
             con.execute(sql)
     con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(version)])
-    con.execute("INSERT INTO entities VALUES (0, 'k', 'K', NULL, now())")
+    con.execute("INSERT INTO entities (id, key, label, description, updated_at) VALUES (0, 'k', 'K', NULL, now())")
     con.close()
     with Store.open(ws, write=True) as store:
         assert store.schema_version() == SCHEMA_VERSION

@@ -20,9 +20,18 @@ def _delimiter(f: SourceFile) -> str:
     return "," if f.format == "csv" else "\t"
 
 
+def _split_line(line: str, delimiter: str) -> list[str]:
+    """TSV has no quoting; CSV fields may be quoted."""
+    if delimiter == "\t":
+        return line.split(delimiter)
+    import csv
+
+    return next(csv.reader([line]), [])
+
+
 def _has_header(path: Path, delimiter: str) -> bool:
     with open(path, encoding="utf-8") as fh:
-        first = fh.readline().rstrip("\r\n").split(delimiter)
+        first = _split_line(fh.readline().rstrip("\r\n"), delimiter)
     return {c.strip().lower() for c in first} in _HEADERS and len(first) == 3
 
 
@@ -67,7 +76,7 @@ def _raise_bad_line(path: Path, delimiter: str) -> None:
             line = line.rstrip("\r\n")
             if not line:
                 continue
-            parts = line.split(delimiter) if delimiter == "\t" else next(__import__("csv").reader([line]))
+            parts = _split_line(line, delimiter)
             if len(parts) != 3:
                 raise KalmkgError(
                     f"{path}:{lineno}: expected 3 {sep}-separated columns (head, relation, tail), found {len(parts)}"

@@ -47,6 +47,7 @@ class _Router:
         self.b.rows += 1
 
     def literal(self, s: str, p: str, value: str, datatype: str, lang: str) -> None:
+        lang = lang.lower()  # language tags are case-insensitive (BCP 47); parsers differ in case
         rank = LABEL_PREDICATES.get(p)
         field = "label"
         if rank is None:
@@ -116,10 +117,16 @@ def _read_rdflib(path: Path, fmt: str, source_tag: str, on_bytes) -> Iterator[Ba
     import rdflib
 
     graph = rdflib.Dataset(default_union=True) if fmt == "trig" else rdflib.Graph()
+    # Keep literals as written ("0042"^^xsd:integer stays "0042"), as the N-Triples reader does;
+    # rdflib reads this module flag when it creates each literal, so restore it right after.
+    normalize = rdflib.NORMALIZE_LITERALS
+    rdflib.NORMALIZE_LITERALS = False
     try:
         graph.parse(str(path), format=_RDFLIB_FORMATS[fmt])
     except Exception as exc:  # rdflib raises a different type per parser
         raise KalmkgError(f"{path}: syntax error: {_syntax_message(exc)}") from None
+    finally:
+        rdflib.NORMALIZE_LITERALS = normalize
     if on_bytes:
         on_bytes(path.stat().st_size)
     keys = _blank_node_keys(graph, f"_:{source_tag}:")

@@ -90,8 +90,9 @@ def resolve_source(path: Path, fmt: str | None = None, split: str = "train") -> 
         if canonical is None:
             raise KalmkgError(f"unknown format '{fmt}'; supported: {SUPPORTED}")
     else:
-        suffixes = [s.lower() for s in path.suffixes if s.lower() not in (".gz",)]
-        canonical = _EXTENSIONS.get(suffixes[-1]) if suffixes else None
+        if path.suffix.lower() in (".gz", ".bz2", ".xz", ".zst", ".zip"):
+            raise KalmkgError(f"{path}: compressed files are not read directly; decompress it first")
+        canonical = _EXTENSIONS.get(path.suffix.lower())
         if canonical is None:
             raise KalmkgError(
                 f"{path}: cannot tell the format from the extension '{path.suffix}'; "
@@ -131,7 +132,8 @@ def fingerprint(source: Source, on_bytes: Callable[[int], None] | None = None) -
     total = hashlib.sha256()
     for f in source.files:
         digest, f.size = _check_file(f.path, on_bytes)
-        total.update(f"{f.path.name}\0{f.kind}\0{f.split}\0{f.target}\0{f.role}\0{digest}\n".encode())
+        # Content and role only: a renamed copy of a file is the same source.
+        total.update(f"{f.kind}\0{f.split}\0{f.target}\0{f.role}\0{digest}\n".encode())
     source.sha256 = total.hexdigest()
 
 
