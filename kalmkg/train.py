@@ -101,6 +101,25 @@ def gather(x, world: World):
     return __import__("torch").cat(all_gather(x.contiguous()), dim=0)
 
 
+def barrier(world: World) -> None:
+    if world.size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def agree(flag: bool, world: World) -> bool:
+    """The main process's decision, made known to every process (e.g. to stop early)."""
+    if world.size == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0])
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def pick_device(spec: str) -> str:
     import torch
 
@@ -252,7 +271,7 @@ def kalm_step(model, tokens, global_examples: np.ndarray, cfg: TrainConfig, temp
         l_imp = torch.stack(per_example).mean()
         loss = objective.kalm_loss(loss, l_imp, cfg.lm_weight)
     terms = {"loss": loss.item(), "l_exp": out["loss"].item(), "l_imp": l_imp.item() if l_imp is not None else None,
-             "tau": float(temperature()), "acc": float(out["accuracy"])}
+             "tau": temperature().item(), "acc": out["accuracy"].item()}
     return loss, terms, (tails.detach(), ex[:, 2].clone())
 
 
@@ -357,7 +376,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     texts = load_texts(entity_table, relation_table, tokenizer, cfg.max_entity_tokens)
     if world.main and not dry_run:
         rdir.mkdir(parents=True, exist_ok=True)
-    tokens = _tokens(texts, train_triples, tokenizer, cfg, rdir if not dry_run else None)
+    tokens = _tokens(texts, train_triples, tokenizer, cfg, rdir if world.main and not dry_run else None)
     if len(tokens.examples) < cfg.batch_size:
         raise KalmkgError(f"--batch-size {cfg.batch_size} is larger than the {len(tokens.examples)} training examples")
     if cfg.batch_size % world.size:
@@ -394,6 +413,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     elif world.main:
         _write_config(rdir, cfg, resolved, graph_fp, world)
         tokenizer.save_pretrained(rdir / "tokenizer")
+    barrier(world)  # every process has read the store before the first one writes to it
+    if world.main and resume is None:
         _record_run(workspace, run_id, cfg, rdir, graph_fp)
 
     autocast = make_autocast(device, cfg.precision)
@@ -659,11 +680,18 @@ def _save_adapter(model, path: Path) -> None:
 def _validate_and_keep_best(model, temperature, tokenizer, texts, valid_triples, all_triples, cfg, state,
                             rdir, world, device, progress) -> bool:
     """Filtered MRR on a fixed sample of valid; keeps the best adapter; True when patience ran out."""
+    if not world.main:
+        return agree(False, world)  # the main process decides
+    stop = _evaluate_main(model, temperature, tokenizer, texts, valid_triples, all_triples, cfg, state, rdir,
+                          device, progress)
+    return agree(stop, world)
+
+
+def _evaluate_main(model, temperature, tokenizer, texts, valid_triples, all_triples, cfg, state, rdir, device,
+                   progress) -> bool:
     from kalmkg.evaluation import rank_queries, sample_triples
     from kalmkg.runs import append_jsonl
 
-    if not world.main:
-        return False  # other processes wait at the next collective
     sample = sample_triples(valid_triples, cfg.eval_limit, seed=cfg.seed)
     result = rank_queries(model, tokenizer, texts, sample, all_triples, device=device)
     metrics = {"step": state.step, "epoch": state.epoch, "valid": result["both"]}
