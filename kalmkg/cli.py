@@ -267,43 +267,43 @@ def split(
 @app.command()
 def train(
     ctx: typer.Context,
-    base: str = typer.Option("smollm2-135m", "--base", "-b", help="Base model: smollm2-135m (embedded), a local HF folder, a .gguf file, or a hub id."),
-    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the training triples (both directions)."),
-    max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many optimizer steps (overrides --epochs)."),
-    batch_size: int = typer.Option(24, "--batch-size", help="Triples per step (the global batch: in-batch negatives)."),
-    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
-    warmup: float = typer.Option(0.05, "--warmup", help="Warm-up as a fraction of the steps."),
-    weight_decay: float = typer.Option(0.001, "--weight-decay"),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Clip the gradient norm (0: off)."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Batches per optimizer step."),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations to save memory."),
-    seed: int = typer.Option(0, "--seed"),
-    margin: float = typer.Option(0.02, "--margin", help="Additive margin gamma on the positive logit."),
-    temperature: float = typer.Option(0.05, "--temperature", help="InfoNCE temperature tau (initial value if learned)."),
-    learn_temperature: bool = typer.Option(False, "--learn-temperature", help="Train tau as a parameter."),
-    lm_weight: float = typer.Option(0.01, "--lm-weight", help="Weight lambda of the triple-completion LM loss."),
-    lm_examples: int = typer.Option(4, "--lm-examples", help="Examples per batch that also get the LM loss."),
-    self_negatives: bool = typer.Option(False, "--self-negatives", help="Use each head as a negative for its own query."),
-    prebatch: int = typer.Option(0, "--prebatch", help="Also contrast against the tails of the previous K batches."),
-    lora_r: int = typer.Option(8, "--lora-r"),
-    lora_alpha: int = typer.Option(16, "--lora-alpha"),
-    lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
-    lora_targets: str = typer.Option("gate_proj,up_proj,down_proj", "--lora-targets", help="Comma-separated module names (default: the FFN projections)."),
-    lora_layers: int = typer.Option(0, "--lora-layers", help="Adapt only the top N layers (0: all); much faster on a CPU."),
-    full: bool = typer.Option(False, "--full", help="Full fine-tuning instead of LoRA (small models)."),
-    max_entity_tokens: int = typer.Option(50, "--max-entity-tokens", help="Cut entity text (name, description) to this many tokens."),
-    max_seq_len: int = typer.Option(256, "--max-seq-len"),
-    bucket: bool = typer.Option(True, "--bucket/--no-bucket", help="Batch examples of similar length together."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast where the hardware is fast at it), fp32, bf16."),
-    eval_every: int = typer.Option(0, "--eval-every", help="Validate every N steps (0: every epoch)."),
-    eval_limit: int = typer.Option(500, "--eval-limit", help="Valid triples sampled for validation (fixed seed)."),
-    patience: int = typer.Option(3, "--patience", help="Stop after N validations without a better MRR (0: never)."),
-    checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Write a resumable checkpoint every N steps."),
-    log_every: int = typer.Option(10, "--log-every"),
-    run_name: Optional[str] = typer.Option(None, "--run-name", help="Run folder name under runs/ [default: time + base]."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue a killed run (its id, or 'latest') exactly where it stopped."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and the first batch's texts, then stop."),
+    base: str = typer.Option("smollm2-135m", "--base", "-b", help="Base model: smollm2-135m (embedded), a local HF folder, a .gguf file, or a hub id.", rich_help_panel="Model"),
+    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the training triples (both directions).", rich_help_panel="Optimisation"),
+    max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many optimizer steps (overrides --epochs).", rich_help_panel="Optimisation"),
+    batch_size: int = typer.Option(24, "--batch-size", help="Triples per step (the global batch: in-batch negatives).", rich_help_panel="Optimisation"),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine).", rich_help_panel="Optimisation"),
+    warmup: float = typer.Option(0.05, "--warmup", help="Warm-up as a fraction of the steps.", rich_help_panel="Optimisation"),
+    weight_decay: float = typer.Option(0.001, "--weight-decay", rich_help_panel="Optimisation"),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Clip the gradient norm (0: off).", rich_help_panel="Optimisation"),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Batches per optimizer step.", rich_help_panel="Optimisation"),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations to save memory.", rich_help_panel="Optimisation"),
+    seed: int = typer.Option(0, "--seed", rich_help_panel="Optimisation"),
+    margin: float = typer.Option(0.02, "--margin", help="Additive margin gamma on the positive logit.", rich_help_panel="Objective"),
+    temperature: float = typer.Option(0.05, "--temperature", help="InfoNCE temperature tau (initial value if learned).", rich_help_panel="Objective"),
+    learn_temperature: bool = typer.Option(False, "--learn-temperature", help="Train tau as a parameter.", rich_help_panel="Objective"),
+    lm_weight: float = typer.Option(0.01, "--lm-weight", help="Weight lambda of the triple-completion LM loss.", rich_help_panel="Objective"),
+    lm_examples: int = typer.Option(4, "--lm-examples", help="Examples per batch that also get the LM loss.", rich_help_panel="Objective"),
+    self_negatives: bool = typer.Option(False, "--self-negatives", help="Use each head as a negative for its own query.", rich_help_panel="Objective"),
+    prebatch: int = typer.Option(0, "--prebatch", help="Also contrast against the tails of the previous K batches.", rich_help_panel="Objective"),
+    lora_r: int = typer.Option(8, "--lora-r", rich_help_panel="Model"),
+    lora_alpha: int = typer.Option(16, "--lora-alpha", rich_help_panel="Model"),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout", rich_help_panel="Model"),
+    lora_targets: str = typer.Option("gate_proj,up_proj,down_proj", "--lora-targets", help="Comma-separated module names (default: the FFN projections).", rich_help_panel="Model"),
+    lora_layers: int = typer.Option(0, "--lora-layers", help="Adapt only the top N layers (0: all); much faster on a CPU.", rich_help_panel="Model"),
+    full: bool = typer.Option(False, "--full", help="Full fine-tuning instead of LoRA (small models).", rich_help_panel="Model"),
+    max_entity_tokens: int = typer.Option(50, "--max-entity-tokens", help="Cut entity text (name, description) to this many tokens.", rich_help_panel="Data"),
+    max_seq_len: int = typer.Option(256, "--max-seq-len", rich_help_panel="Data"),
+    bucket: bool = typer.Option(True, "--bucket/--no-bucket", help="Batch examples of similar length together.", rich_help_panel="Data"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps.", rich_help_panel="Optimisation"),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast where the hardware is fast at it), fp32, bf16.", rich_help_panel="Optimisation"),
+    eval_every: int = typer.Option(0, "--eval-every", help="Validate every N steps (0: every epoch).", rich_help_panel="Run"),
+    eval_limit: int = typer.Option(500, "--eval-limit", help="Valid triples sampled for validation (fixed seed).", rich_help_panel="Run"),
+    patience: int = typer.Option(3, "--patience", help="Stop after N validations without a better MRR (0: never).", rich_help_panel="Run"),
+    checkpoint_every: int = typer.Option(200, "--checkpoint-every", help="Write a resumable checkpoint every N steps.", rich_help_panel="Run"),
+    log_every: int = typer.Option(10, "--log-every", rich_help_panel="Run"),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="Run folder name under runs/ [default: time + base].", rich_help_panel="Run"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue a killed run (its id, or 'latest') exactly where it stopped.", rich_help_panel="Run"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and the first batch's texts, then stop.", rich_help_panel="Run"),
 ) -> None:
     """Fine-tune a causal LLM on the graph with KaLM (contrastive views + triple completion, LoRA).
 
@@ -336,7 +336,7 @@ def train(
     )
     console = _console()
     if dry_run:
-        result = run_train(ctx.obj, cfg, run_id=run_name, dry_run=lambda info: _print_json(info))
+        run_train(ctx.obj, cfg, run_id=run_name, dry_run=_print_dry_run)
         return
     resume_id = None if resume is None else (None if resume == "latest" else resume)
     with _TrainBar(_console(stderr=True)) as bar:
@@ -352,6 +352,20 @@ def train(
     best = f"best valid MRR {result.best_metric:.4f}" if result.best_metric is not None else "no valid split"
     console.print(f"run {result.run_id}: {result.steps} steps, {best}"
                   f"{' (stopped early)' if result.stopped_early else ''} -> {result.run_dir}")
+
+
+def _print_dry_run(info: dict) -> None:
+    """The resolved config as the run's config.toml would hold it, then the first batch's texts."""
+    from kalmkg.runs import config_to_toml
+
+    out = [f"# base {info['base']} on {info['device']}: {info['train_examples']:,} training examples "
+           f"(both directions), {info['steps']:,} steps", config_to_toml({"train": info["config"]}),
+           "# first batch (8 examples shown)"]
+    for i, ex in enumerate(info["first_batch"]):
+        out.append(f"[{i}] hr view:   {ex['hr_view']}\n    tail view: {ex['tail_view']}")
+        if ex["lm_target"]:
+            out.append(f"    LM target: {ex['lm_target']}")
+    sys.stdout.write("\n".join(out) + "\n")
 
 
 class _TrainBar:
@@ -391,7 +405,20 @@ class _TrainBar:
         pass
 
 
+def _quiet_libraries() -> None:
+    """The CLI draws its own progress: silence the ML libraries' bars and advisory warnings."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+
+
 def main() -> None:
+    _quiet_libraries()
     try:
         app()
     except KalmkgError as exc:

@@ -1,0 +1,175 @@
+"""View texts (KaLM's dual view), the completion target, and token-level truncation of entity texts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_model import build_tokenizer  # noqa: E402
+
+from kalmkg import verbalize  # noqa: E402
+from kalmkg.verbalize import (  # noqa: E402
+    completion_target,
+    entity_text,
+    hr_view,
+    relation_text,
+    tail_view,
+    truncate_texts,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    # The byte-level BPE tokenizer that make_tiny_llama saves, built directly: loading it through
+    # AutoTokenizer would import torch, which alone costs more than this whole file.
+    return build_tokenizer()
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------ texts
+def test_entity_text_joins_name_and_description():
+    assert entity_text("Paris", "capital of France") == "Paris, capital of France"
+
+
+@pytest.mark.parametrize("description", [None, "", "   ", "\n\t "])
+def test_entity_text_without_description_is_the_name(description):
+    assert entity_text("Paris", description) == "Paris"
+
+
+def test_entity_text_strips_the_description():
+    assert entity_text("Paris", "  capital of France \n") == "Paris, capital of France"
+
+
+def test_relation_text_and_its_inverse():
+    assert relation_text("capital of") == "capital of"
+    assert relation_text("capital of", inverse=False) == "capital of"
+    assert relation_text("capital of", inverse=True) == "inverse of capital of"
+    assert relation_text("capital of", True) != relation_text("capital of")
+
+
+def test_hr_view_template():
+    assert hr_view("Paris, capital of France", "located in") == \
+        "Complete the triple: [ Paris, capital of France, located in ] =>"
+    assert hr_view("Paris", relation_text("capital of", True)) == \
+        "Complete the triple: [ Paris, inverse of capital of ] =>"
+
+
+def test_tail_view_template():
+    assert tail_view("France, a country in Europe") == "{ France, a country in Europe }"
+
+
+def test_views_keep_braces_inside_texts_literally():
+    # the texts are values, never re-read as format fields
+    assert tail_view("set {x} of {y}") == "{ set {x} of {y} }"
+    assert hr_view("{head}", "{relation}") == "Complete the triple: [ {head}, {relation} ] =>"
+
+
+def test_completion_target_is_space_then_tail_view():
+    for text in ("France", "France, a country in Europe", ""):
+        assert completion_target(text) == " " + tail_view(text)
+    assert completion_target("France") == " { France }"
+
+
+def test_views_end_in_fixed_tokens():
+    assert hr_view("a", "b").endswith("=>")
+    assert tail_view("a").endswith("}")
+
+
+# ------------------------------------------------------------------ tokenization of views
+CASES = [
+    (entity_text("Paris", "capital of France"), relation_text("capital of"), entity_text("France", None)),
+    (entity_text("France", "a country in Europe"), relation_text("capital of", True),
+     entity_text("Paris", "capital of France")),
+    (entity_text("Alice", None), relation_text("friend of"), entity_text("Bob", "a person")),
+    (entity_text("land reform", "redistribution of land"), relation_text("derivationally related form"),
+     entity_text("reform", "a change (1789)")),
+    (entity_text("Seine", "river in France"), relation_text("part of", True),
+     entity_text("Zürich", "a city — not in the corpus")),
+]
+
+
+@pytest.mark.parametrize("head,relation,tail", CASES)
+def test_hr_view_is_a_token_prefix_and_the_sequence_decodes_to_both_texts(tokenizer, head, relation, tail):
+    hr = hr_view(head, relation)
+    target = completion_target(tail)
+    hr_ids, target_ids = ids(tokenizer, hr), ids(tokenizer, target)
+    sequence = hr_ids + target_ids
+    assert len(hr_ids) > 0 and len(target_ids) > 0
+    assert sequence[: len(hr_ids)] == hr_ids
+    assert tokenizer.decode(sequence) == hr + target
+    # each part decodes back to its own text, so the hr embedding position reads exactly the hr view
+    assert tokenizer.decode(hr_ids) == hr
+    assert tokenizer.decode(target_ids) == target
+
+
+def test_tokenizer_adds_no_special_tokens_to_views(tokenizer):
+    hr_ids = ids(tokenizer, hr_view("Paris", "capital of"))
+    specials = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    assert not specials & set(hr_ids)
+
+
+# ------------------------------------------------------------------ truncate_texts
+def test_short_texts_are_unchanged(tokenizer):
+    texts = ["Paris", "France, a country in Europe", "", "Zürich"]
+    limit = max(len(ids(tokenizer, t)) for t in texts)
+    assert truncate_texts(texts, tokenizer, limit) == texts
+    assert truncate_texts(texts, tokenizer, limit + 50) == texts
+
+
+def test_text_of_exactly_max_tokens_is_unchanged(tokenizer):
+    text = "Berlin, capital of Germany and member of the Europe"
+    n = len(ids(tokenizer, text))
+    assert truncate_texts([text], tokenizer, n) == [text]
+    assert truncate_texts([text], tokenizer, n - 1) != [text]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, 5, 8, 13])
+def test_long_texts_are_cut_to_max_tokens_and_keep_their_beginning(tokenizer, max_tokens):
+    text = ("Vienna, the capital of Austria, a country in Europe; the city is located in the "
+            "river Danube valley and is a member of the 2024 question list")
+    assert len(ids(tokenizer, text)) > max_tokens
+    (cut,) = truncate_texts([text], tokenizer, max_tokens)
+    assert cut and cut != text
+    assert text.startswith(cut)
+    assert cut == cut.rstrip()
+    assert len(ids(tokenizer, cut)) <= max_tokens
+    # the cut is at a token boundary: the first max_tokens tokens, decoded
+    assert cut == tokenizer.decode(ids(tokenizer, text)[:max_tokens]).rstrip()
+
+
+def test_truncation_is_per_text_and_keeps_order(tokenizer):
+    long_a = "Paris, the capital of France, a country in Europe, located in Europe"
+    long_b = "Madrid, the capital of Spain, a country in Europe, located in Europe"
+    texts = ["Rome", long_a, "Bob", long_b]
+    out = truncate_texts(texts, tokenizer, 4)
+    assert len(out) == 4
+    assert out[0] == "Rome" and out[2] == "Bob"
+    assert long_a.startswith(out[1]) and out[1] != long_a and out[1].startswith("Paris")
+    assert long_b.startswith(out[3]) and out[3] != long_b and out[3].startswith("Madrid")
+
+
+@pytest.mark.xfail(strict=True, raises=IndexError,
+                   reason="BUG (minor): truncate_texts([]) raises IndexError inside the fast tokenizer "
+                          "(transformers 5 cannot batch-encode an empty list); load_texts works around it")
+def test_truncate_no_texts(tokenizer):
+    assert verbalize.truncate_texts([], tokenizer, 5) == []
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: truncate_texts cuts byte-level tokens inside a multi-byte UTF-8 "
+                                       "character; decode() yields U+FFFD, so the result is not a prefix of "
+                                       "the text and re-tokenizes to more than max_tokens tokens")
+@pytest.mark.parametrize("text", ["éééééééééééé", "Zürich, Köln und Düsseldorf", "日本語のテキスト"])
+def test_truncation_of_non_ascii_text_stays_within_limit_and_keeps_its_beginning(tokenizer, text):
+    n = len(ids(tokenizer, text))
+    for max_tokens in range(1, n):
+        (cut,) = truncate_texts([text], tokenizer, max_tokens)
+        assert "\ufffd" not in cut, (max_tokens, cut)
+        assert text.startswith(cut), (max_tokens, cut)
+        assert len(ids(tokenizer, cut)) <= max_tokens, (max_tokens, cut)
