@@ -102,9 +102,8 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: np.nd
 
 
 def lm_positions(batch_size: int, lm_examples: int) -> np.ndarray:
-    """Which examples of a global batch also get the LM loss: spread evenly, so the same examples are
-    chosen however the batch is split across processes."""
-    if lm_examples <= 0:
-        return np.zeros(0, dtype=np.int64)
-    stride = max(1, batch_size // lm_examples)
-    return np.arange(0, batch_size, stride)[:lm_examples]
+    """Which examples of a global batch also get the LM loss: spread evenly (floor(i * B / m)), so
+    every process of a split batch gets its share, and the same examples are chosen however the
+    batch is split."""
+    m = min(max(lm_examples, 0), batch_size)
+    return (np.arange(m) * batch_size) // m if m else np.zeros(0, dtype=np.int64)

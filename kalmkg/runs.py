@@ -41,9 +41,11 @@ def latest_run(workspace: Workspace) -> Path:
 def find_run(workspace: Workspace, run: str | None) -> Path:
     if run is None:
         return latest_run(workspace)
-    path = run_dir(workspace, run) if not Path(run).is_dir() else Path(run)
+    path = run_dir(workspace, run)
+    if not (path / "config.toml").exists() and (Path(run) / "config.toml").exists():
+        path = Path(run)  # a run folder given by its path
     if not (path / "config.toml").exists():
-        raise KalmkgError(f"no run '{run}' in {workspace.runs_dir}")
+        raise KalmkgError(f"no run '{run}' in {workspace.runs_dir} (see `kalmkg train`)")
     return path
 
 
@@ -66,6 +68,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     target = tmp / "payload"
     try:
         yield target
+        if not target.exists():
+            raise FileNotFoundError(f"nothing was written for {path}")
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -96,11 +100,15 @@ def _toml_value(v: Any) -> str:
 
 
 def config_to_toml(sections: dict[str, dict[str, Any]]) -> str:
+    """Tables of scalars and lists; a dict value becomes a sub-table `[section.key]`."""
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
         lines.append("")
+        nested = {f"{name}.{k}": v for k, v in values.items() if isinstance(v, dict)}
+        if nested:
+            lines.append(config_to_toml(nested))
     return "\n".join(lines)
 
 

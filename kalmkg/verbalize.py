@@ -50,9 +50,23 @@ def completion_target(entity_text_: str) -> str:
 
 
 def truncate_texts(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int) -> list[str]:
-    """Cut each text to `max_tokens` tokens (the paper's ~50-token entity text), at token boundaries."""
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    return [
-        text if len(tok) <= max_tokens else tokenizer.decode(tok[:max_tokens], skip_special_tokens=True).rstrip()
-        for text, tok in zip(texts, ids)
-    ]
+    """Cut each text to `max_tokens` tokens (the paper's ~50-token entity text).
+
+    The cut is made in the original string at the end of the last kept token (the tokenizer's
+    character offsets), so a byte-level token that splits a multi-byte character never leaves a
+    replacement character behind.
+    """
+    texts = list(texts)
+    if not texts:
+        return []
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
+        if len(ids) <= max_tokens:
+            out.append(text)
+            continue
+        # A character split over several tokens keeps its full span: cut before it instead.
+        end = offsets[max_tokens - 1][1] if offsets[max_tokens][0] >= offsets[max_tokens - 1][1] \
+            else offsets[max_tokens][0]
+        out.append(text[:end].rstrip())
+    return out

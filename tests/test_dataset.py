@@ -331,10 +331,6 @@ def test_lm_positions_are_global_across_a_two_way_split():
     assert (np.flatnonzero(local[B // 2:]) + B // 2).tolist() == [12, 18]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: lm_positions uses stride batch_size // lm_examples, so when "
-                                       "lm_examples does not divide batch_size the positions bunch at the start "
-                                       "(B=10, m=4 -> [0, 2, 4, 6]; B=16, m=6 -> [0..10]): a two-way split gives "
-                                       "one process 3 LM examples and the other 1, not an even spread")
 @pytest.mark.parametrize("batch_size,m", [(10, 4), (16, 6), (32, 12)])
 def test_lm_positions_spread_evenly_over_the_halves(batch_size, m):
     pos = lm_positions(batch_size, m)

@@ -83,9 +83,6 @@ def test_config_empty_section(tmp_path):
     assert round_trip(tmp_path, {"train": {}, "graph": {"x": "y"}}) == {"train": {}, "graph": {"x": "y"}}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): a dict value inside a section is written as the string "
-                                       "\"{'r': 8}\" instead of a nested table, so nested sections do not "
-                                       "round-trip (no current caller passes one)")
 def test_config_round_trips_nested_tables(tmp_path):
     sections = {"base": {"name": "tiny", "lora": {"r": 8, "targets": ["q"]}}}
     assert round_trip(tmp_path, sections) == sections
@@ -190,9 +187,6 @@ def test_atomic_path_failure_without_a_target_creates_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when the body leaves nothing at the yielded path, "
-                                       "atomic_path moves the existing target aside to .<name>.old-<pid> and then "
-                                       "os.replace fails, so the existing folder disappears")
 def test_atomic_path_body_writing_nothing_keeps_the_existing_target(tmp_path):
     target = tmp_path / "adapter"
     target.mkdir()

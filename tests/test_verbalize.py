@@ -155,16 +155,10 @@ def test_truncation_is_per_text_and_keeps_order(tokenizer):
     assert long_b.startswith(out[3]) and out[3] != long_b and out[3].startswith("Madrid")
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="BUG (minor): truncate_texts([]) raises IndexError inside the fast tokenizer "
-                          "(transformers 5 cannot batch-encode an empty list); load_texts works around it")
 def test_truncate_no_texts(tokenizer):
     assert verbalize.truncate_texts([], tokenizer, 5) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: truncate_texts cuts byte-level tokens inside a multi-byte UTF-8 "
-                                       "character; decode() yields U+FFFD, so the result is not a prefix of "
-                                       "the text and re-tokenizes to more than max_tokens tokens")
 @pytest.mark.parametrize("text", ["éééééééééééé", "Zürich, Köln und Düsseldorf", "日本語のテキスト"])
 def test_truncation_of_non_ascii_text_stays_within_limit_and_keeps_its_beginning(tokenizer, text):
     n = len(ids(tokenizer, text))
