@@ -96,9 +96,10 @@ def gather(x, world: World):
     """All-gather along dim 0 keeping gradients (each process's slice gets the sum of all grads)."""
     if world.size == 1:
         return x
+    import torch
     from torch.distributed.nn.functional import all_gather
 
-    return __import__("torch").cat(all_gather(x.contiguous()), dim=0)
+    return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def barrier(world: World) -> None:

@@ -1,0 +1,160 @@
+"""Link prediction by name: `HEAD RELATION ?` (tail prediction) and `? RELATION TAIL` (head prediction).
+
+A head query is the tail query of the inverse relation (relation id + R, verbalised "inverse of ..."),
+as the model was trained and as evaluation ranks it. The query's head-relation view is encoded and
+searched against the entity index; every result is marked "known" when the triple is already in the
+graph (any split), and `filter_known` hides those to show only new links.
+
+`Predictor` keeps the model, encoder, index vectors and the graph's triples in memory, so repeated
+queries in one process (benchmarks, a REPL, a server) pay only query encoding and search.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from kalmkg.errors import KalmkgError
+from kalmkg.names import EntityRef, RelationRef
+from kalmkg.workspace import Workspace
+
+WILDCARD = "?"
+
+
+@dataclass
+class Candidate:
+    rank: int
+    id: int
+    key: str
+    label: str
+    score: float
+    known: bool
+
+
+@dataclass
+class PredictionResult:
+    direction: str  # "tail" (HEAD REL ?) or "head" (? REL TAIL)
+    entity: EntityRef  # the given entity
+    relation: RelationRef
+    candidates: list[Candidate]
+    hidden_known: int  # known answers left out by filter_known
+    model: str
+    encode_ms: float
+    search_ms: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        query = ([self.entity.label, self.relation.label, WILDCARD] if self.direction == "tail"
+                 else [WILDCARD, self.relation.label, self.entity.label])
+        return {
+            "query": query, "direction": self.direction, "entity": asdict(self.entity),
+            "relation": asdict(self.relation), "model": self.model,
+            "results": [asdict(c) for c in self.candidates], "hidden_known": self.hidden_known,
+            "timing_ms": {"encode": round(self.encode_ms, 2), "search": round(self.search_ms, 2)},
+        }
+
+
+def parse_query(head: str, relation: str, tail: str) -> tuple[str, str, str]:
+    """(direction, entity name, relation name) from the three CLI words; exactly one must be '?'."""
+    if (head == WILDCARD) == (tail == WILDCARD):
+        raise KalmkgError("give exactly one '?': `kalmkg predict HEAD RELATION ?` or `kalmkg predict ? RELATION TAIL`")
+    if relation == WILDCARD:
+        raise KalmkgError("relation prediction is not supported; name the relation")
+    return ("head", tail, relation) if head == WILDCARD else ("tail", head, relation)
+
+
+class Predictor:
+    """One model, its encoder and its fresh entity index, ready for many queries."""
+
+    def __init__(self, loaded, encoder, index, triples: np.ndarray):
+        self.loaded = loaded
+        self.encoder = encoder
+        self.index = index
+        self.triples = triples  # [n, 3] (head, relation, tail), every split
+        self.num_relations = loaded.texts.num_relations
+
+    @classmethod
+    def open(cls, workspace: Workspace, *, run: str | None = None, base: str | None = None,
+             backend: str = "torch", device: str = "cpu", loaded=None, encoder=None,
+             triples: np.ndarray | None = None, tables: tuple | None = None) -> "Predictor":
+        from kalmkg.index import EntityIndex
+        from kalmkg.run_model import load_model, make_encoder
+
+        if triples is None or (loaded is None and tables is None):
+            from kalmkg.store import Store
+
+            with Store.open(workspace) as store:
+                triples = store.triples_array() if triples is None else triples
+                if loaded is None and tables is None:
+                    tables = (store.entity_table(), store.relation_table(), store.fingerprint())
+        if loaded is None:
+            loaded = load_model(workspace, run=run, base=base, device=device, tables=tables)
+        index = EntityIndex.open(workspace, loaded)  # raises when missing or stale: never search stale vectors
+        if encoder is None:
+            encoder = make_encoder(loaded, backend)
+        return cls(loaded, encoder, index, triples)
+
+    def known(self, entity_id: int, relation_id: int, direction: str) -> np.ndarray:
+        """Ids of the answers the graph already has for the query."""
+        t = self.triples
+        if direction == "tail":
+            return np.unique(t[(t[:, 0] == entity_id) & (t[:, 1] == relation_id), 2])
+        return np.unique(t[(t[:, 2] == entity_id) & (t[:, 1] == relation_id), 0])
+
+    def query_text(self, entity_id: int, relation_id: int, direction: str) -> str:
+        from kalmkg.verbalize import hr_view
+
+        rel = relation_id if direction == "tail" else relation_id + self.num_relations
+        return hr_view(self.loaded.texts.entities[entity_id], self.loaded.texts.relations[rel])
+
+    def query(self, entity: EntityRef | int, relation: RelationRef | int, direction: str = "tail", k: int = 10,
+              filter_known: bool = False) -> PredictionResult:
+        if direction not in ("tail", "head"):
+            raise KalmkgError(f"unknown direction '{direction}'; use tail or head")
+        if k < 1:
+            raise KalmkgError("-k must be at least 1")
+        entity = entity if isinstance(entity, EntityRef) else self._entity(entity)
+        relation = relation if isinstance(relation, RelationRef) else self._relation(relation)
+        t0 = time.perf_counter()
+        qvec = self.encoder.encode([self.query_text(entity.id, relation.id, direction)], 1)
+        t1 = time.perf_counter()
+        known = self.known(entity.id, relation.id, direction)
+        ids, scores = self.index.search(qvec, k, exclude=[known.tolist()] if filter_known else None)
+        t2 = time.perf_counter()
+        known_set = set(known.tolist())
+        keys, labels = self.loaded.entity_keys, self.loaded.entity_labels
+        candidates = [Candidate(r + 1, int(i), keys[i], labels[i], float(s), int(i) in known_set)
+                      for r, (i, s) in enumerate(zip(ids[0].tolist(), scores[0].tolist())) if i >= 0]
+        return PredictionResult(direction, entity, relation, candidates, len(known_set) if filter_known else 0,
+                                self.loaded.fingerprint, 1000 * (t1 - t0), 1000 * (t2 - t1),
+                                list(self.loaded.warnings))
+
+    def _entity(self, i: int) -> EntityRef:
+        return EntityRef(int(i), self.loaded.entity_keys[i], self.loaded.entity_labels[i])
+
+    def _relation(self, i: int) -> RelationRef:
+        return RelationRef(int(i), self.loaded.relation_keys[i], self.loaded.relation_labels[i])
+
+
+def predict(workspace: Workspace, head: str, relation: str, tail: str, *, k: int = 10, filter_known: bool = False,
+            run: str | None = None, base: str | None = None, backend: str = "torch", device: str = "cpu",
+            predictor: Predictor | None = None) -> PredictionResult:
+    """Resolve the names, then rank every entity for the open slot. Names are resolved before the model
+    loads, so a typo fails in a fraction of a second."""
+    from kalmkg.names import resolve_entity, resolve_relation
+    from kalmkg.store import Store
+
+    direction, entity_name, relation_name = parse_query(head, relation, tail)
+    with Store.open(workspace) as store:
+        relation_table = store.relation_table()
+        rel = resolve_relation(store, relation_name, relation_table)
+        ent = resolve_entity(store, entity_name)
+        if predictor is None:
+            triples = store.triples_array()
+            tables = (store.entity_table(), relation_table, store.fingerprint())
+    if predictor is None:
+        predictor = Predictor.open(workspace, run=run, base=base, backend=backend, device=device,
+                                   triples=triples, tables=tables)
+    return predictor.query(ent, rel, direction, k, filter_known)

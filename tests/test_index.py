@@ -1,0 +1,230 @@
+"""The entity index (`kalmkg.index`) on a tiny trained run: what `embed` writes, incremental re-embedding
+after an ingest (counting what the encoder is asked to encode), stale-index detection (changed texts,
+another run, changed weights, an interrupted embed), and ANN search against exact search."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers_graph import PREFIXES, SAMPLE_TTL, ingest_into, write
+from kalmkg.errors import KalmkgError
+from kalmkg.workspace import Workspace
+
+KG = "http://example.org/kg/"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model) -> Path:
+    """The sample graph, split, with a 2-step run `r` of the tiny model (copied per test that changes it)."""
+    from kalmkg.split import split_store
+    from kalmkg.store import Store
+    from kalmkg.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("index") / "ws"
+    ingest_into(root, [SAMPLE_TTL])
+    ws = Workspace(root)
+    with Store.open(ws, write=True) as store:
+        split_store(store, 0.1, 0.1, seed=0)
+    train(ws, TrainConfig(base=str(tiny_model), batch_size=8, max_steps=2, precision="fp32", eval_limit=10,
+                          checkpoint_every=2, eval_every=2, patience=0), run_id="r")
+    return root
+
+
+@pytest.fixture()
+def ws(trained, tmp_path) -> Workspace:
+    shutil.copytree(trained, tmp_path / "ws")
+    return Workspace(tmp_path / "ws")
+
+
+class Counting:
+    """An Encoder that records every text it is asked to encode."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.texts: list[str] = []
+
+    def encode(self, texts, batch_size=64):
+        self.texts += list(texts)
+        return self.inner.encode(texts, batch_size)
+
+
+def load(ws, **kw):
+    from kalmkg.run_model import load_model
+
+    return load_model(ws, **kw)
+
+
+def counting(loaded) -> Counting:
+    from kalmkg.run_model import torch_encoder
+
+    return Counting(torch_encoder(loaded))
+
+
+# ---------------------------------------------------------------------------------------------------------
+def test_embed_writes_every_entity_with_its_model_and_graph(ws):
+    from kalmkg.index import EntityIndex, embed, index_status
+    from kalmkg.verbalize import tail_view
+
+    loaded = load(ws)
+    enc = counting(loaded)
+    result = embed(ws, loaded, enc, batch_size=16)
+    n = len(loaded.entity_keys)
+    assert (result.encoded, result.total, result.rebuilt, result.ann, result.dim) == (n, n, True, None, 32)
+    assert sorted(enc.texts) == sorted(tail_view(t) for t in loaded.texts.entities)
+
+    status = index_status(ws, loaded)
+    assert status["fresh"] and status["rows"] == n
+    assert (status["model"], status["weights"], status["format"]) == ("run:r", loaded.weights, "1")
+    assert status["store"] == loaded.graph_fingerprint and len(status["graph"]) == 16
+
+    index = EntityIndex.open(ws, loaded)
+    vectors = index.vectors()
+    assert vectors.shape == (n, 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # row i is entity i, and it is the tail view's vector (length-sorted encoding keeps the order straight)
+    paris = loaded.entity_keys.index(KG + "Paris")
+    direct = enc.inner.encode([tail_view(loaded.texts.entities[paris])], 1)[0]
+    np.testing.assert_allclose(vectors[paris], direct, atol=1e-5)
+    rows = index.table.search().where(f"id = {paris}").select(["key", "label"]).to_arrow()
+    assert rows["key"].to_pylist() == [KG + "Paris"] and rows["label"].to_pylist() == ["Paris"]
+
+    again = embed(ws, loaded, enc)
+    assert (again.encoded, again.unchanged, again.rebuilt) == (0, n, False)
+
+
+def test_new_ingest_makes_the_index_stale_and_embed_encodes_only_what_changed(ws, tmp_path):
+    from kalmkg.index import EntityIndex, embed
+    from kalmkg.verbalize import tail_view
+
+    loaded = load(ws)
+    embed(ws, loaded)
+    more = write(tmp_path / "more.ttl", PREFIXES.replace("http://x.org/", KG) + """
+ex:Lyon rdfs:label "Lyon"@en ; rdfs:comment "A city in France."@en ; ex:located_in ex:France .
+ex:Nice rdfs:label "Nice"@en ; ex:located_in ex:France .
+ex:Paris rdfs:comment "The capital of France, on the Seine."@en .
+""")
+    ingest_into(ws.root, [more])
+
+    loaded = load(ws)  # the texts as they are now
+    with pytest.raises(KalmkgError) as err:
+        EntityIndex.open(ws, loaded)
+    message = str(err.value)
+    assert "stale" in message and "2 new" in message and "1 changed" in message and "`kalmkg embed`" in message
+
+    enc = counting(loaded)
+    result = embed(ws, loaded, enc)
+    keys = loaded.entity_keys
+    expected = {tail_view(loaded.texts.entities[keys.index(KG + k)]) for k in ("Lyon", "Nice", "Paris")}
+    assert set(enc.texts) == expected and len(enc.texts) == 3
+    assert (result.encoded, result.rebuilt, result.total) == (3, False, len(keys))
+    index = EntityIndex.open(ws, loaded)  # fresh again
+    lyon = keys.index(KG + "Lyon")
+    np.testing.assert_allclose(index.vectors()[lyon],
+                               enc.inner.encode([tail_view(loaded.texts.entities[lyon])], 1)[0], atol=1e-5)
+
+
+def test_an_ingest_that_adds_only_triples_keeps_the_index_fresh(ws, tmp_path):
+    from kalmkg.index import EntityIndex, embed
+
+    embed(ws, load(ws))
+    ingest_into(ws.root, [write(tmp_path / "t.ttl", PREFIXES.replace("http://x.org/", KG)
+                                + "ex:Paris ex:located_in ex:France .\n")])
+    loaded = load(ws)
+    assert loaded.graph_fingerprint != EntityIndex.open(ws, loaded).meta["store"]  # the graph did change...
+    # ... but no entity text did, so the vectors are still right
+
+
+def test_index_of_another_run_or_changed_weights_or_a_base_is_stale(ws, tiny_model):
+    from safetensors.torch import load_file, save_file
+
+    from kalmkg.index import EntityIndex, embed
+
+    embed(ws, load(ws))
+    shutil.copytree(ws.runs_dir / "r", ws.runs_dir / "r2")  # another run (newer: now the latest)
+    (ws.runs_dir / "r2" / "config.toml").touch()
+    with pytest.raises(KalmkgError, match=r"built with run r, not run r2; run `kalmkg embed`"):
+        EntityIndex.open(ws, load(ws, run="r2"))
+    with pytest.raises(KalmkgError, match=r"built with run r, not the untrained base tiny-llama.*"
+                                          r"`kalmkg embed --base "):
+        EntityIndex.open(ws, load(ws, base=str(tiny_model)))
+
+    EntityIndex.open(ws, load(ws, run="r"))  # still fresh for r
+    weights = ws.runs_dir / "r" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v + 0.01 for k, v in tensors.items()}, weights)  # as a resumed run would
+    with pytest.raises(KalmkgError, match=r"weights of run r changed .*`kalmkg embed --run r`"):
+        EntityIndex.open(ws, load(ws, run="r"))
+    result = embed(ws, load(ws, run="r"))
+    assert result.rebuilt and result.encoded == result.total
+
+
+def test_missing_index_says_how_to_build_it(ws):
+    from kalmkg.index import EntityIndex
+
+    with pytest.raises(KalmkgError, match=r"no entity index in .*; run `kalmkg embed` first"):
+        EntityIndex.open(ws, load(ws))
+
+
+def test_interrupted_embed_reads_stale_and_the_next_one_finishes_the_rest(ws, monkeypatch):
+    from kalmkg import index as index_mod
+    from kalmkg.index import EntityIndex, embed
+
+    loaded = load(ws)
+    n = len(loaded.entity_keys)
+    monkeypatch.setattr(index_mod, "_ENCODE_CHUNK", 1)
+    monkeypatch.setattr(index_mod, "_WRITE_ROWS", 16)
+
+    class Dies(Counting):
+        def encode(self, texts, batch_size=64):
+            if len(self.texts) >= 64:
+                raise KeyboardInterrupt
+            return super().encode(texts, batch_size)
+
+    with pytest.raises(KeyboardInterrupt):
+        embed(ws, loaded, Dies(counting(loaded).inner), batch_size=16)
+    with pytest.raises(KalmkgError, match="stale"):
+        EntityIndex.open(ws, loaded)
+    enc = counting(loaded)
+    result = embed(ws, loaded, enc, batch_size=16)
+    assert result.encoded == len(enc.texts) == n - 64 and not result.rebuilt
+    EntityIndex.open(ws, loaded)
+
+
+def test_ann_index_above_the_threshold_finds_what_exact_search_finds(ws, tmp_path):
+    from kalmkg.index import EntityIndex, embed
+
+    loaded = load(ws)
+    result = embed(ws, loaded, ann_threshold=50)
+    assert result.ann == "IvfHnswSq"
+    index = EntityIndex.open(ws, loaded)
+    assert index.ann == "IvfHnswSq"
+    queries = index.vectors()[[3, 40, 77]] + 0.05 * np.random.default_rng(0).standard_normal((3, 32))
+    exclude = [[3], [], [1, 2]]
+    ann_ids, ann_scores = index.search(queries, 5, exclude=exclude)
+    exact_ids, exact_scores = index.search(queries, 5, exclude=exclude, exact=True)
+    np.testing.assert_array_equal(ann_ids, exact_ids)
+    np.testing.assert_allclose(ann_scores, exact_scores, atol=1e-4)  # re-ranked on full vectors: exact cosines
+    assert 3 not in ann_ids[0] and not {1, 2} & set(ann_ids[2].tolist())
+
+    # rows added by an incremental embed are searchable through the index too
+    ingest_into(ws.root, [write(tmp_path / "new.ttl", PREFIXES.replace("http://x.org/", KG)
+                                + 'ex:Lyon rdfs:label "Lyon"@en ; ex:located_in ex:France .\n')])
+    loaded = load(ws)
+    assert embed(ws, loaded, ann_threshold=50).encoded == 1
+    index = EntityIndex.open(ws, loaded)
+    lyon = loaded.entity_keys.index(KG + "Lyon")
+    ids, scores = index.search(index.vectors()[[lyon]], 3)
+    assert index.ann and ids[0, 0] == lyon and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_exact_search_orders_ties_by_id_and_pads_short_results():
+    from kalmkg.index import _exact_topk
+
+    vectors = np.array([[1, 0], [0, 1], [1, 0], [0.6, 0.8]], dtype=np.float32)
+    ids, scores = _exact_topk(np.array([[1, 0]], dtype=np.float32), vectors, 6, [[3]])
+    assert ids[0].tolist() == [0, 2, 1, -1, -1, -1]
+    assert scores[0, :3].tolist() == [1.0, 1.0, 0.0] and np.isneginf(scores[0, 3:]).all()
