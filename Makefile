@@ -28,8 +28,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	rm -rf $(DEMO_WS)
 	$(BIN)/kalmkg -w $(DEMO_WS) ingest sample_graphs/world.ttl
-	$(BIN)/kalmkg -w $(DEMO_WS) stats
+	$(BIN)/kalmkg -w $(DEMO_WS) stats --top 5
 	$(BIN)/kalmkg -w $(DEMO_WS) entities "Marie Cury"
+	$(BIN)/kalmkg -w $(DEMO_WS) split --valid 0.1 --test 0.1 --seed 0
+	$(BIN)/kalmkg -w $(DEMO_WS) train --max-steps 12 --batch-size 8 --lr 1e-3 --max-entity-tokens 16 \
+		--lora-layers 4 --eval-every 6 --eval-limit 20 --run-name demo
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -405,6 +405,91 @@ class _TrainBar:
         pass
 
 
+# --------------------------------------------------------------------------- export
+@app.command()
+def export(
+    ctx: typer.Context,
+    run: Optional[str] = typer.Option(None, "--run", help="Run id under runs/. [default: the latest run]"),
+    quant: Optional[str] = typer.Option(
+        None, "--quant", "-q",
+        help="F16, Q8_0, Q6_K, Q5_K_M or Q4_K_M. [default: Q8_0 below 1B parameters, Q4_K_M above]",
+    ),
+    name: Optional[str] = typer.Option(None, "--name", help="Output name: models/<name>.gguf. [default: <run>-<quant>]"),
+    ollama: bool = typer.Option(False, "--ollama", help="Also write models/<name>.Modelfile for `ollama create`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result (paths, sizes, verification) as JSON."),
+) -> None:
+    """Merge a run's LoRA into its base and write a quantized GGUF for llama.cpp, verified against torch.
+
+    Stages: merge (float32), save (HF folder), convert (llama.cpp's converter),
+    quantize (llama.cpp), verify (llama.cpp vs torch: last-token embeddings,
+    cosine >= 0.99 for F16/Q8_0, looser for K-quants; a greedy continuation).
+    Writes models/<name>.gguf (with run, graph fingerprint and pooling in its
+    metadata) and models/<name>.json; a failed stage leaves neither behind.
+
+    \b
+    Examples:
+      kalmkg export
+      kalmkg export --quant Q4_K_M --ollama
+      kalmkg export --run 20250101-120000-smollm2-135m --quant F16 --name smollm-kg
+    """
+    from kalmkg.export import export_run
+
+    with _ExportStages(_console(stderr=True), quiet=as_json) as stages:
+        result = export_run(ctx.obj, run, quant, name, ollama, stages)
+    v = result.verification
+    if as_json:
+        _print_json({"name": result.name, "path": str(result.path), "metadata": str(result.metadata_path),
+                     "modelfile": str(result.modelfile) if result.modelfile else None, "run_id": result.run_id,
+                     "quant": result.quant, "n_params": result.n_params, "size_bytes": result.size_bytes,
+                     "replaced": result.replaced, "seconds": result.seconds, "verification": v.as_dict()})
+        return
+    console = _console()
+    greedy = ("same greedy continuation" if v.greedy_match else
+              "greedy continuation differs after the first token" if v.first_token_match else
+              "greedy first token differs (a near tie)")
+    console.print(f"run {result.run_id} -> {result.path} ({result.quant}, {result.size_bytes / 1e6:,.1f} MB"
+                  f"{', replaced the previous file' if result.replaced else ''})")
+    console.print(f"verified: min cosine {v.min_cosine:.5f} over {v.texts} texts (needs >= {v.threshold}), {greedy}")
+    if result.modelfile is not None:
+        console.print(f"ollama: cd {result.modelfile.parent} && ollama create {result.name} -f {result.modelfile.name}")
+
+
+class _ExportStages:
+    """A line per finished stage (time and what it made), a spinner on the running one (terminals only)."""
+
+    def __init__(self, console, quiet: bool):
+        self.console = console
+        self.quiet = quiet
+        self.status = None
+        self.label = ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+    def stage(self, name: str, index: int, total: int) -> None:
+        self._stop()
+        self.label = f"[{index + 1}/{total}] {name:<8}"
+        if not self.quiet and self.console.is_terminal:
+            self.status = self.console.status(f"{self.label} ...")
+            self.status.start()
+
+    def stage_done(self, name: str, seconds: float, detail: str = "") -> None:
+        self._stop()
+        if not self.quiet:
+            self.console.print(f"{self.label} {seconds:6.1f}s  {detail}", markup=False)
+
+    def message(self, text: str) -> None:
+        self.console.print(f"note: {text}", markup=False)  # stderr, so --json output stays clean
+
+
 def _quiet_libraries() -> None:
     """The CLI draws its own progress: silence the ML libraries' bars and advisory warnings."""
     import os

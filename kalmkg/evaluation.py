@@ -69,7 +69,7 @@ def rank_with_vectors(encoder, texts, triples: np.ndarray, all_triples: np.ndarr
     targets = np.concatenate([triples[:, 2], triples[:, 0]]).astype(np.int64)
     t0 = time.perf_counter()
     qtexts = [verbalize.hr_view(texts.entities[q], texts.relations[r]) for q, r in queries.tolist()]
-    qvecs = torch.as_tensor(np.asarray(encoder.encode(qtexts, batch_size), dtype=np.float32)) if len(qtexts) \
+    qvecs = torch.as_tensor(encode_texts(encoder, qtexts, batch_size, progress, "queries")) if len(qtexts) \
         else torch.zeros((0, vectors.shape[1]))
     t1 = time.perf_counter()
     if progress:
@@ -97,6 +97,25 @@ def rank_with_vectors(encoder, texts, triples: np.ndarray, all_triples: np.ndarr
             "query_encoding_s": t1 - t0, "ranking_s": t2 - t1}
 
 
+def encode_texts(encoder, texts: list[str], batch_size: int, progress=None, stage: str = "encode") -> np.ndarray:
+    """[n, D] float32 vectors of `texts` in input order, encoded in length-sorted chunks of 16 batches
+    (little padding; `progress(stage, done, n)` after each chunk)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    step = max(1, 16 * batch_size)
+    out = None
+    if progress:
+        progress(stage, 0, len(texts))
+    for start in range(0, len(order), step):
+        idx = order[start:start + step]
+        vecs = np.asarray(encoder.encode([texts[i] for i in idx], batch_size), dtype=np.float32)
+        if out is None:
+            out = np.empty((len(texts), vecs.shape[1]), dtype=np.float32)
+        out[idx] = vecs
+        if progress:
+            progress(stage, min(start + step, len(texts)), len(texts))
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
 def eval_dir(workspace, loaded):
     """Where a model's evaluation files go: its run folder, or `<workspace>/evals/base-<name>/`."""
     from kalmkg.run_model import safe_name
@@ -116,7 +135,7 @@ def evaluate_run(workspace, *, run: str | None = None, base: str | None = None, 
 
     Entity vectors come from the entity index when it is fresh for this model (`kalmkg embed`), else
     they are encoded here. `limit` > 0 evaluates a fixed-seed sample of that many triples.
-    `progress(stage, done, total)` reports "entities" and "rank" stages.
+    `progress(stage, done, total)` reports the stages "entities" (when encoded here), "queries", "rank".
     """
     import json
     import time
@@ -155,11 +174,8 @@ def evaluate_run(workspace, *, run: str | None = None, base: str | None = None, 
         if index is not None:
             vectors, source = index.vectors(), "index"
     if vectors is None:
-        if progress:
-            progress("entities", 0, len(loaded.texts.entities))
-        vectors = encoder.encode([verbalize.tail_view(t) for t in loaded.texts.entities], batch_size)
-        if progress:
-            progress("entities", len(loaded.texts.entities), len(loaded.texts.entities))
+        vectors = encode_texts(encoder, [verbalize.tail_view(t) for t in loaded.texts.entities], batch_size,
+                               progress, "entities")
     entity_s = time.perf_counter() - t0
 
     ranked = rank_with_vectors(encoder, loaded.texts, sample, all_triples, vectors, batch_size=batch_size,
@@ -182,6 +198,8 @@ def evaluate_run(workspace, *, run: str | None = None, base: str | None = None, 
     }
     if why_not and use_index:
         summary["index_not_used"] = why_not
+    if loaded.warnings:
+        summary["warnings"] = list(loaded.warnings)
     eval_path = out_dir / f"eval-{split}.json"
     pred_path = out_dir / f"predictions-{split}.jsonl"
     atomic_write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"

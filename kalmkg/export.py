@@ -188,6 +188,8 @@ def export_run(workspace: Workspace, run: str | None = None, quant: str | None =
                               verification, seconds, modelfile)
         _publish(tmp, out, final, {meta_path: json.dumps(info, indent=2) + "\n",
                                    **({modelfile: ollama_text} if modelfile is not None else {})}, replaced)
+        if modelfile is None and replaced:  # a Modelfile of the replaced export would now describe another file
+            (models / f"{name}.Modelfile").unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(name, final, meta_path, modelfile, run_id, quant, n_params, size, verification, seconds,
@@ -691,6 +693,9 @@ def _metadata_json(name, run_id, rdir, config, resolved, architecture, quant, n_
 def _modelfile(tokenizer, name: str) -> str:
     """An Ollama Modelfile: the GGUF, a Go TEMPLATE equivalent to the model's chat template, stop tokens."""
     roles = _chat_roles(tokenizer)
+    bos = getattr(tokenizer, "bos_token", None)
+    if roles is not None and bos and roles["start"].startswith(bos) and _adds_bos(tokenizer):
+        roles["start"] = roles["start"][len(bos):]  # llama.cpp / Ollama add the BOS token themselves
     lines = [f"# kalmkg export of {name}: ollama create {name} -f {name}.Modelfile", f"FROM ./{name}.gguf", ""]
     if roles is None:
         lines += ['TEMPLATE """{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"""']
@@ -702,6 +707,14 @@ def _modelfile(tokenizer, name: str) -> str:
         stops = _stop_strings(tokenizer, roles)
     lines += [""] + [f"PARAMETER stop {json.dumps(s)}" for s in stops]
     return "\n".join(lines) + "\n"
+
+
+def _adds_bos(tokenizer) -> bool:
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:
+        return False
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def _chat_roles(tokenizer) -> dict[str, str] | None:
@@ -737,19 +750,25 @@ def _chat_roles(tokenizer) -> dict[str, str] | None:
     asst_pre, asst_suf = asst_turn.split(A, 1)
     roles = {"user_pre": user_pre, "user_suf": user_suf, "asst_pre": asst_pre, "asst_suf": asst_suf,
              "gen": ug[len(u):], "sys_pre": "", "sys_suf": "", "default_system": "", "start": ""}
+    # What the template writes before the first user turn when there is no system message: nothing, a
+    # start text written once (a BOS such as <|begin_of_text|>), or a default system message.
     head = u[: u.find(user_pre + U)] if (user_pre + U) in u else ""
     try:
         su = render([{"role": "system", "content": S}, {"role": "user", "content": U}])
-    except Exception:  # templates that reject a system role: system text goes in front of the user's
+    except Exception:  # templates that reject a system role (the Go template then wraps it as a user turn)
         su = None
     if su and S in su and (user_pre + U) in su:
         before, after = su.split(S, 1)
-        roles["sys_pre"], roles["sys_suf"] = before, after[: after.find(user_pre + U)]
-        # A template that injects a default system message when none is given: keep it as SYSTEM.
-        if head.startswith(roles["sys_pre"]) and head.endswith(roles["sys_suf"]) and len(head) > len(before + roles["sys_suf"]):
-            roles["default_system"] = head[len(roles["sys_pre"]): len(head) - len(roles["sys_suf"])]
-        elif head and not roles["default_system"]:
-            roles["start"] = head  # e.g. a BOS text the template writes once
+        sys_suf = after[: after.find(user_pre + U)]
+        if head and before.startswith(head):  # written once at the start, not part of the system turn
+            roles["start"], roles["sys_pre"] = head, before[len(head):]
+        else:
+            roles["sys_pre"] = before
+            if head.startswith(before) and head.endswith(sys_suf) and len(head) > len(before) + len(sys_suf):
+                roles["default_system"] = head[len(before): len(head) - len(sys_suf)]  # Modelfile SYSTEM
+            else:
+                roles["start"] = head
+        roles["sys_suf"] = sys_suf
     else:
         roles["start"] = head
     return roles

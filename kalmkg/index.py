@@ -1,7 +1,7 @@
 """Entity vectors in LanceDB: one table `entities` in `<workspace>/vectors.lance/`, and search over it.
 
-Rows: entity id, key, label, a hash of the exact text the model encoded (the tail view of the entity's
-cut text), and the L2-normalised vector. What built the table is kept as metadata of the vector field
+Rows: entity id, key, label, a hash of the entity's text (its tail view, before the model's token cut),
+and the L2-normalised vector. What built the table is kept as metadata of the vector field
 (`kalmkg:model` = "run:<id>" or "base:<fp>", `kalmkg:weights`, `kalmkg:graph`, ...): LanceDB 0.40's Python
 API updates a field's metadata in place (`update_field_metadata`) but has no in-place update of the
 schema-level metadata, and an incremental embed has to change `kalmkg:graph` without rewriting the table.
@@ -57,7 +57,10 @@ def _lancedb():
 
 # ------------------------------------------------------------------ row identity
 def entity_hashes(keys: Sequence[str], texts: Sequence[str]) -> list[str]:
-    """Per entity: a hash of its key and the exact tail view the model encodes."""
+    """Per entity: a hash of its key and its tail view before the text is cut to the model's token limit
+    (the limit and tokenizer belong to the model, checked apart; hashing uncut texts spares tokenizing
+    every entity to check freshness, at the price of re-encoding an entity whose text changed only
+    beyond the cut)."""
     from kalmkg.verbalize import tail_view
 
     return [hashlib.sha1(f"{k}\x00{tail_view(t)}".encode()).hexdigest()[:16] for k, t in zip(keys, texts)]
@@ -70,9 +73,9 @@ def graph_hash(hashes: Sequence[str]) -> str:
 
 def _current(loaded) -> tuple[list[str], list[str]]:
     keys = list(loaded.entity_keys)
-    if len(keys) != len(loaded.texts.entities):
+    if len(keys) != len(loaded.raw_texts):
         raise KalmkgError("internal: entity keys and texts of the loaded model differ in length")
-    return keys, entity_hashes(keys, loaded.texts.entities)
+    return keys, entity_hashes(keys, loaded.raw_texts)
 
 
 # ------------------------------------------------------------------ metadata
@@ -148,10 +151,6 @@ def embed(workspace: Workspace, loaded, encoder=None, *, batch_size: int = 64, f
     from kalmkg.verbalize import tail_view
 
     t_start = time.perf_counter()
-    if encoder is None:
-        from kalmkg.run_model import torch_encoder
-
-        encoder = torch_encoder(loaded)
     keys, hashes = _current(loaded)
     labels = list(loaded.entity_labels or keys)
     n = len(keys)
@@ -171,9 +170,13 @@ def embed(workspace: Workspace, loaded, encoder=None, *, batch_size: int = 64, f
             table.delete(f"id >= {n}")
             removed = len(gone)
 
+    if encoder is None and todo:  # nothing to encode: the weights never load
+        from kalmkg.run_model import torch_encoder
+
+        encoder = torch_encoder(loaded)
     base_meta = {"format": FORMAT, "model": loaded.fingerprint, "weights": loaded.weights, "name": loaded.name,
                  "backend": backend, "max_entity_tokens": str(loaded.max_entity_tokens)}
-    texts = [tail_view(loaded.texts.entities[i]) for i in todo]
+    texts = [tail_view(t) for t in loaded.entity_texts(todo)]
     # Length-sorted (characters stand in for tokens) so every encoder call pads little; the torch
     # encoder sorts again by tokens inside a call.
     order = sorted(range(len(todo)), key=lambda j: len(texts[j]))

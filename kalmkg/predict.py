@@ -58,10 +58,10 @@ class PredictionResult:
 
 def parse_query(head: str, relation: str, tail: str) -> tuple[str, str, str]:
     """(direction, entity name, relation name) from the three CLI words; exactly one must be '?'."""
+    if relation == WILDCARD and WILDCARD not in (head, tail):
+        raise KalmkgError("relation prediction is not supported; name the relation")
     if (head == WILDCARD) == (tail == WILDCARD):
         raise KalmkgError("give exactly one '?': `kalmkg predict HEAD RELATION ?` or `kalmkg predict ? RELATION TAIL`")
-    if relation == WILDCARD:
-        raise KalmkgError("relation prediction is not supported; name the relation")
     return ("head", tail, relation) if head == WILDCARD else ("tail", head, relation)
 
 
@@ -73,7 +73,7 @@ class Predictor:
         self.encoder = encoder
         self.index = index
         self.triples = triples  # [n, 3] (head, relation, tail), every split
-        self.num_relations = loaded.texts.num_relations
+        self.num_relations = len(loaded.relation_keys)
 
     @classmethod
     def open(cls, workspace: Workspace, *, run: str | None = None, base: str | None = None,
@@ -107,7 +107,7 @@ class Predictor:
         from kalmkg.verbalize import hr_view
 
         rel = relation_id if direction == "tail" else relation_id + self.num_relations
-        return hr_view(self.loaded.texts.entities[entity_id], self.loaded.texts.relations[rel])
+        return hr_view(self.loaded.entity_text(entity_id), self.loaded.relation_texts[rel])
 
     def query(self, entity: EntityRef | int, relation: RelationRef | int, direction: str = "tail", k: int = 10,
               filter_known: bool = False) -> PredictionResult:

@@ -13,7 +13,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kalmkg.errors import KalmkgError
 from kalmkg.workspace import Workspace
@@ -25,11 +25,15 @@ _CONTENT_HASH_LIMIT = 256 << 20
 
 @dataclass
 class LoadedModel:
-    """A model ready to encode views, and what identifies it."""
+    """A model ready to encode views, and what identifies it.
 
-    model: Any
-    tokenizer: Any
-    texts: Any  # dataset.GraphTexts: entity texts (cut) and relation texts (R, then the R inverses)
+    The weights load on first use of `model`: deciding whether the index is fresh, resolving names or
+    running another backend (GGUF) needs only the tokenizer and the texts, and a 7B model takes a while.
+    """
+
+    tokenizer: Any  # None: entity texts are used uncut (tests with a fake encoder)
+    raw_texts: list[str]  # per entity id: "name, description", not yet cut to max_entity_tokens
+    relation_texts: list[str]  # the R relations, then their R inverses
     fingerprint: str  # "run:<id>" or "base:<fingerprint of the base weights>"
     weights: str  # a hash of the weight files (adapter or base): changes when a run is resumed
     name: str  # the run id, or the base model's name
@@ -45,6 +49,42 @@ class LoadedModel:
     relation_labels: list[str] = field(default_factory=list)
     base_spec: str | None = None  # what --base named (an untrained base only)
     latest: bool = False  # the workspace's latest run (what commands pick without --run)
+    loader: Callable[[], Any] | None = field(default=None, repr=False)
+    _model: Any = field(default=None, repr=False)
+    _texts: Any = field(default=None, repr=False)
+
+    @property
+    def model(self) -> Any:
+        if self._model is None and self.loader is not None:
+            self._model = self.loader()
+            self._model.eval()
+        return self._model
+
+    @property
+    def texts(self):
+        """dataset.GraphTexts: every entity text cut to `max_entity_tokens` tokens (as training cut them),
+        computed on first use: a single prediction needs one entity's text, and cutting 41k texts
+        takes seconds."""
+        if self._texts is None:
+            from kalmkg.dataset import GraphTexts
+            from kalmkg.verbalize import truncate_texts
+
+            cut = (truncate_texts(self.raw_texts, self.tokenizer, self.max_entity_tokens)
+                   if self.tokenizer is not None and self.raw_texts else list(self.raw_texts))
+            self._texts = GraphTexts(cut, list(self.relation_texts))
+        return self._texts
+
+    def entity_texts(self, ids) -> list[str]:
+        """The texts of entities `ids`, cut as in `texts` (the same function, on just those texts)."""
+        if self._texts is not None or self.tokenizer is None:
+            return [self.texts.entities[i] for i in ids]
+        from kalmkg.verbalize import truncate_texts
+
+        raw = [self.raw_texts[i] for i in ids]
+        return truncate_texts(raw, self.tokenizer, self.max_entity_tokens) if raw else []
+
+    def entity_text(self, i: int) -> str:
+        return self.entity_texts([i])[0]
 
     @property
     def is_base(self) -> bool:
@@ -66,8 +106,8 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
 
     `tables` = (entity_table, relation_table, graph_fingerprint) saves reading the store again.
     """
-    from kalmkg.dataset import load_texts
     from kalmkg.models import load_base, resolve_base
+    from kalmkg.verbalize import entity_text, relation_text
     from kalmkg.train import TrainConfig, pick_device
 
     if run is not None and base is not None:
@@ -80,10 +120,13 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
 
     if base is not None:
         resolved = resolve_base(base)
-        model, tokenizer = load_base(resolved, device=device)
+        tokenizer = _tokenizer(resolved.path, resolved.name)
         max_tokens = TrainConfig.max_entity_tokens
         fingerprint, weights, name, rdir = f"base:{resolved.fingerprint}", resolved.fingerprint, resolved.name, None
         latest = False
+
+        def loader():
+            return load_base(resolved, device=device)[0]
     else:
         from kalmkg import runs
 
@@ -103,23 +146,23 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
         if config.get("graph", {}).get("fingerprint") not in (None, graph_fp):
             warnings.append(f"the graph changed since run {rdir.name} was trained; entities added since were "
                             "never seen in training")
-        model, tokenizer = _load_trained(resolved, adapter, device)
-        saved_tok = rdir / "tokenizer"
-        if saved_tok.is_dir():  # the tokenizer exactly as training used it (pad token set)
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(saved_tok)
-            tokenizer.padding_side = "right"
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
+        # the tokenizer exactly as training saved it (pad token set); the base's for older runs
+        saved = rdir / "tokenizer"
+        tokenizer = _tokenizer(str(saved) if saved.is_dir() else resolved.path, rdir.name)
         max_tokens = cfg.max_entity_tokens
         fingerprint, weights, name = f"run:{rdir.name}", files_fingerprint(adapter), rdir.name
 
-    model.eval()
-    texts = load_texts(entity_table, relation_table, tokenizer, max_tokens)
-    return LoadedModel(model, tokenizer, texts, fingerprint, weights, name, rdir, max_tokens, graph_fp, device,
-                       warnings, entity_table["key"].to_pylist(), entity_table["label"].to_pylist(),
-                       relation_table["key"].to_pylist(), relation_table["label"].to_pylist(), base, latest)
+        def loader():
+            return _load_trained(resolved, adapter, device)
+
+    # the texts of dataset.load_texts, cut lazily (LoadedModel.texts)
+    raw = [entity_text(lbl, d) for lbl, d in zip(entity_table["label"].to_pylist(),
+                                                 entity_table["description"].to_pylist())]
+    labels = relation_table["label"].to_pylist()
+    relations = [relation_text(lbl) for lbl in labels] + [relation_text(lbl, True) for lbl in labels]
+    return LoadedModel(tokenizer, raw, relations, fingerprint, weights, name, rdir, max_tokens, graph_fp, device, warnings,
+                       entity_table["key"].to_pylist(), entity_table["label"].to_pylist(),
+                       relation_table["key"].to_pylist(), relation_table["label"].to_pylist(), base, latest, loader)
 
 
 def read_tables(workspace: Workspace) -> tuple:
@@ -130,6 +173,21 @@ def read_tables(workspace: Workspace) -> tuple:
         return store.entity_table(), store.relation_table(), store.fingerprint()
 
 
+def _tokenizer(path: str, name: str):
+    """A tokenizer as `models.load_base` sets it up (a pad token, padding on the right), without the weights."""
+    from transformers import AutoTokenizer
+
+    from kalmkg.models import _ensure_pad_token
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise KalmkgError(f"cannot load the tokenizer of {name!r}: {str(e).splitlines()[0]}") from e
+    _ensure_pad_token(tokenizer, name)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 def _load_trained(resolved, adapter: Path, device: str):
     """Base + LoRA adapter merged into plain weights (no LoRA matmuls at inference: faster, and the same
     weights `kalmkg export` merges), or a full fine-tune saved in place of the adapter."""
@@ -138,19 +196,17 @@ def _load_trained(resolved, adapter: Path, device: str):
     if (adapter / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        model, tokenizer = load_base(resolved, device=device)
+        model, _ = load_base(resolved, device=device)
         try:
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         except (ValueError, KeyError, RuntimeError) as e:
             raise KalmkgError(f"cannot apply the adapter in {adapter}: {str(e).splitlines()[0]}") from e
-        return model.to(device), tokenizer
+        return model.to(device)
     if (adapter / "config.json").is_file():  # `--full` fine-tuning saves the whole model there
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(resolved.path)  # replaced by the run's own when saved
-        return model.to(device), tokenizer
+        return AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32).to(device)
     raise KalmkgError(f"{adapter} holds neither a LoRA adapter nor a model")
 
 

@@ -1,0 +1,200 @@
+"""`evaluate_run` (kalmkg.evaluation): the paper's protocol through the whole command path.
+
+A hand-worked ranking (a fake encoder whose scores are chosen by hand: ties, filtered answers from
+train and test, head prediction through the inverse query), then the tiny trained run through
+embed -> evaluate, the files it writes, the untrained-base baseline, --limit, and errors. The metric
+functions themselves are unit-tested in test_metrics.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers_graph import SAMPLE_TTL, ingest_into, write
+from kalmkg.errors import KalmkgError
+from kalmkg.store import Store
+from kalmkg.workspace import Workspace
+
+
+# --------------------------------------------------------------------------------------------- by hand
+class TableEncoder:
+    """Texts -> vectors from a fixed table (a KeyError for any text the test did not plan for)."""
+
+    def __init__(self, table: dict[str, list[float]]):
+        self.table = table
+        self.calls = 0
+
+    def encode(self, texts, batch_size=64):
+        self.calls += 1
+        return np.array([self.table[t] for t in texts], dtype=np.float32)
+
+
+@pytest.fixture()
+def hand_case(tmp_path):
+    """Entities a..e (ids 0..4), one relation r.  train: a r b, a r c, c r d;  test: a r d, e r d."""
+    from kalmkg.run_model import LoadedModel
+    from kalmkg.verbalize import hr_view, tail_view
+
+    root = tmp_path / "ws"
+    ingest_into(root, [write(tmp_path / "train.tsv", "a\tr\tb\na\tr\tc\nc\tr\td\n")], split="train")
+    ingest_into(root, [write(tmp_path / "test.tsv", "a\tr\td\ne\tr\td\n")], split="test")
+    ws = Workspace(root)
+    with Store.open(ws) as store:
+        assert store.entity_table()["key"].to_pylist() == ["a", "b", "c", "d", "e"]
+        fingerprint = store.fingerprint()
+    names = ["a", "b", "c", "d", "e"]
+    # entity j's vector is the j-th unit vector, so a query vector *is* its row of scores
+    table = {tail_view(x): np.eye(5)[j].tolist() for j, x in enumerate(names)}
+    table[hr_view("a", "r")] = [0.9, 0.95, 0.5, 0.5, 0.5]
+    table[hr_view("e", "r")] = [0.2, 0.2, 0.2, 0.6, 0.7]
+    table[hr_view("d", "inverse of r")] = [0.3, 0.3, 0.9, 0.1, 0.8]  # both head queries: (?, r, d)
+    loaded = LoadedModel(tokenizer=None, raw_texts=names, relation_texts=["r", "inverse of r"], fingerprint="run:hand",
+                         weights="w", name="hand", run_dir=root / "runs" / "hand", max_entity_tokens=50,
+                         graph_fingerprint=fingerprint, entity_keys=names, entity_labels=names,
+                         relation_keys=["r"], relation_labels=["r"])
+    return ws, loaded, TableEncoder(table)
+
+
+def test_metrics_match_a_hand_worked_ranking(hand_case):
+    """Realistic rank = (2 * better + 1 + tied) / 2 over the candidates left after filtering:
+
+    tail (a, r, ?) target d: scores a .9 b .95 c .5 d .5 e .5; b, c known (train) -> filtered;
+        a better, d and e tied -> rank (2 + 1 + 2) / 2 = 2.5
+    tail (e, r, ?) target d: e .7 better, d alone at .6 -> rank 2
+    head (?, r, d) target a: known heads a (test), c (train), e (test); c, e filtered;
+        a and b tied at .3, nothing better -> rank 1.5
+    head (?, r, d) target e: a, c filtered; e .8 best -> rank 1
+    """
+    from kalmkg.evaluation import evaluate_run
+
+    ws, loaded, encoder = hand_case
+    out = evaluate_run(ws, loaded=loaded, encoder=encoder)
+    m = out["metrics"]
+    assert (m["tail"]["count"], m["head"]["count"], m["both"]["count"]) == (2, 2, 4)
+    assert m["tail"]["mr"] == pytest.approx((2.5 + 2) / 2)
+    assert m["tail"]["mrr"] == pytest.approx((1 / 2.5 + 1 / 2) / 2)
+    assert (m["tail"]["hits@1"], m["tail"]["hits@3"], m["tail"]["hits@10"]) == (0.0, 1.0, 1.0)
+    assert m["head"]["mr"] == pytest.approx((1.5 + 1) / 2)
+    assert m["head"]["mrr"] == pytest.approx((1 / 1.5 + 1) / 2)
+    assert (m["head"]["hits@1"], m["head"]["hits@3"]) == (0.5, 1.0)
+    assert m["both"]["mr"] == pytest.approx((2.5 + 2 + 1.5 + 1) / 4)
+    assert m["both"]["mrr"] == pytest.approx((1 / 2.5 + 1 / 2 + 1 / 1.5 + 1) / 4)
+    assert (m["both"]["hits@1"], m["both"]["hits@3"]) == (0.25, 1.0)
+    assert out["timing"]["entity_vectors"] == "encoded" and "no entity index" in out["index_not_used"]
+
+    records = [json.loads(line) for line in Path(out["predictions_path"]).read_text().splitlines()]
+    assert [(r["direction"], r["triple"], r["rank"]) for r in records] == [
+        ("tail", ["a", "r", "d"], 2.5), ("tail", ["e", "r", "d"], 2.0),
+        ("head", ["a", "r", "d"], 1.5), ("head", ["e", "r", "d"], 1.0)]
+    assert records[0]["query"] == ["a", "r", "?"] and records[2]["query"] == ["?", "r", "d"]
+    assert records[0]["target"] == {"key": "d", "label": "d"}
+    # the top-3 is the filtered one: b (.95, a known answer) is not shown, the target is
+    top0 = [t["key"] for t in records[0]["top"]]
+    assert top0[0] == "a" and set(top0[1:]) == {"d", "e"}
+    assert [t["key"] for t in records[3]["top"]] == ["e", "b", "d"]
+    assert [t["score"] for t in records[3]["top"]] == pytest.approx([0.8, 0.3, 0.1])
+
+    saved = json.loads(Path(out["eval_path"]).read_text())
+    assert Path(out["eval_path"]) == loaded.run_dir / "eval-test.json"
+    assert saved["metrics"] == json.loads(json.dumps(m))
+
+
+def test_valid_split_and_unknown_or_empty_splits(hand_case):
+    from kalmkg.evaluation import evaluate_run
+
+    ws, loaded, encoder = hand_case
+    with pytest.raises(KalmkgError, match=r"the valid split is empty"):
+        evaluate_run(ws, split="valid", loaded=loaded, encoder=encoder)
+    with pytest.raises(KalmkgError, match=r"unknown split 'dev'; use one of: train, valid, test"):
+        evaluate_run(ws, split="dev", loaded=loaded, encoder=encoder)
+
+
+# --------------------------------------------------------------------------------------------- tiny run
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model) -> Path:
+    from kalmkg.split import split_store
+    from kalmkg.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("evaluate") / "ws"
+    ingest_into(root, [SAMPLE_TTL])
+    ws = Workspace(root)
+    with Store.open(ws, write=True) as store:
+        split_store(store, 0.1, 0.1, seed=0)
+    train(ws, TrainConfig(base=str(tiny_model), batch_size=8, max_steps=2, precision="fp32", eval_limit=10,
+                          checkpoint_every=2, eval_every=2, patience=0), run_id="r")
+    return root
+
+
+@pytest.fixture()
+def ws(trained, tmp_path) -> Workspace:
+    shutil.copytree(trained, tmp_path / "ws")
+    return Workspace(tmp_path / "ws")
+
+
+def test_tiny_run_embed_then_evaluate_agrees_with_training_validation(ws):
+    from kalmkg.evaluation import evaluate_run, rank_queries, sample_triples
+    from kalmkg.index import embed
+    from kalmkg.run_model import load_model
+
+    loaded = load_model(ws)
+    embed(ws, loaded)
+    out = evaluate_run(ws, split="test", limit=10, seed=3)
+    assert out["model"] == "run:r" and out["triples"] == 10 and out["queries"] == 20
+    assert out["timing"]["entity_vectors"] == "index" and "index_not_used" not in out
+    assert set(out["timing"]) == {"entity_vectors", "entity_encoding_s", "query_encoding_s", "ranking_s", "total_s"}
+
+    # the same sample ranked by the function training validates with (which encodes the entities itself)
+    with Store.open(ws) as store:
+        test, everything = store.triples_array(("test",)), store.triples_array()
+    sample = sample_triples(test, 10, seed=3)
+    reference = rank_queries(loaded.model, loaded.tokenizer, loaded.texts, sample, everything)
+    for direction in ("tail", "head", "both"):
+        for key, value in reference[direction].items():
+            assert out["metrics"][direction][key] == pytest.approx(value, abs=1e-9), (direction, key)
+
+    records = [json.loads(line) for line in Path(out["predictions_path"]).read_text().splitlines()]
+    assert len(records) == 20
+    np.testing.assert_allclose([r["rank"] for r in records], reference["ranks"])
+    keys = loaded.entity_keys
+    assert [r["triple"] for r in records[:10]] == [[keys[h], loaded.relation_keys[r], keys[t]] for h, r, t in sample]
+    assert all(len(r["top"]) == 3 and r["top"][0]["score"] >= r["top"][1]["score"] >= r["top"][2]["score"]
+               for r in records)
+    assert Path(out["eval_path"]) == ws.runs_dir / "r" / "eval-test.json"
+    assert Path(out["predictions_path"]) == ws.runs_dir / "r" / "predictions-test.jsonl"
+    assert not [p for p in (ws.runs_dir / "r").iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_limit_is_a_fixed_seed_sample(ws):
+    from kalmkg.evaluation import evaluate_run
+
+    def triples(out):
+        return [json.loads(line)["triple"] for line in Path(out["predictions_path"]).read_text().splitlines()]
+
+    first = triples(evaluate_run(ws, split="valid", limit=5, seed=0, use_index=False))
+    again = triples(evaluate_run(ws, split="valid", limit=5, seed=0, use_index=False))
+    other = triples(evaluate_run(ws, split="valid", limit=5, seed=1, use_index=False))
+    assert first == again and first != other and len(first) == 10
+    full = evaluate_run(ws, split="valid", use_index=False)
+    with Store.open(ws) as store:
+        assert full["triples"] == len(store.triples_array(("valid",)))
+
+
+def test_untrained_base_is_evaluated_into_its_own_folder(ws, tiny_model):
+    from kalmkg.evaluation import evaluate_run
+    from kalmkg.index import embed
+    from kalmkg.run_model import load_model
+
+    embed(ws, load_model(ws))  # the run's index: not for the base model
+    out = evaluate_run(ws, base=str(tiny_model), split="valid", limit=6)
+    folder = ws.root / "evals" / f"base-{Path(tiny_model).name}"
+    assert Path(out["eval_path"]) == folder / "eval-valid.json" and (folder / "predictions-valid.jsonl").exists()
+    assert out["model"].startswith("base:") and out["timing"]["entity_vectors"] == "encoded"
+    assert "built with run r" in out["index_not_used"]
+    saved = json.loads((folder / "eval-valid.json").read_text())
+    assert saved["metrics"]["both"]["count"] == 12 and 0 < saved["metrics"]["both"]["mrr"] <= 1
+    assert not (ws.runs_dir / "r" / "eval-valid.json").exists()

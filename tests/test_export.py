@@ -1,0 +1,345 @@
+"""`kalmkg export`: merged GGUF round trip through llama.cpp, metadata, quant types, atomic output, errors.
+
+llama.cpp's converter recognises a BPE tokenizer by hashing how it splits a fixed text, so the tokenizer
+trained on the fly by tests/tiny_model.py is refused ("pre-tokenizer was not recognized"). The export
+tests therefore build their tiny random Llama around the SmolLM2 tokenizer read from the embedded GGUF
+(a few seconds, no download); the model itself stays tiny (hidden 64, 2 layers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kalmkg.errors import KalmkgError
+from kalmkg.export import QUANT_TYPES, STAGES, ExportProgress, export_run, gguf_embed, read_gguf_metadata
+from kalmkg.workspace import Workspace
+
+SAMPLE_TTL = Path(__file__).resolve().parent.parent / "sample_graphs" / "world.ttl"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def gguf_tiny(tmp_path_factory) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers, GQA 4/2 heads) with SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kalmkg.models import EMBEDDED, _embedded_gguf
+
+    gguf_file = _embedded_gguf("smollm2-135m")
+    assert gguf_file.name == EMBEDDED["smollm2-135m"][1]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("gguf-tiny")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _sample_workspace(root: Path) -> Workspace:
+    from kalmkg.ingest import ingest, resolve_sources
+    from kalmkg.split import split_store
+    from kalmkg.store import Store
+
+    ws = Workspace(root)
+    with Store.open(ws, create=True) as store:
+        ingest(store, resolve_sources([SAMPLE_TTL]))
+        split_store(store, 0.1, 0.1, seed=0)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def trained_ws(tmp_path_factory, gguf_tiny) -> Workspace:
+    """The sample graph with a 2-step run 'r' of the tiny model (shared: exports use distinct names)."""
+    from kalmkg.train import TrainConfig, train
+
+    ws = _sample_workspace(tmp_path_factory.mktemp("export") / "ws")
+    train(ws, TrainConfig(base=str(gguf_tiny), batch_size=8, max_steps=2, precision="fp32", eval_limit=10,
+                          checkpoint_every=2, eval_every=2, patience=0), run_id="r")
+    return ws
+
+
+class Recorder(ExportProgress):
+    def __init__(self):
+        self.started, self.done, self.messages = [], [], []
+
+    def stage(self, name, index, total):
+        self.started.append((name, index, total))
+
+    def stage_done(self, name, seconds, detail=""):
+        self.done.append(name)
+
+    def message(self, text):
+        self.messages.append(text)
+
+
+def _leftovers(ws: Workspace) -> list[str]:
+    return [p.name for p in ws.models_dir.iterdir() if p.name.startswith(".")] if ws.models_dir.exists() else []
+
+
+# ------------------------------------------------------------------------------------------- round trip
+
+
+def test_f16_export_round_trips_through_llama_cpp(trained_ws, gguf_tiny):
+    import llama_cpp
+    import torch
+    from peft import PeftModel
+
+    from kalmkg import verbalize
+    from kalmkg.encode import TorchEncoder
+    from kalmkg.models import load_base, resolve_base
+    from kalmkg.runs import read_config
+
+    progress = Recorder()
+    result = export_run(trained_ws, None, "F16", None, False, progress)
+
+    assert result.name == "r-F16" and result.quant == "F16" and result.run_id == "r"
+    assert result.path == trained_ws.models_dir / "r-F16.gguf" and result.path.is_file()
+    assert result.modelfile is None and not (trained_ws.models_dir / "r-F16.Modelfile").exists()
+    assert progress.started == [(s, i, len(STAGES)) for i, s in enumerate(STAGES)] and progress.done == list(STAGES)
+    assert result.min_cosine >= 0.99 and result.verification.tokenizer_match
+    assert result.verification.first_token_match
+    assert _leftovers(trained_ws) == []
+
+    # Independently of export's own check: the unmerged LoRA model in torch vs the GGUF in llama.cpp.
+    base, tokenizer = load_base(resolve_base(str(gguf_tiny)), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(trained_ws.runs_dir / "r" / "adapter"))
+    texts = [verbalize.tail_view(t) for t in ("Paris, capital of France", "Marie Curie", "Rhine, a river")]
+    expected = TorchEncoder(model, tokenizer).encode(texts)
+    llm = llama_cpp.Llama(str(result.path), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_LAST,
+                          n_ctx=512, verbose=False)
+    try:
+        rows = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
+        assert rows == tokenizer(texts, add_special_tokens=False)["input_ids"]
+        got = gguf_embed(llm, rows)
+    finally:
+        llm.close()
+    cosines = np.sum(got * expected, axis=1)
+    assert cosines.min() >= 0.99, cosines
+
+    # kalmkg metadata, in the GGUF and beside it
+    config = read_config(trained_ws.runs_dir / "r")
+    meta = read_gguf_metadata(result.path)
+    assert meta["kalmkg.run_id"] == "r"
+    assert meta["kalmkg.graph_fingerprint"] == config["graph"]["fingerprint"]
+    assert meta["kalmkg.pooling"] == "last" and meta["kalmkg.add_bos"] is False
+    assert meta["kalmkg.base.name"] == gguf_tiny.name and meta["general.name"] == "r-F16"
+    assert meta["kalmkg.template.tail"] == verbalize.TAIL_TEMPLATE
+    assert meta["general.file_type"] == 1  # LLAMA_FTYPE_MOSTLY_F16
+    info = json.loads((trained_ws.models_dir / "r-F16.json").read_text())
+    assert info["file"] == "r-F16.gguf" and info["size_bytes"] == result.path.stat().st_size
+    assert info["run_id"] == "r" and info["graph_fingerprint"] == config["graph"]["fingerprint"]
+    assert info["embedding"]["pooling"] == "last" and info["base"]["name"] == gguf_tiny.name
+    assert info["verification"]["min_cosine"] >= 0.99 and set(info["seconds"]) == set(STAGES)
+
+
+def test_default_quant_is_q8_0_below_1b_and_ollama_writes_a_modelfile(trained_ws):
+    result = export_run(trained_ws, "r", None, None, True)
+
+    assert result.quant == "Q8_0" and result.name == "r-Q8_0" and result.n_params < 1e9
+    assert result.min_cosine >= 0.99
+    assert read_gguf_metadata(result.path)["general.file_type"] == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    modelfile = (trained_ws.models_dir / "r-Q8_0.Modelfile").read_text()
+    assert result.modelfile == trained_ws.models_dir / "r-Q8_0.Modelfile"
+    assert "FROM ./r-Q8_0.gguf" in modelfile
+    # SmolLM2's ChatML template, turned into Ollama's Go template, and its end-of-turn stop token
+    assert '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in modelfile
+    assert '{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant\n{{ end }}' in modelfile
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert json.loads(result.metadata_path.read_text())["ollama_modelfile"] == "r-Q8_0.Modelfile"
+
+
+def test_a_k_quant_exports_with_its_looser_threshold(trained_ws):
+    result = export_run(trained_ws, "r", "q4_k_m", "tiny-q4", False)
+    assert result.quant == "Q4_K_M" and result.path.name == "tiny-q4.gguf"
+    assert result.verification.threshold < 0.99 and result.min_cosine >= result.verification.threshold
+    assert read_gguf_metadata(result.path)["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+
+
+# --------------------------------------------------------------------------------------------- atomicity
+
+
+def test_a_failed_verification_leaves_nothing_and_keeps_the_previous_file(trained_ws, monkeypatch):
+    import kalmkg.export as export
+
+    final = trained_ws.models_dir / "atomic-v.gguf"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    final.write_bytes(b"previous export")
+    monkeypatch.setitem(export.MIN_COSINE, "Q8_0", 1.5)  # no GGUF can pass: the real failure path runs
+    with pytest.raises(KalmkgError, match=r"min cosine .* < 1\.5.*nothing was written"):
+        export_run(trained_ws, "r", "Q8_0", "atomic-v", False)
+    assert final.read_bytes() == b"previous export"
+    assert not (trained_ws.models_dir / "atomic-v.json").exists()
+    assert _leftovers(trained_ws) == []
+
+
+def test_a_failed_quantization_leaves_no_partial_file(trained_ws, monkeypatch):
+    import kalmkg.export as export
+
+    def half_written(src, dst, quant):
+        Path(dst).write_bytes(b"GGUF" + b"\0" * 100)
+        raise KalmkgError(f"quantizing to {quant} failed: simulated")
+
+    monkeypatch.setattr(export, "_quantize", half_written)
+    with pytest.raises(KalmkgError, match="simulated"):
+        export_run(trained_ws, "r", "Q6_K", "atomic-q", True)
+    assert not [p for p in trained_ws.models_dir.iterdir() if p.name.startswith("atomic-q")]
+    assert _leftovers(trained_ws) == []
+
+
+def test_no_space_is_refused_before_any_work(trained_ws, monkeypatch):
+    from collections import namedtuple
+
+    import kalmkg.export as export
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(KalmkgError, match=r"not enough disk space .* needs about .*3x the float32 model"):
+        export_run(trained_ws, "r", "Q8_0", "nospace", False)
+    monkeypatch.undo()
+    assert not list(trained_ws.models_dir.glob("nospace*")) and _leftovers(trained_ws) == []
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("quant", ["Q3_K", "q4", "f32", ""])
+def test_an_unknown_quant_type_lists_the_valid_ones(tmp_path, quant):
+    with pytest.raises(KalmkgError) as info:
+        export_run(Workspace(tmp_path / "ws"), None, quant, None, False)
+    message = str(info.value)
+    assert "unknown quantization type" in message and "\n" not in message
+    assert all(q in message for q in QUANT_TYPES)
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "with space"])
+def test_a_bad_model_name_is_refused(tmp_path, name):
+    with pytest.raises(KalmkgError, match="invalid model name"):
+        export_run(Workspace(tmp_path / "ws"), None, "Q8_0", name, False)
+
+
+def test_no_trained_run_says_to_train_first(sample_ws):
+    with pytest.raises(KalmkgError, match=r"run `kalmkg train` first"):
+        export_run(sample_ws, None, None, None, False)
+    with pytest.raises(KalmkgError, match="no run 'nope'"):
+        export_run(sample_ws, "nope", None, None, False)
+
+
+def test_a_run_without_weights_says_to_train_first(sample_ws, gguf_tiny):
+    from kalmkg.runs import atomic_write_text
+
+    run = sample_ws.runs_dir / "empty"
+    atomic_write_text(run / "config.toml", f'[train]\nbase = "{gguf_tiny}"\n')
+    with pytest.raises(KalmkgError, match=r"run empty has no trained weights yet .*`kalmkg train` first"):
+        export_run(sample_ws, "empty", None, None, False)
+
+
+def test_an_architecture_the_converter_lacks_is_named(tmp_path):
+    from kalmkg.export import _check_architecture, _convert
+
+    with pytest.raises(KalmkgError, match="does not support the architecture FooBarForCausalLM of base foo"):
+        _check_architecture("FooBarForCausalLM", "foo")
+    _check_architecture("LlamaForCausalLM", "llama")  # supported: no error
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["FooBarForCausalLM"], "model_type": "foo"}))
+    with pytest.raises(KalmkgError, match="does not support the architecture FooBarForCausalLM of base foo"):
+        _convert(folder, tmp_path / "out.gguf", "x", "foo")
+
+
+def test_a_tokenizer_the_converter_cannot_identify_is_reported(tmp_path, tiny_model):
+    from kalmkg.export import _convert
+
+    with pytest.raises(KalmkgError, match="does not recognise the tokenizer of base tiny"):
+        _convert(tiny_model, tmp_path / "out.gguf", "x", "tiny")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_modelfile_template_follows_a_custom_chat_template(tiny_model):
+    from transformers import AutoTokenizer
+
+    from kalmkg.export import _modelfile
+
+    text = _modelfile(AutoTokenizer.from_pretrained(tiny_model), "m")
+    # tests/tiny_model.py's template: "<s>{role}: {content}</s>\n" per message, "<s>assistant: " to generate
+    assert '{{ if eq .Role "system" }}<s>system: {{ .Content }}</s>\n' in text
+    assert '{{ else if eq .Role "assistant" }}<s>assistant: {{ .Content }}</s>\n' in text
+    assert '{{ if and $last (ne .Role "assistant") }}<s>assistant: {{ end }}' in text
+    assert 'PARAMETER stop "</s>"' in text and "SYSTEM" not in text
+
+
+def test_modelfile_template_writes_a_start_text_once(tiny_model):
+    from transformers import AutoTokenizer
+
+    from kalmkg.export import _modelfile
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = (  # Llama 3's layout: BOS once, then headed turns
+        "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+        "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    text = _modelfile(tokenizer, "m")
+    assert 'TEMPLATE """<s>{{ range $i, $_ := .Messages }}' in text  # this tokenizer adds no BOS itself
+    assert '{{ if eq .Role "system" }}<|start_header_id|>system<|end_header_id|>\n\n{{ .Content }}<|eot_id|>' in text
+    assert 'PARAMETER stop "<|eot_id|>"' in text
+
+
+def _cli_has_export() -> bool:
+    from kalmkg.cli import app
+
+    return any((c.name or c.callback.__name__) == "export" for c in app.registered_commands)
+
+
+@pytest.mark.skipif(not _cli_has_export(), reason="the `kalmkg export` command is not in kalmkg/cli.py yet")
+def test_cli_export_prints_json_and_reports_bad_input_as_kalmkg_error(trained_ws):
+    from typer.testing import CliRunner
+
+    from kalmkg.cli import app
+
+    bad = CliRunner().invoke(app, ["-w", str(trained_ws.root), "export", "--quant", "Q3"])
+    assert isinstance(bad.exception, KalmkgError) and "Q4_K_M" in str(bad.exception)
+    ok = CliRunner().invoke(app, ["-w", str(trained_ws.root), "export", "--run", "r", "-q", "f16", "--name", "cli",
+                                  "--json"], catch_exceptions=False)
+    assert ok.exit_code == 0, ok.output
+    data = json.loads(ok.stdout)
+    assert data["path"] == str(trained_ws.models_dir / "cli.gguf") and data["quant"] == "F16"
+    assert data["verification"]["min_cosine"] >= 0.99 and set(data["seconds"]) == set(STAGES)
+
+
+# ------------------------------------------------------------------------------------ the embedded model
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_run_exports_to_q8_0(tmp_path):
+    import time
+
+    from kalmkg.train import TrainConfig, train
+
+    ws = _sample_workspace(tmp_path / "ws")
+    train(ws, TrainConfig(max_steps=2, batch_size=4, lora_layers=2, max_entity_tokens=12, eval_limit=5),
+          run_id="smol")
+    start = time.perf_counter()
+    result = export_run(ws, "smol", None, None, True)
+    seconds = time.perf_counter() - start
+    assert result.quant == "Q8_0" and result.min_cosine >= 0.99
+    assert result.verification.tokenizer_match and result.verification.first_token_match
+    assert 100e6 < result.size_bytes < 200e6  # 135M parameters at 8.5 bits
+    meta = read_gguf_metadata(result.path)
+    assert meta["kalmkg.run_id"] == "smol" and meta["kalmkg.base.name"] == "SmolLM2-135M-Instruct"
+    print(f"\nSmolLM2-135M Q8_0 export: {seconds:.1f}s {result.seconds}, {result.size_bytes / 1e6:.1f} MB, "
+          f"min cosine {result.min_cosine:.5f}, greedy {'same' if result.verification.greedy_match else 'differs'}")

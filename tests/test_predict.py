@@ -1,0 +1,263 @@
+"""Names to ids (`kalmkg.names`: misses with suggestions, ambiguity, relation forms) and link prediction
+(`kalmkg.predict`) on a tiny trained run: both directions, the "known" mark, --filter-known, JSON."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers_graph import PREFIXES, SAMPLE_TTL, ingest_into, write
+from kalmkg.errors import KalmkgError
+from kalmkg.store import Store
+from kalmkg.workspace import Workspace
+
+KG = "http://example.org/kg/"
+TTL = PREFIXES.replace("http://x.org/", KG)
+
+
+@pytest.fixture(scope="module")
+def names_ws(tmp_path_factory) -> Workspace:
+    """The sample graph plus two entities labelled "Springfield", a "Parisii" and two relations that share
+    a label."""
+    root = tmp_path_factory.mktemp("names") / "ws"
+    extra = write(root.parent / "extra.ttl", TTL + """
+ex:Springfield_IL rdfs:label "Springfield"@en ; rdfs:comment "The capital of Illinois."@en .
+ex:Springfield_MA rdfs:label "Springfield"@en ; rdfs:comment "A city in Massachusetts."@en .
+ex:Parisii rdfs:label "Parisii"@en ; rdfs:comment "A Gallic tribe."@en .
+ex:Springfield_IL ex:twin ex:Springfield_MA .
+<http://other.org/twin> rdfs:label "twin town"@en .
+ex:twin rdfs:label "twin town"@en .
+ex:Parisii <http://other.org/twin> ex:Springfield_MA .
+""")
+    ingest_into(root, [SAMPLE_TTL, extra])
+    return Workspace(root)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model) -> Path:
+    from kalmkg.index import embed
+    from kalmkg.run_model import load_model
+    from kalmkg.split import split_store
+    from kalmkg.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("predict") / "ws"
+    ingest_into(root, [SAMPLE_TTL])
+    ws = Workspace(root)
+    with Store.open(ws, write=True) as store:
+        split_store(store, 0.1, 0.1, seed=0)
+    train(ws, TrainConfig(base=str(tiny_model), batch_size=8, max_steps=2, precision="fp32", eval_limit=10,
+                          checkpoint_every=2, eval_every=2, patience=0), run_id="r")
+    embed(ws, load_model(ws))
+    return root
+
+
+@pytest.fixture(scope="module")
+def predictor(trained):
+    from kalmkg.predict import Predictor
+
+    return Predictor.open(Workspace(trained))
+
+
+# --------------------------------------------------------------------------------------------- names
+def resolve(ws, kind, name):
+    from kalmkg.names import resolve_entity, resolve_relation
+
+    with Store.open(ws) as store:
+        return (resolve_entity if kind == "entity" else resolve_relation)(store, name)
+
+
+@pytest.mark.parametrize("name", ["Paris", "paris", "PARIS", KG + "Paris", "  Paris "])
+def test_entity_by_label_or_key_case_insensitive(names_ws, name):
+    ref = resolve(names_ws, "entity", name)
+    assert (ref.key, ref.label) == (KG + "Paris", "Paris")
+
+
+def test_entity_by_local_name(names_ws):
+    assert resolve(names_ws, "entity", "Springfield_IL").key == KG + "Springfield_IL"
+    assert resolve(names_ws, "entity", "united_kingdom").key == KG + "United_Kingdom"
+
+
+def test_entity_miss_suggests_the_closest_names(names_ws):
+    with pytest.raises(KalmkgError) as err:
+        resolve(names_ws, "entity", "Pari")
+    assert str(err.value) == "no entity 'Pari'; did you mean: Paris, Parisii?"
+    with pytest.raises(KalmkgError, match=r"^no entity 'Grmany'; did you mean: Germany"):
+        resolve(names_ws, "entity", "Grmany")
+    with pytest.raises(KalmkgError, match=r"^no entity 'qqqzzz' \(try `kalmkg entities 'qqqzzz'`\)$"):
+        resolve(names_ws, "entity", "qqqzzz")
+
+
+def test_ambiguous_entity_lists_candidates_with_keys(names_ws):
+    with pytest.raises(KalmkgError) as err:
+        resolve(names_ws, "entity", "springfield")
+    message = str(err.value)
+    assert message.startswith("entity 'springfield' is ambiguous: 2 entities match: ")
+    assert f"{KG}Springfield_IL (Springfield, The capital of Illinois.)" in message
+    assert f"{KG}Springfield_MA (Springfield, A city in Massachusetts.)" in message
+    assert message.endswith("give the key instead") and "\n" not in message
+    assert resolve(names_ws, "entity", KG + "Springfield_MA").label == "Springfield"
+
+
+@pytest.mark.parametrize("name", ["capital of", "Capital Of", "capital_of", KG + "capital_of", "CAPITAL_OF"])
+def test_relation_by_label_key_or_local_name(names_ws, name):
+    ref = resolve(names_ws, "relation", name)
+    assert (ref.key, ref.label) == (KG + "capital_of", "capital of")
+
+
+def test_relation_miss_and_ambiguity(names_ws):
+    with pytest.raises(KalmkgError, match=r"^no relation 'capitol of'; did you mean: capital of\?$"):
+        resolve(names_ws, "relation", "capitol of")
+    with pytest.raises(KalmkgError, match=r"^no relation 'zzz'; the graph's relations: "):
+        resolve(names_ws, "relation", "zzz")
+    with pytest.raises(KalmkgError) as err:
+        resolve(names_ws, "relation", "twin town")
+    message = str(err.value)
+    assert message.startswith("relation 'twin town' is ambiguous: 2 relations match: ")
+    assert f"{KG}twin (twin town)" in message and "http://other.org/twin (twin town)" in message
+    assert resolve(names_ws, "relation", "http://other.org/twin").key == "http://other.org/twin"
+
+
+@pytest.mark.parametrize("words, message", [
+    (("Paris", "capital of", "France"), "exactly one '?'"),
+    (("?", "capital of", "?"), "exactly one '?'"),
+    (("Paris", "?", "France"), "relation prediction is not supported"),
+])
+def test_query_shape_errors(words, message):
+    from kalmkg.predict import parse_query
+
+    with pytest.raises(KalmkgError, match=message):
+        parse_query(*words)
+
+
+# --------------------------------------------------------------------------------------------- predict
+def graph_answers(ws: Workspace, entity: str, relation: str, direction: str) -> set[str]:
+    with Store.open(ws) as store:
+        rows = store.con.execute(
+            f"""SELECT {'t' if direction == 'tail' else 'h'}.key FROM triples x
+                JOIN entities h ON h.id = x.head JOIN entities t ON t.id = x.tail JOIN relations r ON r.id = x.relation
+                WHERE {'h' if direction == 'tail' else 't'}.key = ? AND r.key = ?""", [entity, relation]).fetchall()
+    return {r[0] for r in rows}
+
+
+def test_tail_prediction_ranks_every_entity_by_the_hr_view(trained, predictor):
+    from kalmkg.predict import predict
+    from kalmkg.verbalize import hr_view
+
+    ws = Workspace(trained)
+    n = len(predictor.loaded.entity_keys)
+    result = predict(ws, "Paris", "capital_of", "?", k=n, predictor=predictor)
+    assert result.direction == "tail" and result.entity.key == KG + "Paris"
+    assert [c.rank for c in result.candidates] == list(range(1, n + 1))
+    scores = [c.score for c in result.candidates]
+    assert scores == sorted(scores, reverse=True)
+
+    # the same ranking by hand: the query's hr view against the index's vectors
+    texts = predictor.loaded.texts
+    paris = result.entity.id
+    q = predictor.encoder.encode([hr_view(texts.entities[paris], "capital of")], 1)[0]
+    expected = predictor.index.vectors() @ q
+    got = {c.id: c.score for c in result.candidates}
+    np.testing.assert_allclose([got[i] for i in range(n)], expected, atol=1e-5)
+    assert {c.key for c in result.candidates if c.known} == graph_answers(ws, KG + "Paris", KG + "capital_of",
+                                                                          "tail") == {KG + "France"}
+
+
+def test_head_prediction_is_tail_prediction_of_the_inverse_relation(trained, predictor):
+    from kalmkg.predict import predict
+    from kalmkg.verbalize import hr_view
+
+    ws = Workspace(trained)
+    result = predict(ws, "?", "member of", "European Union", k=5, predictor=predictor)
+    assert result.direction == "head" and len(result.candidates) == 5
+    assert predictor.query_text(result.entity.id, result.relation.id, "head") == \
+        hr_view(predictor.loaded.texts.entities[result.entity.id], "inverse of member of")
+    q = predictor.encoder.encode([predictor.query_text(result.entity.id, result.relation.id, "head")], 1)
+    ids, _ = predictor.index.search(q, 5)
+    assert [c.id for c in result.candidates] == ids[0].tolist()
+    known = graph_answers(ws, KG + "European_Union", KG + "member_of", "head")
+    assert len(known) == 7
+    assert all(c.known == (c.key in known) for c in result.candidates)
+
+
+def test_filter_known_hides_triples_already_in_the_graph(trained, predictor):
+    from kalmkg.predict import predict
+
+    ws = Workspace(trained)
+    n = len(predictor.loaded.entity_keys)
+    known = graph_answers(ws, KG + "France", KG + "located_in", "head")
+    everything = predict(ws, "?", "located_in", "France", k=n, predictor=predictor)
+    assert {c.key for c in everything.candidates if c.known} == known
+    new_only = predict(ws, "?", "located_in", "France", k=10, filter_known=True, predictor=predictor)
+    assert new_only.hidden_known == len(known)
+    assert not any(c.known for c in new_only.candidates) and len(new_only.candidates) == 10
+    assert [c.key for c in new_only.candidates] == [c.key for c in everything.candidates if not c.known][:10]
+
+
+def test_one_entity_text_is_cut_exactly_as_training_cut_all_of_them(trained):
+    from kalmkg.dataset import load_texts
+    from kalmkg.run_model import load_model
+
+    ws = Workspace(trained)
+    loaded = load_model(ws)
+    with Store.open(ws) as store:
+        reference = load_texts(store.entity_table(), store.relation_table(), loaded.tokenizer, loaded.max_entity_tokens)
+    ids = list(range(len(loaded.raw_texts)))
+    assert sum(a != b for a, b in zip(reference.entities, loaded.raw_texts)) > 10  # the cut matters here
+    assert [loaded.entity_text(i) for i in ids[:20]] == reference.entities[:20]
+    assert loaded.entity_texts(ids[::-1]) == reference.entities[::-1]
+    assert loaded._texts is None  # none of that cut every text
+    assert loaded.texts.entities == reference.entities and loaded.texts.relations == reference.relations
+
+
+def test_prediction_json_is_plain_data(trained, predictor):
+    from kalmkg.predict import predict
+
+    result = predict(Workspace(trained), "Paris", "capital of", "?", k=3, predictor=predictor)
+    data = json.loads(json.dumps(result.to_json()))
+    assert data["query"] == ["Paris", "capital of", "?"] and data["direction"] == "tail"
+    assert data["model"] == "run:r" and data["entity"]["key"] == KG + "Paris"
+    assert data["relation"] == {"id": result.relation.id, "key": KG + "capital_of", "label": "capital of"}
+    assert [set(r) for r in data["results"]] == [{"rank", "id", "key", "label", "score", "known"}] * 3
+    assert set(data["timing_ms"]) == {"encode", "search"}
+
+
+def test_predict_loads_run_and_index_and_fails_on_names_before_loading(trained, tmp_path, monkeypatch):
+    from kalmkg import run_model
+    from kalmkg.predict import predict
+
+    ws = Workspace(trained)
+    result = predict(ws, "Berlin", "capital of", "?", k=2)  # the whole path: store, model, index
+    assert result.model == "run:r" and len(result.candidates) == 2
+
+    def no_model(*a, **k):
+        raise AssertionError("the model must not load for a bad name")
+
+    monkeypatch.setattr(run_model, "load_model", no_model)
+    with pytest.raises(KalmkgError, match="no entity 'Berln'; did you mean: Berlin"):
+        predict(ws, "Berln", "capital of", "?")
+    with pytest.raises(KalmkgError, match="no relation 'capitl of'"):
+        predict(ws, "Berlin", "capitl of", "?")
+
+
+def test_predict_refuses_a_stale_index(trained, tmp_path):
+    from kalmkg.predict import predict
+
+    copy = tmp_path / "ws"
+    shutil.copytree(trained, copy)
+    ws = Workspace(copy)
+    ingest_into(copy, [write(tmp_path / "x.ttl", TTL + 'ex:Berlin rdfs:comment "Capital of Germany."@en .\n')])
+    with pytest.raises(KalmkgError, match=r"stale.*1 changed.*run `kalmkg embed`"):
+        predict(ws, "Berlin", "capital of", "?")
+
+
+def test_gguf_backend_is_an_extension_point_for_now(trained, predictor):
+    from kalmkg.run_model import make_encoder
+
+    with pytest.raises(KalmkgError, match="gguf backend needs a GGUF export of r"):
+        make_encoder(predictor.loaded, "gguf")
+    with pytest.raises(KalmkgError, match="unknown backend 'onnx'"):
+        make_encoder(predictor.loaded, "onnx")
