@@ -20,7 +20,8 @@ What is measured, and the shortcuts taken:
 - Cold CLI: `python -m kalmkg predict ...` in a fresh process (imports, model and index load, one
   query). Until the `predict` command is registered in cli.py, the same library call in a fresh
   process stands in for it (labelled so).
-- The GGUF backend column is added once `kalmkg export` exists (pass `--backend gguf` then).
+- GGUF backend: the embedded SmolLM2 *is* a GGUF (Q4_1), so its row runs that file through llama.cpp
+  (LLAMA_POOLING_TYPE_LAST) against the same index; for a trained run it needs `kalmkg export`.
 
 Queries are WN18RR train triples (fixed seed), half tail, half head prediction. The workspace is
 cached in bench/_work/ so a second run skips ingest and index building.
@@ -98,60 +99,71 @@ def sample_queries(ws, n: int, seed: int = 0) -> list[tuple[int, int, str]]:
 
 
 def warm(args, root: Path) -> list[dict]:
-    """p50/p95 of in-process queries: kalmkg's path, and the LanceDB flat-scan baseline."""
+    """p50/p95 of in-process queries per backend, and the LanceDB flat-scan baseline."""
     import torch
 
+    from kalmkg.errors import KalmkgError
     from kalmkg.predict import Predictor
+    from kalmkg.run_model import make_encoder
     from kalmkg.workspace import Workspace
 
     torch.set_num_threads(args.threads)
     ws = Workspace(root)
     t0 = time.perf_counter()
-    predictor = Predictor.open(ws, base=args.base, backend=args.backend, device="cpu")
+    predictor = Predictor.open(ws, base=args.base, backend="torch", device="cpu")
     predictor.index.vectors()  # read once, as the first query would
     open_s = time.perf_counter() - t0
     queries = sample_queries(ws, args.queries + args.warmup)
+    encoders = {"torch": predictor.encoder}
+    try:
+        encoders["gguf"] = make_encoder(predictor.loaded, "gguf", n_threads=args.threads)
+    except KalmkgError as e:
+        print(f"gguf backend skipped: {e}", file=sys.stderr)
 
-    def timed(search) -> dict:
+    def timed(encoder, search) -> dict:
         total, enc, srch = [], [], []
         for i, (e, r, direction) in enumerate(queries):
             t0 = time.perf_counter()
-            q = predictor.encoder.encode([predictor.query_text(e, r, direction)], 1)
+            q = encoder.encode([predictor.query_text(e, r, direction)], 1)
             t1 = time.perf_counter()
             search(q)
             t2 = time.perf_counter()
             if i >= args.warmup:
                 total.append(t2 - t0), enc.append(t1 - t0), srch.append(t2 - t1)
-        ms = lambda xs, p: 1000 * float(np.percentile(xs, p))  # noqa: E731
-        return {"p50": ms(total, 50), "p95": ms(total, 95), "encode_p50": ms(enc, 50), "search_p50": ms(srch, 50),
-                "n": len(total)}
+        return {"p50": _ms(total, 50), "p95": _ms(total, 95), "encode_p50": _ms(enc, 50),
+                "search_p50": _ms(srch, 50), "n": len(total)}
+
+    def full_query(encoder) -> dict:
+        predictor.encoder = encoder
+        t = []
+        for i, (e, r, direction) in enumerate(queries):
+            t0 = time.perf_counter()
+            predictor.query(e, r, direction, args.k)
+            if i >= args.warmup:
+                t.append(time.perf_counter() - t0)
+        return {"p50": _ms(t, 50), "p95": _ms(t, 95), "encode_p50": None, "search_p50": None, "n": len(t)}
 
     table = predictor.index.table
 
     def lance_flat(q):
         table.search(q[0]).distance_type("cosine").limit(args.k).select(["id", "_distance"]).to_arrow()
 
-    rows = [
-        {"path": f"kalmkg ({args.backend}): encode + exact in-memory search", **timed(
-            lambda q: predictor.index.search(q, args.k))},
-        {"path": f"baseline ({args.backend}): encode + LanceDB flat scan", **timed(lance_flat)},
-    ]
-    # and the full Predictor.query (names already resolved): what `predict` does per query
-    t = []
-    for i, (e, r, direction) in enumerate(queries):
-        t0 = time.perf_counter()
-        predictor.query(e, r, direction, args.k)
-        if i >= args.warmup:
-            t.append(time.perf_counter() - t0)
-    rows.insert(1, {"path": f"kalmkg ({args.backend}): Predictor.query (+ known marks)",
-                    "p50": 1000 * float(np.percentile(t, 50)), "p95": 1000 * float(np.percentile(t, 95)),
-                    "encode_p50": None, "search_p50": None, "n": len(t)})
+    rows = []
+    for name, encoder in encoders.items():
+        rows.append({"path": f"kalmkg {name}: encode + exact in-memory search",
+                     **timed(encoder, lambda q: predictor.index.search(q, args.k))})
+        rows.append({"path": f"kalmkg {name}: Predictor.query (+ known marks)", **full_query(encoder)})
+    rows.append({"path": "baseline torch: encode + LanceDB flat scan", **timed(encoders["torch"], lance_flat)})
     for r in rows:
         r["open_s"] = open_s
     return rows
 
 
-def cold(args, root: Path) -> dict:
+def _ms(xs, p) -> float:
+    return 1000 * float(np.percentile(xs, p))
+
+
+def cold(args, root: Path, backend: str) -> dict:
     """Wall time of fresh processes answering one query."""
     from kalmkg.cli import app
     from kalmkg.store import Store
@@ -163,14 +175,14 @@ def cold(args, root: Path) -> dict:
     registered = any((c.name or c.callback.__name__) == "predict" for c in app.registered_commands)
     if registered:
         cmd = [sys.executable, "-m", "kalmkg", "-w", str(root), "predict", ents[e], rels[r], "?", "-k", str(args.k),
-               "--base", args.base, "--backend", args.backend, "--json"]
-        label = "cold CLI: python -m kalmkg predict ... --json"
+               "--base", args.base, "--backend", backend, "--json"]
+        label = f"cold CLI {backend}: python -m kalmkg predict ... --json"
     else:
         code = ("import sys, json; from kalmkg.predict import predict; from kalmkg.workspace import Workspace; "
                 "r = predict(Workspace.resolve(sys.argv[1]), sys.argv[2], sys.argv[3], '?', k=int(sys.argv[4]), "
                 "base=sys.argv[5], backend=sys.argv[6]); print(json.dumps(r.to_json()))")
-        cmd = [sys.executable, "-c", code, str(root), ents[e], rels[r], str(args.k), args.base, args.backend]
-        label = "cold process, library call (`predict` not yet registered in cli.py)"
+        cmd = [sys.executable, "-c", code, str(root), ents[e], rels[r], str(args.k), args.base, backend]
+        label = f"cold process {backend} (library call; `predict` not in cli.py yet)"
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "OMP_NUM_THREADS": str(args.threads)}
     times = []
@@ -188,12 +200,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--graph", default=str(DEFAULT_GRAPH))
     parser.add_argument("--base", default="smollm2-135m")
-    parser.add_argument("--backend", default="torch", choices=["torch", "gguf"])
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--cold-runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="torch and llama.cpp threads [default: half the logical cores]")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--encode-entities", action="store_true",
                         help="Encode every entity with the model instead of random unit vectors.")
@@ -205,7 +217,9 @@ def main() -> None:
 
     root = prepare(args)
     rows = warm(args, root)
-    cold_row = cold(args, root) if args.cold_runs > 0 else None
+    backends = ["torch"] + (["gguf"] if any(r["path"].startswith("kalmkg gguf") for r in rows) else [])
+    cold_rows = [cold(args, root, b) for b in backends] if args.cold_runs > 0 else []
+
     from kalmkg.store import Store
     from kalmkg.workspace import Workspace
 
@@ -213,7 +227,7 @@ def main() -> None:
     with Store.open(Workspace(root)) as store:
         n_ent = store.stats()["entities"]
     print(f"graph {Path(args.graph).name} ({n_ent:,} entities), base {args.base}, top-{args.k}, "
-          f"{rows[0]['n']} warm queries after {args.warmup} warm-up, {args.threads} torch threads, "
+          f"{rows[0]['n']} warm queries after {args.warmup} warm-up, {args.threads} threads, "
           f"load average {load:.1f}; Predictor.open {rows[0]['open_s']:.1f} s")
     header = f"{'path':<58}{'p50 ms':>9}{'p95 ms':>9}{'encode p50':>12}{'search p50':>12}"
     print(header)
@@ -221,11 +235,10 @@ def main() -> None:
     fmt = lambda x: f"{x:.1f}" if x is not None else "-"  # noqa: E731
     for r in rows:
         print(f"{r['path']:<58}{r['p50']:>9.1f}{r['p95']:>9.1f}{fmt(r['encode_p50']):>12}{fmt(r['search_p50']):>12}")
-    if args.backend == "torch":
-        print(f"{'gguf: encode + exact in-memory search':<58}{'(needs kalmkg export)':>42}")
-    if cold_row:
-        print(f"{cold_row['path']:<58}{'median ' + format(cold_row['median_s'], '.2f') + ' s':>18} "
-              f"over {cold_row['runs']} runs")
+    if "gguf" not in backends:
+        print(f"{'kalmkg gguf: encode + exact in-memory search':<58}{'(needs a GGUF: kalmkg export)':>42}")
+    for c in cold_rows:
+        print(f"{c['path']:<58}{'median ' + format(c['median_s'], '.2f') + ' s':>18} over {c['runs']} runs")
 
 
 if __name__ == "__main__":

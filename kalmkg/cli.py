@@ -7,6 +7,7 @@ so `kalmkg --help` stays fast.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -303,6 +304,7 @@ def train(
     log_every: int = typer.Option(10, "--log-every", rich_help_panel="Run"),
     run_name: Optional[str] = typer.Option(None, "--run-name", help="Run folder name under runs/ [default: time + base].", rich_help_panel="Run"),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue a killed run (its id, or 'latest') exactly where it stopped.", rich_help_panel="Run"),
+    embed_after: bool = typer.Option(True, "--embed/--no-embed", help="Encode every entity into the index at the end (for predict).", rich_help_panel="Run"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and the first batch's texts, then stop.", rich_help_panel="Run"),
 ) -> None:
     """Fine-tune a causal LLM on the graph with KaLM (contrastive views + triple completion, LoRA).
@@ -352,6 +354,9 @@ def train(
     best = f"best valid MRR {result.best_metric:.4f}" if result.best_metric is not None else "no valid split"
     console.print(f"run {result.run_id}: {result.steps} steps, {best}"
                   f"{' (stopped early)' if result.stopped_early else ''} -> {result.run_dir}")
+    # The main process builds the entity index for predict (other torchrun processes just end).
+    if embed_after and (result.run_dir / "adapter").is_dir() and os.environ.get("RANK", "0") == "0":
+        _embed_after_training(ctx.obj, result.run_id, device)
 
 
 def _print_dry_run(info: dict) -> None:
@@ -403,6 +408,252 @@ class _TrainBar:
 
     def stop(self) -> None:
         pass
+
+
+# --------------------------------------------------------------------------- embed, predict, evaluate
+class _CountBar:
+    """Rich progress over counts (entities, queries), one line per stage; silent when quiet or not a terminal."""
+
+    def __init__(self, console, quiet: bool = False):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.progress = Progress(
+            TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), console=console, disable=quiet or not console.is_terminal, transient=True,
+        )
+        self.tasks: dict = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def stage(self, name: str, done: int, total: int) -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(name, total=total)
+        self.progress.update(self.tasks[name], completed=done, total=total)
+
+
+def _load_for_command(workspace, run, base, device, console):
+    """The run's (or base's) model; its warnings go to stderr as one line each."""
+    from kalmkg.run_model import load_model
+
+    loaded = load_model(workspace, run=run, base=base, device=device)
+    for warning in loaded.warnings:
+        console.print(f"warning: {warning}", style="yellow", soft_wrap=True)
+    return loaded
+
+
+def _embed_after_training(workspace, run_id: str, device: str) -> None:
+    from kalmkg.index import embed as run_embed
+
+    console = _console(stderr=True)
+    loaded = _load_for_command(workspace, run_id, None, device, console)
+    with _CountBar(console) as bar:
+        result = run_embed(workspace, loaded, progress=lambda d, t: bar.stage("embedding", d, t))
+    _console().print(f"entity index: {result.total:,} entities ({result.encoded:,} encoded) -> {workspace.vectors_dir}")
+
+
+# --------------------------------------------------------------------------- embed
+@app.command()
+def embed(
+    ctx: typer.Context,
+    run: Optional[str] = typer.Option(None, "--run", "-r", help="Run id. [default: the latest run]"),
+    base: Optional[str] = typer.Option(None, "--base", "-b", help="Embed with an untrained base model instead (a baseline): smollm2-135m, a folder, a .gguf, a hub id."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Entities per forward pass."),
+    full: bool = typer.Option(False, "--full", help="Re-encode every entity, not only new or changed ones."),
+    ann_threshold: int = typer.Option(100_000, "--ann-threshold", help="Build an ANN index (IVF-HNSW-SQ, cosine) from this many entities; exact search below."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Encode every entity (as a tail view) into the workspace's vector index, for predict and evaluate.
+
+    Incremental: after `kalmkg ingest`, only entities that are new or whose text changed are encoded.
+    Another run (or --base) re-encodes everything. An index that does not fit the model or the graph
+    is never searched: predict says to run `kalmkg embed`.
+
+    \b
+    Examples:
+      kalmkg embed
+      kalmkg embed --run 20250101-120000-smollm2-135m --batch-size 128
+      kalmkg embed --full
+      kalmkg embed --base smollm2-135m        # the untrained baseline's vectors
+    """
+    from kalmkg.index import embed as run_embed
+
+    if batch_size < 1:
+        raise KalmkgError("--batch-size must be at least 1")
+    console = _console(stderr=True)
+    loaded = _load_for_command(ctx.obj, run, base, device, console)
+    with _CountBar(console, quiet=as_json) as bar:
+        result = run_embed(ctx.obj, loaded, batch_size=batch_size, full=full, ann_threshold=ann_threshold,
+                           progress=lambda d, t: bar.stage("embedding", d, t))
+    summary = {"model": loaded.fingerprint, "encoded": result.encoded, "unchanged": result.unchanged,
+               "removed": result.removed, "entities": result.total, "rebuilt": result.rebuilt, "ann": result.ann,
+               "dim": result.dim, "seconds": round(result.seconds, 3),
+               "encode_seconds": round(result.encode_seconds, 3), "path": str(ctx.obj.vectors_dir)}
+    if as_json:
+        _print_json(summary)
+        return
+    what = "all re-encoded" if result.rebuilt else f"{result.encoded:,} new or changed, {result.unchanged:,} unchanged"
+    rate = f", {result.encoded / result.encode_seconds:,.0f} entities/s" if result.encode_seconds > 0 else ""
+    search = f"ANN index {result.ann}" if result.ann else "exact search"
+    _console().print(f"{loaded.fingerprint}: {result.total:,} entities ({what}) in {result.seconds:.1f} s{rate}; "
+                     f"{result.dim}-dim, {search} -> {ctx.obj.vectors_dir}")
+
+
+# --------------------------------------------------------------------------- predict
+@app.command()
+def predict(
+    ctx: typer.Context,
+    head: str = typer.Argument(..., help="Head entity (key, label or local name), or '?' to predict heads."),
+    relation: str = typer.Argument(..., help="Relation: key, label or local name (capital_of)."),
+    tail: str = typer.Argument(..., help="Tail entity, or '?' to predict tails."),
+    k: int = typer.Option(10, "-k", "--top", help="How many entities to list."),
+    filter_known: bool = typer.Option(False, "--filter-known", help="Hide answers the graph already has (show only new links)."),
+    run: Optional[str] = typer.Option(None, "--run", "-r", help="Run id. [default: the latest run]"),
+    base: Optional[str] = typer.Option(None, "--base", "-b", help="Use an untrained base model (needs `kalmkg embed --base` first)."),
+    backend: str = typer.Option("torch", "--backend", help="torch, or gguf (the run's `kalmkg export` through llama.cpp)."),
+    gguf: Optional[str] = typer.Option(None, "--gguf", help="With --backend gguf: which export (models/<name>.gguf). [default: the run's newest]"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps (one query: the CPU is usually fastest to start)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Rank every entity for the open slot of HEAD RELATION ? or ? RELATION TAIL.
+
+    Names resolve through the store: key, label or local name, case-insensitive. Quote '?' so the
+    shell does not expand it. Head prediction asks the model the inverse query ("inverse of RELATION").
+    Entities already linked in the graph are marked known.
+
+    \b
+    Examples:
+      kalmkg predict Paris capital_of '?'
+      kalmkg predict '?' "capital of" France -k 5
+      kalmkg predict "Marie Curie" "field of work" '?' --filter-known
+      kalmkg predict Paris capital_of '?' --backend gguf      # after `kalmkg export`
+      kalmkg predict http://example.org/kg/Berlin capital_of '?' --json | jq '.results[0]'
+    """
+    from kalmkg.predict import predict as run_predict
+
+    result = run_predict(ctx.obj, head, relation, tail, k=k, filter_known=filter_known, run=run, base=base,
+                         backend=backend, device=device, gguf=gguf)
+    if as_json:
+        _print_json(result.to_json())
+        return
+    console = _console()
+    for warning in result.warnings:
+        _console(stderr=True).print(f"warning: {warning}", style="yellow", soft_wrap=True)
+    from rich.table import Table
+
+    query = result.to_json()["query"]
+    title = " ".join(f"[bold]{w}[/bold]" if w == "?" else w for w in query)
+    table = Table(title=f"{title}   ({result.model})", title_justify="left")
+    for col, just in (("#", "right"), ("entity", "left"), ("key", "left"), ("score", "right"), ("known", "center")):
+        table.add_column(col, justify=just, overflow="fold")
+    for c in result.candidates:
+        table.add_row(str(c.rank), c.label, c.key, f"{c.score:.4f}", "✓" if c.known else "",
+                      style="dim" if c.known else None)
+    notes = [f"{result.hidden_known:,} known answers hidden" if filter_known else "✓ = already in the graph",
+             f"encode {result.encode_ms:.0f} ms, search {result.search_ms:.0f} ms"]
+    table.caption = "; ".join(notes)
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- evaluate
+@app.command()
+def evaluate(
+    ctx: typer.Context,
+    split: str = typer.Option("test", "--split", help="valid or test."),
+    limit: int = typer.Option(0, "--limit", help="Evaluate a fixed-seed sample of N triples (0: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
+    run: Optional[str] = typer.Option(None, "--run", "-r", help="Run id. [default: the latest run]"),
+    base: Optional[str] = typer.Option(None, "--base", "-b", help="Evaluate an untrained base model (the baseline): smollm2-135m, a folder, a .gguf, a hub id."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Texts per forward pass."),
+    no_index: bool = typer.Option(False, "--no-index", help="Encode the entities here even when the entity index is fresh."),
+    generative: bool = typer.Option(False, "--generative", help="Generation-based evaluation instead: tail, head and relation prediction and triple classification (3-shot, greedy), the run beside its untrained base."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Filtered link-prediction metrics (MR, MRR, Hits@1/3/10) for tail, head and both, as the paper does.
+
+    Every entity is ranked for every query by exact search; other known answers (train/valid/test)
+    are removed; ties count as the mean of the best and worst rank (PyKEEN's realistic rank); head
+    prediction is tail prediction of the inverse query. Entity vectors come from the index when it
+    is fresh (`kalmkg embed`), else they are encoded first. Writes eval-<split>.json and
+    predictions-<split>.jsonl into runs/<id>/ (for --base: <workspace>/evals/base-<name>/).
+
+    \b
+    Examples:
+      kalmkg evaluate
+      kalmkg evaluate --split valid --limit 500
+      kalmkg evaluate --base smollm2-135m --limit 500    # the untrained baseline
+      kalmkg evaluate --json | jq .metrics.both
+      kalmkg evaluate --generative --limit 100     # the run beside its base
+    """
+    from kalmkg.evaluation import evaluate_run
+
+    if limit < 0:
+        raise KalmkgError("--limit must be 0 (all) or a positive number of triples")
+    if generative:
+        if base is not None:
+            raise KalmkgError("--generative evaluates a run beside its own base; drop --base (use --run)")
+        _evaluate_generative(ctx.obj, run, split, limit, seed, device, as_json)
+        return
+    console = _console(stderr=True)
+    with _CountBar(console, quiet=as_json) as bar:
+        out = evaluate_run(ctx.obj, run=run, base=base, split=split, limit=limit, seed=seed, batch_size=batch_size,
+                           device=device, use_index=not no_index, progress=bar.stage)
+    for warning in out.get("warnings", []):
+        console.print(f"warning: {warning}", style="yellow", soft_wrap=True)
+    if as_json:
+        _print_json(out)
+        return
+    from rich.table import Table
+
+    m, t = out["metrics"], out["timing"]
+    sample = f", sample of {out['triples']:,} (seed {seed})" if limit else ""
+    table = Table(title=f"{out['model']} on {split}: {out['triples']:,} triples x 2 directions, "
+                        f"{out['entities']:,} entities{sample}", title_justify="left")
+    for col in ("", "MRR", "Hits@1", "Hits@3", "Hits@10", "MR", "queries"):
+        table.add_column(col, justify="left" if not col else "right")
+    for direction in ("tail", "head", "both"):
+        s = m[direction]
+        table.add_row(direction, f"{s['mrr']:.4f}", f"{s['hits@1']:.4f}", f"{s['hits@3']:.4f}", f"{s['hits@10']:.4f}",
+                      f"{s['mr']:.1f}", f"{s['count']:,}", style="bold" if direction == "both" else None)
+    vectors = "from the index" if t["entity_vectors"] == "index" else f"encoded in {t['entity_encoding_s']:.1f} s"
+    table.caption = (f"entity vectors {vectors}; queries encoded in {t['query_encoding_s']:.1f} s, "
+                     f"ranked in {t['ranking_s']:.2f} s -> {out['eval_path']}")
+    _console().print(table)
+    if out.get("index_not_used") and not no_index and t["entity_vectors"] != "index":
+        console.print(f"note: entity index not used: {out['index_not_used']}", style="dim", soft_wrap=True)
+
+
+def _evaluate_generative(workspace, run, split, limit, seed, device, as_json) -> None:
+    from kalmkg.generative import TASKS, evaluate_generative
+
+    console = _console(stderr=True)
+    with _CountBar(console, quiet=as_json) as bar:
+        out = evaluate_generative(workspace, run=run, split=split, limit=limit, seed=seed, device=device,
+                                  progress=bar.stage)
+    if as_json:
+        _print_json(out)
+        return
+    from rich.table import Table
+
+    acc = out["accuracy"]
+    table = Table(title=f"{out['model']} on {split}: generative, {out['triples']:,} triples, {out['shots']}-shot, greedy",
+                  title_justify="left")
+    table.add_column("task")
+    for name in acc:
+        table.add_column("untrained base" if name == "base" else "run", justify="right")
+    names = {"tail": "tail prediction", "head": "head prediction", "relation": "relation prediction",
+             "classification": "triple classification"}
+    for task in TASKS:
+        table.add_row(names[task], *[f"{acc[name][task]['accuracy']:.1%}" for name in acc])
+    table.caption = f"accuracy; answers in {out['predictions_path']}"
+    _console().print(table)
 
 
 # --------------------------------------------------------------------------- export

@@ -170,6 +170,10 @@ def embed(workspace: Workspace, loaded, encoder=None, *, batch_size: int = 64, f
             table.delete(f"id >= {n}")
             removed = len(gone)
 
+    if not (rebuild or todo or removed) and meta.get("graph") == graph_hash(hashes) and \
+            (n < ann_threshold or _has_ann(table)):  # up to date: no new table version
+        return EmbedResult(0, n, 0, n, False, _has_ann(table), int(meta.get("dim", 0)),
+                           time.perf_counter() - t_start, 0.0)
     if encoder is None and todo:  # nothing to encode: the weights never load
         from kalmkg.run_model import torch_encoder
 
@@ -238,7 +242,8 @@ def embed(workspace: Workspace, loaded, encoder=None, *, batch_size: int = 64, f
         **base_meta, "dim": str(dim), "graph": graph_hash(hashes), "store": loaded.graph_fingerprint,
         "rows": str(n), "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })})
-    # Old versions hold whole copies after a rebuild; keep the last hour's for readers still on them.
+    # Old versions hold whole copies after a rebuild, and every merge adds small files: compact, and
+    # drop versions older than an hour (a reader that opened one just now keeps its files).
     table.optimize(cleanup_older_than=timedelta(hours=1))
     return EmbedResult(len(todo), n - len(todo), removed, n, rebuild, ann, dim, time.perf_counter() - t_start,
                        encode_s)

@@ -78,10 +78,13 @@ class Predictor:
     @classmethod
     def open(cls, workspace: Workspace, *, run: str | None = None, base: str | None = None,
              backend: str = "torch", device: str = "cpu", loaded=None, encoder=None,
-             triples: np.ndarray | None = None, tables: tuple | None = None) -> "Predictor":
+             triples: np.ndarray | None = None, tables: tuple | None = None, gguf: str | None = None) -> "Predictor":
+        """`gguf` picks one of a run's exports in models/ for the gguf backend (default: the newest)."""
         from kalmkg.index import EntityIndex
-        from kalmkg.run_model import load_model, make_encoder
+        from kalmkg.run_model import BACKENDS, load_model, make_encoder
 
+        if backend not in BACKENDS:
+            raise KalmkgError(f"unknown backend '{backend}'; use one of: {', '.join(BACKENDS)}")
         if triples is None or (loaded is None and tables is None):
             from kalmkg.store import Store
 
@@ -93,7 +96,9 @@ class Predictor:
             loaded = load_model(workspace, run=run, base=base, device=device, tables=tables)
         index = EntityIndex.open(workspace, loaded)  # raises when missing or stale: never search stale vectors
         if encoder is None:
-            encoder = make_encoder(loaded, backend)
+            encoder = make_encoder(loaded, backend, gguf=gguf)
+        if index.ann is None:
+            index.vectors()  # exact search: read the vectors now, not inside the first query's timing
         return cls(loaded, encoder, index, triples)
 
     def known(self, entity_id: int, relation_id: int, direction: str) -> np.ndarray:
@@ -140,13 +145,17 @@ class Predictor:
 
 def predict(workspace: Workspace, head: str, relation: str, tail: str, *, k: int = 10, filter_known: bool = False,
             run: str | None = None, base: str | None = None, backend: str = "torch", device: str = "cpu",
-            predictor: Predictor | None = None) -> PredictionResult:
+            gguf: str | None = None, predictor: Predictor | None = None) -> PredictionResult:
     """Resolve the names, then rank every entity for the open slot. Names are resolved before the model
     loads, so a typo fails in a fraction of a second."""
     from kalmkg.names import resolve_entity, resolve_relation
     from kalmkg.store import Store
 
+    from kalmkg.run_model import BACKENDS
+
     direction, entity_name, relation_name = parse_query(head, relation, tail)
+    if backend not in BACKENDS:  # before any loading
+        raise KalmkgError(f"unknown backend '{backend}'; use one of: {', '.join(BACKENDS)}")
     with Store.open(workspace) as store:
         relation_table = store.relation_table()
         rel = resolve_relation(store, relation_name, relation_table)
@@ -156,5 +165,5 @@ def predict(workspace: Workspace, head: str, relation: str, tail: str, *, k: int
             tables = (store.entity_table(), relation_table, store.fingerprint())
     if predictor is None:
         predictor = Predictor.open(workspace, run=run, base=base, backend=backend, device=device,
-                                   triples=triples, tables=tables)
+                                   triples=triples, tables=tables, gguf=gguf)
     return predictor.query(ent, rel, direction, k, filter_known)

@@ -49,6 +49,7 @@ class LoadedModel:
     relation_labels: list[str] = field(default_factory=list)
     base_spec: str | None = None  # what --base named (an untrained base only)
     latest: bool = False  # the workspace's latest run (what commands pick without --run)
+    gguf: Path | None = None  # a base given as a GGUF file (embedded or .gguf): what the gguf backend runs
     loader: Callable[[], Any] | None = field(default=None, repr=False)
     _model: Any = field(default=None, repr=False)
     _texts: Any = field(default=None, repr=False)
@@ -124,6 +125,7 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
         max_tokens = TrainConfig.max_entity_tokens
         fingerprint, weights, name, rdir = f"base:{resolved.fingerprint}", resolved.fingerprint, resolved.name, None
         latest = False
+        gguf = _base_gguf(resolved)
 
         def loader():
             return load_base(resolved, device=device)[0]
@@ -151,6 +153,7 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
         tokenizer = _tokenizer(str(saved) if saved.is_dir() else resolved.path, rdir.name)
         max_tokens = cfg.max_entity_tokens
         fingerprint, weights, name = f"run:{rdir.name}", files_fingerprint(adapter), rdir.name
+        gguf = None  # a run's GGUF is what `kalmkg export` writes (see make_encoder)
 
         def loader():
             return _load_trained(resolved, adapter, device)
@@ -162,7 +165,18 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
     relations = [relation_text(lbl) for lbl in labels] + [relation_text(lbl, True) for lbl in labels]
     return LoadedModel(tokenizer, raw, relations, fingerprint, weights, name, rdir, max_tokens, graph_fp, device, warnings,
                        entity_table["key"].to_pylist(), entity_table["label"].to_pylist(),
-                       relation_table["key"].to_pylist(), relation_table["label"].to_pylist(), base, latest, loader)
+                       relation_table["key"].to_pylist(), relation_table["label"].to_pylist(),
+                       base, latest, gguf, loader)
+
+
+def _base_gguf(resolved) -> Path | None:
+    if resolved.source == "embedded":
+        from kalmkg.models import _embedded_gguf
+
+        return _embedded_gguf(resolved.spec.lower())
+    if resolved.source == "gguf":
+        return Path(resolved.spec).expanduser()
+    return None
 
 
 def read_tables(workspace: Workspace) -> tuple:
@@ -240,18 +254,57 @@ def torch_encoder(loaded: LoadedModel):
 BACKENDS = ("torch", "gguf")
 
 
-def make_encoder(loaded: LoadedModel, backend: str = "torch"):
+def make_encoder(loaded: LoadedModel, backend: str = "torch", *, n_threads: int | None = None,
+                 gguf: str | Path | None = None):
     """An Encoder (kalmkg.encode) for `loaded` on the chosen backend.
 
-    Extension point for the llama.cpp backend: once `kalmkg export` writes `models/<run>-<quant>.gguf`,
-    the "gguf" branch opens it with pooling LLAMA_POOLING_TYPE_LAST and embeddings on, tokenizes without
-    BOS (as the torch side does: `add_special_tokens=False`) and L2-normalises; it must return vectors
-    of the same width in input order, like TorchEncoder.encode. Index and predict code only call
-    `encode(texts, batch_size)`, so nothing else changes.
+    gguf: an untrained base given as a GGUF (the embedded SmolLM2, a .gguf file) runs from that file; a
+    run from its `kalmkg export` (`gguf` names one of models/, else the newest export of the run).
+    Index, predict and evaluate only call `encode(texts, batch_size)`, so nothing else changes.
     """
     if backend == "torch":
         return torch_encoder(loaded)
     if backend == "gguf":
-        raise KalmkgError(f"the gguf backend needs a GGUF export of {loaded.name} "
-                          "(`kalmkg export`), which does not exist yet; use --backend torch")
+        from kalmkg.encode import GGUFEncoder
+
+        path = loaded.gguf if loaded.is_base else find_export(loaded, gguf)
+        if path is None:
+            raise KalmkgError(f"the gguf backend needs a GGUF: the base {loaded.name} is not one; "
+                              "use --backend torch")
+        return GGUFEncoder(path, loaded.tokenizer, n_threads=n_threads)
     raise KalmkgError(f"unknown backend '{backend}'; use one of: {', '.join(BACKENDS)}")
+
+
+def find_export(loaded: LoadedModel, name: str | Path | None = None) -> Path:
+    """The GGUF `kalmkg export` wrote for the run (models/<name>.gguf with models/<name>.json beside it):
+    the one named, else the newest. Refused when the run's adapter is newer than the file (a resumed run)."""
+    import json
+
+    models = loaded.run_dir.parent.parent / "models"
+    if name is not None:
+        path = Path(name)
+        if not path.is_file():
+            path = models / (path.name if path.suffix == ".gguf" else f"{path.name}.gguf")
+        if not path.is_file():
+            raise KalmkgError(f"no GGUF '{name}' in {models}")
+        candidates = [path]
+    else:
+        candidates = []
+        for meta in models.glob("*.json") if models.is_dir() else []:
+            try:
+                info = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                continue
+            gguf = models / str(info.get("file", ""))
+            if info.get("run_id") == loaded.name and gguf.suffix == ".gguf" and gguf.is_file():
+                candidates.append(gguf)
+        if not candidates:
+            raise KalmkgError(f"the gguf backend needs a GGUF of run {loaded.name}: run "
+                              f"`kalmkg export --run {loaded.name}` (or use --backend torch)")
+    path = max(candidates, key=lambda p: p.stat().st_mtime)
+    adapter = loaded.run_dir / "adapter"
+    newest = max((p.stat().st_mtime for p in adapter.rglob("*") if p.is_file()), default=0.0)
+    if newest > path.stat().st_mtime:
+        raise KalmkgError(f"run {loaded.name}'s weights changed after {path.name} was exported; run "
+                          f"`kalmkg export --run {loaded.name}` again")
+    return path

@@ -198,3 +198,74 @@ def test_untrained_base_is_evaluated_into_its_own_folder(ws, tiny_model):
     saved = json.loads((folder / "eval-valid.json").read_text())
     assert saved["metrics"]["both"]["count"] == 12 and 0 < saved["metrics"]["both"]["mrr"] <= 1
     assert not (ws.runs_dir / "r" / "eval-valid.json").exists()
+
+
+# --------------------------------------------------------------------------------------------- generative
+def test_answers_are_compared_after_normalisation():
+    from kalmkg.generative import NO, YES, Case, is_correct, normalize
+
+    assert normalize("  The Eiffel-Tower. ") == "eiffel tower" and normalize("Émile_Zola") == "emile zola"
+    tail = Case("tail", "", "Eiffel Tower", (0, 0, 0))
+    assert is_correct(tail, "the eiffel tower") and not is_correct(tail, "Eiffel Tower, a tower in Paris")
+    yes, no = Case("classification", "", YES, (0, 0, 0)), Case("classification", "", NO, (0, 0, 0))
+    assert is_correct(yes, "Yes, this is true") and not is_correct(yes, "No, this is not true")
+    assert is_correct(no, "no") and not is_correct(no, "maybe") and not is_correct(no, "not sure")
+
+
+def test_generative_cases_have_fixed_shots_and_honest_corruptions(ws):
+    from kalmkg.generative import NO, SHOTS, TASKS, YES, build_cases
+
+    with Store.open(ws) as store:
+        test, train, everything = (store.triples_array(("test",)), store.triples_array(("train",)),
+                                   store.triples_array())
+        labels = store.entity_table()["label"].to_pylist()
+        rels = store.relation_table()["label"].to_pylist()
+    known = set(map(tuple, everything.tolist()))
+    cases = build_cases(test[:6], train, known, labels, rels, seed=0)
+    assert [c.task for c in cases] == [t for t in TASKS for _ in range(6)]
+    for task in TASKS:
+        prompts = [c.prompt for c in cases if c.task == task]
+        prefix = prompts[0][: prompts[0].rindex("\n\n")]
+        assert all(p.startswith(prefix) for p in prompts) and prefix.count("\n\n") == SHOTS  # same 3 shots
+    tails = [c for c in cases if c.task == "tail"]
+    assert [c.target for c in tails] == [labels[t] for _, _, t in test[:6].tolist()]
+    assert tails[0].prompt.endswith(f"Head: {labels[test[0, 0]]}\nRelation: {rels[test[0, 1]]}\nTail:")
+    assert all(r in [c for c in cases if c.task == "relation"][0].prompt for r in rels)
+    checks = [c for c in cases if c.task == "classification"]
+    assert [c.target for c in checks] == [YES, NO] * 3
+    assert all((c.triple in known) == (c.target == YES) for c in checks)
+
+
+def test_generative_evaluation_of_the_tiny_run_and_its_base(ws, monkeypatch):
+    from kalmkg import generative
+
+    out = generative.evaluate_generative(ws, limit=4, seed=0)
+    assert set(out["accuracy"]) == {"run", "base"}
+    for name in ("run", "base"):
+        assert {t: a["count"] for t, a in out["accuracy"][name].items()} == dict.fromkeys(generative.TASKS, 4)
+        assert all(0 <= a["accuracy"] <= 1 for a in out["accuracy"][name].values())
+    records = [json.loads(line) for line in Path(out["predictions_path"]).read_text().splitlines()]
+    assert len(records) == 16 and set(records[0]) == {"task", "triple", "target", "run", "base"}
+    assert Path(out["eval_path"]) == ws.runs_dir / "r" / "eval-generative-test.json"
+
+    # the scoring, with answers chosen: the "run" answers every case right, the "base" every case wrong
+    calls = []
+
+    def scripted(model, tokenizer, prompts, max_new_tokens):
+        calls.append(len(calls))
+        right = len(calls) <= len(generative.TASKS)
+        return [targets[p] if right else "zzz" for p in prompts]
+
+    with Store.open(ws) as store:
+        test, train, everything = (store.triples_array(("test",)), store.triples_array(("train",)),
+                                   store.triples_array())
+        labels, rels = store.entity_table()["label"].to_pylist(), store.relation_table()["label"].to_pylist()
+    from kalmkg.evaluation import sample_triples
+
+    cases = generative.build_cases(sample_triples(test, 4, 0), train, set(map(tuple, everything.tolist())),
+                                   labels, rels, seed=0)
+    targets = {c.prompt: c.target for c in cases}
+    monkeypatch.setattr(generative, "generate", scripted)
+    out = generative.evaluate_generative(ws, limit=4, seed=0)
+    assert all(a["accuracy"] == 1.0 for a in out["accuracy"]["run"].values())
+    assert all(a["accuracy"] == 0.0 for a in out["accuracy"]["base"].values())

