@@ -461,6 +461,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
                 stopped_early = _validate_and_keep_best(model, temperature, tokenizer, texts, valid_triples,
                                                         all_triples, cfg, state, rdir, world, device, progress)
                 model.train()
+                window_t, window_n = time.perf_counter(), 0  # triples/s counts training time only
             if world.main and (state.step % cfg.checkpoint_every == 0 or state.step == total_steps):
                 _save_checkpoint(rdir, model, temperature, optimizer, scheduler, state, prebatch)
             if stopped_early or (stop_after is not None and done_here >= stop_after):
