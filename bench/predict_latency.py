@@ -192,7 +192,7 @@ def cold(args, root: Path, backend: str) -> dict:
         times.append(time.perf_counter() - t0)
         if out.returncode != 0:
             raise SystemExit(f"cold run failed:\n{out.stderr[-2000:]}")
-        json.loads(out.stdout.strip().splitlines()[-1])
+        json.loads(out.stdout)  # the CLI prints one (indented) JSON document
     return {"path": label, "median_s": float(np.median(times)), "runs": len(times)}
 
 
