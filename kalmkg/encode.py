@@ -8,6 +8,19 @@ from typing import Protocol, Sequence
 import numpy as np
 
 
+def pad_rows(rows: list[list[int]], pad_id: int):
+    """Right-padded [n, width] input ids and attention mask for token rows."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, row in enumerate(rows):
+        ids[j, : len(row)] = torch.tensor(row)
+        mask[j, : len(row)] = 1
+    return ids, mask
+
+
 class Encoder(Protocol):
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray: ...
 
@@ -42,12 +55,7 @@ class TorchEncoder:
             with torch.inference_mode():
                 for start in range(0, len(order), batch_size):
                     chunk = order[start:start + batch_size]
-                    width = max(len(rows[i]) for i in chunk)
-                    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                    for j, i in enumerate(chunk):
-                        ids[j, : len(rows[i])] = torch.tensor(rows[i])
-                        mask[j, : len(rows[i])] = 1
+                    ids, mask = pad_rows([rows[i] for i in chunk], pad)
                     hidden = net(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
                     vecs = F.normalize(last_token_pool(hidden, mask.to(self.device)).float(), dim=-1).cpu()
                     if out.numel() == 0:

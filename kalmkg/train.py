@@ -155,13 +155,10 @@ def run_backbone(backbone, rows: list[list[int]], pool_at: list[int], lm_spans: 
         chunks.append(current)
     pooled: list = [None] * len(rows)
     lm_hidden: dict = {}
+    from kalmkg.encode import pad_rows
+
     for chunk in chunks:
-        width = max(len(rows[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, i in enumerate(chunk):
-            ids[j, : len(rows[i])] = torch.tensor(rows[i])
-            mask[j, : len(rows[i])] = 1
+        ids, mask = pad_rows([rows[i] for i in chunk], pad_id)
         hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         for j, i in enumerate(chunk):
             pooled[i] = hidden[j, pool_at[i]]

@@ -33,3 +33,20 @@ def sample_ws(tmp_path):
         ingest(store, resolve_sources([SAMPLE_TTL]))
         split_store(store, 0.1, 0.1, seed=0)
     return ws
+
+
+def make_tiny_run(root: Path, tiny_model: Path) -> Path:
+    """A workspace at `root`: the sample graph, split, and a 2-step run `r` of the tiny model."""
+    from kalmkg.ingest import ingest, resolve_sources
+    from kalmkg.split import split_store
+    from kalmkg.store import Store
+    from kalmkg.train import TrainConfig, train
+    from kalmkg.workspace import Workspace
+
+    ws = Workspace(root)
+    with Store.open(ws, create=True) as store:
+        ingest(store, resolve_sources([SAMPLE_TTL]))
+        split_store(store, 0.1, 0.1, seed=0)
+    train(ws, TrainConfig(base=str(tiny_model), batch_size=8, max_steps=2, precision="fp32", eval_limit=10,
+                          checkpoint_every=2, eval_every=2, patience=0), run_id="r")
+    return root

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_tiny_run
 
-from helpers_graph import SAMPLE_TTL, ingest_into, write
+from helpers_graph import ingest_into, write
 from kalmkg.errors import KalmkgError
 from kalmkg.store import Store
 from kalmkg.workspace import Workspace
@@ -117,16 +118,8 @@ def test_valid_split_and_unknown_or_empty_splits(hand_case):
 # --------------------------------------------------------------------------------------------- tiny run
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model) -> Path:
-    from kalmkg.split import split_store
-    from kalmkg.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("evaluate") / "ws"
-    ingest_into(root, [SAMPLE_TTL])
-    ws = Workspace(root)
-    with Store.open(ws, write=True) as store:
-        split_store(store, 0.1, 0.1, seed=0)
-    train(ws, TrainConfig(base=str(tiny_model), batch_size=8, max_steps=2, precision="fp32", eval_limit=10,
-                          checkpoint_every=2, eval_every=2, patience=0), run_id="r")
+    """The sample graph, split, with a 2-step run `r` of the tiny model (copied per test that changes it)."""
+    root = make_tiny_run(tmp_path_factory.mktemp("evaluate") / "ws", tiny_model)
     return root
 
 

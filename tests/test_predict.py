@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_tiny_run
 
 from helpers_graph import PREFIXES, SAMPLE_TTL, ingest_into, write
 from kalmkg.errors import KalmkgError
@@ -39,19 +40,12 @@ ex:Parisii <http://other.org/twin> ex:Springfield_MA .
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model) -> Path:
+    """The sample graph, split, with a 2-step run `r` of the tiny model (copied per test that changes it)."""
+    root = make_tiny_run(tmp_path_factory.mktemp("predict") / "ws", tiny_model)
     from kalmkg.index import embed
     from kalmkg.run_model import load_model
-    from kalmkg.split import split_store
-    from kalmkg.train import TrainConfig, train
 
-    root = tmp_path_factory.mktemp("predict") / "ws"
-    ingest_into(root, [SAMPLE_TTL])
-    ws = Workspace(root)
-    with Store.open(ws, write=True) as store:
-        split_store(store, 0.1, 0.1, seed=0)
-    train(ws, TrainConfig(base=str(tiny_model), batch_size=8, max_steps=2, precision="fp32", eval_limit=10,
-                          checkpoint_every=2, eval_every=2, patience=0), run_id="r")
-    embed(ws, load_model(ws))
+    embed(Workspace(root), load_model(Workspace(root)))
     return root
 
 
