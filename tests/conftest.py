@@ -75,3 +75,20 @@ def make_tiny_run(root: Path, tiny_model: Path) -> Path:
     train(ws, TrainConfig(base=str(tiny_model), batch_size=8, max_steps=2, precision="fp32", eval_limit=10,
                           checkpoint_every=2, eval_every=2, patience=0), run_id="r")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model) -> Path:
+    """A workspace with the split sample graph and a 2-step run `r` of the tiny model (do not change it)."""
+    return make_tiny_run(tmp_path_factory.mktemp("tiny-run") / "ws", tiny_model)
+
+
+@pytest.fixture()
+def tiny_run_ws(tiny_run, tmp_path):
+    """A private copy of `tiny_run`, for tests that change the workspace."""
+    import shutil
+
+    from kalmkg.workspace import Workspace
+
+    shutil.copytree(tiny_run, tmp_path / "ws")
+    return Workspace(tmp_path / "ws")

@@ -9,12 +9,10 @@ functions themselves are unit-tested in test_metrics.py.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_run
 
 from helpers_graph import ingest_into, write
 from kalmkg.errors import KalmkgError
@@ -116,17 +114,10 @@ def test_valid_split_and_unknown_or_empty_splits(hand_case):
 
 
 # --------------------------------------------------------------------------------------------- tiny run
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model) -> Path:
-    """The sample graph, split, with a 2-step run `r` of the tiny model (copied per test that changes it)."""
-    root = make_tiny_run(tmp_path_factory.mktemp("evaluate") / "ws", tiny_model)
-    return root
-
-
 @pytest.fixture()
-def ws(trained, tmp_path) -> Workspace:
-    shutil.copytree(trained, tmp_path / "ws")
-    return Workspace(tmp_path / "ws")
+def ws(tiny_run_ws) -> Workspace:
+    """A private copy of the tiny trained run (see conftest)."""
+    return tiny_run_ws
 
 
 def test_tiny_run_embed_then_evaluate_agrees_with_training_validation(ws):

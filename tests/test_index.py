@@ -5,11 +5,9 @@ another run, changed weights, an interrupted embed), and ANN search against exac
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_run
 
 from helpers_graph import PREFIXES, ingest_into, write
 from kalmkg.errors import KalmkgError
@@ -18,17 +16,10 @@ from kalmkg.workspace import Workspace
 KG = "http://example.org/kg/"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model) -> Path:
-    """The sample graph, split, with a 2-step run `r` of the tiny model (copied per test that changes it)."""
-    root = make_tiny_run(tmp_path_factory.mktemp("index") / "ws", tiny_model)
-    return root
-
-
 @pytest.fixture()
-def ws(trained, tmp_path) -> Workspace:
-    shutil.copytree(trained, tmp_path / "ws")
-    return Workspace(tmp_path / "ws")
+def ws(tiny_run_ws) -> Workspace:
+    """A private copy of the tiny trained run (see conftest)."""
+    return tiny_run_ws
 
 
 class Counting:
