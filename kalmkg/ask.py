@@ -1,0 +1,280 @@
+"""`kalmkg ask`: answer a question from the graph with an exported GGUF, offline, through llama.cpp.
+
+question -> retrieve (link entities, 1-2 hop facts, rank) -> chat prompt with numbered facts -> streamed answer.
+
+No torch on this path: DuckDB for the graph, llama.cpp for both the embeddings that rank facts and the
+answer. The model is one GGUF loaded twice over the same memory map: a generation context and an
+embedding context (last-token pooling, as KaLM trained it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol, Sequence
+
+from kalmkg.errors import KalmkgError
+from kalmkg.retrieve import Fact, Link, Retrieval, normalize, retrieve
+from kalmkg.workspace import Workspace
+
+SYSTEM = ("You answer questions about a knowledge graph. Use only the numbered facts below. "
+          "Answer in one short sentence and cite the facts you used like [1]. "
+          "If the facts do not answer the question, say: I don't know.")
+SYSTEM_NO_CONTEXT = "Answer the question in one short sentence. If you do not know the answer, say: I don't know."
+NO_MATCH = ("Nothing in the graph matches this question: it names no entity of the graph "
+            "(`kalmkg entities NAME` looks names up).")
+_ABSTAIN = re.compile(r"\b(i don'?t know|i do not know|not (?:mentioned|stated|given|provided|in the facts)|"
+                      r"no information|cannot (?:answer|determine)|can'?t (?:answer|determine)|unknown)\b")
+
+
+class Generator(Protocol):
+    def stream(self, messages: list[dict], *, max_tokens: int, temperature: float, seed: int) -> Iterator[str]: ...
+
+
+@dataclass(frozen=True)
+class AskConfig:
+    hops: int = 2
+    max_facts: int = 8
+    no_context: bool = False
+    temperature: float = 0.0
+    max_tokens: int = 96
+    seed: int = 0
+    descriptions: int = 1  # descriptions of linked entities added to the facts
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str
+    matched: bool
+    links: list[Link]
+    facts: list[Fact]
+    descriptions: list[tuple[str, str]] = field(default_factory=list)  # (label, description)
+    model: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "question": self.question, "answer": self.text, "matched": self.matched, "model": self.model,
+            "entities": [{"key": lk.key, "label": lk.label, "mention": lk.mention, "match": lk.match,
+                          "score": lk.score} for lk in self.links],
+            "facts": [dict(n=i + 1, **f.as_dict()) for i, f in enumerate(self.facts)],
+            "descriptions": [{"n": len(self.facts) + i + 1, "entity": lbl, "description": d}
+                             for i, (lbl, d) in enumerate(self.descriptions)],
+            "seconds": self.seconds,
+        }
+
+
+# --------------------------------------------------------------------------------------------- prompt
+
+
+def context_lines(facts: Sequence[Fact], descriptions: Sequence[tuple[str, str]]) -> list[str]:
+    lines = [f"[{i + 1}] {f.text()}" for i, f in enumerate(facts)]
+    lines += [f"[{len(facts) + i + 1}] {label}: {text}" for i, (label, text) in enumerate(descriptions)]
+    return lines
+
+
+def build_messages(question: str, facts: Sequence[Fact], descriptions: Sequence[tuple[str, str]] = (),
+                   no_context: bool = False) -> list[dict]:
+    """The chat: a system turn with the rules, a user turn with the numbered facts and the question."""
+    if no_context:
+        return [{"role": "system", "content": SYSTEM_NO_CONTEXT}, {"role": "user", "content": question}]
+    body = "Facts:\n" + "\n".join(context_lines(facts, descriptions)) + f"\n\nQuestion: {question}"
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": body}]
+
+
+def linked_descriptions(links: Sequence[Link], n: int, max_chars: int = 240) -> list[tuple[str, str]]:
+    out = []
+    for lk in links[:n]:
+        text = " ".join((lk.description or "").split())
+        if text:
+            out.append((lk.label, text if len(text) <= max_chars else text[: max_chars - 3] + "..."))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- ask
+
+
+def ask(store, question: str, generator: Generator, embedder=None, config: AskConfig = AskConfig(),
+        on_token: Callable[[str], None] | None = None) -> Answer:
+    """Retrieve, prompt, generate (streamed to `on_token`). No generation when the graph has no match."""
+    question = " ".join(question.split())
+    if not question:
+        raise KalmkgError("an empty question")
+    t0 = time.perf_counter()
+    if config.no_context:
+        found = Retrieval(question, [], [])
+    else:
+        found = retrieve(store, question, hops=config.hops, max_facts=config.max_facts, embedder=embedder)
+    seconds = {"retrieve": round(time.perf_counter() - t0, 4)}
+    if not config.no_context and not found.matched:
+        if on_token is not None:
+            on_token(NO_MATCH)
+        return Answer(question, NO_MATCH, False, [], [], seconds=seconds)
+    descriptions = linked_descriptions(found.links, config.descriptions)
+    messages = build_messages(question, found.facts, descriptions, config.no_context)
+    pieces: list[str] = []
+    t1 = time.perf_counter()
+    for piece in generator.stream(messages, max_tokens=config.max_tokens, temperature=config.temperature,
+                                  seed=config.seed):
+        if not pieces:
+            seconds["first_token"] = round(time.perf_counter() - t1, 4)
+        pieces.append(piece)
+        if on_token is not None:
+            on_token(piece)
+    seconds["generate"] = round(time.perf_counter() - t1, 4)
+    return Answer(question, "".join(pieces).strip(), True, found.links, found.facts, descriptions, seconds=seconds)
+
+
+# --------------------------------------------------------------------------------------------- grading
+
+
+def is_abstention(text: str) -> bool:
+    return bool(_ABSTAIN.search(normalize_answer(text))) or text.strip() == NO_MATCH
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.lower().replace("’", "'").split())
+
+
+def grade(answer: str, expected: Sequence[str]) -> bool:
+    """Right when an expected name appears in the answer (accents, case and punctuation ignored) and the
+    answer does not abstain; a question with no expected answer is right when the answer abstains."""
+    if not expected:
+        return is_abstention(answer)
+    if is_abstention(answer):
+        return False
+    said = f" {normalize(answer)} "
+    return any(f" {normalize(e)} " in said for e in expected)
+
+
+def load_questions(path: Path) -> list[dict]:
+    """A JSONL file of {"id", "question", "kind": one-hop|two-hop|no-answer, "answers": [...], ...}."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise KalmkgError(f"{path}:{n}: not JSON ({exc})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+            raise KalmkgError(f"{path}:{n}: each line needs a \"question\" string")
+        out.append(row)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    path: Path
+    name: str
+    run_id: str | None  # None: not a kalmkg export (the embedded base or any GGUF)
+
+
+def resolve_model(workspace: Workspace, model: str | None) -> ModelChoice:
+    """`--model`: a .gguf path, a name under models/, the embedded base (`smollm2-135m`), or by default the
+    newest `kalmkg export` of this workspace."""
+    from kalmkg.models import EMBEDDED, _embedded_gguf
+
+    models = workspace.root / "models"
+    if model is None:
+        found = []
+        for meta in sorted(models.glob("*.json")) if models.is_dir() else []:
+            try:
+                info = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                continue
+            path = models / str(info.get("file", ""))
+            if path.suffix == ".gguf" and path.is_file():
+                found.append((path.stat().st_mtime, path, info))
+        if not found:
+            raise KalmkgError(f"no exported model in {models}: run `kalmkg export` first, or pass --model "
+                              "PATH.gguf (--model smollm2-135m asks the untrained embedded base)")
+        _, path, info = max(found, key=lambda x: x[0])
+        return ModelChoice(path, path.stem, info.get("run_id"))
+    if model.lower() in EMBEDDED:
+        return ModelChoice(_embedded_gguf(model.lower()), model.lower(), None)
+    path = Path(model).expanduser()
+    if not path.is_file():
+        named = models / (path.name if path.suffix == ".gguf" else f"{path.name}.gguf")
+        if not named.is_file():
+            raise KalmkgError(f"no model '{model}': pass a .gguf file, a name under {models}, or "
+                              f"{', '.join(EMBEDDED)}")
+        path = named
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise KalmkgError(f"cannot read {path}: {exc.strerror}") from None
+    if magic != b"GGUF":
+        raise KalmkgError(f"{path} is not a GGUF file")
+    info = {}
+    meta = path.with_suffix(".json")
+    if meta.is_file():
+        try:
+            info = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            info = {}
+    return ModelChoice(path, path.stem, info.get("run_id"))
+
+
+def default_threads() -> int:
+    """Every core this process may use: generation on a small model is bound by memory and compute alike."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+class LlamaChat:
+    """Chat generation with llama.cpp and the chat template stored in the GGUF."""
+
+    def __init__(self, path: Path, *, n_ctx: int = 2048, n_threads: int | None = None):
+        import llama_cpp
+
+        from kalmkg.encode import _quiet_llama_cpp
+
+        _quiet_llama_cpp(llama_cpp)
+        n_threads = n_threads or default_threads()
+        try:
+            self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                                       verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise KalmkgError(f"llama.cpp cannot load {path}: {exc}") from None
+
+    def stream(self, messages: list[dict], *, max_tokens: int, temperature: float, seed: int) -> Iterator[str]:
+        chunks = self.llm.create_chat_completion(messages, stream=True, max_tokens=max_tokens,
+                                                 temperature=temperature, seed=seed)
+        for chunk in chunks:
+            piece = chunk["choices"][0]["delta"].get("content")
+            if piece:
+                yield piece
+
+
+class Asker:
+    """The store, a generator and an embedder for one GGUF, opened once and reused across questions."""
+
+    def __init__(self, workspace: Workspace, model: str | None = None, *, n_threads: int | None = None,
+                 embed: bool = True):
+        from kalmkg.encode import GGUFEncoder
+
+        self.workspace = workspace
+        self.choice = resolve_model(workspace, model)
+        n_threads = n_threads or default_threads()
+        self.generator = LlamaChat(self.choice.path, n_threads=n_threads)
+        self.embedder = GGUFEncoder(self.choice.path, n_threads=n_threads) if embed else None
+
+    def ask(self, question: str, config: AskConfig = AskConfig(), on_token=None) -> Answer:
+        from kalmkg.store import Store
+
+        with Store.open(self.workspace) as store:
+            answer = ask(store, question, self.generator, self.embedder, config, on_token)
+        answer.model = self.choice.name
+        return answer

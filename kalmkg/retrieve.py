@@ -1,0 +1,441 @@
+"""Question -> the graph facts that answer it: entity linking, a 1-2 hop neighbourhood, relevance ranking.
+
+Three steps, each testable on its own:
+
+1. **Link** the entities a question mentions: word n-grams of the question are matched against entity labels
+   and IRI local names in DuckDB (case-, accent- and punctuation-insensitive, longest match first); the
+   words left over are matched fuzzily (Jaro-Winkler) so a typo still links, and a capitalised word left
+   after that may name an entity by the first words of its label ("Apple" for "Apple Inc."). A name several entities share
+   is disambiguated by embedding similarity of the question with each candidate's text (the same GGUF that
+   answers), when an embedder is given.
+2. **Collect** candidate facts: every triple touching a linked entity (hop 1) and, through the neighbours of
+   the most relevant hop-1 facts, the triples touching those (hop 2). A hop-2 fact is kept as a *path*
+   with the hop-1 fact that bridges to it, so a prompt never gets a second hop without its first.
+3. **Rank** paths by relevance to the question: word overlap of the question with the relation's label
+   (strong) and description (weak) and with the far entity's label, then, for the best few, embedding
+   similarity of the question with the fact's text. Scoring functions are pure.
+
+Nothing here imports torch: `kalmkg ask` runs on DuckDB and llama.cpp only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+# Words that carry no meaning for matching relations or names (question words, auxiliaries, articles).
+STOPWORDS = frozenset("""
+a an the of in on at to for from by with as and or is are was were be been being do does did has have had
+what which who whom whose where when why how that this these those it its there their they them he she his
+her him i me my you your we our us s about into than then also any some all can could would should will
+shall may might must not no yes name tell give list much many one ones ever
+""".split())
+
+MAX_NGRAM = 8          # longest entity name (in words) looked for in a question
+FUZZY_MIN = 0.92       # Jaro-Winkler similarity for a fuzzy name match
+FUZZY_MIN_CHARS = 5    # shorter spans are never matched fuzzily (too many false friends)
+AMBIGUOUS_KEEP = 3     # candidates kept for a name several entities share, without an embedder
+HOP2_FANOUT = 100      # hop-2 triples read per bridge entity (a hub must not flood the candidates)
+HOP2_BRIDGES = 12      # hop-1 facts whose far entity is expanded into hop 2
+HOP_PENALTY = 0.15     # a 2-hop path must be more relevant than a 1-hop fact to outrank it
+EMBED_WEIGHT = 0.25    # weight of the (standardised) embedding similarity: a tie-breaker more than a judge
+RERANK = 24            # candidates whose texts are embedded (llama.cpp on a CPU: ~25 ms a fact)
+
+
+class Embedder(Protocol):
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Link:
+    """An entity the question mentions."""
+
+    id: int
+    key: str
+    label: str
+    description: str | None
+    mention: str       # the words of the question that matched
+    match: str         # 'exact' | 'fuzzy' | 'prefix'
+    score: float       # 1.0 for exact, the Jaro-Winkler similarity for fuzzy, 0.9 for prefix
+
+
+@dataclass(frozen=True)
+class Fact:
+    head: int
+    relation: int
+    tail: int
+    head_label: str
+    relation_label: str
+    tail_label: str
+    head_key: str = ""
+    relation_key: str = ""
+    tail_key: str = ""
+
+    @property
+    def ids(self) -> tuple[int, int, int]:
+        return (self.head, self.relation, self.tail)
+
+    def text(self) -> str:
+        """How a fact is written in a prompt and embedded."""
+        return f"{self.head_label} — {self.relation_label} — {self.tail_label}"
+
+    def as_dict(self) -> dict:
+        return {"head": self.head_label, "relation": self.relation_label, "tail": self.tail_label,
+                "head_key": self.head_key, "relation_key": self.relation_key, "tail_key": self.tail_key}
+
+
+@dataclass
+class Path:
+    """One or two facts from a linked entity outwards; `facts[-1]` is the one the path is about."""
+
+    facts: tuple[Fact, ...]
+    lexical: float = 0.0
+    similarity: float | None = None
+    score: float = 0.0
+
+    @property
+    def hops(self) -> int:
+        return len(self.facts)
+
+
+@dataclass
+class Retrieval:
+    question: str
+    links: list[Link]
+    facts: list[Fact]                        # the ones to put in the prompt, in citation order
+    candidates: int = 0                      # paths considered
+    paths: list[Path] = field(default_factory=list)
+
+    @property
+    def matched(self) -> bool:
+        return bool(self.links)
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def normalize(text: str) -> str:
+    """Lower case, accents and punctuation removed, single spaces: how names are compared."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text).split())
+
+
+def words(text: str) -> list[str]:
+    return normalize(text).split()
+
+
+def capitalized(text: str) -> list[bool]:
+    """For each of `words(text)`, whether the user wrote it with a capital (a proper-noun hint)."""
+    text = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
+    return [w[0].isupper() for w in re.split(r"[^0-9A-Za-z]+", text) if w]
+
+
+def content_words(text: str) -> list[str]:
+    return [w for w in words(text) if w not in STOPWORDS and len(w) > 1]
+
+
+def same_word(a: str, b: str) -> bool:
+    """A crude stemmer good enough for relation names: equal, or sharing a prefix of >= 4 letters that
+    covers most of the shorter word ("founded"/"founder", "border"/"borders", "lead"/"leader")."""
+    if a == b:
+        return True
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n >= 4 and n >= 0.75 * min(len(a), len(b))
+
+
+def overlap(question_words: Sequence[str], text: str) -> float:
+    """How much of `text`'s content the question mentions: matched words / sqrt(content words)."""
+    terms = content_words(text)
+    if not terms:
+        return 0.0
+    hits = sum(1 for t in terms if any(same_word(t, q) for q in question_words))
+    return hits / math.sqrt(len(terms))
+
+
+def ngrams(tokens: Sequence[str], max_n: int = MAX_NGRAM) -> list[tuple[int, int, str]]:
+    """Every (start, end, text) span of up to max_n tokens that is not only stopwords."""
+    out = []
+    for i in range(len(tokens)):
+        for j in range(i + 1, min(len(tokens), i + max_n) + 1):
+            span = tokens[i:j]
+            if all(t in STOPWORDS for t in span):
+                continue
+            out.append((i, j, " ".join(span)))
+    return out
+
+
+def choose_spans(matches: dict[tuple[int, int], list[dict]]) -> list[tuple[int, int]]:
+    """Longest spans first, never two overlapping (so "New Delhi" wins over "Delhi")."""
+    taken: set[int] = set()
+    chosen = []
+    for (i, j) in sorted(matches, key=lambda s: (-(s[1] - s[0]), s[0])):
+        if taken.isdisjoint(range(i, j)):
+            chosen.append((i, j))
+            taken.update(range(i, j))
+    return sorted(chosen)
+
+
+# ------------------------------------------------------------------------------------------------ linking
+
+
+_NORM_SQL = "trim(regexp_replace(strip_accents(lower({x})), '[^0-9a-z]+', ' ', 'g'))"
+_LOCAL_SQL = "regexp_extract(key, '([^/#:]+)[/#]*$', 1)"
+
+
+def link_entities(store, question: str, embedder: Embedder | None = None) -> list[Link]:
+    """The entities the question names, in the order they are mentioned."""
+    tokens = words(question)
+    if not tokens:
+        return []
+    spans = ngrams(tokens)
+    exact = _exact_matches(store, spans)
+    chosen = choose_spans(exact)
+    covered = {k for i, j in chosen for k in range(i, j)}
+    fuzzy = _fuzzy_matches(store, [s for s in spans if covered.isdisjoint(range(s[0], s[1]))
+                                   and tokens[s[0]] not in STOPWORDS and tokens[s[1] - 1] not in STOPWORDS])
+    for span in choose_spans(fuzzy):
+        chosen.append(span)
+        exact[span] = fuzzy[span]
+    covered = {k for i, j in chosen for k in range(i, j)}
+    caps = capitalized(question)
+    proper = [s for s in spans if covered.isdisjoint(range(s[0], s[1])) and len(caps) == len(tokens)
+              and all(caps[k] for k in range(s[0], s[1])) and s[2] not in STOPWORDS]
+    starts = _prefix_matches(store, proper)
+    for span in choose_spans(starts):
+        chosen.append(span)
+        exact[span] = starts[span]
+    links: list[Link] = []
+    seen: set[int] = set()
+    for i, j in sorted(chosen):
+        for row in _pick(exact[(i, j)], question, embedder):
+            if row["id"] not in seen:
+                seen.add(row["id"])
+                links.append(Link(row["id"], row["key"], row["label"], row["description"], " ".join(tokens[i:j]),
+                                  row["match"], row["score"]))
+    return links
+
+
+def _exact_matches(store, spans) -> dict[tuple[int, int], list[dict]]:
+    if not spans:
+        return {}
+    texts = sorted({s[2] for s in spans})
+    rows = store.con.execute(
+        f"""WITH q AS (SELECT unnest($texts) AS t),
+                 e AS (SELECT id, key, label, description, {_NORM_SQL.format(x='label')} AS n,
+                              {_NORM_SQL.format(x=f"replace({_LOCAL_SQL}, '_', ' ')")} AS l FROM entities)
+            SELECT q.t, e.id, e.key, e.label, e.description FROM q JOIN e ON e.n = q.t OR e.l = q.t
+            ORDER BY q.t, e.id""",
+        {"texts": texts},
+    ).fetchall()
+    by_text: dict[str, list[dict]] = {}
+    for t, i, k, lbl, d in rows:
+        by_text.setdefault(t, []).append({"id": i, "key": k, "label": lbl, "description": d, "match": "exact",
+                                          "score": 1.0})
+    return {(i, j): by_text[t] for i, j, t in spans if t in by_text}
+
+
+def _fuzzy_matches(store, spans) -> dict[tuple[int, int], list[dict]]:
+    texts = sorted({t for _, _, t in spans if len(t.replace(" ", "")) >= FUZZY_MIN_CHARS})
+    if not texts:
+        return {}
+    rows = store.con.execute(
+        f"""WITH q AS (SELECT unnest($texts) AS t),
+                 e AS (SELECT id, key, label, description, {_NORM_SQL.format(x='label')} AS n FROM entities)
+            SELECT q.t, e.id, e.key, e.label, e.description, jaro_winkler_similarity(e.n, q.t) AS s
+            FROM q, e WHERE abs(length(e.n) - length(q.t)) <= 3 AND jaro_winkler_similarity(e.n, q.t) >= $min
+            ORDER BY q.t, s DESC, e.id""",
+        {"texts": texts, "min": FUZZY_MIN},
+    ).fetchall()
+    by_text: dict[str, list[dict]] = {}
+    for t, i, k, lbl, d, s in rows:
+        by_text.setdefault(t, []).append({"id": i, "key": k, "label": lbl, "description": d, "match": "fuzzy",
+                                          "score": round(float(s), 3)})
+    # only the best-scoring entities of a span: a near-miss of a typo is not a second mention
+    return {(i, j): [r for r in by_text[t] if r["score"] == by_text[t][0]["score"]]
+            for i, j, t in spans if t in by_text}
+
+
+def _prefix_matches(store, spans) -> dict[tuple[int, int], list[dict]]:
+    """Spans that are the leading words of a longer label ("apple" -> "apple inc")."""
+    texts = sorted({t for _, _, t in spans if len(t) >= 2})
+    if not texts:
+        return {}
+    rows = store.con.execute(
+        f"""WITH q AS (SELECT unnest($texts) AS t),
+                 e AS (SELECT id, key, label, description, {_NORM_SQL.format(x='label')} AS n FROM entities)
+            SELECT q.t, e.id, e.key, e.label, e.description FROM q JOIN e ON starts_with(e.n, q.t || ' ')
+            ORDER BY q.t, length(e.n), e.id""",
+        {"texts": texts},
+    ).fetchall()
+    by_text: dict[str, list[dict]] = {}
+    for t, i, k, lbl, d in rows:
+        by_text.setdefault(t, []).append({"id": i, "key": k, "label": lbl, "description": d, "match": "prefix",
+                                          "score": 0.9})
+    return {(i, j): by_text[t] for i, j, t in spans if t in by_text}
+
+
+def _pick(rows: list[dict], question: str, embedder: Embedder | None) -> list[dict]:
+    """One entity for a name, or, for a name several share, the one whose text is closest to the question."""
+    if len(rows) == 1:
+        return rows
+    if embedder is None:
+        return rows[:AMBIGUOUS_KEEP]
+    from kalmkg.verbalize import entity_text
+
+    vecs = embedder.encode([question] + [entity_text(r["label"], r["description"]) for r in rows])
+    best = int(np.argmax(vecs[1:] @ vecs[0]))
+    return [rows[best]]
+
+
+# ------------------------------------------------------------------------------------------------ facts
+
+
+_FACT_COLS = "t.head, t.relation, t.tail, h.label, r.label, x.label, h.key, r.key, x.key"
+_FACT_JOINS = "JOIN entities h ON h.id = t.head JOIN relations r ON r.id = t.relation JOIN entities x ON x.id = t.tail"
+
+
+def hop1(store, entity_ids: Sequence[int]) -> list[Fact]:
+    """Every distinct triple (any split) with a linked entity as head or tail."""
+    rows = store.con.execute(
+        f"""SELECT {_FACT_COLS}
+            FROM (SELECT DISTINCT head, relation, tail FROM triples
+                  WHERE list_contains($ids, head) OR list_contains($ids, tail)) t {_FACT_JOINS}
+            ORDER BY t.head, t.relation, t.tail""",
+        {"ids": list(entity_ids)},
+    ).fetchall()
+    return [Fact(*row) for row in rows]
+
+
+def hop2(store, bridges: Sequence[int], fanout: int = HOP2_FANOUT) -> dict[int, list[Fact]]:
+    """Triples touching each bridge entity, at most `fanout` per bridge (lowest ids first: deterministic)."""
+    if not bridges:
+        return {}
+    rows = store.con.execute(
+        f"""WITH b AS (SELECT unnest($ids) AS e),
+                 d AS (SELECT DISTINCT b.e AS bridge, head, relation, tail FROM triples, b
+                       WHERE head = b.e OR tail = b.e),
+                 n AS (SELECT *, row_number() OVER (PARTITION BY bridge ORDER BY head, relation, tail) AS k FROM d)
+            SELECT t.bridge, {_FACT_COLS} FROM n t {_FACT_JOINS}
+            WHERE t.k <= $fanout ORDER BY t.bridge, t.head, t.relation, t.tail""",
+        {"ids": list(bridges), "fanout": fanout},
+    ).fetchall()
+    out: dict[int, list[Fact]] = {}
+    for bridge, *fact in rows:
+        out.setdefault(bridge, []).append(Fact(*fact))
+    return out
+
+
+def far_end(fact: Fact, entity: int) -> int:
+    return fact.tail if fact.head == entity else fact.head
+
+
+def far_label(fact: Fact, entity: int) -> str:
+    return fact.tail_label if fact.head == entity else fact.head_label
+
+
+def fact_lexical(question_words: Sequence[str], fact: Fact, near: int, relation_descriptions: dict[int, str],
+                 linked: set[int]) -> float:
+    """Relevance of a fact to a question from words alone: the relation's label (1.0) and description
+    (0.3) and the far entity's name (0.5); +1 when the far entity is itself named in the question."""
+    score = overlap(question_words, fact.relation_label)
+    score += 0.3 * overlap(question_words, relation_descriptions.get(fact.relation, "") or "")
+    far = far_end(fact, near)
+    score += 1.0 if far in linked and far != near else 0.5 * overlap(question_words, far_label(fact, near))
+    return score
+
+
+def path_lexical(scores: Sequence[float]) -> float:
+    """A 2-hop path is as relevant as the mean of its facts, less a penalty for the extra hop."""
+    return sum(scores) / len(scores) - HOP_PENALTY * (len(scores) - 1)
+
+
+def standardize(values: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance (all zeros when the values do not vary)."""
+    if len(values) == 0:
+        return values
+    std = float(values.std())
+    return (values - values.mean()) / std if std > 1e-9 else np.zeros_like(values)
+
+
+def select_facts(paths: Sequence[Path], max_facts: int) -> list[Fact]:
+    """Facts of the best paths in order, a path's bridge before its second hop, each fact once (a symmetric
+    pair such as two `spouse` edges counts once), and never a second hop whose bridge no longer fits."""
+    out: list[Fact] = []
+    seen: set[tuple[int, int, int]] = set()
+    for p in paths:
+        new = [f for f in p.facts if f.ids not in seen and (f.tail, f.relation, f.head) not in seen]
+        if not new:
+            continue
+        if len(out) + len(new) > max_facts:
+            continue
+        out.extend(new)
+        seen.update(f.ids for f in new)
+        if len(out) >= max_facts:
+            break
+    return out
+
+
+def retrieve(store, question: str, *, hops: int = 2, max_facts: int = 8, embedder: Embedder | None = None,
+             links: list[Link] | None = None) -> Retrieval:
+    """Link, collect and rank; the best `max_facts` facts for the prompt."""
+    if hops not in (1, 2):
+        from kalmkg.errors import KalmkgError
+
+        raise KalmkgError(f"--hops must be 1 or 2, not {hops}")
+    links = link_entities(store, question, embedder) if links is None else links
+    if not links:
+        return Retrieval(question, [], [])
+    linked = {lk.id for lk in links}
+    qwords = content_words(question)
+    rel_desc = dict(store.con.execute("SELECT id, coalesce(description, '') FROM relations").fetchall())
+
+    paths: list[Path] = []
+    first = hop1(store, sorted(linked))
+    for f in first:
+        near = f.head if f.head in linked else f.tail
+        paths.append(Path((f,), fact_lexical(qwords, f, near, rel_desc, linked)))
+    if hops == 2:
+        best_first = sorted(paths, key=lambda p: -p.lexical)[:HOP2_BRIDGES]
+        bridges = {}
+        for p in best_first:
+            f = p.facts[0]
+            near = f.head if f.head in linked else f.tail
+            bridge = far_end(f, near)
+            if bridge not in linked:
+                bridges.setdefault(bridge, []).append(p)
+        second = hop2(store, sorted(bridges))
+        first_ids = {f.ids for f in first}
+        for bridge, facts in second.items():
+            for f2 in facts:
+                if f2.ids in first_ids:
+                    continue
+                s2 = fact_lexical(qwords, f2, bridge, rel_desc, linked)
+                for p in bridges[bridge]:
+                    paths.append(Path((p.facts[0], f2), path_lexical([p.lexical, s2])))
+
+    paths.sort(key=lambda p: -p.lexical)
+    if embedder is not None and paths:
+        top = paths[:RERANK]
+        vecs = embedder.encode([question] + [p.facts[-1].text() for p in top])
+        sims = vecs[1:] @ vecs[0]
+        z = standardize(sims.astype(np.float64))
+        for p, s, zz in zip(top, sims, z):
+            p.similarity = float(s)
+            p.score = p.lexical + EMBED_WEIGHT * float(zz)
+        for p in paths[RERANK:]:
+            p.score = p.lexical - 10.0  # below every re-ranked path
+    else:
+        for p in paths:
+            p.score = p.lexical
+    paths.sort(key=lambda p: (-p.score, p.hops))
+    return Retrieval(question, links, select_facts(paths, max_facts), len(paths), paths)
