@@ -396,7 +396,10 @@ def retrieve(store, question: str, *, hops: int = 2, max_facts: int = 8, embedde
     if not links:
         return Retrieval(question, [], [])
     linked = {lk.id for lk in links}
-    qwords = content_words(question)
+    # the words naming the linked entities say which entity, not which fact: "Curie" in a question about
+    # Marie Curie must not make every fact about Pierre Curie relevant
+    named = {w for lk in links for w in lk.mention.split()}
+    qwords = [w for w in content_words(question) if w not in named]
     rel_desc = dict(store.con.execute("SELECT id, coalesce(description, '') FROM relations").fetchall())
 
     paths: list[Path] = []
