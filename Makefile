@@ -37,12 +37,16 @@ demo: install
 	$(BIN)/kalmkg -w $(DEMO_WS) predict '?' founded_by "Bill Gates" -k 5
 	$(BIN)/kalmkg -w $(DEMO_WS) export --quant Q8_0
 	$(BIN)/kalmkg -w $(DEMO_WS) predict Paris capital_of '?' -k 5 --backend gguf
+	$(BIN)/kalmkg -w $(DEMO_WS) ask "What is the nationality of Marie Curie's spouse?"
+	$(BIN)/kalmkg -w $(DEMO_WS) ask "Who founded Apple?" --hops 1 --max-facts 4
+	$(BIN)/kalmkg -w $(DEMO_WS) ask "Who won the 1998 FIFA World Cup?"
 
 test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/generate.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_WS) .pytest_cache bench/_work

@@ -236,7 +236,7 @@ def default_threads() -> int:
 class LlamaChat:
     """Chat generation with llama.cpp and the chat template stored in the GGUF."""
 
-    def __init__(self, path: Path, *, n_ctx: int = 2048, n_threads: int | None = None):
+    def __init__(self, path: Path, *, n_ctx: int = 4096, n_threads: int | None = None):
         import llama_cpp
 
         from kalmkg.encode import _quiet_llama_cpp
@@ -252,10 +252,13 @@ class LlamaChat:
     def stream(self, messages: list[dict], *, max_tokens: int, temperature: float, seed: int) -> Iterator[str]:
         chunks = self.llm.create_chat_completion(messages, stream=True, max_tokens=max_tokens,
                                                  temperature=temperature, seed=seed)
-        for chunk in chunks:
-            piece = chunk["choices"][0]["delta"].get("content")
-            if piece:
-                yield piece
+        try:
+            for chunk in chunks:
+                piece = chunk["choices"][0]["delta"].get("content")
+                if piece:
+                    yield piece
+        except ValueError as exc:  # llama-cpp-python: "Requested tokens (N) exceed context window of M"
+            raise KalmkgError(f"the prompt does not fit the model: {exc} (lower --max-facts)") from None
 
 
 class Asker:

@@ -45,6 +45,7 @@ HOP2_BRIDGES = 12      # hop-1 facts whose far entity is expanded into hop 2
 HOP_PENALTY = 0.15     # a 2-hop path must be more relevant than a 1-hop fact to outrank it
 EMBED_WEIGHT = 0.25    # weight of the (standardised) embedding similarity: a tie-breaker more than a judge
 RERANK = 24            # candidates whose texts are embedded (llama.cpp on a CPU: ~25 ms a fact)
+EMBED_CHARS = 1000     # texts are cut before embedding, to stay inside the embedding context
 
 
 class Embedder(Protocol):
@@ -292,7 +293,8 @@ def _pick(rows: list[dict], question: str, embedder: Embedder | None) -> list[di
         return rows[:AMBIGUOUS_KEEP]
     from kalmkg.verbalize import entity_text
 
-    vecs = embedder.encode([question] + [entity_text(r["label"], r["description"]) for r in rows])
+    vecs = embedder.encode([question[:EMBED_CHARS]] + [entity_text(r["label"], r["description"])[:EMBED_CHARS]
+                                                        for r in rows])
     best = int(np.argmax(vecs[1:] @ vecs[0]))
     return [rows[best]]
 
@@ -429,7 +431,7 @@ def retrieve(store, question: str, *, hops: int = 2, max_facts: int = 8, embedde
     paths.sort(key=lambda p: -p.lexical)
     if embedder is not None and paths:
         top = paths[:RERANK]
-        vecs = embedder.encode([question] + [p.facts[-1].text() for p in top])
+        vecs = embedder.encode([question[:EMBED_CHARS]] + [p.facts[-1].text()[:EMBED_CHARS] for p in top])
         sims = vecs[1:] @ vecs[0]
         z = standardize(sims.astype(np.float64))
         for p, s, zz in zip(top, sims, z):

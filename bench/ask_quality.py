@@ -1,0 +1,107 @@
+"""Question answering over the sample graph: accuracy of `kalmkg ask` with retrieval and with --no-context,
+for the untrained base and a KaLM run, on the 38 questions of tests/data/world_questions.jsonl.
+
+    python bench/ask_quality.py
+    python bench/ask_quality.py --steps 120 --lm-weight 1 --lm-examples 16   # a run that leans on the LM loss
+
+Both models are Q8_0 GGUFs through llama.cpp, greedy: the run's `kalmkg export`, and the base converted
+by the same converter from the same float32 weights training started from (so quantization is not a
+difference between them). Grading (`kalmkg.ask.grade`): an answerable question is right when an expected
+name appears in the answer and it does not abstain; a question the graph cannot answer is right when
+the answer abstains ("I don't know", or the no-match message). Also reported: retrieval recall, the share
+of answerable questions whose supporting facts all reached the prompt. Answers go to
+bench/_work/ask-quality-*.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+QUESTIONS = ROOT / "tests" / "data" / "world_questions.jsonl"
+KINDS = ("one-hop", "two-hop", "no-answer")
+
+
+def base_q8(root: Path) -> Path:
+    """The untrained base as a Q8_0 GGUF (llama.cpp's converter on the cached float32 folder)."""
+    from kalmkg.export import _convert, _quantize
+    from kalmkg.models import resolve_base
+
+    out = root / "base-Q8_0.gguf"
+    if not out.is_file():
+        resolved = resolve_base("smollm2-135m")
+        f16 = root / "base-F16.gguf"
+        _convert(Path(resolved.path), f16, "base", resolved.name)
+        _quantize(f16, out, "Q8_0")
+        f16.unlink()
+    return out
+
+
+def supported(answer, row) -> bool:
+    got = {(f.head_key.rsplit("/", 1)[-1], f.relation_key.rsplit("/", 1)[-1], f.tail_key.rsplit("/", 1)[-1])
+           for f in answer.facts}
+    got |= {(t, r, h) for h, r, t in got}
+    return all(tuple(f) in got for f in row["facts"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--lm-weight", type=float, default=0.01)
+    p.add_argument("--lm-examples", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+
+    from world_run import prepare
+
+    from kalmkg.ask import AskConfig, Asker, grade, load_questions
+    from kalmkg.workspace import Workspace
+
+    root = prepare(args.steps, args.lm_weight, args.lm_examples)
+    ws = Workspace(root)
+    rows = load_questions(QUESTIONS)
+    models = {"SmolLM2-135M, untrained": base_q8(root.parent),
+              f"KaLM run ({args.steps} steps, lambda {args.lm_weight:g})": root / "models" / "world-Q8_0.gguf"}
+    log = root.parent / f"ask-quality-{root.name}.jsonl"
+    table = []
+    with log.open("w") as out:
+        for label, path in models.items():
+            asker = Asker(ws, str(path), n_threads=args.threads)
+            for no_context in (False, True):
+                t0 = time.perf_counter()
+                right = {k: [] for k in KINDS}
+                recall = []
+                for row in rows:
+                    answer = asker.ask(row["question"], AskConfig(no_context=no_context))
+                    ok = grade(answer.text, row["answers"])
+                    right[row["kind"]].append(ok)
+                    if row["answers"] and not no_context:
+                        recall.append(supported(answer, row))
+                    out.write(json.dumps({"model": label, "no_context": no_context, "id": row["id"],
+                                          "question": row["question"], "answer": answer.text, "right": ok},
+                                         ensure_ascii=False) + "\n")
+                table.append((label, "--no-context" if no_context else "retrieval", right, recall,
+                              time.perf_counter() - t0))
+                print(f"{label} {'no-context' if no_context else 'retrieval'}: done", file=sys.stderr)
+
+    def pct(xs) -> str:
+        return f"{sum(xs)}/{len(xs)} ({100 * sum(xs) / len(xs):.0f} %)" if xs else "-"
+
+    print("\n| model | mode | one-hop | two-hop | no answer in graph | all | supporting facts in prompt | s/question |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, mode, right, recall, seconds in table:
+        every = [x for k in KINDS for x in right[k]]
+        print(f"| {label} | {mode} | {pct(right['one-hop'])} | {pct(right['two-hop'])} | {pct(right['no-answer'])} | "
+              f"{pct(every)} | {pct(recall)} | {seconds / len(every):.2f} |")
+    print(f"\nanswers: {log}")
+
+
+if __name__ == "__main__":
+    main()

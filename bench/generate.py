@@ -1,0 +1,196 @@
+"""Generation speed: llama.cpp on the exported GGUFs vs transformers on the same merged model, and the
+time `kalmkg ask` takes from the command to the first answer token.
+
+    python bench/generate.py                 # 128 new tokens, 3 repeats, every core
+    python bench/generate.py --tokens 64 --repeats 1 --threads 2
+
+Same machine, same run, same prompt (an `ask` prompt with retrieved facts, through the model's chat
+template, as token ids shared by both programs), greedy, exactly --tokens new tokens (end-of-sequence is
+ignored so both produce the same count). Reported per program: prompt processing (time to the first new
+token), decode tokens/s (the other tokens), and end-to-end tokens/s. The baseline is transformers
+`generate` on the merged float32 model (peft `merge_and_unload` of the run, what `kalmkg export`
+converts), with torch using the same number of threads. Issue 5's target: >= 3x transformers' CPU speed.
+
+`kalmkg ask` latency: `python -m kalmkg ask ...` in a fresh process, from the spawn to the first byte of
+the answer on stdout. "cold" is the first run after dropping the OS page cache (needs root; else the
+first run, labelled so), "warm" the median of the next runs; "in-process" is a second question to an
+open `Asker` (the model already loaded).
+
+The workspace (sample graph, a 120-step KaLM run of SmolLM2-135M, Q8_0 and Q4_K_M exports) is built
+once by bench/world_run.py and cached in bench/_work/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+QUESTION = "What is the nationality of Marie Curie's spouse?"
+
+
+def prompt_ids(ws, tokenizer) -> list[int]:
+    """The ask prompt for QUESTION (retrieved facts, no embedder: deterministic), as chat-template ids."""
+    from kalmkg.ask import build_messages, linked_descriptions
+    from kalmkg.retrieve import retrieve
+    from kalmkg.store import Store
+
+    with Store.open(ws) as store:
+        found = retrieve(store, QUESTION)
+    messages = build_messages(QUESTION, found.facts, linked_descriptions(found.links, 1))
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def time_llama(path: Path, ids: list[int], n: int, threads: int, repeats: int) -> dict:
+    import llama_cpp
+
+    from kalmkg.encode import _quiet_llama_cpp
+
+    _quiet_llama_cpp(llama_cpp)
+    llm = llama_cpp.Llama(str(path), n_ctx=max(1024, len(ids) + n + 8), n_threads=threads, n_threads_batch=threads,
+                          verbose=False)
+    runs = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        llm.reset()
+        t0 = time.perf_counter()
+        first, got = None, []
+        for tok in llm.generate(ids, temp=0.0, reset=True):
+            if first is None:
+                first = time.perf_counter() - t0
+            got.append(tok)
+            if len(got) == n:
+                break
+        runs.append((first, time.perf_counter() - t0, got))
+    return summarize(runs[1:], n)
+
+
+def time_transformers(model, ids: list[int], n: int, repeats: int) -> dict:
+    import torch
+
+    x = torch.tensor([ids])
+    runs = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False)
+            runs.append((first, time.perf_counter() - t0, out[0, len(ids):].tolist()))
+    return summarize(runs[1:], n)
+
+
+def summarize(runs, n: int) -> dict:
+    first = statistics.median(r[0] for r in runs)
+    total = statistics.median(r[1] for r in runs)
+    return {"first_s": first, "total_s": total, "decode_tps": (n - 1) / max(total - first, 1e-9),
+            "e2e_tps": n / total, "tokens": runs[-1][2]}
+
+
+def ask_latency(ws: Path, model: Path, threads: int, repeats: int) -> dict:
+    cmd = [sys.executable, "-m", "kalmkg", "-w", str(ws), "ask", QUESTION, "--model", str(model), "--max-tokens", "8",
+           "--threads", str(threads)]
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        proc.stdout.read(1)
+        ttft = time.perf_counter() - t0
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(err.decode())
+        return ttft
+
+    dropped = drop_caches()
+    cold = once()
+    warm = statistics.median(once() for _ in range(repeats))
+
+    from kalmkg.ask import AskConfig, Asker
+    from kalmkg.workspace import Workspace
+
+    asker = Asker(Workspace(ws), str(model), n_threads=threads)
+    config = AskConfig(max_tokens=8)
+    asker.ask(QUESTION, config)
+    inproc = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        stamps: list[float] = []
+        asker.ask(QUESTION, config, on_token=lambda piece: stamps.append(time.perf_counter() - t0))
+        inproc.append(stamps[0])
+    return {"cold": cold, "cold_label": "cold (page cache dropped)" if dropped else "first run (cache not dropped)",
+            "warm": warm, "in_process": statistics.median(inproc)}
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = p.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from world_run import QUANTS, prepare
+
+    from kalmkg.run_model import load_model
+    from kalmkg.workspace import Workspace
+
+    torch.set_num_threads(args.threads)
+    root = prepare()
+    ws = Workspace(root)
+    tokenizer = AutoTokenizer.from_pretrained(root / "runs" / "world" / "tokenizer")
+    ids = prompt_ids(ws, tokenizer)
+    print(f"prompt: {len(ids)} tokens; {args.tokens} new tokens; {args.threads} threads; median of {args.repeats}",
+          file=sys.stderr)
+
+    rows = []
+    for quant in QUANTS:
+        path = root / "models" / f"world-{quant}.gguf"
+        r = time_llama(path, ids, args.tokens, args.threads, args.repeats)
+        rows.append((f"llama.cpp {quant}", path.stat().st_size, r))
+    loaded = load_model(ws, run="world", device="cpu")
+    merged = loaded.model  # kalmkg loads a run with its adapter merged (peft merge_and_unload)
+    merged = (merged.merge_and_unload() if hasattr(merged, "merge_and_unload") else merged).float().eval()
+    n_bytes = sum(t.numel() * t.element_size() for t in merged.parameters())  # tied embeddings once
+    base = time_transformers(merged, ids, args.tokens, args.repeats)
+    rows.insert(0, ("transformers fp32 (merged)", n_bytes, base))
+
+    print(f"\n| program | model size | time to 1st token | decode tok/s | end-to-end tok/s | vs transformers |")
+    print("|---|---|---|---|---|---|")
+    for name, size, r in rows:
+        print(f"| {name} | {size / 1e6:,.1f} MB | {r['first_s'] * 1000:,.0f} ms | {r['decode_tps']:,.1f} | "
+              f"{r['e2e_tps']:,.1f} | {r['e2e_tps'] / base['e2e_tps']:.2f}x |")
+    ref, q8 = rows[0][2]["tokens"], rows[1][2]["tokens"]
+    same = next((i for i, (a, b) in enumerate(zip(ref, q8)) if a != b), min(len(ref), len(q8)))
+    print(f"\nQ8_0's greedy continuation equals transformers' for the first {same} of {args.tokens} tokens")
+
+    lat = ask_latency(root, root / "models" / "world-Q8_0.gguf", args.threads, args.repeats)
+    print("\n| `kalmkg ask` to the first answer token (Q8_0) | seconds |")
+    print("|---|---|")
+    print(f"| {lat['cold_label']}, fresh process | {lat['cold']:.2f} |")
+    print(f"| warm, fresh process (median) | {lat['warm']:.2f} |")
+    print(f"| in-process, model loaded (median) | {lat['in_process']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
