@@ -121,10 +121,10 @@ class Retrieval:
 
 
 def normalize(text: str) -> str:
-    """Lower case, accents and punctuation removed, single spaces: how names are compared."""
+    """Lower case, accents and punctuation removed, single spaces: how names are compared (any script)."""
     text = unicodedata.normalize("NFKD", text)
     text = "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", text).split())
+    return " ".join(re.sub(r"[\W_]+", " ", text).split())
 
 
 def words(text: str) -> list[str]:
@@ -134,7 +134,7 @@ def words(text: str) -> list[str]:
 def capitalized(text: str) -> list[bool]:
     """For each of `words(text)`, whether the user wrote it with a capital (a proper-noun hint)."""
     text = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
-    return [w[0].isupper() for w in re.split(r"[^0-9A-Za-z]+", text) if w]
+    return [w[0].isupper() for w in re.split(r"[\W_]+", text) if w]
 
 
 def content_words(text: str) -> list[str]:
@@ -189,7 +189,8 @@ def choose_spans(matches: dict[tuple[int, int], list[dict]]) -> list[tuple[int, 
 # ------------------------------------------------------------------------------------------------ linking
 
 
-_NORM_SQL = "trim(regexp_replace(strip_accents(lower({x})), '[^0-9a-z]+', ' ', 'g'))"
+# the SQL twin of `normalize` (RE2 classes \p{L} and \p{N}: letters and digits of every script)
+_NORM_SQL = "trim(regexp_replace(strip_accents(lower({x})), '[^\\p{{L}}\\p{{N}}]+', ' ', 'g'))"
 _LOCAL_SQL = "regexp_extract(key, '([^/#:]+)[/#]*$', 1)"
 
 

@@ -377,3 +377,19 @@ def test_ask_answers_through_llama_cpp_without_torch(world):
     assert "Facts given to the model:\n  [1] " in text.stdout and "linked: Marie Curie (exact)" in text.stderr
     none = run_cli("-w", str(world.root), "ask", "Who won the 1998 FIFA World Cup?", "--model", "smollm2-135m")
     assert none.returncode == 0 and none.stdout.startswith("Nothing in the graph matches")
+
+
+def test_names_in_other_scripts_link(tmp_path):
+    from kalmkg.ingest import ingest, resolve_sources
+
+    ttl = tmp_path / "g.ttl"
+    ttl.write_text("""@prefix ex: <http://example.org/> . @prefix rdfs: <http://www.w3.org/2000/01/rdf-schema#> .
+ex:Moscow rdfs:label "Москва" . ex:Tokyo rdfs:label "東京" . ex:Sao_Paulo rdfs:label "São Paulo" .
+ex:Moscow ex:twin ex:Tokyo .
+""", encoding="utf-8")
+    ws = Workspace(tmp_path / "ws")
+    with Store.open(ws, create=True) as s:
+        ingest(s, resolve_sources([ttl]))
+        assert [local(lk.key) for lk in link_entities(s, "Где находится Москва?")] == ["Moscow"]
+        assert [local(lk.key) for lk in link_entities(s, "東京")] == ["Tokyo"]
+        assert [local(lk.key) for lk in link_entities(s, "sao paulo's twin?")] == ["Sao_Paulo"]
