@@ -810,12 +810,13 @@ def ask(
         sys.stdout.write("\nFacts given to the model:\n")
         for line in context_lines(answer.facts, answer.descriptions):
             sys.stdout.write(f"  {line}\n")
+    sys.stdout.flush()  # the answer and facts before the status line on stderr
     links = ", ".join(f"{lk.label} ({lk.match})" for lk in answer.links) or "none"
     ttft = answer.seconds.get("first_token")
     timing = f"; load {load_s:.1f} s, retrieve {answer.seconds['retrieve']:.2f} s"
     timing += f", first token {ttft:.2f} s" if ttft is not None else ""
     mode = "no context" if no_context else f"linked: {links}"
-    _console(stderr=True).print(f"{mode}; model {answer.model}{timing}", style="dim", markup=False)
+    _console(stderr=True).print(f"{mode}; model {answer.model}{timing}", style="dim", markup=False, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:
