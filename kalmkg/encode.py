@@ -72,53 +72,85 @@ class GGUFEncoder:
 
     Texts are tokenized without BOS, as the torch side does (`add_special_tokens=False`): with the
     model's Hugging Face `tokenizer` when given (the exact ids training saw), else with llama.cpp's own.
+    `encode_ids` takes token rows directly (export verification compares exact ids with torch).
     """
 
     def __init__(self, path, tokenizer=None, *, n_ctx: int = 512, n_threads: int | None = None):
         import llama_cpp
-        from llama_cpp.llama_tokenizer import BaseLlamaTokenizer, LlamaTokenizer
 
         _quiet_llama_cpp(llama_cpp)
-
-        class NoBos(BaseLlamaTokenizer):
-            def __init__(self, hf=None, own=None):
-                self.hf, self.own = hf, own
-
-            def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
-                if self.hf is not None:
-                    return self.hf(text.decode("utf-8"), add_special_tokens=False)["input_ids"]
-                return self.own.tokenize(text, add_bos=False, special=False)
-
-            def detokenize(self, tokens, prev_tokens=None, special: bool = False) -> bytes:
-                if self.hf is not None:
-                    return self.hf.decode(tokens).encode("utf-8")
-                return self.own.detokenize(tokens, prev_tokens, special)
-
-        # llama.cpp's own tokenizer needs a vocab-only model kept alive as long as the tokenizer
-        self._vocab = None if tokenizer is not None else llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-        own = LlamaTokenizer(self._vocab) if self._vocab is not None else None
         self.path = str(path)
+        self.tokenizer = tokenizer
         # llama.cpp's threads busy-wait: more threads than free cores costs orders of magnitude (seen:
         # 8 s instead of 0.15 s per query on 2 cores with another job running). Default: half the
         # logical cores (the physical ones on SMT machines), for prompt processing too.
         n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
+        # embedding=True makes llama-cpp-python allow many sequences in one batch over a unified KV cache
         self.llm = llama_cpp.Llama(
             self.path, embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_LAST, n_ctx=n_ctx, n_batch=n_ctx,
             n_ubatch=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
-            tokenizer=NoBos(tokenizer, own),
         )
 
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.tokenizer is not None:
+            return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [self.llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
+
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """[n, D] float32 in input order. llama.cpp packs sequences into its own batches of n_ctx tokens;
-        `batch_size` only bounds how many texts go to one call."""
-        texts = list(texts)
-        if not texts:
-            return np.zeros((0, self.llm.n_embd()), dtype=np.float32)
-        out = []
-        for start in range(0, len(texts), max(1, batch_size)):
-            out.append(np.asarray(self.llm.embed(texts[start:start + batch_size], normalize=True, truncate=False),
-                                  dtype=np.float32))
-        return np.concatenate(out)
+        """[n, D] float32 in input order (`batch_size` is unused: rows are packed by tokens)."""
+        return self.encode_ids(self.tokenize(texts))
+
+    def encode_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        return embed_rows(self.llm, rows)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def embed_rows(llm, rows: Sequence[Sequence[int]]) -> np.ndarray:
+    """L2-normalised last-token vectors of token rows through a `llama_cpp.Llama` made with
+    `embedding=True, pooling_type=LLAMA_POOLING_TYPE_LAST`, several rows per llama.cpp batch (one
+    sequence id each). Token ids, not text: kalmkg's vectors are defined without BOS."""
+    import llama_cpp
+
+    n_embd, n_batch = llm.n_embd(), llm.n_batch
+    n_seq = max(1, int(llm.context_params.n_seq_max))
+    for row in rows:
+        if not row:
+            raise ValueError("cannot embed an empty token row")
+        if len(row) > n_batch:
+            raise ValueError(f"a row of {len(row)} tokens exceeds the batch size {n_batch}")
+    groups: list[list[int]] = []  # consecutive rows that fit one batch
+    used = n_batch
+    for i, row in enumerate(rows):
+        if used + len(row) > n_batch or len(groups[-1]) >= n_seq:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += len(row)
+    out = np.zeros((len(rows), n_embd), dtype=np.float32)
+    memory = llama_cpp.llama_get_memory(llm.ctx)
+    batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+    try:
+        for group in groups:
+            k = 0
+            for seq, i in enumerate(group):
+                for pos, tok in enumerate(rows[i]):
+                    batch.token[k], batch.pos[k], batch.n_seq_id[k] = tok, pos, 1
+                    batch.seq_id[k][0] = seq
+                    batch.logits[k] = True  # pooled embeddings need every position as an output
+                    k += 1
+            batch.n_tokens = k
+            llama_cpp.llama_memory_clear(memory, True)
+            if llama_cpp.llama_decode(llm.ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            for seq, i in enumerate(group):
+                vec = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(llm.ctx, seq), shape=(n_embd,))
+                out[i] = vec / max(float(np.linalg.norm(vec)), 1e-12)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_memory_clear(memory, True)
+    return out
 
 
 def _quiet_llama_cpp(llama_cpp) -> None:

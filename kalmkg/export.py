@@ -543,45 +543,6 @@ def _llama_log() -> Iterator[list[str]]:
 # ----------------------------------------------------------------------------------------------- verify
 
 
-def gguf_embed(llm, rows: Sequence[Sequence[int]]):
-    """Last-token, L2-normalised embeddings of token rows through a llama_cpp.Llama made with
-    ``embedding=True, pooling_type=LLAMA_POOLING_TYPE_LAST``.
-
-    Takes token ids, not text: ``Llama.embed`` tokenizes with the model's BOS setting, and kalmkg's
-    vectors are defined without special tokens (tokenize with ``add_bos=False``).
-    """
-    import numpy as np
-
-    import llama_cpp
-
-    ctx = llm.ctx
-    n_embd = llm.n_embd()
-    out = np.zeros((len(rows), n_embd), dtype=np.float32)
-    for i, ids in enumerate(rows):
-        if not ids:
-            raise ValueError("cannot embed an empty token row")
-        if len(ids) > llm.n_batch:
-            raise ValueError(f"a row of {len(ids)} tokens exceeds the batch size {llm.n_batch}")
-        batch = llama_cpp.llama_batch_init(len(ids), 0, 1)
-        try:
-            batch.n_tokens = len(ids)
-            for j, tok in enumerate(ids):
-                batch.token[j] = tok
-                batch.pos[j] = j
-                batch.n_seq_id[j] = 1
-                batch.seq_id[j][0] = 0
-                batch.logits[j] = True  # pooled embeddings need every position as an output
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-            if llama_cpp.llama_decode(ctx, batch) != 0:
-                raise RuntimeError("llama_decode failed")
-            vec = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(ctx, 0), shape=(n_embd,)).copy()
-        finally:
-            llama_cpp.llama_batch_free(batch)
-        out[i] = vec / max(float(np.linalg.norm(vec)), 1e-12)
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-    return out
-
-
 def _greedy(llm, prompt_ids: list[int], n: int):
     """(tokens, first-step logits) of greedy decoding through llama.cpp (argmax, as on the torch side)."""
     import numpy as np
@@ -619,7 +580,9 @@ def _verify(path: Path, ref: _Reference, quant: str) -> Verification:
             raise KalmkgError(f"llama.cpp cannot load the exported GGUF: {why[:300]}") from None
         try:
             ids = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in ref.texts]
-            vectors = gguf_embed(llm, ids)
+            from kalmkg.encode import embed_rows
+
+            vectors = embed_rows(llm, ids)
         finally:
             llm.close()
         gen = llama_cpp.Llama(str(path), n_ctx=512, verbose=False)

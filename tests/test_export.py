@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from kalmkg.errors import KalmkgError
-from kalmkg.export import QUANT_TYPES, STAGES, ExportProgress, export_run, gguf_embed, read_gguf_metadata
+from kalmkg.encode import embed_rows
+from kalmkg.export import QUANT_TYPES, STAGES, ExportProgress, export_run, read_gguf_metadata
 from kalmkg.workspace import Workspace
 
 SAMPLE_TTL = Path(__file__).resolve().parent.parent / "sample_graphs" / "world.ttl"
@@ -99,7 +100,7 @@ def test_f16_export_round_trips_through_llama_cpp(trained_ws, gguf_tiny):
     try:
         rows = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
         assert rows == tokenizer(texts, add_special_tokens=False)["input_ids"]
-        got = gguf_embed(llm, rows)
+        got = embed_rows(llm, rows)
     finally:
         llm.close()
     cosines = np.sum(got * expected, axis=1)

