@@ -6,10 +6,12 @@ time `kalmkg ask` takes from the command to the first answer token.
 
 Same machine, same run, same prompt (an `ask` prompt with retrieved facts, through the model's chat
 template, as token ids shared by both programs), greedy, exactly --tokens new tokens (end-of-sequence is
-ignored so both produce the same count). Reported per program: prompt processing (time to the first new
+banned in both, as transformers' min_new_tokens does, so both produce the same count). Reported per program: prompt processing (time to the first new
 token), decode tokens/s (the other tokens), and end-to-end tokens/s. The baseline is transformers
 `generate` on the merged float32 model (peft `merge_and_unload` of the run, what `kalmkg export`
-converts), with torch using the same number of threads. Issue 5's target: >= 3x transformers' CPU speed.
+converts), with torch using the same number of threads. The F16 GGUF row separates llama.cpp's runtime
+from quantization. Issue 5's target: >= 3x transformers' CPU speed. transformers' time to the first token
+is measured by a separate 1-token `generate` call.
 
 `kalmkg ask` latency: `python -m kalmkg ask ...` in a fresh process, from the spawn to the first byte of
 the answer on stdout. "cold" is the first run after dropping the OS page cache (needs root; else the
@@ -50,7 +52,9 @@ def prompt_ids(ws, tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def time_llama(path: Path, ids: list[int], n: int, threads: int, repeats: int) -> dict:
+def time_llama(path: Path, ids: list[int], n: int, threads: int, repeats: int, banned: list[int]) -> dict:
+    import numpy as np
+
     import llama_cpp
 
     from kalmkg.encode import _quiet_llama_cpp
@@ -58,12 +62,16 @@ def time_llama(path: Path, ids: list[int], n: int, threads: int, repeats: int) -
     _quiet_llama_cpp(llama_cpp)
     llm = llama_cpp.Llama(str(path), n_ctx=max(1024, len(ids) + n + 8), n_threads=threads, n_threads_batch=threads,
                           verbose=False)
+    def ban(_, scores):  # as transformers' min_new_tokens does: end-of-sequence is never picked
+        scores[banned] = -np.inf
+        return scores
+
     runs = []
     for _ in range(repeats + 1):  # the first is a warm-up
         llm.reset()
         t0 = time.perf_counter()
         first, got = None, []
-        for tok in llm.generate(ids, temp=0.0, reset=True):
+        for tok in llm.generate(ids, temp=0.0, reset=True, logits_processor=llama_cpp.LogitsProcessorList([ban])):
             if first is None:
                 first = time.perf_counter() - t0
             got.append(tok)
@@ -150,7 +158,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from world_run import QUANTS, prepare
+    from world_run import QUANTS, kalmkg, prepare
 
     from kalmkg.run_model import load_model
     from kalmkg.workspace import Workspace
@@ -163,12 +171,16 @@ def main() -> None:
     print(f"prompt: {len(ids)} tokens; {args.tokens} new tokens; {args.threads} threads; median of {args.repeats}",
           file=sys.stderr)
 
-    rows = []
-    for quant in QUANTS:
-        path = root / "models" / f"world-{quant}.gguf"
-        r = time_llama(path, ids, args.tokens, args.threads, args.repeats)
-        rows.append((f"llama.cpp {quant}", path.stat().st_size, r))
     loaded = load_model(ws, run="world", device="cpu")
+    eos = loaded.model.generation_config.eos_token_id
+    banned = sorted({*([eos] if isinstance(eos, int) else eos or []), tokenizer.eos_token_id} - {None})
+    rows = []
+    for quant in ("F16", *QUANTS):
+        path = root / "models" / f"world-{quant}.gguf"
+        if not path.is_file():
+            kalmkg(root, "export", "--run", "world", "--quant", quant, "--name", f"world-{quant}")
+        r = time_llama(path, ids, args.tokens, args.threads, args.repeats, banned)
+        rows.append((f"llama.cpp {quant}", path.stat().st_size, r))
     merged = loaded.model  # kalmkg loads a run with its adapter merged (peft merge_and_unload)
     merged = (merged.merge_and_unload() if hasattr(merged, "merge_and_unload") else merged).float().eval()
     n_bytes = sum(t.numel() * t.element_size() for t in merged.parameters())  # tied embeddings once
@@ -180,9 +192,10 @@ def main() -> None:
     for name, size, r in rows:
         print(f"| {name} | {size / 1e6:,.1f} MB | {r['first_s'] * 1000:,.0f} ms | {r['decode_tps']:,.1f} | "
               f"{r['e2e_tps']:,.1f} | {r['e2e_tps'] / base['e2e_tps']:.2f}x |")
-    ref, q8 = rows[0][2]["tokens"], rows[1][2]["tokens"]
-    same = next((i for i, (a, b) in enumerate(zip(ref, q8)) if a != b), min(len(ref), len(q8)))
-    print(f"\nQ8_0's greedy continuation equals transformers' for the first {same} of {args.tokens} tokens")
+    ref = rows[0][2]["tokens"]
+    for name, _, r in rows[1:]:
+        same = next((i for i, (a, b) in enumerate(zip(ref, r["tokens"])) if a != b), min(len(ref), len(r["tokens"])))
+        print(f"{name}: greedy continuation equals transformers' for the first {same} of {args.tokens} tokens")
 
     lat = ask_latency(root, root / "models" / "world-Q8_0.gguf", args.threads, args.repeats)
     print("\n| `kalmkg ask` to the first answer token (Q8_0) | seconds |")

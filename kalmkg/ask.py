@@ -96,12 +96,18 @@ def linked_descriptions(links: Sequence[Link], n: int, max_chars: int = 240) -> 
     return out
 
 
+def no_facts_message(links: Sequence[Link]) -> str:
+    names = ", ".join(lk.label for lk in links)
+    return f"The graph has no facts about {names} to answer from."
+
+
 # --------------------------------------------------------------------------------------------- ask
 
 
 def ask(store, question: str, generator: Generator, embedder=None, config: AskConfig = AskConfig(),
         on_token: Callable[[str], None] | None = None) -> Answer:
-    """Retrieve, prompt, generate (streamed to `on_token`). No generation when the graph has no match."""
+    """Retrieve, prompt, generate (streamed to `on_token`). No generation when the question names nothing
+    in the graph, or names entities the graph has neither facts nor a description for."""
     question = " ".join(question.split())
     if not question:
         raise KalmkgError("an empty question")
@@ -116,6 +122,11 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
             on_token(NO_MATCH)
         return Answer(question, NO_MATCH, False, [], [], seconds=seconds)
     descriptions = linked_descriptions(found.links, config.descriptions)
+    if not config.no_context and not found.facts and not descriptions:
+        text = no_facts_message(found.links)
+        if on_token is not None:
+            on_token(text)
+        return Answer(question, text, True, found.links, [], seconds=seconds)
     messages = build_messages(question, found.facts, descriptions, config.no_context)
     pieces: list[str] = []
     t1 = time.perf_counter()
@@ -134,7 +145,9 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
 
 
 def is_abstention(text: str) -> bool:
-    return bool(_ABSTAIN.search(normalize_answer(text))) or text.strip() == NO_MATCH
+    text = text.strip()
+    return bool(_ABSTAIN.search(normalize_answer(text))) or text == NO_MATCH or (
+        text.startswith("The graph has no facts about ") and text.endswith(" to answer from."))
 
 
 def normalize_answer(text: str) -> str:
@@ -272,7 +285,7 @@ class Asker:
         self.choice = resolve_model(workspace, model)
         n_threads = n_threads or default_threads()
         self.generator = LlamaChat(self.choice.path, n_threads=n_threads)
-        self.embedder = GGUFEncoder(self.choice.path, n_threads=n_threads) if embed else None
+        self.embedder = GGUFEncoder(self.choice.path, n_threads=n_threads, truncate=True) if embed else None
 
     def ask(self, question: str, config: AskConfig = AskConfig(), on_token=None) -> Answer:
         from kalmkg.store import Store

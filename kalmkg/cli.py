@@ -786,6 +786,12 @@ def ask(
         raise KalmkgError(f"--hops must be 1 or 2, not {hops}")
     if max_facts < 1:
         raise KalmkgError("--max-facts must be at least 1")
+    if max_tokens < 1:
+        raise KalmkgError("--max-tokens must be at least 1")
+    if temperature < 0:
+        raise KalmkgError("--temperature must be 0 (greedy) or more")
+    if threads is not None and threads < 1:
+        raise KalmkgError("--threads must be at least 1")
     if not question.strip():
         raise KalmkgError("an empty question")
     with Store.open(ctx.obj):  # a missing graph fails before a model is loaded

@@ -75,12 +75,14 @@ class GGUFEncoder:
     `encode_ids` takes token rows directly (export verification compares exact ids with torch).
     """
 
-    def __init__(self, path, tokenizer=None, *, n_ctx: int = 512, n_threads: int | None = None):
+    def __init__(self, path, tokenizer=None, *, n_ctx: int = 512, n_threads: int | None = None,
+                 truncate: bool = False):
         import llama_cpp
 
         _quiet_llama_cpp(llama_cpp)
         self.path = str(path)
         self.tokenizer = tokenizer
+        self.truncate = truncate  # cut long texts to the context (and embed "" as " ") instead of refusing
         # llama.cpp's threads busy-wait: more threads than free cores costs orders of magnitude (seen:
         # 8 s instead of 0.15 s per query on 2 cores with another job running). Default: half the
         # logical cores (the physical ones on SMT machines), for prompt processing too.
@@ -92,9 +94,13 @@ class GGUFEncoder:
         )
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.truncate:
+            texts = [t if t.strip() else " " for t in texts]
         if self.tokenizer is not None:
-            return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [self.llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
+            rows = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        else:
+            rows = [self.llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
+        return [r[: self.llm.n_batch] for r in rows] if self.truncate else rows
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """[n, D] float32 in input order (`batch_size` is unused: rows are packed by tokens)."""

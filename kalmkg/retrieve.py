@@ -4,16 +4,19 @@ Three steps, each testable on its own:
 
 1. **Link** the entities a question mentions: word n-grams of the question are matched against entity labels
    and IRI local names in DuckDB (case-, accent- and punctuation-insensitive, longest match first); the
-   words left over are matched fuzzily (Jaro-Winkler) so a typo still links, and a capitalised word left
-   after that may name an entity by the first words of its label ("Apple" for "Apple Inc."). A name several entities share
+   words left over are matched fuzzily (Jaro-Winkler) so a typo still links, and capitalised words left
+   after that may name an entity by the first or last words of its label ("Apple" for "Apple Inc.",
+   "Einstein" for "Albert Einstein"). A name several entities share
    is disambiguated by embedding similarity of the question with each candidate's text (the same GGUF that
    answers), when an embedder is given.
 2. **Collect** candidate facts: every triple touching a linked entity (hop 1) and, through the neighbours of
    the most relevant hop-1 facts, the triples touching those (hop 2). A hop-2 fact is kept as a *path*
    with the hop-1 fact that bridges to it, so a prompt never gets a second hop without its first.
-3. **Rank** paths by relevance to the question: word overlap of the question with the relation's label
-   (strong) and description (weak) and with the far entity's label, then, for the best few, embedding
-   similarity of the question with the fact's text. Scoring functions are pure.
+3. **Rank** paths by relevance to the question. Every relation gets a score: word overlap of the question
+   with its label (strong) and description (weak) plus embedding similarity of the question with the
+   label; that score also decides which facts of a hub entity are read at all. A fact adds the far
+   entity's name; the best few are then re-ranked by embedding similarity of the question with the
+   fact's text. Scoring functions are pure; embeddings come from the same GGUF that answers.
 
 Nothing here imports torch: `kalmkg ask` runs on DuckDB and llama.cpp only.
 """
@@ -40,12 +43,15 @@ MAX_NGRAM = 8          # longest entity name (in words) looked for in a question
 FUZZY_MIN = 0.92       # Jaro-Winkler similarity for a fuzzy name match
 FUZZY_MIN_CHARS = 5    # shorter spans are never matched fuzzily (too many false friends)
 AMBIGUOUS_KEEP = 3     # candidates kept for a name several entities share, without an embedder
-HOP2_FANOUT = 100      # hop-2 triples read per bridge entity (a hub must not flood the candidates)
+MAX_CANDIDATES = 20    # entities looked at per name (a name many entities share is settled among these)
+HOP1_CAP = 1000        # hop-1 triples read per linked entity, most relevant relations first (hubs)
+HOP2_FANOUT = 100      # hop-2 triples read per bridge entity, likewise
+RELATION_EMBED_MAX = 256  # relation labels embedded per question (more: words alone score relations)
+RELATION_EMBED_WEIGHT = 0.05  # a tie-breaker between relations: base-model similarities are noisy
 HOP2_BRIDGES = 12      # hop-1 facts whose far entity is expanded into hop 2
 HOP_PENALTY = 0.15     # a 2-hop path must be more relevant than a 1-hop fact to outrank it
 EMBED_WEIGHT = 0.25    # weight of the (standardised) embedding similarity: a tie-breaker more than a judge
 RERANK = 24            # candidates whose texts are embedded (llama.cpp on a CPU: ~25 ms a fact)
-EMBED_CHARS = 1000     # texts are cut before embedding, to stay inside the embedding context
 
 
 class Embedder(Protocol):
@@ -61,8 +67,8 @@ class Link:
     label: str
     description: str | None
     mention: str       # the words of the question that matched
-    match: str         # 'exact' | 'fuzzy' | 'prefix'
-    score: float       # 1.0 for exact, the Jaro-Winkler similarity for fuzzy, 0.9 for prefix
+    match: str         # 'exact' | 'fuzzy' | 'partial'
+    score: float       # 1.0 for exact, the Jaro-Winkler similarity for fuzzy, 0.9 for partial
 
 
 @dataclass(frozen=True)
@@ -212,7 +218,7 @@ def link_entities(store, question: str, embedder: Embedder | None = None) -> lis
     caps = capitalized(question)
     proper = [s for s in spans if covered.isdisjoint(range(s[0], s[1])) and len(caps) == len(tokens)
               and all(caps[k] for k in range(s[0], s[1])) and s[2] not in STOPWORDS]
-    starts = _prefix_matches(store, proper)
+    starts = _partial_matches(store, proper)
     for span in choose_spans(starts):
         chosen.append(span)
         exact[span] = starts[span]
@@ -227,63 +233,49 @@ def link_entities(store, question: str, embedder: Embedder | None = None) -> lis
     return links
 
 
-def _exact_matches(store, spans) -> dict[tuple[int, int], list[dict]]:
-    if not spans:
+def _matches(store, spans, condition: str, order: str, match: str, score_sql: str = "NULL",
+             extra: dict | None = None) -> dict[tuple[int, int], list[dict]]:
+    """Entities whose normalised label (`e.n`) or local name (`e.l`) meets `condition` for each span text
+    (`q.t`), at most MAX_CANDIDATES per text: a name thousands of entities share must not flood linking."""
+    texts = sorted({t for _, _, t in spans})
+    if not texts:
         return {}
-    texts = sorted({s[2] for s in spans})
     rows = store.con.execute(
         f"""WITH q AS (SELECT unnest($texts) AS t),
                  e AS (SELECT id, key, label, description, {_NORM_SQL.format(x='label')} AS n,
                               {_NORM_SQL.format(x=f"replace({_LOCAL_SQL}, '_', ' ')")} AS l FROM entities)
-            SELECT q.t, e.id, e.key, e.label, e.description FROM q JOIN e ON e.n = q.t OR e.l = q.t
-            ORDER BY q.t, e.id""",
-        {"texts": texts},
+            SELECT q.t, e.id, e.key, e.label, e.description, {score_sql} AS s FROM q JOIN e ON {condition}
+            QUALIFY row_number() OVER (PARTITION BY q.t ORDER BY {order}) <= $cap
+            ORDER BY q.t, {order}""",
+        {"texts": texts, "cap": MAX_CANDIDATES, **(extra or {})},
     ).fetchall()
     by_text: dict[str, list[dict]] = {}
-    for t, i, k, lbl, d in rows:
-        by_text.setdefault(t, []).append({"id": i, "key": k, "label": lbl, "description": d, "match": "exact",
-                                          "score": 1.0})
+    for t, i, k, lbl, d, sc in rows:
+        by_text.setdefault(t, []).append({"id": i, "key": k, "label": lbl, "description": d, "match": match,
+                                          "score": 1.0 if sc is None else round(float(sc), 3)})
     return {(i, j): by_text[t] for i, j, t in spans if t in by_text}
+
+
+def _exact_matches(store, spans) -> dict[tuple[int, int], list[dict]]:
+    return _matches(store, spans, "e.n = q.t OR e.l = q.t", "e.id", "exact")
 
 
 def _fuzzy_matches(store, spans) -> dict[tuple[int, int], list[dict]]:
-    texts = sorted({t for _, _, t in spans if len(t.replace(" ", "")) >= FUZZY_MIN_CHARS})
-    if not texts:
-        return {}
-    rows = store.con.execute(
-        f"""WITH q AS (SELECT unnest($texts) AS t),
-                 e AS (SELECT id, key, label, description, {_NORM_SQL.format(x='label')} AS n FROM entities)
-            SELECT q.t, e.id, e.key, e.label, e.description, jaro_winkler_similarity(e.n, q.t) AS s
-            FROM q, e WHERE abs(length(e.n) - length(q.t)) <= 3 AND jaro_winkler_similarity(e.n, q.t) >= $min
-            ORDER BY q.t, s DESC, e.id""",
-        {"texts": texts, "min": FUZZY_MIN},
-    ).fetchall()
-    by_text: dict[str, list[dict]] = {}
-    for t, i, k, lbl, d, s in rows:
-        by_text.setdefault(t, []).append({"id": i, "key": k, "label": lbl, "description": d, "match": "fuzzy",
-                                          "score": round(float(s), 3)})
+    spans = [s for s in spans if len(s[2].replace(" ", "")) >= FUZZY_MIN_CHARS]
+    found = _matches(store, spans,
+                     "abs(length(e.n) - length(q.t)) <= 3 AND jaro_winkler_similarity(e.n, q.t) >= $min",
+                     "jaro_winkler_similarity(e.n, q.t) DESC, e.id", "fuzzy", "jaro_winkler_similarity(e.n, q.t)",
+                     {"min": FUZZY_MIN})
     # only the best-scoring entities of a span: a near-miss of a typo is not a second mention
-    return {(i, j): [r for r in by_text[t] if r["score"] == by_text[t][0]["score"]]
-            for i, j, t in spans if t in by_text}
+    return {span: [r for r in rows if r["score"] == rows[0]["score"]] for span, rows in found.items()}
 
 
-def _prefix_matches(store, spans) -> dict[tuple[int, int], list[dict]]:
-    """Spans that are the leading words of a longer label ("apple" -> "apple inc")."""
-    texts = sorted({t for _, _, t in spans if len(t) >= 2})
-    if not texts:
-        return {}
-    rows = store.con.execute(
-        f"""WITH q AS (SELECT unnest($texts) AS t),
-                 e AS (SELECT id, key, label, description, {_NORM_SQL.format(x='label')} AS n FROM entities)
-            SELECT q.t, e.id, e.key, e.label, e.description FROM q JOIN e ON starts_with(e.n, q.t || ' ')
-            ORDER BY q.t, length(e.n), e.id""",
-        {"texts": texts},
-    ).fetchall()
-    by_text: dict[str, list[dict]] = {}
-    for t, i, k, lbl, d in rows:
-        by_text.setdefault(t, []).append({"id": i, "key": k, "label": lbl, "description": d, "match": "prefix",
-                                          "score": 0.9})
-    return {(i, j): by_text[t] for i, j, t in spans if t in by_text}
+def _partial_matches(store, spans) -> dict[tuple[int, int], list[dict]]:
+    """Spans that are the first or last words of a longer label: "Apple" -> "Apple Inc.", "Einstein" ->
+    "Albert Einstein" (shorter labels first)."""
+    spans = [s for s in spans if len(s[2]) >= 2]
+    return _matches(store, spans, "starts_with(e.n, q.t || ' ') OR ends_with(e.n, ' ' || q.t)",
+                    "length(e.n), e.id", "partial", "0.9")
 
 
 def _pick(rows: list[dict], question: str, embedder: Embedder | None) -> list[dict]:
@@ -294,8 +286,7 @@ def _pick(rows: list[dict], question: str, embedder: Embedder | None) -> list[di
         return rows[:AMBIGUOUS_KEEP]
     from kalmkg.verbalize import entity_text
 
-    vecs = embedder.encode([question[:EMBED_CHARS]] + [entity_text(r["label"], r["description"])[:EMBED_CHARS]
-                                                        for r in rows])
+    vecs = embedder.encode([question] + [entity_text(r["label"], r["description"]) for r in rows])
     best = int(np.argmax(vecs[1:] @ vecs[0]))
     return [rows[best]]
 
@@ -307,35 +298,42 @@ _FACT_COLS = "t.head, t.relation, t.tail, h.label, r.label, x.label, h.key, r.ke
 _FACT_JOINS = "JOIN entities h ON h.id = t.head JOIN relations r ON r.id = t.relation JOIN entities x ON x.id = t.tail"
 
 
-def hop1(store, entity_ids: Sequence[int]) -> list[Fact]:
-    """Every distinct triple (any split) with a linked entity as head or tail."""
-    rows = store.con.execute(
-        f"""SELECT {_FACT_COLS}
-            FROM (SELECT DISTINCT head, relation, tail FROM triples
-                  WHERE list_contains($ids, head) OR list_contains($ids, tail)) t {_FACT_JOINS}
-            ORDER BY t.head, t.relation, t.tail""",
-        {"ids": list(entity_ids)},
-    ).fetchall()
-    return [Fact(*row) for row in rows]
-
-
-def hop2(store, bridges: Sequence[int], fanout: int = HOP2_FANOUT) -> dict[int, list[Fact]]:
-    """Triples touching each bridge entity, at most `fanout` per bridge (lowest ids first: deterministic)."""
-    if not bridges:
+def _neighbour_facts(store, entities: Sequence[int], relation_scores: np.ndarray, cap: int) -> dict[int, list[Fact]]:
+    """For each entity, the distinct triples (any split) it is the head or tail of: at most `cap`, the ones
+    with the most relevant relations first (then by ids, so the choice is deterministic)."""
+    if not entities:
         return {}
     rows = store.con.execute(
-        f"""WITH b AS (SELECT unnest($ids) AS e),
-                 d AS (SELECT DISTINCT b.e AS bridge, head, relation, tail FROM triples, b
-                       WHERE head = b.e OR tail = b.e),
-                 n AS (SELECT *, row_number() OVER (PARTITION BY bridge ORDER BY head, relation, tail) AS k FROM d)
-            SELECT t.bridge, {_FACT_COLS} FROM n t {_FACT_JOINS}
-            WHERE t.k <= $fanout ORDER BY t.bridge, t.head, t.relation, t.tail""",
-        {"ids": list(bridges), "fanout": fanout},
+        f"""WITH s AS (SELECT unnest($ids) AS e),
+                 d AS (SELECT DISTINCT s.e AS near, head, relation, tail FROM triples, s
+                       WHERE head = s.e OR tail = s.e),
+                 n AS (SELECT *, coalesce(list_extract($scores, relation + 1), 0) AS rs FROM d
+                       QUALIFY row_number() OVER (PARTITION BY near ORDER BY rs DESC, head, relation, tail) <= $cap)
+            SELECT t.near, {_FACT_COLS} FROM n t {_FACT_JOINS}
+            ORDER BY t.near, t.rs DESC, t.head, t.relation, t.tail""",
+        {"ids": [int(e) for e in entities], "scores": [float(x) for x in relation_scores], "cap": cap},
     ).fetchall()
     out: dict[int, list[Fact]] = {}
-    for bridge, *fact in rows:
-        out.setdefault(bridge, []).append(Fact(*fact))
+    for near, *fact in rows:
+        out.setdefault(near, []).append(Fact(*fact))
     return out
+
+
+def relation_scores(store, question_words: Sequence[str], question: str, embedder: Embedder | None) -> np.ndarray:
+    """Relevance of every relation to the question, indexed by relation id: word overlap with its label
+    (1.0) and description (0.3), plus, with an embedder and a graph of at most RELATION_EMBED_MAX
+    relations, the standardised similarity of the question with the label as a tie-breaker (weight
+    RELATION_EMBED_WEIGHT: words are the stronger evidence; similarity orders relations no word matched)."""
+    rows = store.con.execute("SELECT id, label, coalesce(description, '') FROM relations ORDER BY id").fetchall()
+    scores = np.zeros(max((r[0] for r in rows), default=-1) + 1)
+    for rid, label, description in rows:
+        scores[rid] = overlap(question_words, label) + 0.3 * overlap(question_words, description)
+    if embedder is not None and 1 < len(rows) <= RELATION_EMBED_MAX:
+        vecs = embedder.encode([question] + [label for _, label, _ in rows])
+        z = standardize((vecs[1:] @ vecs[0]).astype(np.float64))
+        for (rid, _, _), zz in zip(rows, z):
+            scores[rid] += RELATION_EMBED_WEIGHT * float(zz)
+    return scores
 
 
 def far_end(fact: Fact, entity: int) -> int:
@@ -346,12 +344,11 @@ def far_label(fact: Fact, entity: int) -> str:
     return fact.tail_label if fact.head == entity else fact.head_label
 
 
-def fact_lexical(question_words: Sequence[str], fact: Fact, near: int, relation_descriptions: dict[int, str],
+def fact_lexical(question_words: Sequence[str], fact: Fact, near: int, rel_scores: np.ndarray,
                  linked: set[int]) -> float:
-    """Relevance of a fact to a question from words alone: the relation's label (1.0) and description
-    (0.3) and the far entity's name (0.5); +1 when the far entity is itself named in the question."""
-    score = overlap(question_words, fact.relation_label)
-    score += 0.3 * overlap(question_words, relation_descriptions.get(fact.relation, "") or "")
+    """Relevance of a fact seen from entity `near`: its relation's score, plus the far entity's name
+    (0.5 x word overlap), or +1 when the far entity is itself named in the question."""
+    score = float(rel_scores[fact.relation]) if fact.relation < len(rel_scores) else 0.0
     far = far_end(fact, near)
     score += 1.0 if far in linked and far != near else 0.5 * overlap(question_words, far_label(fact, near))
     return score
@@ -403,36 +400,34 @@ def retrieve(store, question: str, *, hops: int = 2, max_facts: int = 8, embedde
     # Marie Curie must not make every fact about Pierre Curie relevant
     named = {w for lk in links for w in lk.mention.split()}
     qwords = [w for w in content_words(question) if w not in named]
-    rel_desc = dict(store.con.execute("SELECT id, coalesce(description, '') FROM relations").fetchall())
+    rel_scores = relation_scores(store, qwords, question, embedder)
 
     paths: list[Path] = []
-    first = hop1(store, sorted(linked))
-    for f in first:
-        near = f.head if f.head in linked else f.tail
-        paths.append(Path((f,), fact_lexical(qwords, f, near, rel_desc, linked)))
+    seen: set[tuple[int, int, int]] = set()
+    for near, facts in _neighbour_facts(store, sorted(linked), rel_scores, HOP1_CAP).items():
+        for f in facts:
+            if f.ids not in seen:  # a fact between two linked entities comes once
+                seen.add(f.ids)
+                paths.append(Path((f,), fact_lexical(qwords, f, near, rel_scores, linked)))
     if hops == 2:
-        best_first = sorted(paths, key=lambda p: -p.lexical)[:HOP2_BRIDGES]
-        bridges = {}
-        for p in best_first:
+        bridges: dict[int, list[Path]] = {}
+        for p in sorted(paths, key=lambda p: -p.lexical)[:HOP2_BRIDGES]:
             f = p.facts[0]
-            near = f.head if f.head in linked else f.tail
-            bridge = far_end(f, near)
+            bridge = f.tail if f.head in linked else f.head
             if bridge not in linked:
                 bridges.setdefault(bridge, []).append(p)
-        second = hop2(store, sorted(bridges))
-        first_ids = {f.ids for f in first}
-        for bridge, facts in second.items():
+        for bridge, facts in _neighbour_facts(store, sorted(bridges), rel_scores, HOP2_FANOUT).items():
             for f2 in facts:
-                if f2.ids in first_ids:
+                if f2.ids in seen:
                     continue
-                s2 = fact_lexical(qwords, f2, bridge, rel_desc, linked)
+                s2 = fact_lexical(qwords, f2, bridge, rel_scores, linked)
                 for p in bridges[bridge]:
                     paths.append(Path((p.facts[0], f2), path_lexical([p.lexical, s2])))
 
     paths.sort(key=lambda p: -p.lexical)
     if embedder is not None and paths:
         top = paths[:RERANK]
-        vecs = embedder.encode([question[:EMBED_CHARS]] + [p.facts[-1].text()[:EMBED_CHARS] for p in top])
+        vecs = embedder.encode([question] + [p.facts[-1].text() for p in top])
         sims = vecs[1:] @ vecs[0]
         z = standardize(sims.astype(np.float64))
         for p, s, zz in zip(top, sims, z):
