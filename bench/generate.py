@@ -195,7 +195,7 @@ def main() -> None:
     ref = rows[0][2]["tokens"]
     for name, _, r in rows[1:]:
         same = next((i for i, (a, b) in enumerate(zip(ref, r["tokens"])) if a != b), min(len(ref), len(r["tokens"])))
-        print(f"{name}: greedy continuation equals transformers' for the first {same} of {args.tokens} tokens")
+        print(f"greedy continuation of {name} equals transformers' for the first {same} of {args.tokens} tokens")
 
     lat = ask_latency(root, root / "models" / "world-Q8_0.gguf", args.threads, args.repeats)
     print("\n| `kalmkg ask` to the first answer token (Q8_0) | seconds |")

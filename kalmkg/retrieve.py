@@ -209,14 +209,19 @@ def link_entities(store, question: str, embedder: Embedder | None = None) -> lis
     exact = _exact_matches(store, spans)
     chosen = choose_spans(exact)
     covered = {k for i, j in chosen for k in range(i, j)}
+    caps = capitalized(question)
+    if len(caps) != len(tokens):  # tokenization disagreed (should not happen): no capitalisation hints
+        caps = [False] * len(tokens)
+    # a single lower-case word is too often a near-miss of some label ("domain" ~ "domino"): fuzzy matching
+    # takes multi-word spans, and single words only when capitalised
     fuzzy = _fuzzy_matches(store, [s for s in spans if covered.isdisjoint(range(s[0], s[1]))
-                                   and tokens[s[0]] not in STOPWORDS and tokens[s[1] - 1] not in STOPWORDS])
+                                   and tokens[s[0]] not in STOPWORDS and tokens[s[1] - 1] not in STOPWORDS
+                                   and (s[1] - s[0] > 1 or caps[s[0]])])
     for span in choose_spans(fuzzy):
         chosen.append(span)
         exact[span] = fuzzy[span]
     covered = {k for i, j in chosen for k in range(i, j)}
-    caps = capitalized(question)
-    proper = [s for s in spans if covered.isdisjoint(range(s[0], s[1])) and len(caps) == len(tokens)
+    proper = [s for s in spans if covered.isdisjoint(range(s[0], s[1]))
               and all(caps[k] for k in range(s[0], s[1])) and s[2] not in STOPWORDS]
     starts = _partial_matches(store, proper)
     for span in choose_spans(starts):

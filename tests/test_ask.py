@@ -479,3 +479,10 @@ def test_the_ask_encoder_cuts_long_and_empty_texts_instead_of_failing():
     lenient = GGUFEncoder(_embedded_gguf("smollm2-135m"), n_ctx=64, truncate=True)
     vecs = lenient.encode([long_text, ""])
     assert vecs.shape[0] == 2 and np.isfinite(vecs).all()
+
+
+def test_single_lower_case_words_are_not_matched_fuzzily(tmp_path):
+    ws = ingest_ttl(tmp_path, 'ex:D rdfs:label "domino" ; ex:is ex:G . ex:G rdfs:label "game" .\n')
+    with Store.open(ws) as s:
+        assert link_entities(s, "which domain does it belong to?") == []  # "domain" ~ "domino": 0.93
+        assert [local(lk.key) for lk in link_entities(s, "Who plays Domno?")] == ["D"]  # a capitalised typo
