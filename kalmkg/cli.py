@@ -837,10 +837,34 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
 
 
+def _click():
+    """The click that parses our command line: recent typer releases vendor their own copy."""
+    try:
+        from typer import _click as click
+    except ImportError:
+        import click
+    return click
+
+
 def main() -> None:
+    click = _click()
     _quiet_libraries()
     try:
-        app()
+        code = app(standalone_mode=False)
     except KalmkgError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(1)
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare `kalmkg`: the help, as click does
+        exc.show()
+        sys.exit(2)
+    except click.exceptions.UsageError as exc:  # a missing argument, a bad option value: one line
+        command = exc.ctx.command_path if exc.ctx is not None else "kalmkg"
+        sys.stderr.write(f"error: {exc.format_message()} (see `{command} --help`)\n")
+        sys.exit(1)
+    except click.exceptions.ClickException as exc:
+        sys.stderr.write(f"error: {exc.format_message()}\n")
+        sys.exit(1)
+    except click.exceptions.Abort:
+        sys.stderr.write("aborted\n")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -210,6 +210,21 @@ def test_help_lists_the_commands(tmp_path):
         assert command in proc.stdout
 
 
+@pytest.mark.parametrize("args, fragments", [
+    (["ask"], ["Missing argument", "kalmkg ask --help"]),
+    (["stats", "--top", "many"], ["Invalid value for '--top'", "kalmkg stats --help"]),
+    (["predict", "Paris", "capital_of"], ["Missing argument", "kalmkg predict --help"]),
+    (["frobnicate"], ["No such command 'frobnicate'"]),
+])
+def test_usage_errors_are_one_line_and_exit_1(tmp_path, args, fragments):
+    assert_one_line_error(run_kalmkg(*args, cwd=tmp_path), *fragments)
+
+
+def test_bare_kalmkg_prints_the_help(tmp_path):
+    proc = run_kalmkg(cwd=tmp_path)
+    assert proc.returncode == 2 and "Usage:" in proc.stdout and "ingest" in proc.stdout
+
+
 def test_console_script_is_installed(tmp_path):
     script = Path(sys.executable).parent / ("kalmkg.exe" if os.name == "nt" else "kalmkg")
     assert script.is_file(), f"console script missing: {script} (pip install -e .)"
