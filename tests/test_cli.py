@@ -79,7 +79,8 @@ def test_unknown_split_is_one_line_error(tmp_path):
     assert_one_line_error(proc, "unknown split 'dev'")
 
 
-@pytest.mark.parametrize("args", [["stats"], ["stats", "--json"], ["entities", "Paris"], ["split"]])
+@pytest.mark.parametrize("args", [["stats"], ["stats", "--json"], ["entities", "Paris"], ["split"],
+                                  ["ask", "Where was Bill Gates born?"]])
 def test_commands_on_a_workspace_without_a_graph(tmp_path, args):
     proc = run_kalmkg("-w", tmp_path / "empty_ws", *args, cwd=tmp_path)
     assert_one_line_error(proc, "no graph in workspace", "kalmkg ingest")
@@ -126,7 +127,7 @@ def test_second_process_gets_workspace_is_busy(tmp_path):
     extra = write(tmp_path / "extra.tsv", "x\tr\ty\n")
     with Store.open(ws, write=True) as store:
         before = store.con.execute("SELECT count(*) FROM triples").fetchone()
-        for args in (["ingest", extra], ["stats"]):  # a writer and a reader
+        for args in (["ingest", extra], ["stats"], ["ask", "Where was Bill Gates born?"]):  # a writer, readers
             proc = run_kalmkg("-w", ws.root, *args, cwd=tmp_path)
             assert_one_line_error(proc, "workspace is busy")
         # the held store is intact and still usable
