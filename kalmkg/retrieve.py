@@ -239,16 +239,31 @@ def link_entities(store, question: str, embedder: Embedder | None = None) -> lis
 
 
 def _matches(store, spans, condition: str, order: str, match: str, score_sql: str = "NULL",
-             extra: dict | None = None) -> dict[tuple[int, int], list[dict]]:
+             extra: dict | None = None, prefilter: str = "contains") -> dict[tuple[int, int], list[dict]]:
     """Entities whose normalised label (`e.n`) or local name (`e.l`) meets `condition` for each span text
-    (`q.t`), at most MAX_CANDIDATES per text: a name thousands of entities share must not flood linking."""
+    (`q.t`), at most MAX_CANDIDATES per text: a name thousands of entities share must not flood linking.
+
+    Normalising every label is the cost on a large graph, so a cheap necessary condition picks the rows
+    to normalise first: `contains` -- the label or key contains one of the spans' words (true of every
+    exact or partial match); `initial` -- the label starts with the first two letters of a span (fuzzy:
+    a typo in the first two letters of a name is not corrected)."""
     texts = sorted({t for _, _, t in spans})
     if not texts:
         return {}
+    folded = "strip_accents(lower({x}))"
+    if prefilter == "contains":
+        words_ = sorted({w for t in texts for w in t.split()}, key=len, reverse=True)
+        where = (f"regexp_matches({folded.format(x='label')}, $alt) OR "
+                 f"regexp_matches({folded.format(x='key')}, $alt)")
+        extra = {**(extra or {}), "alt": "|".join(re.escape(w) for w in words_)}
+    else:
+        where = f"list_contains($initials, left({folded.format(x='label')}, 2))"
+        extra = {**(extra or {}), "initials": sorted({t[:2] for t in texts})}
     rows = store.con.execute(
         f"""WITH q AS (SELECT unnest($texts) AS t),
                  e AS (SELECT id, key, label, description, {_NORM_SQL.format(x='label')} AS n,
-                              {_NORM_SQL.format(x=f"replace({_LOCAL_SQL}, '_', ' ')")} AS l FROM entities)
+                              {_NORM_SQL.format(x=f"replace({_LOCAL_SQL}, '_', ' ')")} AS l FROM entities
+                       WHERE {where})
             SELECT q.t, e.id, e.key, e.label, e.description, {score_sql} AS s FROM q JOIN e ON {condition}
             QUALIFY row_number() OVER (PARTITION BY q.t ORDER BY {order}) <= $cap
             ORDER BY q.t, {order}""",
@@ -270,7 +285,7 @@ def _fuzzy_matches(store, spans) -> dict[tuple[int, int], list[dict]]:
     found = _matches(store, spans,
                      "abs(length(e.n) - length(q.t)) <= 3 AND jaro_winkler_similarity(e.n, q.t) >= $min",
                      "jaro_winkler_similarity(e.n, q.t) DESC, e.id", "fuzzy", "jaro_winkler_similarity(e.n, q.t)",
-                     {"min": FUZZY_MIN})
+                     {"min": FUZZY_MIN}, prefilter="initial")
     # only the best-scoring entities of a span: a near-miss of a typo is not a second mention
     return {span: [r for r in rows if r["score"] == rows[0]["score"]] for span, rows in found.items()}
 

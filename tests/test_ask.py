@@ -131,6 +131,7 @@ def test_select_facts_keeps_bridges_before_second_hops_and_counts_symmetric_pair
     ("who was marie cury married to", ["Marie_Curie"], "fuzzy"),
     ("Who founded Apple?", ["Apple_Inc"], "partial"),
     ("What field did Einstein work in?", ["Albert_Einstein"], "partial"),
+    ("Who was Prince Philip married to?", ["Prince_Philip"], "exact"),  # the IRI's local name
     ("Is Brasilia the capital of Brazil?", ["Brasilia", "Brazil"], "exact"),
     ("What is the capital of New Delhi?", ["New_Delhi"], "exact"),
 ])
