@@ -848,13 +848,14 @@ def _click():
 
 def main() -> None:
     click = _click()
+    no_args_help = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2 only
     _quiet_libraries()
     try:
         code = app(standalone_mode=False)
     except KalmkgError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(1)
-    except click.exceptions.NoArgsIsHelpError as exc:  # bare `kalmkg`: the help, as click does
+    except no_args_help as exc:  # bare `kalmkg`: the help, as click does
         exc.show()
         sys.exit(2)
     except click.exceptions.UsageError as exc:  # a missing argument, a bad option value: one line
