@@ -45,6 +45,16 @@ class AskConfig:
     seed: int = 0
     descriptions: int = 1  # descriptions of linked entities added to the facts
 
+    def __post_init__(self) -> None:
+        if self.hops not in (1, 2):
+            raise KalmkgError(f"--hops must be 1 or 2, not {self.hops}")
+        if self.max_facts < 1:
+            raise KalmkgError("--max-facts must be at least 1")
+        if self.max_tokens < 1:
+            raise KalmkgError("--max-tokens must be at least 1")
+        if self.temperature < 0:
+            raise KalmkgError("--temperature must be 0 (greedy) or more")
+
 
 @dataclass
 class Answer:
@@ -194,23 +204,16 @@ class ModelChoice:
 def resolve_model(workspace: Workspace, model: str | None) -> ModelChoice:
     """`--model`: a .gguf path, a name under models/, the embedded base (`smollm2-135m`), or by default the
     newest `kalmkg export` of this workspace."""
+    from kalmkg.export import list_exports
     from kalmkg.models import EMBEDDED, _embedded_gguf
 
-    models = workspace.root / "models"
+    models = workspace.models_dir
     if model is None:
-        found = []
-        for meta in sorted(models.glob("*.json")) if models.is_dir() else []:
-            try:
-                info = json.loads(meta.read_text())
-            except (OSError, ValueError):
-                continue
-            path = models / str(info.get("file", ""))
-            if path.suffix == ".gguf" and path.is_file():
-                found.append((path.stat().st_mtime, path, info))
-        if not found:
+        exports = list_exports(models)
+        if not exports:
             raise KalmkgError(f"no exported model in {models}: run `kalmkg export` first, or pass --model "
                               "PATH.gguf (--model smollm2-135m asks the untrained embedded base)")
-        _, path, info = max(found, key=lambda x: x[0])
+        path, info = exports[0]
         return ModelChoice(path, path.stem, info.get("run_id"))
     if model.lower() in EMBEDDED:
         return ModelChoice(_embedded_gguf(model.lower()), model.lower(), None)

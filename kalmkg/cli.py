@@ -782,14 +782,8 @@ def ask(
     from kalmkg.ask import AskConfig, Asker, context_lines
     from kalmkg.store import Store
 
-    if hops not in (1, 2):
-        raise KalmkgError(f"--hops must be 1 or 2, not {hops}")
-    if max_facts < 1:
-        raise KalmkgError("--max-facts must be at least 1")
-    if max_tokens < 1:
-        raise KalmkgError("--max-tokens must be at least 1")
-    if temperature < 0:
-        raise KalmkgError("--temperature must be 0 (greedy) or more")
+    config = AskConfig(hops=hops, max_facts=max_facts, no_context=no_context, temperature=temperature,
+                       max_tokens=max_tokens, seed=seed)  # checks the options before a model is loaded
     if threads is not None and threads < 1:
         raise KalmkgError("--threads must be at least 1")
     if not question.strip():
@@ -799,8 +793,6 @@ def ask(
     t0 = time.perf_counter()
     asker = Asker(ctx.obj, model, n_threads=threads, embed=not no_context)
     load_s = time.perf_counter() - t0
-    config = AskConfig(hops=hops, max_facts=max_facts, no_context=no_context, temperature=temperature,
-                       max_tokens=max_tokens, seed=seed)
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)

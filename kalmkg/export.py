@@ -484,6 +484,21 @@ def _write_metadata(src: Path, dst: Path, extra: dict[str, Any]) -> None:
         del reader  # its memory map
 
 
+def list_exports(models: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every `kalmkg export` in a models folder, as (GGUF path, its models/<name>.json), newest first.
+    A JSON file that cannot be read, or whose GGUF is gone, is skipped."""
+    found = []
+    for meta in sorted(models.glob("*.json")) if models.is_dir() else []:
+        try:
+            info = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        gguf = models / str(info.get("file", "")) if isinstance(info, dict) else models
+        if gguf.suffix == ".gguf" and gguf.is_file():
+            found.append((gguf, info))
+    return sorted(found, key=lambda x: x[0].stat().st_mtime, reverse=True)
+
+
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
     """The ``kalmkg.*`` and ``general.*`` keys of a GGUF (small values only)."""
     import gguf

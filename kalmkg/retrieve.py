@@ -115,8 +115,11 @@ class Retrieval:
     question: str
     links: list[Link]
     facts: list[Fact]                        # the ones to put in the prompt, in citation order
-    candidates: int = 0                      # paths considered
-    paths: list[Path] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)  # every path considered, best first
+
+    @property
+    def candidates(self) -> int:
+        return len(self.paths)
 
     @property
     def matched(self) -> bool:
@@ -206,31 +209,30 @@ def link_entities(store, question: str, embedder: Embedder | None = None) -> lis
     if not tokens:
         return []
     spans = ngrams(tokens)
-    exact = _exact_matches(store, spans)
-    chosen = choose_spans(exact)
-    covered = {k for i, j in chosen for k in range(i, j)}
     caps = capitalized(question)
     if len(caps) != len(tokens):  # tokenization disagreed (should not happen): no capitalisation hints
         caps = [False] * len(tokens)
-    # a single lower-case word is too often a near-miss of some label ("domain" ~ "domino"): fuzzy matching
-    # takes multi-word spans, and single words only when capitalised
-    fuzzy = _fuzzy_matches(store, [s for s in spans if covered.isdisjoint(range(s[0], s[1]))
-                                   and tokens[s[0]] not in STOPWORDS and tokens[s[1] - 1] not in STOPWORDS
-                                   and (s[1] - s[0] > 1 or caps[s[0]])])
-    for span in choose_spans(fuzzy):
-        chosen.append(span)
-        exact[span] = fuzzy[span]
-    covered = {k for i, j in chosen for k in range(i, j)}
-    proper = [s for s in spans if covered.isdisjoint(range(s[0], s[1]))
-              and all(caps[k] for k in range(s[0], s[1])) and s[2] not in STOPWORDS]
-    starts = _partial_matches(store, proper)
-    for span in choose_spans(starts):
-        chosen.append(span)
-        exact[span] = starts[span]
+
+    def fuzzy_ok(s) -> bool:
+        # a single lower-case word is too often a near-miss of some label ("domain" ~ "domino"): multi-word
+        # spans, and single words only when capitalised
+        return tokens[s[0]] not in STOPWORDS and tokens[s[1] - 1] not in STOPWORDS and (s[1] - s[0] > 1 or caps[s[0]])
+
+    def partial_ok(s) -> bool:
+        return all(caps[k] for k in range(s[0], s[1])) and s[2] not in STOPWORDS
+
+    # each stage looks only at the words earlier stages left unlinked
+    chosen: dict[tuple[int, int], list[dict]] = {}
+    for find, eligible in ((_exact_matches, None), (_fuzzy_matches, fuzzy_ok), (_partial_matches, partial_ok)):
+        covered = {k for i, j in chosen for k in range(i, j)}
+        found = find(store, [s for s in spans if covered.isdisjoint(range(s[0], s[1]))
+                             and (eligible is None or eligible(s))])
+        for span in choose_spans(found):
+            chosen[span] = found[span]
     links: list[Link] = []
     seen: set[int] = set()
     for i, j in sorted(chosen):
-        for row in _pick(exact[(i, j)], question, embedder):
+        for row in _pick(chosen[(i, j)], question, embedder):
             if row["id"] not in seen:
                 seen.add(row["id"])
                 links.append(Link(row["id"], row["key"], row["label"], row["description"], " ".join(tokens[i:j]),
@@ -459,4 +461,4 @@ def retrieve(store, question: str, *, hops: int = 2, max_facts: int = 8, embedde
         for p in paths:
             p.score = p.lexical
     paths.sort(key=lambda p: (-p.score, p.hops))
-    return Retrieval(question, links, select_facts(paths, max_facts), len(paths), paths)
+    return Retrieval(question, links, select_facts(paths, max_facts), paths)

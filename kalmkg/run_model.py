@@ -278,7 +278,7 @@ def make_encoder(loaded: LoadedModel, backend: str = "torch", *, n_threads: int 
 def find_export(loaded: LoadedModel, name: str | Path | None = None) -> Path:
     """The GGUF `kalmkg export` wrote for the run (models/<name>.gguf with models/<name>.json beside it):
     the one named, else the newest. Refused when the run's adapter is newer than the file (a resumed run)."""
-    import json
+    from kalmkg.export import list_exports
 
     models = loaded.run_dir.parent.parent / "models"
     if name is not None:
@@ -289,15 +289,7 @@ def find_export(loaded: LoadedModel, name: str | Path | None = None) -> Path:
             raise KalmkgError(f"no GGUF '{name}' in {models}")
         candidates = [path]
     else:
-        candidates = []
-        for meta in models.glob("*.json") if models.is_dir() else []:
-            try:
-                info = json.loads(meta.read_text())
-            except (OSError, ValueError):
-                continue
-            gguf = models / str(info.get("file", ""))
-            if info.get("run_id") == loaded.name and gguf.suffix == ".gguf" and gguf.is_file():
-                candidates.append(gguf)
+        candidates = [gguf for gguf, info in list_exports(models) if info.get("run_id") == loaded.name]
         if not candidates:
             raise KalmkgError(f"the gguf backend needs a GGUF of run {loaded.name}: run "
                               f"`kalmkg export --run {loaded.name}` (or use --backend torch)")
