@@ -13,7 +13,7 @@ DEMO_WS ?= .kalmkg-demo
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml kalmkg/llamacpp/build.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml
 		echo "no GPU: installing a CPU build of torch"; \
 		$(BIN)/pip install "$(TORCH_CPU)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	fi
+	@# llama.cpp compiled for the instructions this machine really runs (+ CUDA with a GPU and nvcc), the wheel
+	@# cached in ~/.cache/kalmkg/llama-cpp by source and flags; then kalmkg, which finds it installed
+	$(BIN)/python -m kalmkg.llamacpp.build
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 

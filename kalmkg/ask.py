@@ -205,7 +205,7 @@ def resolve_model(workspace: Workspace, model: str | None) -> ModelChoice:
     """`--model`: a .gguf path, a name under models/, the embedded base (`smollm2-135m`), or by default the
     newest `kalmkg export` of this workspace."""
     from kalmkg.export import list_exports
-    from kalmkg.models import EMBEDDED, _embedded_gguf
+    from kalmkg.models import EMBEDDED, embedded_gguf
 
     models = workspace.models_dir
     if model is None:
@@ -216,7 +216,7 @@ def resolve_model(workspace: Workspace, model: str | None) -> ModelChoice:
         path, info = exports[0]
         return ModelChoice(path, path.stem, info.get("run_id"))
     if model.lower() in EMBEDDED:
-        return ModelChoice(_embedded_gguf(model.lower()), model.lower(), None)
+        return ModelChoice(embedded_gguf(model.lower()), model.lower(), None)
     path = Path(model).expanduser()
     if not path.is_file():
         named = models / (path.name if path.suffix == ".gguf" else f"{path.name}.gguf")
@@ -253,15 +253,13 @@ class LlamaChat:
     """Chat generation with llama.cpp and the chat template stored in the GGUF."""
 
     def __init__(self, path: Path, *, n_ctx: int = 4096, n_threads: int | None = None):
-        import llama_cpp
+        from kalmkg.llamacpp import runtime
 
-        from kalmkg.encode import _quiet_llama_cpp
-
-        _quiet_llama_cpp(llama_cpp)
+        llama_cpp = runtime.load()
         n_threads = n_threads or default_threads()
         try:
             self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                                       verbose=False)
+                                       n_gpu_layers=runtime.gpu_layers(llama_cpp), verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise KalmkgError(f"llama.cpp cannot load {path}: {exc}") from None
 

@@ -817,6 +817,42 @@ def ask(
     _console(stderr=True).print(f"{mode}; model {answer.model}{timing}", style="dim", markup=False, soft_wrap=True)
 
 
+# --------------------------------------------------------------------------- doctor
+@app.command()
+def doctor(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    retest: bool = typer.Option(False, "--retest", help="Run llama.cpp's self-test again instead of using the cached verdict."),
+) -> None:
+    """Print the environment for a bug report: versions, CPU, torch and its
+    device, the llama.cpp build (features, CUDA) and its self-test, the
+    workspace, cache folders and free disk.
+
+    Exits 1 with one error line when llama.cpp fails its self-test (e.g. built
+    for instructions this CPU does not grant); the line says how to rebuild.
+
+    \b
+    Examples:
+      kalmkg doctor
+      kalmkg doctor --json > environment.json
+    """
+    from kalmkg.doctor import format_report, problem, report
+
+    if retest:
+        from kalmkg.llamacpp import health
+
+        health.check(use_cache=False)  # a healthy result replaces the cached verdict
+    data = report(ctx.obj)
+    if as_json:
+        _print_json(data)
+    else:
+        sys.stdout.write(format_report(data) + "\n")
+    sys.stdout.flush()
+    failure = problem(data)
+    if failure:
+        raise KalmkgError(failure)
+
+
 def _quiet_libraries() -> None:
     """The CLI draws its own progress: silence the ML libraries' bars and advisory warnings."""
     import os

@@ -77,9 +77,9 @@ class GGUFEncoder:
 
     def __init__(self, path, tokenizer=None, *, n_ctx: int = 512, n_threads: int | None = None,
                  truncate: bool = False):
-        import llama_cpp
+        from kalmkg.llamacpp import runtime
 
-        _quiet_llama_cpp(llama_cpp)
+        llama_cpp = runtime.load()
         self.path = str(path)
         self.tokenizer = tokenizer
         self.truncate = truncate  # cut long texts to the context (and embed "" as " ") instead of refusing
@@ -90,7 +90,8 @@ class GGUFEncoder:
         # embedding=True makes llama-cpp-python allow many sequences in one batch over a unified KV cache
         self.llm = llama_cpp.Llama(
             self.path, embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_LAST, n_ctx=n_ctx, n_batch=n_ctx,
-            n_ubatch=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
+            n_ubatch=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=runtime.gpu_layers(llama_cpp),
+            verbose=False,
         )
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -157,15 +158,3 @@ def embed_rows(llm, rows: Sequence[Sequence[int]]) -> np.ndarray:
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_memory_clear(memory, True)
     return out
-
-
-def _quiet_llama_cpp(llama_cpp) -> None:
-    """llama.cpp logs model loading to stderr even with verbose=False; the CLI prints its own messages.
-    (The log callback is process-wide in llama.cpp; kalmkg never wants those lines.)"""
-    global _LOG_CALLBACK
-    if _LOG_CALLBACK is None:
-        _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
-        llama_cpp.llama_log_set(_LOG_CALLBACK, None)
-
-
-_LOG_CALLBACK = None  # kept referenced: llama.cpp calls it from C

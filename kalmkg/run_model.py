@@ -171,9 +171,9 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
 
 def _base_gguf(resolved) -> Path | None:
     if resolved.source == "embedded":
-        from kalmkg.models import _embedded_gguf
+        from kalmkg.models import embedded_gguf
 
-        return _embedded_gguf(resolved.spec.lower())
+        return embedded_gguf(resolved.spec.lower())
     if resolved.source == "gguf":
         return Path(resolved.spec).expanduser()
     return None

