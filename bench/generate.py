@@ -3,6 +3,11 @@ time `kalmkg ask` takes from the command to the first answer token.
 
     python bench/generate.py                 # 128 new tokens, 3 repeats, every core
     python bench/generate.py --tokens 64 --repeats 1 --threads 2
+    python bench/generate.py --builds native=/tmp/lcp-native portable=/tmp/lcp-portable   # two llama.cpp builds
+
+With --builds, only llama.cpp runs: the same GGUFs and prompt through each named llama-cpp-python install
+(a `pip install --target DIR` folder), each in its own child process, the builds interleaved over
+--rounds so that machine drift hits all alike; prompt tok/s and decode tok/s per build, median of rounds.
 
 Same machine, same run, same prompt (an `ask` prompt with retrieved facts, through the model's chat
 template, as token ids shared by both programs), greedy, exactly --tokens new tokens (end-of-sequence is
@@ -57,9 +62,9 @@ def time_llama(path: Path, ids: list[int], n: int, threads: int, repeats: int, b
 
     import llama_cpp
 
-    from kalmkg.encode import _quiet_llama_cpp
+    from kalmkg.llamacpp.runtime import quiet
 
-    _quiet_llama_cpp(llama_cpp)
+    quiet(llama_cpp)
     llm = llama_cpp.Llama(str(path), n_ctx=max(1024, len(ids) + n + 8), n_threads=threads, n_threads_batch=threads,
                           verbose=False)
     def ban(_, scores):  # as transformers' min_new_tokens does: end-of-sequence is never picked
@@ -96,6 +101,54 @@ def time_transformers(model, ids: list[int], n: int, repeats: int) -> dict:
                                  do_sample=False)
             runs.append((first, time.perf_counter() - t0, out[0, len(ids):].tolist()))
     return summarize(runs[1:], n)
+
+
+def time_llama_child() -> None:
+    """--child-llama: time_llama on the JSON arguments read from stdin, result as JSON on stdout."""
+    import json
+
+    import llama_cpp
+
+    spec = json.load(sys.stdin)
+    result = time_llama(Path(spec["path"]), spec["ids"], spec["n"], spec["threads"], spec["repeats"], spec["banned"])
+    info = llama_cpp.llama_print_system_info().decode().strip()
+    print(json.dumps({**result, "llama_cpp": str(Path(llama_cpp.__file__).parent), "system_info": info}))
+
+
+def compare_builds(builds: list[str], models: list[Path], ids: list[int], args, banned: list[int]) -> None:
+    """The --builds table: each build times each model in a child whose PYTHONPATH puts the build first."""
+    import json
+
+    named = [b.split("=", 1) for b in builds]
+    results: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.rounds):
+        for name, folder in named:
+            for model in models:
+                spec = {"path": str(model), "ids": ids, "n": args.tokens, "threads": args.threads,
+                        "repeats": args.repeats, "banned": banned}
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([folder, str(ROOT)])}
+                out = subprocess.run([sys.executable, __file__, "--child-llama"], input=json.dumps(spec), text=True,
+                                     capture_output=True, env=env)
+                if out.returncode != 0:
+                    raise SystemExit(f"build {name} failed on {model.name} (exit {out.returncode}): {out.stderr[-500:]}")
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                if not r["llama_cpp"].startswith(str(Path(folder).resolve())):
+                    raise SystemExit(f"build {name}: the child imported {r['llama_cpp']}, not {folder}")
+                results.setdefault((name, model.name), []).append(r)
+    print(f"\n| llama.cpp build | model | prompt tok/s ({len(ids)} tokens) | decode tok/s | vs {named[0][0]} (decode) |")
+    print("|---|---|---|---|---|")
+    for model in models:
+        ref = statistics.median(r["decode_tps"] for r in results[(named[0][0], model.name)])
+        for name, _ in named:
+            rs = results[(name, model.name)]
+            prompt = statistics.median(len(ids) / r["first_s"] for r in rs)
+            decode = statistics.median(r["decode_tps"] for r in rs)
+            print(f"| {name} | {model.name} | {prompt:,.0f} | {decode:,.1f} | {decode / ref:.2f}x |")
+    for name, _ in named:
+        print(f"{name}: {results[(name, models[0].name)][0]['system_info']}")
+    tokens = {name: results[(name, models[0].name)][0]["tokens"] for name, _ in named}
+    same = len({tuple(t) for t in tokens.values()}) == 1
+    print(f"greedy tokens identical across builds ({models[0].name}): {same}")
 
 
 def summarize(runs, n: int) -> dict:
@@ -153,7 +206,12 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--builds", nargs="+", metavar="NAME=DIR", help="compare llama-cpp-python installs (pip --target folders)")
+    p.add_argument("--rounds", type=int, default=3, help="with --builds: interleaved rounds")
+    p.add_argument("--child-llama", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child_llama:
+        return time_llama_child()
 
     import torch
     from transformers import AutoTokenizer
@@ -174,6 +232,8 @@ def main() -> None:
     loaded = load_model(ws, run="world", device="cpu")
     eos = loaded.model.generation_config.eos_token_id
     banned = sorted({*([eos] if isinstance(eos, int) else eos or []), tokenizer.eos_token_id} - {None})
+    if args.builds:
+        return compare_builds(args.builds, [root / "models" / f"world-{q}.gguf" for q in QUANTS], ids, args, banned)
     rows = []
     for quant in ("F16", *QUANTS):
         path = root / "models" / f"world-{quant}.gguf"

@@ -331,11 +331,11 @@ def _replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def install(force: bool = False, cuda: str = "auto") -> dict:
+def install(force: bool = False, cuda: str = "auto", req: str | None = None) -> dict:
     from kalmkg.cache import cache_root
 
     plan = plan_build(cuda)
-    req = requirement()
+    req = req or requirement()
     with tempfile.TemporaryDirectory(prefix="kalmkg-llama-") as tmp:
         source = fetch_source(req, Path(tmp))
         source_sha = _sha256(source)
@@ -366,13 +366,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even if a cached build matches")
     parser.add_argument("--cuda", choices=("auto", "on", "off"), default="auto",
                         help="build the CUDA backend: auto = when nvidia-smi lists a GPU and nvcc exists")
+    parser.add_argument("--requirement", metavar="SPEC",
+                        help="another llama-cpp-python version, e.g. 'llama-cpp-python==0.3.10' [default: kalmkg's]")
     parser.add_argument("--print", dest="print_only", action="store_true",
                         help="print the probed features and CMake flags as JSON; build nothing")
     args = parser.parse_args(argv)
     if args.print_only:
         print(json.dumps(asdict(plan_build(args.cuda)), indent=2))
         return
-    record = install(force=args.force, cuda=args.cuda)
+    record = install(force=args.force, cuda=args.cuda, req=args.requirement)
     features = " ".join(record["features"]) or "-"
     print(f"llama.cpp installed: {record['wheel']} ({'CUDA + ' if record['cuda'] else ''}CPU: {features})")
 

@@ -43,7 +43,10 @@ def library_files() -> list[Path]:
         raise KalmkgError("llama-cpp-python is not installed: run `python -m kalmkg.llamacpp.build` "
                           "(what `make install` does)")
     lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    return sorted(p for p in lib.glob("*") if p.is_file() and (".so" in p.name or p.suffix in (".dylib", ".dll")))
+    files = sorted(p for p in lib.glob("*") if p.is_file() and (".so" in p.name or p.suffix in (".dylib", ".dll")))
+    # wheels hold no symlinks: libllama.so.0 and .so.0.5.0 are copies of libllama.so, hashed once
+    plain = [p for p in files if p.suffix in (".so", ".dylib", ".dll")]
+    return plain or files
 
 
 def cpu_identity() -> str:
