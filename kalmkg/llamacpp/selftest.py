@@ -31,7 +31,7 @@ def main() -> None:
     print(json.dumps({"generated": out["choices"][0]["text"], "embedding_dim": int(vec.shape[1]),
                       "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
                       "system_info": llama_cpp.llama_print_system_info().decode().strip(),
-                      "seconds": round(time.perf_counter() - t0, 2)}))
+                      "run_s": round(time.perf_counter() - t0, 2)}))
 
 
 if __name__ == "__main__":
