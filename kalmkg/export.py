@@ -287,18 +287,33 @@ def _check_architecture(architecture: str, base_name: str) -> None:
     The converter's table of architectures is internal to the package, so a missing table skips this
     early check; the conversion step still names the architecture from the converter's own error.
     """
-    import ast
-
-    # Read the converter's table as data: importing it would shadow this process's `gguf` with its own.
     try:
-        tree = ast.parse((_converter_script().parent / "conversion" / "__init__.py").read_text())
-        table = next(node.value for node in tree.body if isinstance(node, ast.AnnAssign)
-                     and getattr(node.target, "id", "") == "TEXT_MODEL_MAP")
-        supported = set(ast.literal_eval(table))
-    except (OSError, SyntaxError, StopIteration, ValueError):  # a differently organised converter version
+        supported = _converter_architectures()
+    except (OSError, SyntaxError, ValueError):  # a differently organised converter version
         return
     if supported and architecture not in supported:
         raise _unsupported(architecture, base_name)
+
+
+def _converter_architectures() -> set[str]:
+    """The architectures llama.cpp's converter has a class for, read from its source as data: importing
+    it would shadow this process's `gguf` with the converter's own copy. Newer converters list them in
+    `conversion.TEXT_MODEL_MAP`; older ones register classes with `@ModelBase.register("Name", ...)`."""
+    import ast
+
+    script = _converter_script()
+    table = script.parent / "conversion" / "__init__.py"
+    if table.is_file():
+        for node in ast.parse(table.read_text()).body:
+            if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "TEXT_MODEL_MAP":
+                return set(ast.literal_eval(node.value))
+    names = set()
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.ClassDef):
+            for deco in node.decorator_list:
+                if isinstance(deco, ast.Call) and getattr(deco.func, "attr", "") == "register":
+                    names.update(a.value for a in deco.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
+    return names
 
 
 def _unsupported(architecture: str, base_name: str) -> KalmkgError:

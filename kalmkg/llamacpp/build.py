@@ -197,11 +197,14 @@ def _arm_hwcaps() -> list[str]:
     return []
 
 
+def _nvcc() -> str | None:
+    return shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if Path(p).is_file()), None)
+
+
 def cuda_available() -> bool:
     """An NVIDIA GPU that answers and a CUDA compiler: both are needed to build and to use GGML_CUDA."""
     smi = shutil.which("nvidia-smi")
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
-    if not smi or not nvcc:
+    if not smi or not _nvcc():
         return False
     try:
         listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
@@ -226,8 +229,7 @@ def plan_build(cuda: str = "auto") -> BuildPlan:
     if use_cuda:
         plan.cuda = True
         plan.cmake_args += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"]
-    # ggml runs on the CPU through OpenMP or its own thread pool; CI and users alike never need the
-    # examples, tests or server of the vendored llama.cpp.
+    # kalmkg calls the library only: the vendored llama.cpp's tests, examples and server are not built
     plan.cmake_args += ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
     return plan
 
@@ -276,6 +278,8 @@ def build_wheel(source: Path, plan: BuildPlan, out: Path) -> Path:
     env = dict(os.environ)
     env["CMAKE_ARGS"] = " ".join(plan.cmake_args)
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    if plan.cuda and "CUDACXX" not in env and _nvcc():
+        env["CUDACXX"] = _nvcc()  # CMake looks on PATH only; /usr/local/cuda often is not on it
     print(f"building {source.name} (a few minutes per CPU core count; once per machine kind)", flush=True)
     # --no-cache-dir: pip's wheel cache would return a wheel built with other CMAKE_ARGS (see above)
     _pip("wheel", "--no-deps", "--no-cache-dir", "-w", str(out), str(source), env=env, quiet=False)
