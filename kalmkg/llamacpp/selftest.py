@@ -8,6 +8,7 @@ user's command.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 
@@ -21,13 +22,17 @@ def main() -> None:
     quiet(llama_cpp)
     path = str(embedded_gguf("smollm2-135m"))
     t0 = time.perf_counter()
-    gen = llama_cpp.Llama(path, n_ctx=128, n_threads=1, n_gpu_layers=gpu_layers(llama_cpp), verbose=False)
-    out = gen("The capital of France is", max_tokens=4, temperature=0.0)
-    gen.close()
-    emb = llama_cpp.Llama(path, embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_LAST, n_ctx=128,
-                          n_threads=1, n_gpu_layers=gpu_layers(llama_cpp), verbose=False)
-    vec = embed_rows(emb, [emb.tokenize(b"Paris", add_bos=False)])
-    emb.close()
+    threads = min(2, os.cpu_count() or 1)  # the thread pool's code paths, too
+    # the CPU kernels always run (where a bad build dies); with a GPU build, the offloaded path as well
+    layers = [0, -1] if gpu_layers(llama_cpp) else [0]
+    for n_gpu_layers in layers:
+        gen = llama_cpp.Llama(path, n_ctx=128, n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=False)
+        out = gen("The capital of France is", max_tokens=4, temperature=0.0)
+        gen.close()
+        emb = llama_cpp.Llama(path, embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_LAST, n_ctx=128,
+                              n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=False)
+        vec = embed_rows(emb, [emb.tokenize(b"Paris", add_bos=False), emb.tokenize(b"France", add_bos=False)])
+        emb.close()
     print(json.dumps({"generated": out["choices"][0]["text"], "embedding_dim": int(vec.shape[1]),
                       "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
                       "system_info": llama_cpp.llama_print_system_info().decode().strip(),
