@@ -42,7 +42,7 @@ def _versions() -> dict[str, str]:
 
 
 def _cpu() -> dict[str, Any]:
-    from kalmkg.llamacpp.build import cpu_model
+    from kalmkg.llamacpp.environment import cpu_model
 
     flags: list[str] = []
     try:
@@ -77,9 +77,9 @@ def _torch() -> dict[str, Any]:
 
 def _llama_cpp(selftest: bool, retest: bool) -> dict[str, Any]:
     from kalmkg.llamacpp import health
-    from kalmkg.llamacpp.build import converter_dir, read_build_record
+    from kalmkg.llamacpp.environment import converter_dir, library_files, read_build_record
 
-    files = health.library_files()
+    files = library_files()
     record = read_build_record()
     info: dict[str, Any] = {
         "library": str(files[0].parent) if files else None,

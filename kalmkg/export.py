@@ -233,7 +233,7 @@ def _check_name(name: str | None) -> str | None:
 def _converter_script() -> Path:
     """llama.cpp's convert_hf_to_gguf.py, installed apart from the environment's packages by the llama.cpp
     build step (it brings its own copy of `gguf`; see kalmkg.llamacpp.build)."""
-    from kalmkg.llamacpp.build import converter_dir
+    from kalmkg.llamacpp.environment import converter_dir
 
     return converter_dir() / "convert_hf_to_gguf.py"
 

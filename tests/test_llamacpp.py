@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from helpers_graph import assert_one_line_error, cli_env, run_kalmkg
-from kalmkg.llamacpp import build, health
+from kalmkg.llamacpp import build, environment, health
 
 CRASH = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
 HEALTHY = [sys.executable, "-c", "print('{\"system_info\": \"CPU : AVX2 = 1\"}')"]
@@ -46,7 +46,7 @@ def test_child_killed_by_signal_is_one_line_naming_signal_cpu_and_rebuild(own_ca
     assert not healthy
     assert "\n" not in detail
     assert "SIGILL (illegal instruction)" in detail
-    assert build.rebuild_command() in detail
+    assert environment.rebuild_command() in detail
     assert "CPU " in detail
 
 
@@ -86,8 +86,8 @@ def test_key_changes_with_library_bytes(tmp_path, own_cache):
 
 def test_no_library_files_is_an_error_not_a_key(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA_CPP_LIB_PATH", str(tmp_path))
-    with pytest.raises(health.KalmkgError, match="has no libraries"):
-        health.library_files()
+    with pytest.raises(environment.KalmkgError, match="has no libraries"):
+        environment.library_files()
 
 
 @pytest.mark.slow
@@ -104,7 +104,7 @@ def test_cli_command_with_crashing_llama_cpp_is_one_line_and_exit_1(tmp_path, sa
                   PYTHONPATH=str(crashing_llama_cpp(tmp_path / "fake")))
     proc = run_kalmkg("-w", sample_ws.root, "ask", "Who founded Apple?", "--model", "smollm2-135m",
                       cwd=tmp_path, env=env)
-    assert_one_line_error(proc, "SIGILL (illegal instruction)", build.rebuild_command())
+    assert_one_line_error(proc, "SIGILL (illegal instruction)", environment.rebuild_command())
 
 
 # -------------------------------------------------------------------------------------------- doctor
@@ -132,7 +132,7 @@ def test_doctor_json_reports_the_environment(tmp_path):
 def test_doctor_with_crashing_llama_cpp_prints_report_then_one_error(tmp_path):
     env = cli_env(KALMKG_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(crashing_llama_cpp(tmp_path / "fake")))
     proc = run_kalmkg("-w", tmp_path / "ws", "doctor", cwd=tmp_path, env=env)
-    assert_one_line_error(proc, "SIGILL", build.rebuild_command())
+    assert_one_line_error(proc, "SIGILL", environment.rebuild_command())
     assert "packages:" in proc.stdout and "healthy: False" in proc.stdout
 
 
@@ -250,7 +250,7 @@ def test_installed_gguf_files_are_ggufs_own():
 
 
 def test_converter_is_installed_apart_with_its_own_gguf():
-    folder = build.converter_dir()
+    folder = environment.converter_dir()
     if not (folder / "convert_hf_to_gguf.py").is_file():
         pytest.skip("llama.cpp was not installed by kalmkg.llamacpp.build")
     assert (folder / "gguf" / "__init__.py").is_file()
@@ -293,3 +293,16 @@ def test_doctor_retest_runs_the_selftest_again(tmp_path, monkeypatch):
     monkeypatch.setattr(health, "run_selftest", lambda command=None, **kw: failing.append(1) or real(CRASH))
     assert runner.invoke(app, ["-w", str(tmp_path / "ws"), "doctor", "--retest", "--json"]).exit_code == 1
     assert len(failing) == 1
+
+
+def test_build_step_needs_only_the_standard_library(tmp_path):
+    """`make install` runs it before kalmkg's dependencies exist: no site-packages (-S) must suffice."""
+    import subprocess
+
+    root = Path(build.__file__).resolve().parents[2]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import kalmkg.llamacpp.build as b; "
+            "print(b.x86_cmake_args(['avx2'])[0])")
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(root)], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "-DGGML_NATIVE=OFF"

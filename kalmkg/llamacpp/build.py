@@ -40,12 +40,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kalmkg.llamacpp.environment import (
+    advertised_flags, build_record_path, converter_dir, cpu_model, library_files, stat_signature,
+)
+
 PACKAGE = "llama-cpp-python"
 
-
-def rebuild_command(extra: str = "") -> str:
-    """The command that rebuilds llama.cpp into *this* environment (a bare `python` may be another one)."""
-    return f"{sys.executable} -m kalmkg.llamacpp.build --force{extra}"
 
 # Each probe is a complete C program whose main() executes instructions of one extension (compiled with
 # the target attribute, so no -m flag leaks elsewhere). A probe that fails to compile is "not available":
@@ -161,17 +161,6 @@ def _cc() -> str | None:
     return None
 
 
-def advertised_flags() -> set[str] | None:
-    """The CPU flags the kernel lists in /proc/cpuinfo, or None where there is no such file."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
 def probe_x86_features(cc: str | None = None, probes: dict[str, tuple[str, str]] | None = None,
                        advertised: set[str] | None = None) -> list[str]:
     """The x86 extensions that are advertised *and* actually execute here: each probe compiled and run in
@@ -220,16 +209,6 @@ def x86_cmake_args(features: list[str]) -> list[str]:
         args.append(f"-D{flag}={'ON' if have.issuperset(needs) else 'OFF'}")
     args.append("-DGGML_AMX_BF16=OFF")  # ggml's AMX kernels are INT8; BF16 tiles add nothing it uses
     return args
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _arm_hwcaps() -> list[str]:
@@ -373,27 +352,6 @@ def extract_converter(source: Path, dest: Path) -> None:
         raise SystemExit(f"error: {source.name} holds no llama.cpp converter")
 
 
-def converter_dir() -> Path:
-    """Where the converter is installed: inside this environment, so it leaves with it."""
-    return Path(sys.prefix) / "share" / "kalmkg" / "llama-converter"
-
-
-def build_record_path() -> Path:
-    return Path(sys.prefix) / "share" / "kalmkg" / "llama-build.json"
-
-
-def read_build_record() -> dict | None:
-    """What `install` recorded, or None when the installed library is no longer the one it installed
-    (a later `pip install llama-cpp-python` replaced it)."""
-    from kalmkg.llamacpp.health import library_files, stat_signature
-
-    try:
-        record = json.loads(build_record_path().read_text())
-        return record if record.get("library") == stat_signature(library_files()) else None
-    except Exception:  # no record, a broken one, or no llama-cpp-python at all
-        return None
-
-
 @contextmanager
 def _locked(path: Path):
     """An exclusive lock on `path` (two installs sharing a cache build one wheel, one after the other)."""
@@ -440,7 +398,6 @@ def _remove_bundling_converter() -> None:
 
 def install(force: bool = False, cuda: str = "auto", req: str | None = None, disable: tuple[str, ...] = ()) -> dict:
     from kalmkg.cache import cache_root
-    from kalmkg.llamacpp.health import library_files, stat_signature
 
     plan = plan_build(cuda, disable)
     req = req or requirement()

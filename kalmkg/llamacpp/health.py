@@ -10,10 +10,8 @@ keyed by the hash of the llama.cpp library files and the CPU's identity, so late
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -22,6 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kalmkg.errors import KalmkgError
+from kalmkg.llamacpp.environment import (
+    advertised_flags, cpu_identity, cpu_model, library_files, read_build_record, rebuild_command, stat_signature,
+)
 
 SELFTEST_MODULE = "kalmkg.llamacpp.selftest"
 TIMEOUT_S = 300
@@ -34,44 +35,6 @@ class Verdict:
     detail: str  # what failed, or the library's system info when healthy
     seconds: float
     cached: bool = False
-
-
-def library_files() -> list[Path]:
-    """llama-cpp-python's shared libraries (all of them: libllama.so loads libggml.so.0, not libggml.so),
-    found without importing it (importing loads them); $LLAMA_CPP_LIB_PATH as llama-cpp-python honours it."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        raise KalmkgError("llama-cpp-python is not installed: run `python -m kalmkg.llamacpp.build` "
-                          "(what `make install` does)")
-    lib = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(next(iter(spec.submodule_search_locations))) / "lib")
-    files = sorted(p for p in lib.glob("*") if p.is_file() and (".so" in p.name or p.suffix in (".dylib", ".dll")))
-    if not files:
-        raise KalmkgError(f"llama-cpp-python has no libraries in {lib}: reinstall it with "
-                          "`python -m kalmkg.llamacpp.build --force`")
-    return files
-
-
-def stat_signature(files: list[Path]) -> str:
-    """Cheap identity of the library files (name, size, mtime, inode): changes whenever pip replaces them."""
-    rows = []
-    for p in files:
-        st = p.stat()
-        rows.append([str(p), st.st_size, st.st_mtime_ns, st.st_ino])
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:24]
-
-
-def cpu_identity() -> str:
-    """Model and advertised feature flags: a verdict for one CPU says nothing about another."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            name = name.strip().lower()
-            if name in ("model name", "flags", "features", "cpu implementer", "cpu part") and name not in fields:
-                fields[name] = value.strip()
-    except OSError:
-        pass
-    return json.dumps([platform.machine(), platform.processor(), sorted(fields.items())])
 
 
 def content_hash(files: list[Path]) -> str:
@@ -145,8 +108,6 @@ def _signal_name(returncode: int) -> str:
 
 def _crash_advice() -> str:
     """The CPU, what the library was built for, and the command that fixes it."""
-    from kalmkg.llamacpp.build import advertised_flags, cpu_model, read_build_record, rebuild_command
-
     record = read_build_record()
     flags = advertised_flags() or set()
     advertised = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni"))
