@@ -45,6 +45,7 @@ demo: install
 	$(BIN)/kalmkg -w $(DEMO_WS) ask "Who won the 1998 FIFA World Cup?"
 
 test: install
+	$(BIN)/ruff check kalmkg tests bench
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -186,7 +186,7 @@ def ask_latency(ws: Path, model: Path, threads: int, repeats: int) -> dict:
     for _ in range(repeats):
         t0 = time.perf_counter()
         stamps: list[float] = []
-        asker.ask(QUESTION, config, on_token=lambda piece: stamps.append(time.perf_counter() - t0))
+        asker.ask(QUESTION, config, on_token=lambda piece, t0=t0, stamps=stamps: stamps.append(time.perf_counter() - t0))
         inproc.append(stamps[0])
     return {"cold": cold, "cold_label": "cold (page cache dropped)" if dropped else "first run (cache not dropped)",
             "warm": warm, "in_process": statistics.median(inproc)}
@@ -247,7 +247,7 @@ def main() -> None:
     base = time_transformers(merged, ids, args.tokens, args.repeats)
     rows.insert(0, ("transformers fp32 (merged)", n_bytes, base))
 
-    print(f"\n| program | model size | time to 1st token | decode tok/s | end-to-end tok/s | vs transformers |")
+    print("\n| program | model size | time to 1st token | decode tok/s | end-to-end tok/s | vs transformers |")
     print("|---|---|---|---|---|---|")
     for name, size, r in rows:
         print(f"| {name} | {size / 1e6:,.1f} MB | {r['first_s'] * 1000:,.0f} ms | {r['decode_tps']:,.1f} | "

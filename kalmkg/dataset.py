@@ -33,7 +33,7 @@ def load_texts(entity_table, relation_table, tokenizer, max_entity_tokens: int) 
     labels = relation_table["label"].to_pylist()
     return GraphTexts(
         entities=verbalize.truncate_texts(texts, tokenizer, max_entity_tokens) if texts else [],
-        relations=[verbalize.relation_text(l) for l in labels] + [verbalize.relation_text(l, True) for l in labels],
+        relations=[verbalize.relation_text(lb) for lb in labels] + [verbalize.relation_text(lb, True) for lb in labels],
     )
 
 

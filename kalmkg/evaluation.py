@@ -1,119 +1,13 @@
-"""Embedding-based link prediction evaluation: filtered ranking of every entity, both directions.
-
-Tail prediction ranks all entities for (h, r, ?); head prediction is tail prediction of the inverse
-query (t, r^-1, ?). Known true answers from train/valid/test other than the target are filtered.
-"""
+"""`kalmkg evaluate`: a run's (or a base's) model, its entity vectors (the index, or encoded here), the
+filtered ranking of `ranking.py`, and the eval files (metrics and per-query predictions)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from kalmkg import verbalize
-from kalmkg.metrics import answer_mask, filtered_ranks, known_answers, summarize
-
-
-def sample_triples(triples: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
-    """A fixed-seed sample of at most `limit` triples (all of them when limit <= 0)."""
-    if limit <= 0 or len(triples) <= limit:
-        return triples
-    idx = np.sort(np.random.default_rng(seed).choice(len(triples), limit, replace=False))
-    return triples[idx]
-
-
-def rank_queries(model, tokenizer, texts, triples: np.ndarray, all_triples: np.ndarray, *, device: str = "cpu",
-                 batch_size: int = 64, entity_vectors=None) -> dict:
-    """Filtered realistic ranks for head and tail prediction of `triples`; returns summaries per
-    direction and for both, plus the raw ranks."""
-    import torch
-
-    from kalmkg.encode import TorchEncoder
-
-    encoder = TorchEncoder(model, tokenizer, device)
-    R = texts.num_relations
-    if entity_vectors is None:
-        entity_vectors = torch.as_tensor(encoder.encode([verbalize.tail_view(t) for t in texts.entities], batch_size))
-    answers = known_answers(all_triples, R)
-    queries = np.concatenate([triples[:, [0, 1]], np.stack([triples[:, 2], triples[:, 1] + R], 1)])
-    targets = np.concatenate([triples[:, 2], triples[:, 0]])
-    qvecs = torch.as_tensor(encoder.encode(
-        [verbalize.hr_view(texts.entities[q], texts.relations[r]) for q, r in queries.tolist()], batch_size))
-    ranks = np.empty(len(queries))
-    for start in range(0, len(queries), 1024):
-        sl = slice(start, start + 1024)
-        scores = qvecs[sl] @ entity_vectors.T
-        mask = answer_mask(queries[sl].tolist(), answers, entity_vectors.shape[0])
-        ranks[sl] = filtered_ranks(scores, targets[sl], mask)
-    n = len(triples)
-    return {"tail": summarize(ranks[:n]), "head": summarize(ranks[n:]), "both": summarize(ranks), "ranks": ranks}
-
-
-# ------------------------------------------------------------------ `kalmkg evaluate`
-def rank_with_vectors(encoder, texts, triples: np.ndarray, all_triples: np.ndarray, entity_vectors, *,
-                      batch_size: int = 64, top: int = 3, chunk: int = 1024, progress=None) -> dict:
-    """Filtered realistic ranks of `triples` in both directions against given entity vectors, by exact
-    search (one matrix product per `chunk` queries), with the filtered top-`top` of every query.
-
-    Queries are the n tail queries (h, r) then the n head queries (t, r + R). Returns ranks [2n],
-    queries [2n, 2], targets [2n], top_ids / top_scores [2n, top], and the seconds spent encoding the
-    queries and ranking them (kept apart: evaluation must be dominated by encoding, not by ranking).
-    """
-    import time
-
-    import torch
-
-    R = texts.num_relations
-    vectors = torch.as_tensor(np.asarray(entity_vectors, dtype=np.float32))
-    n_ent = vectors.shape[0]
-    answers = known_answers(all_triples, R)
-    queries = np.concatenate([triples[:, [0, 1]], np.stack([triples[:, 2], triples[:, 1] + R], 1)]).astype(np.int64)
-    targets = np.concatenate([triples[:, 2], triples[:, 0]]).astype(np.int64)
-    t0 = time.perf_counter()
-    qtexts = [verbalize.hr_view(texts.entities[q], texts.relations[r]) for q, r in queries.tolist()]
-    qvecs = torch.as_tensor(encode_texts(encoder, qtexts, batch_size, progress, "queries")) if len(qtexts) \
-        else torch.zeros((0, vectors.shape[1]))
-    t1 = time.perf_counter()
-    if progress:
-        progress("rank", 0, len(queries))
-    ranks = np.empty(len(queries))
-    k = min(top, n_ent)
-    top_ids = np.zeros((len(queries), k), dtype=np.int64)
-    top_scores = np.zeros((len(queries), k), dtype=np.float32)
-    for start in range(0, len(queries), chunk):
-        sl = slice(start, start + chunk)
-        scores = qvecs[sl] @ vectors.T
-        mask = answer_mask(queries[sl].tolist(), answers, n_ent)
-        tgt = torch.as_tensor(targets[sl])
-        ranks[sl] = filtered_ranks(scores, tgt, mask)
-        # the filtered view of the candidates, as the rank sees them: other true answers removed
-        rows = torch.arange(len(tgt))
-        mask[rows, tgt] = False
-        scores[mask] = float("-inf")
-        best = scores.topk(k, dim=1)
-        top_ids[sl], top_scores[sl] = best.indices.numpy(), best.values.numpy()
-        if progress:
-            progress("rank", min(start + chunk, len(queries)), len(queries))
-    t2 = time.perf_counter()
-    return {"ranks": ranks, "queries": queries, "targets": targets, "top_ids": top_ids, "top_scores": top_scores,
-            "query_encoding_s": t1 - t0, "ranking_s": t2 - t1}
-
-
-def encode_texts(encoder, texts: list[str], batch_size: int, progress=None, stage: str = "encode") -> np.ndarray:
-    """[n, D] float32 vectors of `texts` in input order, encoded in length-sorted chunks of 16 batches
-    (little padding; `progress(stage, done, n)` after each chunk)."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    step = max(1, 16 * batch_size)
-    out = None
-    if progress:
-        progress(stage, 0, len(texts))
-    for start in range(0, len(order), step):
-        idx = order[start:start + step]
-        vecs = np.asarray(encoder.encode([texts[i] for i in idx], batch_size), dtype=np.float32)
-        if out is None:
-            out = np.empty((len(texts), vecs.shape[1]), dtype=np.float32)
-        out[idx] = vecs
-        if progress:
-            progress(stage, min(start + step, len(texts)), len(texts))
-    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+from kalmkg.metrics import summarize
+from kalmkg.ranking import encode_texts, rank_with_vectors, sample_triples
 
 
 def eval_dir(workspace, loaded):

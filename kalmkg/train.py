@@ -201,7 +201,7 @@ def build_inputs(tokens, examples: np.ndarray, lm_mask: np.ndarray, self_negativ
             seen[key] = len(inputs.rows) - 1
         return len(inputs.rows) - 1
 
-    for i, ((q, _, a), hr_row) in enumerate(zip(examples.tolist(), tokens.hr_index_of(examples))):
+    for i, ((_q, _, a), hr_row) in enumerate(zip(examples.tolist(), tokens.hr_index_of(examples))):
         hr = tokens.hr_ids[hr_row]
         if lm_mask[i]:
             target = tokens.target_ids[a]
@@ -286,7 +286,7 @@ def make_optimizer(model, temperature, cfg: TrainConfig):
     import torch
 
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -688,7 +688,7 @@ def _validate_and_keep_best(model, temperature, tokenizer, texts, valid_triples,
 
 def _evaluate_main(model, temperature, tokenizer, texts, valid_triples, all_triples, cfg, state, rdir, device,
                    progress) -> bool:
-    from kalmkg.evaluation import rank_queries, sample_triples
+    from kalmkg.ranking import rank_queries, sample_triples
     from kalmkg.runs import append_jsonl
 
     sample = sample_triples(valid_triples, cfg.eval_limit, seed=cfg.seed)

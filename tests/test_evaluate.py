@@ -121,7 +121,8 @@ def ws(tiny_run_ws) -> Workspace:
 
 
 def test_tiny_run_embed_then_evaluate_agrees_with_training_validation(ws):
-    from kalmkg.evaluation import evaluate_run, rank_queries, sample_triples
+    from kalmkg.evaluation import evaluate_run
+    from kalmkg.ranking import rank_queries, sample_triples
     from kalmkg.index import embed
     from kalmkg.run_model import load_model
 
@@ -244,7 +245,7 @@ def test_generative_evaluation_of_the_tiny_run_and_its_base(ws, monkeypatch):
         test, train, everything = (store.triples_array(("test",)), store.triples_array(("train",)),
                                    store.triples_array())
         labels, rels = store.entity_table()["label"].to_pylist(), store.relation_table()["label"].to_pylist()
-    from kalmkg.evaluation import sample_triples
+    from kalmkg.ranking import sample_triples
 
     cases = generative.build_cases(sample_triples(test, 4, 0), train, set(map(tuple, everything.tolist())),
                                    labels, rels, seed=0)

@@ -58,12 +58,12 @@ def test_last_token_pool_right_left_and_mixed_padding():
 def test_info_nce_hand_computed_2x2():
     out = info_nce(HR, T, margin=0.02, temperature=0.05)
     # By hand: logits = [[(0.8-0.02)/0.05, 0.28/0.05], [0.6/0.05, (0.96-0.02)/0.05]]
-    l = [[15.6, 5.6], [12.0, 18.8]]
+    logits = [[15.6, 5.6], [12.0, 18.8]]
     hr_t = ((-15.6 + math.log(math.exp(15.6) + math.exp(5.6)))
             + (-18.8 + math.log(math.exp(12.0) + math.exp(18.8)))) / 2
     t_hr = ((-15.6 + math.log(math.exp(15.6) + math.exp(12.0)))
             + (-18.8 + math.log(math.exp(5.6) + math.exp(18.8)))) / 2
-    assert out["logits"].flatten().tolist() == pytest.approx(sum(l, []), abs=1e-4)
+    assert out["logits"].flatten().tolist() == pytest.approx(sum(logits, []), abs=1e-4)
     assert out["loss_hr_t"].item() == pytest.approx(hr_t, abs=1e-5)
     assert out["loss_t_hr"].item() == pytest.approx(t_hr, abs=1e-5)
     assert out["loss"].item() == pytest.approx((hr_t + t_hr) / 2, abs=1e-5)
