@@ -322,7 +322,7 @@ def train(
       kalmkg train --resume latest
       torchrun --nproc-per-node 4 -m kalmkg train --batch-size 96
     """
-    from kalmkg.train import TrainConfig
+    from kalmkg.training.config import TrainConfig
     from kalmkg.train import train as run_train
 
     cfg = TrainConfig(

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 from kalmkg.errors import KalmkgError
 from kalmkg.formatting import human_size
+from kalmkg.training.config import saved_train_config
 from kalmkg.workspace import Workspace
 
 QUANT_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
@@ -379,7 +380,7 @@ def _check_texts(workspace: Workspace, tokenizer, config: dict) -> tuple[list[st
     from kalmkg import verbalize
     from kalmkg.store import Store
 
-    max_tokens = int(config.get("train", {}).get("max_entity_tokens", 50))
+    max_tokens = saved_train_config(config).max_entity_tokens
     try:
         with Store.open(workspace) as store:
             entities = store.entity_table()
@@ -476,7 +477,7 @@ def _gguf_metadata(run_id: str, config: dict, resolved, quant: str) -> dict[str,
         "kalmkg.pooling": "last",
         "kalmkg.normalize": True,
         "kalmkg.add_bos": False,
-        "kalmkg.max_entity_tokens": int(config.get("train", {}).get("max_entity_tokens", 50)),
+        "kalmkg.max_entity_tokens": saved_train_config(config).max_entity_tokens,
         "kalmkg.template.hr": verbalize.HR_TEMPLATE,
         "kalmkg.template.tail": verbalize.TAIL_TEMPLATE,
         "kalmkg.template.inverse": verbalize.INVERSE_TEMPLATE,
@@ -690,7 +691,7 @@ def _metadata_json(name, run_id, rdir, config, resolved, architecture, quant, n_
         "base": {"name": resolved.name, "spec": resolved.spec, "source": resolved.source,
                  "fingerprint": resolved.fingerprint},
         "embedding": {"pooling": "last", "normalize": True, "add_bos": False,
-                      "max_entity_tokens": int(config.get("train", {}).get("max_entity_tokens", 50)),
+                      "max_entity_tokens": saved_train_config(config).max_entity_tokens,
                       "templates": {"hr": verbalize.HR_TEMPLATE, "tail": verbalize.TAIL_TEMPLATE,
                                     "inverse": verbalize.INVERSE_TEMPLATE}},
         "verification": verification.as_dict(),

@@ -180,6 +180,9 @@ def kalm_loss(l_exp: Tensor, l_imp: Tensor | None, lm_weight: float) -> Tensor:
     return l_exp if l_imp is None else l_exp + lm_weight * l_imp
 
 
+TEMPERATURE_RANGE = (1e-3, 1.0)  # where tau is clamped: below, logits overflow bf16; above, no contrast
+
+
 class LearnableTemperature(torch.nn.Module):
     """InfoNCE temperature tau, stored as log(1/tau) like CLIP and SimKGC so it stays positive.
 
@@ -188,7 +191,8 @@ class LearnableTemperature(torch.nn.Module):
     decay pulls log(1/tau) to 0, i.e. tau to 1.
     """
 
-    def __init__(self, init: float = 0.05, learnable: bool = True, min: float = 1e-3, max: float = 1.0):
+    def __init__(self, init: float = 0.05, learnable: bool = True, min: float = TEMPERATURE_RANGE[0],
+                 max: float = TEMPERATURE_RANGE[1]):
         super().__init__()
         if not min <= init <= max:
             raise ValueError(f"temperature init {init} outside [{min}, {max}]")

@@ -109,7 +109,8 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
     """
     from kalmkg.models import load_base, resolve_base
     from kalmkg.verbalize import entity_text, relation_text
-    from kalmkg.train import TrainConfig, pick_device
+    from kalmkg.device import pick_device
+    from kalmkg.training.config import TrainConfig, saved_train_config
 
     if run is not None and base is not None:
         raise KalmkgError("give --run or --base, not both")
@@ -135,7 +136,7 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
         rdir = runs.find_run(workspace, run)
         latest = run is None or runs.latest_run(workspace).resolve() == rdir.resolve()
         config = runs.read_config(rdir)
-        cfg = runs.dataclass_from(TrainConfig, config.get("train", {}))
+        cfg = saved_train_config(config)
         adapter = rdir / "adapter"
         if not adapter.is_dir():
             raise KalmkgError(f"run {rdir.name} has no trained weights yet (no adapter/: it stopped before its "

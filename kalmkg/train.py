@@ -23,50 +23,9 @@ from typing import Callable
 import numpy as np
 
 from kalmkg.errors import KalmkgError
+from kalmkg.device import pick_device
+from kalmkg.training.config import TrainConfig, saved_train_config
 from kalmkg.workspace import Workspace
-
-
-@dataclass
-class TrainConfig:
-    base: str = "smollm2-135m"
-    # LoRA (the paper: r 8, alpha 16, dropout 0.05 on the FFN projections)
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    lora_layers: int = 0  # adapt only the top N layers (0: all)
-    full: bool = False
-    # objective
-    margin: float = 0.02
-    temperature: float = 0.05
-    learn_temperature: bool = False
-    lm_weight: float = 0.01
-    lm_examples: int = 4
-    self_negatives: bool = False
-    prebatch: int = 0
-    # optimisation
-    batch_size: int = 24
-    epochs: float = 1.0
-    max_steps: int = 0
-    lr: float = 1e-4
-    weight_decay: float = 0.001
-    warmup: float = 0.05
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    grad_checkpointing: bool = False
-    # data
-    max_entity_tokens: int = 50
-    max_seq_len: int = 256
-    bucket: bool = True
-    # bookkeeping
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast where the hardware has fast bf16 (CUDA, AVX512-BF16/AMX CPUs)
-    log_every: int = 10
-    checkpoint_every: int = 200
-    eval_every: int = 0  # steps; 0 = at the end of every epoch
-    eval_limit: int = 500
-    patience: int = 3
 
 
 # ------------------------------------------------------------------ distributed
@@ -119,18 +78,6 @@ def agree(flag: bool, world: World) -> bool:
     t = torch.tensor([1 if flag else 0])
     dist.broadcast(t, src=0)
     return bool(t.item())
-
-
-def pick_device(spec: str) -> str:
-    import torch
-
-    if spec != "auto":
-        return spec
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 # ------------------------------------------------------------------ the model pass
@@ -345,7 +292,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     if resume is not None:
         rdir = runs.find_run(workspace, resume)
         saved = runs.read_config(rdir)
-        cfg = runs.dataclass_from(TrainConfig, saved["train"])
+        cfg = saved_train_config(saved)
         run_id = rdir.name
         if not (rdir / "checkpoint" / "state.pt").exists():
             raise KalmkgError(f"run {run_id} has no checkpoint to resume from")
@@ -483,9 +430,12 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
 
 # ------------------------------------------------------------------ pieces of the run
 def _validate(cfg: TrainConfig) -> None:
+    from kalmkg.objective import TEMPERATURE_RANGE
+
+    low, high = TEMPERATURE_RANGE
     checks = [
         (cfg.batch_size >= 2, "--batch-size must be at least 2 (in-batch negatives)"),
-        (cfg.temperature > 0, "--temperature must be positive"),
+        (low <= cfg.temperature <= high, f"--temperature must be in [{low:g}, {high:g}]"),
         (cfg.lr > 0, "--lr must be positive"),
         (cfg.grad_accum >= 1, "--grad-accum must be at least 1"),
         (cfg.epochs > 0 or cfg.max_steps > 0, "give --epochs > 0 or --max-steps > 0"),
@@ -540,7 +490,11 @@ def _tokens(texts, train_triples, tokenizer, cfg: TrainConfig, rdir: Path | None
     cache = rdir / "tokens.pt" if rdir is not None else None
     if cache is not None and cache.exists():
         return _Tokens(torch.load(cache, weights_only=False))
-    tok = tokenize_examples(texts, with_inverses(train_triples, texts.num_relations), tokenizer, cfg.max_seq_len)
+    try:
+        tok = tokenize_examples(texts, with_inverses(train_triples, texts.num_relations), tokenizer, cfg.max_seq_len)
+    except ValueError as exc:  # a head-relation view longer than the sequence
+        raise KalmkgError(f"--max-seq-len {cfg.max_seq_len} is too small: {exc} (raise --max-seq-len or "
+                          "lower --max-entity-tokens)") from None
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")

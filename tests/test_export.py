@@ -274,13 +274,6 @@ def test_modelfile_template_writes_a_start_text_once(tiny_model):
     assert 'PARAMETER stop "<|eot_id|>"' in text
 
 
-def _cli_has_export() -> bool:
-    from kalmkg.cli import app
-
-    return any((c.name or c.callback.__name__) == "export" for c in app.registered_commands)
-
-
-@pytest.mark.skipif(not _cli_has_export(), reason="the `kalmkg export` command is not in kalmkg/cli.py yet")
 def test_cli_export_prints_json_and_reports_bad_input_as_kalmkg_error(trained_ws):
     from typer.testing import CliRunner
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from helpers_graph import SAMPLE_TSV, SAMPLE_TTL, contents, ingest_into, ingest_read
 from kalmkg.cli import app
-from kalmkg.errors import KalmkgError, WorkspaceBusy
+from kalmkg.errors import KalmkgError
 from kalmkg.store import MIGRATIONS, SCHEMA_VERSION, Store
 from kalmkg.workspace import DEFAULT_WORKSPACE, ENV_VAR, Workspace
 
@@ -141,10 +141,6 @@ def test_transaction_rolls_back_on_any_exception(tmp_path):
             store.con.execute("INSERT INTO meta VALUES ('scratch', '2')")
     with Store.open(ws) as store:
         assert store.con.execute("SELECT value FROM meta WHERE key = 'scratch'").fetchall() == [("2",)]
-
-
-def test_workspace_busy_is_a_kalmkg_error():
-    assert issubclass(WorkspaceBusy, KalmkgError)
 
 
 # ---------------------------------------------------------------------------------------------------------

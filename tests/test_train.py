@@ -201,3 +201,14 @@ def test_a_few_steps_on_the_embedded_model(sample_ws):
     losses = [m["loss"] for m in metrics(result.run_dir) if "loss" in m]
     assert losses and all(np.isfinite(losses))
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"temperature": 2.0}, r"--temperature must be in \[0.001, 1\]"),
+    ({"temperature": 0.0}, r"--temperature must be in \[0.001, 1\]"),
+    ({"max_seq_len": 4}, r"--max-seq-len 4 is too small: a head-relation view has \d+ tokens"),
+])
+def test_bad_settings_are_one_clear_error_not_a_traceback(sample_ws, tiny_model, overrides, message):
+    with pytest.raises(KalmkgError, match=message):
+        train(sample_ws, tiny_config(tiny_model, **overrides), run_id="bad")
+    assert not (sample_ws.runs_dir / "bad" / "adapter").exists()

@@ -1,0 +1,1 @@
+"""Training's parts, moving here from train.py stage by stage (issue 11); `config` is the first."""
