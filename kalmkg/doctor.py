@@ -12,10 +12,10 @@ import os
 import platform
 import shutil
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 from kalmkg.formatting import human_size
+from kalmkg.system import folder_size, installed_version
 from kalmkg.workspace import Workspace
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "llama-cpp-python", "gguf", "lancedb",
@@ -30,36 +30,18 @@ def _safe(collect: Callable[[], Any]) -> Any:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return {name: installed_version(name) for name in PACKAGES}
 
 
 def _cpu() -> dict[str, Any]:
-    from kalmkg.llamacpp.environment import cpu_model
+    from kalmkg.llamacpp.environment import cpu_model, simd_flags
 
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    relevant = [f for f in flags if f in ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni")
-                or f.startswith(("avx512", "amx", "asimd", "sve", "i8mm"))]
     return {"model": cpu_model(), "machine": platform.machine(), "cores": os.cpu_count(), "usable_cores": usable,
-            "advertised_features": relevant}
+            "advertised_features": simd_flags()}
 
 
 def _torch() -> dict[str, Any]:
@@ -102,17 +84,6 @@ def _llama_cpp(selftest: bool, retest: bool) -> dict[str, Any]:
     return info
 
 
-def _dir_size(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += (Path(root) / name).stat().st_size
-            except OSError:
-                pass
-    return total
-
-
 def _workspace(ws: Workspace) -> dict[str, Any]:
     runs = sorted(p.name for p in ws.runs_dir.iterdir() if p.is_dir()) if ws.runs_dir.is_dir() else []
     models = sorted(p.name for p in ws.models_dir.glob("*.gguf")) if ws.models_dir.is_dir() else []
@@ -124,7 +95,7 @@ def _caches() -> dict[str, Any]:
     from kalmkg.cache import cache_root
 
     root = cache_root()
-    parts = {p.name: _dir_size(p) for p in sorted(root.iterdir()) if p.is_dir()} if root.is_dir() else {}
+    parts = {p.name: folder_size(p) for p in sorted(root.iterdir()) if p.is_dir()} if root.is_dir() else {}
     return {"root": str(root), "bytes": parts}
 
 

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 from kalmkg.errors import KalmkgError
 from kalmkg.formatting import human_size
+from kalmkg.system import folder_size, installed_version
 from kalmkg.training.config import saved_train_config
 from kalmkg.workspace import Workspace
 
@@ -155,7 +156,7 @@ def export_run(workspace: Workspace, run: str | None = None, quant: str | None =
             _save_hf(model, tokenizer, hf_dir)
             ollama_text = _modelfile(tokenizer, name) if ollama else None
             del model  # the reference is computed: free the float32 weights before llama.cpp loads the GGUF
-            note(human_size(_folder_size(hf_dir)))
+            note(human_size(folder_size(hf_dir)))
         with _stage(progress, "convert", seconds) as note:
             raw = tmp / "f16-raw.gguf"
             _convert(hf_dir, raw, name, resolved.name)
@@ -240,7 +241,7 @@ def _converter_script() -> Path:
 
 
 def _converter_name() -> str:
-    return f"llama.cpp's converter (from llama-cpp-python {_version('llama-cpp-python')})"
+    return f"llama.cpp's converter (from llama-cpp-python {installed_version('llama-cpp-python')})"
 
 
 def _require_converter() -> None:
@@ -366,10 +367,6 @@ def _save_hf(model, tokenizer, folder: Path) -> None:
     """Weights (float32, so F16 is rounded once, by the converter) + tokenizer + chat template."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-
-
-def _folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 # ------------------------------------------------------------------------------- torch reference values
@@ -698,7 +695,7 @@ def _metadata_json(name, run_id, rdir, config, resolved, architecture, quant, n_
         "seconds": seconds,
         "ollama_modelfile": modelfile.name if modelfile is not None else None,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": {"kalmkg": __version__, "llama-cpp-python": _version("llama-cpp-python"), "gguf": _version("gguf")},
+        "versions": {"kalmkg": __version__, "llama-cpp-python": installed_version("llama-cpp-python"), "gguf": installed_version("gguf")},
     }
 
 
@@ -845,12 +842,3 @@ def _publish(tmp: Path, gguf_file: Path, final: Path, texts: dict[Path, str], re
             for p in moved:
                 p.unlink(missing_ok=True)
         raise
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kalmkg.llamacpp.environment import (
-    advertised_flags, build_record_path, converter_dir, cpu_model, library_files, stat_signature,
+    advertised_flags, build_record_path, converter_dir, cpu_model, file_sha256, library_files, stat_signature,
 )
 
 PACKAGE = "llama-cpp-python"
@@ -211,16 +211,6 @@ def x86_cmake_args(features: list[str]) -> list[str]:
     return args
 
 
-def _arm_hwcaps() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("Features"):
-                return sorted(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return []
-
-
 def _nvcc() -> str | None:
     return shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if Path(p).is_file()), None)
 
@@ -261,7 +251,7 @@ def plan_build(cuda: str = "auto", disable: tuple[str, ...] = ()) -> BuildPlan:
         plan.features = [f for f in probe_x86_features() if f not in disable]
         plan.cmake_args = x86_cmake_args(plan.features)
     elif sys.platform.startswith("linux") and machine in ("aarch64", "arm64"):
-        plan.features = _arm_hwcaps()
+        plan.features = sorted(advertised_flags() or ())  # the kernel's hwcaps
         plan.cmake_args = ["-DGGML_NATIVE=ON"]
         plan.note = "arm64: -mcpu=native follows the kernel's hwcaps (what the OS grants)"
     else:
@@ -310,14 +300,6 @@ def fetch_source(req: str, dest: Path) -> Path:
     if not archives:
         raise SystemExit(f"error: pip download {req!r} gave no source archive")
     return archives[-1]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_wheel(source: Path, plan: BuildPlan, out: Path) -> Path:
@@ -403,7 +385,7 @@ def install(force: bool = False, cuda: str = "auto", req: str | None = None, dis
     req = req or requirement()
     with tempfile.TemporaryDirectory(prefix="kalmkg-llama-") as tmp:
         source = fetch_source(req, Path(tmp))
-        source_sha = _sha256(source)
+        source_sha = file_sha256(source).hexdigest()
         key = plan.key(source_sha)
         slot = cache_root() / "llama-cpp" / key
         with _locked(slot.with_name(f"{key}.lock")):

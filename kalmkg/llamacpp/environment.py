@@ -22,25 +22,48 @@ def rebuild_command(extra: str = "") -> str:
     return f"{sys.executable} -m kalmkg.llamacpp.build --force{extra}"
 
 
-def cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """Each /proc/cpuinfo field's first value (the first CPU's), names lower-cased; {} without the file."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
+            name, sep, value = line.partition(":")
+            if sep:
+                fields.setdefault(name.strip().lower(), value.strip())
     except OSError:
         pass
+    return fields
+
+
+def cpu_model() -> str:
+    fields = _cpuinfo()
+    for name in ("model name", "hardware", "cpu model"):
+        if fields.get(name):
+            return fields[name]
     return platform.processor() or platform.machine()
 
 
 def advertised_flags() -> set[str] | None:
-    """The CPU flags the kernel lists in /proc/cpuinfo, or None where there is no such file."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
+    """The CPU flags the kernel lists in /proc/cpuinfo (x86 `flags`, arm64 `Features`), or None without it."""
+    fields = _cpuinfo()
+    value = fields.get("flags", fields.get("features"))
+    return set(value.split()) if value is not None else None
+
+
+def simd_flags() -> list[str]:
+    """The advertised flags llama.cpp's kernels care about (vector and matrix extensions), sorted."""
+    return sorted(f for f in advertised_flags() or ()
+                  if f in ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni")
+                  or f.startswith(("avx512", "amx", "asimd", "sve", "i8mm")))
+
+
+def file_sha256(path: Path, digest=None):
+    """`digest` (a new sha256 by default) updated with the file's bytes, read in 1 MiB blocks."""
+    digest = digest if digest is not None else hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
 
 
 def library_files() -> list[Path]:
@@ -69,16 +92,10 @@ def stat_signature(files: list[Path]) -> str:
 
 def cpu_identity() -> str:
     """Model and advertised feature flags: a verdict for one CPU says nothing about another."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            name = name.strip().lower()
-            if name in ("model name", "flags", "features", "cpu implementer", "cpu part") and name not in fields:
-                fields[name] = value.strip()
-    except OSError:
-        pass
-    return json.dumps([platform.machine(), platform.processor(), sorted(fields.items())])
+    fields = _cpuinfo()
+    keep = sorted((k, fields[k]) for k in ("model name", "flags", "features", "cpu implementer", "cpu part")
+                  if k in fields)
+    return json.dumps([platform.machine(), platform.processor(), keep])
 
 
 def converter_dir() -> Path:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from kalmkg.errors import KalmkgError
 from kalmkg.llamacpp.environment import (
-    advertised_flags, cpu_identity, cpu_model, library_files, read_build_record, rebuild_command, stat_signature,
+    cpu_identity, cpu_model, file_sha256, library_files, read_build_record, rebuild_command, simd_flags,
+    stat_signature,
 )
 
 SELFTEST_MODULE = "kalmkg.llamacpp.selftest"
@@ -51,9 +52,7 @@ def content_hash(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        file_sha256(path, digest)
     value = digest.hexdigest()
     _write_json(memo, {**(known if isinstance(known, dict) else {}), sig: value})
     return value
@@ -109,8 +108,7 @@ def _signal_name(returncode: int) -> str:
 def _crash_advice() -> str:
     """The CPU, what the library was built for, and the command that fixes it."""
     record = read_build_record()
-    flags = advertised_flags() or set()
-    advertised = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni"))
+    advertised = simd_flags()
     cpu = f"CPU {cpu_model()}" + (f" advertises {' '.join(advertised)}" if advertised else "")
     if record is None:
         return f"{cpu}; llama.cpp was built by pip's default (-march=native). Rebuild it for this machine: {rebuild_command()}"
