@@ -6,7 +6,7 @@ for the untrained base and a KaLM run, on the 38 questions of tests/data/world_q
 
 Both models are Q8_0 GGUFs through llama.cpp, greedy: the run's `kalmkg export`, and the base converted
 by the same converter from the same float32 weights training started from (so quantization is not a
-difference between them). Grading (`kalmkg.ask.grade`): an answerable question is right when an expected
+difference between them). Grading (`kalmkg.qa.ask.grade`): an answerable question is right when an expected
 name appears in the answer and it does not abstain; a question the graph cannot answer is right when
 the answer abstains ("I don't know", or the no-match message). Also reported: retrieval recall, the share
 of answerable questions whose supporting facts all reached the prompt. Answers go to
@@ -31,7 +31,7 @@ KINDS = ("one-hop", "two-hop", "no-answer")
 
 def base_q8(root: Path) -> Path:
     """The untrained base as a Q8_0 GGUF (llama.cpp's converter on the cached float32 folder)."""
-    from kalmkg.export import _convert, _quantize
+    from kalmkg.export.pipeline import _convert, _quantize
     from kalmkg.models import resolve_base
 
     out = root / "base-Q8_0.gguf"
@@ -61,7 +61,7 @@ def main() -> None:
 
     from world_run import prepare
 
-    from kalmkg.ask import AskConfig, Asker, grade, load_questions
+    from kalmkg.qa.ask import AskConfig, Asker, grade, load_questions
     from kalmkg.workspace import Workspace
 
     root = prepare(args.steps, args.lm_weight, args.lm_examples)

@@ -46,8 +46,8 @@ QUESTION = "What is the nationality of Marie Curie's spouse?"
 
 def prompt_ids(ws, tokenizer) -> list[int]:
     """The ask prompt for QUESTION (retrieved facts, no embedder: deterministic), as chat-template ids."""
-    from kalmkg.ask import build_messages, linked_descriptions
-    from kalmkg.retrieve import retrieve
+    from kalmkg.qa.ask import build_messages, linked_descriptions
+    from kalmkg.qa.retrieve import retrieve
     from kalmkg.store import Store
 
     with Store.open(ws) as store:
@@ -176,7 +176,7 @@ def ask_latency(ws: Path, model: Path, threads: int, repeats: int) -> dict:
     cold = once()
     warm = statistics.median(once() for _ in range(repeats))
 
-    from kalmkg.ask import AskConfig, Asker
+    from kalmkg.qa.ask import AskConfig, Asker
     from kalmkg.workspace import Workspace
 
     asker = Asker(Workspace(ws), str(model), n_threads=threads)
@@ -218,7 +218,7 @@ def main() -> None:
 
     from world_run import QUANTS, kalmkg, prepare
 
-    from kalmkg.run_model import load_model
+    from kalmkg.loaded import load_model
     from kalmkg.workspace import Workspace
 
     torch.set_num_threads(args.threads)

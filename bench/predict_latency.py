@@ -61,7 +61,7 @@ def prepare(args) -> Path:
     """A workspace holding the graph and an entity index for the base model (cached)."""
     from kalmkg.index import EntityIndex, embed
     from kalmkg.ingest import ingest, resolve_sources
-    from kalmkg.run_model import load_model
+    from kalmkg.loaded import load_model
     from kalmkg.store import Store
     from kalmkg.workspace import Workspace
 
@@ -104,7 +104,7 @@ def warm(args, root: Path) -> list[dict]:
 
     from kalmkg.errors import KalmkgError
     from kalmkg.predict import Predictor
-    from kalmkg.run_model import make_encoder
+    from kalmkg.loaded import make_encoder
     from kalmkg.workspace import Workspace
 
     torch.set_num_threads(args.threads)
@@ -165,7 +165,7 @@ def _ms(xs, p) -> float:
 
 def cold(args, root: Path, backend: str) -> dict:
     """Wall time of fresh processes answering one query."""
-    from kalmkg.cli import app
+    from kalmkg.cli.app import app
     from kalmkg.store import Store
     from kalmkg.workspace import Workspace
 

@@ -34,8 +34,8 @@ def naive_step(model, tokenizer, tokens, batch: np.ndarray, cfg, temperature, kn
     import torch
     import torch.nn.functional as F
 
-    from kalmkg import objective
-    from kalmkg.dataset import lm_positions
+    from kalmkg.training import objective
+    from kalmkg.training.data import lm_positions
 
     def pad(rows):
         width = max(len(r) for r in rows)
@@ -72,19 +72,20 @@ def naive_step(model, tokenizer, tokens, batch: np.ndarray, cfg, temperature, kn
 def run(mode: str, args, workspace, cfg, n_steps: int, precision: str = "fp32") -> dict:
     import torch
 
-    from kalmkg.dataset import epoch_batches, load_texts
-    from kalmkg.metrics import known_answers
+    from kalmkg.text import graph_texts
+    from kalmkg.training.data import epoch_batches
+    from kalmkg.evaluation.metrics import known_answers
     from kalmkg.models import LoraSettings, apply_lora, load_base, resolve_base
-    from kalmkg.objective import LearnableTemperature
+    from kalmkg.training.objective import LearnableTemperature
     from kalmkg.store import Store
-    from kalmkg.train import World, _tokens, freeze_in_bf16, kalm_step, make_optimizer, use_bf16
+    from kalmkg.training.loop import World, _tokens, freeze_in_bf16, kalm_step, make_optimizer, use_bf16
 
     with Store.open(workspace) as store:
         train = store.triples_array(("train",))
         ents, rels = store.entity_table(), store.relation_table()
     torch.manual_seed(0)
     model, tokenizer = load_base(resolve_base(cfg.base), device=args.device)
-    texts = load_texts(ents, rels, tokenizer, cfg.max_entity_tokens)
+    texts = graph_texts(ents, rels, tokenizer, cfg.max_entity_tokens)
     tokens = _tokens(texts, train, tokenizer, cfg, None)
     known = {k: frozenset(v) for k, v in known_answers(train, texts.num_relations).items()}
     model = apply_lora(model, LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
@@ -96,7 +97,7 @@ def run(mode: str, args, workspace, cfg, n_steps: int, precision: str = "fp32") 
     opt = make_optimizer(model, temperature, cfg)
     batches = epoch_batches(len(tokens.examples), cfg.batch_size, 0, 0, tokens.lengths, bucket=(mode == "kalmkg"))
     cuda = args.device.startswith("cuda")
-    from kalmkg.train import make_autocast
+    from kalmkg.training.loop import make_autocast
 
     autocast = make_autocast(args.device, "fp32" if mode == "naive" else precision)
     if cuda:
@@ -152,7 +153,7 @@ def main() -> None:
 
     from kalmkg.ingest import ingest, resolve_sources
     from kalmkg.store import Store
-    from kalmkg.train import TrainConfig
+    from kalmkg.training.loop import TrainConfig
     from kalmkg.workspace import Workspace
 
     cfg = TrainConfig(base=args.base, batch_size=args.batch_size, lora_layers=args.lora_layers,

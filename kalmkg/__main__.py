@@ -1,3 +1,3 @@
-from kalmkg.cli import main
+from kalmkg.cli.app import main
 
 main()

@@ -43,7 +43,7 @@ class TorchEncoder:
         import torch.nn.functional as F
 
         from kalmkg.models import backbone
-        from kalmkg.objective import last_token_pool
+        from kalmkg.training.objective import last_token_pool
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))

@@ -61,7 +61,7 @@ def entity_hashes(keys: Sequence[str], texts: Sequence[str]) -> list[str]:
     (the limit and tokenizer belong to the model, checked apart; hashing uncut texts spares tokenizing
     every entity to check freshness, at the price of re-encoding an entity whose text changed only
     beyond the cut)."""
-    from kalmkg.verbalize import tail_view
+    from kalmkg.text import tail_view
 
     return [hashlib.sha1(f"{k}\x00{tail_view(t)}".encode()).hexdigest()[:16] for k, t in zip(keys, texts)]
 
@@ -148,7 +148,7 @@ def embed(workspace: Workspace, loaded, encoder=None, *, batch_size: int = 64, f
     """
     import pyarrow as pa
 
-    from kalmkg.verbalize import tail_view
+    from kalmkg.text import tail_view
 
     t_start = time.perf_counter()
     keys, hashes = _current(loaded)
@@ -175,7 +175,7 @@ def embed(workspace: Workspace, loaded, encoder=None, *, batch_size: int = 64, f
         return EmbedResult(0, n, 0, n, False, _has_ann(table), int(meta.get("dim", 0)),
                            time.perf_counter() - t_start, 0.0)
     if encoder is None and todo:  # nothing to encode: the weights never load
-        from kalmkg.run_model import torch_encoder
+        from kalmkg.loaded import torch_encoder
 
         encoder = torch_encoder(loaded)
     base_meta = {"format": FORMAT, "model": loaded.fingerprint, "weights": loaded.weights, "name": loaded.name,

@@ -299,14 +299,48 @@ def load_base(resolved: ResolvedBase, *, dtype: torch.dtype | None = None, devic
             model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype)
     except OSError as e:
         raise KalmkgError(f"cannot load base model {resolved.name!r}: {_first_line(e)}") from e
-    _ensure_pad_token(tokenizer, resolved.name)
-    tokenizer.padding_side = "right"
+    prepare_tokenizer(tokenizer, resolved.name)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device), tokenizer
 
 
-def _ensure_pad_token(tokenizer: Any, name: str) -> None:
+def merged_model(resolved, adapter: Path, device: str = "cpu"):
+    """Base + LoRA adapter merged into plain weights (no LoRA matmuls at inference: faster, and the same
+    weights `kalmkg export` merges), or a full fine-tune saved in place of the adapter."""
+    if (adapter / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model, _ = load_base(resolved, device=device)
+        try:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise KalmkgError(f"cannot apply the adapter in {adapter}: {str(e).splitlines()[0]}") from e
+        return model.to(device)
+    if (adapter / "config.json").is_file():  # `--full` fine-tuning saves the whole model there
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32).to(device)
+    raise KalmkgError(f"{adapter} holds neither a LoRA adapter nor a model")
+
+
+def load_tokenizer(path: str | Path, name: str) -> Any:
+    """A tokenizer set up as `load_base` sets it up, without loading the weights."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise KalmkgError(f"cannot load the tokenizer of {name!r}: {_first_line(e)}") from e
+    prepare_tokenizer(tokenizer, name)
+    return tokenizer
+
+
+def prepare_tokenizer(tokenizer: Any, name: str) -> None:
+    """A pad token (the eos or unk token when the model has none) and padding on the right, which
+    last-token pooling relies on."""
+    tokenizer.padding_side = "right"
     if tokenizer.pad_token is not None:
         return
     for token in (tokenizer.eos_token, tokenizer.unk_token):

@@ -81,7 +81,7 @@ class Predictor:
              triples: np.ndarray | None = None, tables: tuple | None = None, gguf: str | None = None) -> "Predictor":
         """`gguf` picks one of a run's exports in models/ for the gguf backend (default: the newest)."""
         from kalmkg.index import EntityIndex
-        from kalmkg.run_model import BACKENDS, load_model, make_encoder
+        from kalmkg.loaded import BACKENDS, load_model, make_encoder
 
         if backend not in BACKENDS:
             raise KalmkgError(f"unknown backend '{backend}'; use one of: {', '.join(BACKENDS)}")
@@ -109,7 +109,7 @@ class Predictor:
         return np.unique(t[(t[:, 2] == entity_id) & (t[:, 1] == relation_id), 0])
 
     def query_text(self, entity_id: int, relation_id: int, direction: str) -> str:
-        from kalmkg.verbalize import hr_view
+        from kalmkg.text import hr_view
 
         rel = relation_id if direction == "tail" else relation_id + self.num_relations
         return hr_view(self.loaded.entity_text(entity_id), self.loaded.relation_texts[rel])
@@ -151,7 +151,7 @@ def predict(workspace: Workspace, head: str, relation: str, tail: str, *, k: int
     from kalmkg.names import resolve_entity, resolve_relation
     from kalmkg.store import Store
 
-    from kalmkg.run_model import BACKENDS
+    from kalmkg.loaded import BACKENDS
 
     direction, entity_name, relation_name = parse_query(head, relation, tail)
     if backend not in BACKENDS:  # before any loading

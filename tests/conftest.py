@@ -67,7 +67,7 @@ def make_tiny_run(root: Path, tiny_model: Path) -> Path:
     from kalmkg.ingest import ingest, resolve_sources
     from kalmkg.split import split_store
     from kalmkg.store import Store
-    from kalmkg.train import TrainConfig, train
+    from kalmkg.training.loop import TrainConfig, train
     from kalmkg.workspace import Workspace
 
     ws = Workspace(root)

@@ -17,10 +17,10 @@ import pytest
 
 from conftest import SAMPLE_TTL, TESTS
 from helpers_graph import require_installed
-from kalmkg.ask import (NO_MATCH, SYSTEM, SYSTEM_NO_CONTEXT, AskConfig, ask, build_messages, grade, is_abstention,
+from kalmkg.qa.ask import (NO_MATCH, SYSTEM, SYSTEM_NO_CONTEXT, AskConfig, ask, build_messages, grade, is_abstention,
                         load_questions, no_facts_message, resolve_model)
 from kalmkg.errors import KalmkgError
-from kalmkg.retrieve import (Fact, Path as FactPath, choose_spans, link_entities, ngrams, normalize, overlap,
+from kalmkg.qa.retrieve import (Fact, Path as FactPath, choose_spans, link_entities, ngrams, normalize, overlap,
                              path_lexical, retrieve, same_word, select_facts, standardize)
 from kalmkg.store import Store
 from kalmkg.workspace import Workspace
@@ -351,7 +351,7 @@ def test_cli_without_a_graph_says_to_ingest(tmp_path):
 
 NO_TORCH = """
 import sys
-from kalmkg.cli import main
+from kalmkg.cli.app import main
 sys.argv = ["kalmkg", *sys.argv[1:]]
 try:
     main()
@@ -416,7 +416,7 @@ def ingest_ttl(tmp_path, body: str) -> Workspace:
 def test_a_hub_reads_its_most_relevant_relations_first(tmp_path, monkeypatch):
     """A hub with many `knows` edges: the cap on facts read per entity keeps the `motto` fact the question
     asks about, because relations are ordered by relevance before the cap applies."""
-    import kalmkg.retrieve as retrieve_module
+    import kalmkg.qa.retrieve as retrieve_module
 
     people = "\n".join(f"ex:Hub ex:knows ex:P{i} ." for i in range(60))
     ws = ingest_ttl(tmp_path, people + '\nex:Hub rdfs:label "Hubland" ; ex:motto ex:M .\n'
@@ -430,7 +430,7 @@ def test_a_hub_reads_its_most_relevant_relations_first(tmp_path, monkeypatch):
 
 
 def test_a_name_many_entities_share_is_capped(tmp_path):
-    import kalmkg.retrieve as retrieve_module
+    import kalmkg.qa.retrieve as retrieve_module
 
     ws = ingest_ttl(tmp_path, "\n".join(f'ex:S{i} rdfs:label "Springfield" ; ex:in ex:US .' for i in range(50)))
     emb = KeywordEmbedder("nothing")

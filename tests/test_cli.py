@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from helpers_graph import (
     PREFIXES, SAMPLE_TTL, assert_one_line_error, cli_env, contents, dump, ingest_into, run_kalmkg, write,
 )
-from kalmkg.cli import app
+from kalmkg.cli.app import app
 from kalmkg.errors import KalmkgError
 from kalmkg.store import Store
 from kalmkg.workspace import ENV_VAR, Workspace
@@ -240,7 +240,7 @@ def test_cli_import_does_not_load_heavy_modules(tmp_path):
     """`kalmkg --help` must stay fast: importing the CLI loads no store, RDF, Arrow or ML library."""
     import subprocess
 
-    code = ("import sys, kalmkg.cli; heavy = ['duckdb', 'rdflib', 'pyarrow', 'pyoxigraph', 'numpy', 'torch', "
+    code = ("import sys, kalmkg.cli.app; heavy = ['duckdb', 'rdflib', 'pyarrow', 'pyoxigraph', 'numpy', 'torch', "
             "'transformers']; print(','.join(m for m in heavy if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -13,11 +13,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_model import build_tokenizer  # noqa: E402
 
-from kalmkg import verbalize  # noqa: E402
-from kalmkg.dataset import (  # noqa: E402
-    GraphTexts,
+from kalmkg import text as verbalize  # noqa: E402
+from kalmkg.text import GraphTexts, graph_texts  # noqa: E402
+from kalmkg.training.data import (  # noqa: E402
     epoch_batches,
-    load_texts,
     lm_positions,
     tokenize_examples,
     with_inverses,
@@ -97,7 +96,7 @@ def test_with_inverses_of_no_triples():
     assert with_inverses(np.zeros((0, 3), dtype=np.int64), 3).shape == (0, 3)
 
 
-# ------------------------------------------------------------------ load_texts
+# ------------------------------------------------------------------ graph_texts
 def entity_table(rows):
     return pa.table({
         "id": pa.array([r[0] for r in rows], pa.int64()),
@@ -124,7 +123,7 @@ def test_load_texts_builds_entity_and_relation_texts(tokenizer):
         (3, "Q183", "Germany", "   "),
     ])
     rels = relation_table(["capital of", "located in", "borders"])
-    texts = load_texts(ents, rels, tokenizer, max_entity_tokens=50)
+    texts = graph_texts(ents, rels, tokenizer, max_entity_tokens=50)
     assert texts.entities == ["Paris, capital of France", "France", "Berlin, capital of Germany", "Germany"]
     assert texts.relations == ["capital of", "located in", "borders",
                                "inverse of capital of", "inverse of located in", "inverse of borders"]
@@ -133,7 +132,7 @@ def test_load_texts_builds_entity_and_relation_texts(tokenizer):
 
 def test_load_texts_cuts_long_entity_texts(tokenizer):
     ents = entity_table([(0, "a", "Vienna", LONG_DESCRIPTION), (1, "b", "Rome", "a city")])
-    texts = load_texts(ents, relation_table(["capital of"]), tokenizer, max_entity_tokens=6)
+    texts = graph_texts(ents, relation_table(["capital of"]), tokenizer, max_entity_tokens=6)
     full = verbalize.entity_text("Vienna", LONG_DESCRIPTION)
     assert texts.entities[1] == "Rome, a city"  # short: unchanged
     assert texts.entities[0] != full and full.startswith(texts.entities[0])
@@ -142,7 +141,7 @@ def test_load_texts_cuts_long_entity_texts(tokenizer):
 
 
 def test_load_texts_of_empty_tables(tokenizer):
-    texts = load_texts(entity_table([]), relation_table([]), tokenizer, 50)
+    texts = graph_texts(entity_table([]), relation_table([]), tokenizer, 50)
     assert texts.entities == [] and texts.relations == [] and texts.num_relations == 0
 
 

@@ -1,4 +1,4 @@
-"""`evaluate_run` (kalmkg.evaluation): the paper's protocol through the whole command path.
+"""`evaluate_run` (kalmkg.evaluation.link_prediction): the paper's protocol through the whole command path.
 
 A hand-worked ranking (a fake encoder whose scores are chosen by hand: ties, filtered answers from
 train and test, head prediction through the inverse query), then the tiny trained run through
@@ -36,8 +36,8 @@ class TableEncoder:
 @pytest.fixture()
 def hand_case(tmp_path):
     """Entities a..e (ids 0..4), one relation r.  train: a r b, a r c, c r d;  test: a r d, e r d."""
-    from kalmkg.run_model import LoadedModel
-    from kalmkg.verbalize import hr_view, tail_view
+    from kalmkg.loaded import LoadedModel
+    from kalmkg.text import hr_view, tail_view
 
     root = tmp_path / "ws"
     ingest_into(root, [write(tmp_path / "train.tsv", "a\tr\tb\na\tr\tc\nc\tr\td\n")], split="train")
@@ -69,7 +69,7 @@ def test_metrics_match_a_hand_worked_ranking(hand_case):
         a and b tied at .3, nothing better -> rank 1.5
     head (?, r, d) target e: a, c filtered; e .8 best -> rank 1
     """
-    from kalmkg.evaluation import evaluate_run
+    from kalmkg.evaluation.link_prediction import evaluate_run
 
     ws, loaded, encoder = hand_case
     out = evaluate_run(ws, loaded=loaded, encoder=encoder)
@@ -104,7 +104,7 @@ def test_metrics_match_a_hand_worked_ranking(hand_case):
 
 
 def test_valid_split_and_unknown_or_empty_splits(hand_case):
-    from kalmkg.evaluation import evaluate_run
+    from kalmkg.evaluation.link_prediction import evaluate_run
 
     ws, loaded, encoder = hand_case
     with pytest.raises(KalmkgError, match=r"the valid split is empty"):
@@ -121,10 +121,10 @@ def ws(tiny_run_ws) -> Workspace:
 
 
 def test_tiny_run_embed_then_evaluate_agrees_with_training_validation(ws):
-    from kalmkg.evaluation import evaluate_run
-    from kalmkg.ranking import rank_queries, sample_triples
+    from kalmkg.evaluation.link_prediction import evaluate_run
+    from kalmkg.evaluation.ranking import rank_queries, sample_triples
     from kalmkg.index import embed
-    from kalmkg.run_model import load_model
+    from kalmkg.loaded import load_model
 
     loaded = load_model(ws)
     embed(ws, loaded)
@@ -155,7 +155,7 @@ def test_tiny_run_embed_then_evaluate_agrees_with_training_validation(ws):
 
 
 def test_limit_is_a_fixed_seed_sample(ws):
-    from kalmkg.evaluation import evaluate_run
+    from kalmkg.evaluation.link_prediction import evaluate_run
 
     def triples(out):
         return [json.loads(line)["triple"] for line in Path(out["predictions_path"]).read_text().splitlines()]
@@ -170,9 +170,9 @@ def test_limit_is_a_fixed_seed_sample(ws):
 
 
 def test_untrained_base_is_evaluated_into_its_own_folder(ws, tiny_model):
-    from kalmkg.evaluation import evaluate_run
+    from kalmkg.evaluation.link_prediction import evaluate_run
     from kalmkg.index import embed
-    from kalmkg.run_model import load_model
+    from kalmkg.loaded import load_model
 
     embed(ws, load_model(ws))  # the run's index: not for the base model
     out = evaluate_run(ws, base=str(tiny_model), split="valid", limit=6)
@@ -187,7 +187,7 @@ def test_untrained_base_is_evaluated_into_its_own_folder(ws, tiny_model):
 
 # --------------------------------------------------------------------------------------------- generative
 def test_answers_are_compared_after_normalisation():
-    from kalmkg.generative import NO, YES, Case, is_correct, normalize
+    from kalmkg.evaluation.generative import NO, YES, Case, is_correct, normalize
 
     assert normalize("  The Eiffel-Tower. ") == "eiffel tower" and normalize("Émile_Zola") == "emile zola"
     tail = Case("tail", "", "Eiffel Tower", (0, 0, 0))
@@ -198,7 +198,7 @@ def test_answers_are_compared_after_normalisation():
 
 
 def test_generative_cases_have_fixed_shots_and_honest_corruptions(ws):
-    from kalmkg.generative import NO, SHOTS, TASKS, YES, build_cases
+    from kalmkg.evaluation.generative import NO, SHOTS, TASKS, YES, build_cases
 
     with Store.open(ws) as store:
         test, train, everything = (store.triples_array(("test",)), store.triples_array(("train",)),
@@ -222,7 +222,7 @@ def test_generative_cases_have_fixed_shots_and_honest_corruptions(ws):
 
 
 def test_generative_evaluation_of_the_tiny_run_and_its_base(ws, monkeypatch):
-    from kalmkg import generative
+    from kalmkg.evaluation import generative
 
     out = generative.evaluate_generative(ws, limit=4, seed=0)
     assert set(out["accuracy"]) == {"run", "base"}
@@ -245,7 +245,7 @@ def test_generative_evaluation_of_the_tiny_run_and_its_base(ws, monkeypatch):
         test, train, everything = (store.triples_array(("test",)), store.triples_array(("train",)),
                                    store.triples_array())
         labels, rels = store.entity_table()["label"].to_pylist(), store.relation_table()["label"].to_pylist()
-    from kalmkg.ranking import sample_triples
+    from kalmkg.evaluation.ranking import sample_triples
 
     cases = generative.build_cases(sample_triples(test, 4, 0), train, set(map(tuple, everything.tolist())),
                                    labels, rels, seed=0)

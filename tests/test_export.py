@@ -16,7 +16,7 @@ import pytest
 
 from kalmkg.errors import KalmkgError
 from kalmkg.encode import embed_rows
-from kalmkg.export import QUANT_TYPES, STAGES, ExportProgress, export_run, read_gguf_metadata
+from kalmkg.export.pipeline import QUANT_TYPES, STAGES, ExportProgress, export_run, read_gguf_metadata
 from kalmkg.workspace import Workspace
 
 SAMPLE_TTL = Path(__file__).resolve().parent.parent / "sample_graphs" / "world.ttl"
@@ -40,7 +40,7 @@ def _sample_workspace(root: Path) -> Workspace:
 @pytest.fixture(scope="module")
 def trained_ws(tmp_path_factory, gguf_tiny) -> Workspace:
     """The sample graph with a 2-step run 'r' of the tiny model (shared: exports use distinct names)."""
-    from kalmkg.train import TrainConfig, train
+    from kalmkg.training.loop import TrainConfig, train
 
     ws = _sample_workspace(tmp_path_factory.mktemp("export") / "ws")
     train(ws, TrainConfig(base=str(gguf_tiny), batch_size=8, max_steps=2, precision="fp32", eval_limit=10,
@@ -74,7 +74,7 @@ def test_f16_export_round_trips_through_llama_cpp(trained_ws, gguf_tiny):
     import torch
     from peft import PeftModel
 
-    from kalmkg import verbalize
+    from kalmkg import text as verbalize
     from kalmkg.encode import TorchEncoder
     from kalmkg.models import load_base, resolve_base
     from kalmkg.runs import read_config
@@ -150,7 +150,7 @@ def test_a_k_quant_exports_with_its_looser_threshold(trained_ws):
 
 
 def test_a_failed_verification_leaves_nothing_and_keeps_the_previous_file(trained_ws, monkeypatch):
-    import kalmkg.export as export
+    import kalmkg.export.pipeline as export
 
     final = trained_ws.models_dir / "atomic-v.gguf"
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +164,7 @@ def test_a_failed_verification_leaves_nothing_and_keeps_the_previous_file(traine
 
 
 def test_a_failed_quantization_leaves_no_partial_file(trained_ws, monkeypatch):
-    import kalmkg.export as export
+    import kalmkg.export.pipeline as export
 
     def half_written(src, dst, quant):
         Path(dst).write_bytes(b"GGUF" + b"\0" * 100)
@@ -180,7 +180,7 @@ def test_a_failed_quantization_leaves_no_partial_file(trained_ws, monkeypatch):
 def test_no_space_is_refused_before_any_work(trained_ws, monkeypatch):
     from collections import namedtuple
 
-    import kalmkg.export as export
+    import kalmkg.export.pipeline as export
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(export.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
@@ -225,7 +225,7 @@ def test_a_run_without_weights_says_to_train_first(sample_ws, gguf_tiny):
 
 
 def test_an_architecture_the_converter_lacks_is_named(tmp_path):
-    from kalmkg.export import _check_architecture, _convert
+    from kalmkg.export.pipeline import _check_architecture, _convert
 
     with pytest.raises(KalmkgError, match="does not support the architecture FooBarForCausalLM of base foo"):
         _check_architecture("FooBarForCausalLM", "foo")
@@ -238,7 +238,7 @@ def test_an_architecture_the_converter_lacks_is_named(tmp_path):
 
 
 def test_a_tokenizer_the_converter_cannot_identify_is_reported(tmp_path, tiny_model):
-    from kalmkg.export import _convert
+    from kalmkg.export.pipeline import _convert
 
     with pytest.raises(KalmkgError, match="does not recognise the tokenizer of base tiny"):
         _convert(tiny_model, tmp_path / "out.gguf", "x", "tiny")
@@ -248,7 +248,7 @@ def test_a_tokenizer_the_converter_cannot_identify_is_reported(tmp_path, tiny_mo
 def test_modelfile_template_follows_a_custom_chat_template(tiny_model):
     from transformers import AutoTokenizer
 
-    from kalmkg.export import _modelfile
+    from kalmkg.export.pipeline import _modelfile
 
     text = _modelfile(AutoTokenizer.from_pretrained(tiny_model), "m")
     # tests/tiny_model.py's template: "<s>{role}: {content}</s>\n" per message, "<s>assistant: " to generate
@@ -261,7 +261,7 @@ def test_modelfile_template_follows_a_custom_chat_template(tiny_model):
 def test_modelfile_template_writes_a_start_text_once(tiny_model):
     from transformers import AutoTokenizer
 
-    from kalmkg.export import _modelfile
+    from kalmkg.export.pipeline import _modelfile
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     tokenizer.chat_template = (  # Llama 3's layout: BOS once, then headed turns
@@ -277,7 +277,7 @@ def test_modelfile_template_writes_a_start_text_once(tiny_model):
 def test_cli_export_prints_json_and_reports_bad_input_as_kalmkg_error(trained_ws):
     from typer.testing import CliRunner
 
-    from kalmkg.cli import app
+    from kalmkg.cli.app import app
 
     bad = CliRunner().invoke(app, ["-w", str(trained_ws.root), "export", "--quant", "Q3"])
     assert isinstance(bad.exception, KalmkgError) and "Q4_K_M" in str(bad.exception)
@@ -296,7 +296,7 @@ def test_cli_export_prints_json_and_reports_bad_input_as_kalmkg_error(trained_ws
 def test_embedded_smollm2_run_exports_to_q8_0(tmp_path):
     import time
 
-    from kalmkg.train import TrainConfig, train
+    from kalmkg.training.loop import TrainConfig, train
 
     ws = _sample_workspace(tmp_path / "ws")
     train(ws, TrainConfig(max_steps=2, batch_size=4, lora_layers=2, max_entity_tokens=12, eval_limit=5),

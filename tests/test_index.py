@@ -35,13 +35,13 @@ class Counting:
 
 
 def load(ws, **kw):
-    from kalmkg.run_model import load_model
+    from kalmkg.loaded import load_model
 
     return load_model(ws, **kw)
 
 
 def counting(loaded) -> Counting:
-    from kalmkg.run_model import torch_encoder
+    from kalmkg.loaded import torch_encoder
 
     return Counting(torch_encoder(loaded))
 
@@ -49,7 +49,7 @@ def counting(loaded) -> Counting:
 # ---------------------------------------------------------------------------------------------------------
 def test_embed_writes_every_entity_with_its_model_and_graph(ws):
     from kalmkg.index import EntityIndex, embed, index_status
-    from kalmkg.verbalize import tail_view
+    from kalmkg.text import tail_view
 
     loaded = load(ws)
     enc = counting(loaded)
@@ -82,7 +82,7 @@ def test_embed_writes_every_entity_with_its_model_and_graph(ws):
 
 def test_new_ingest_makes_the_index_stale_and_embed_encodes_only_what_changed(ws, tmp_path):
     from kalmkg.index import EntityIndex, embed
-    from kalmkg.verbalize import tail_view
+    from kalmkg.text import tail_view
 
     loaded = load(ws)
     embed(ws, loaded)

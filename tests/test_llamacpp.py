@@ -276,7 +276,7 @@ def test_embedded_model_is_found_without_loading_llama_cpp(tmp_path):
 def test_doctor_retest_runs_the_selftest_again(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from kalmkg.cli import app
+    from kalmkg.cli.app import app
 
     monkeypatch.setenv("KALMKG_CACHE", str(tmp_path / "cache"))
     calls = []

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from kalmkg.metrics import HITS_AT, answer_mask, filtered_ranks, known_answers, summarize
+from kalmkg.evaluation.metrics import HITS_AT, answer_mask, filtered_ranks, known_answers, summarize
 
 torch = pytest.importorskip("torch")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kalmkg.objective import (
+from kalmkg.training.objective import (
     LearnableTemperature,
     completion_labels,
     false_negative_mask,

@@ -43,7 +43,7 @@ def trained(tmp_path_factory, tiny_model) -> Path:
     """The sample graph, split, with a 2-step run `r` of the tiny model (copied per test that changes it)."""
     root = make_tiny_run(tmp_path_factory.mktemp("predict") / "ws", tiny_model)
     from kalmkg.index import embed
-    from kalmkg.run_model import load_model
+    from kalmkg.loaded import load_model
 
     embed(Workspace(root), load_model(Workspace(root)))
     return root
@@ -139,7 +139,7 @@ def graph_answers(ws: Workspace, entity: str, relation: str, direction: str) -> 
 
 def test_tail_prediction_ranks_every_entity_by_the_hr_view(trained, predictor):
     from kalmkg.predict import predict
-    from kalmkg.verbalize import hr_view
+    from kalmkg.text import hr_view
 
     ws = Workspace(trained)
     n = len(predictor.loaded.entity_keys)
@@ -162,7 +162,7 @@ def test_tail_prediction_ranks_every_entity_by_the_hr_view(trained, predictor):
 
 def test_head_prediction_is_tail_prediction_of_the_inverse_relation(trained, predictor):
     from kalmkg.predict import predict
-    from kalmkg.verbalize import hr_view
+    from kalmkg.text import hr_view
 
     ws = Workspace(trained)
     result = predict(ws, "?", "member of", "European Union", k=5, predictor=predictor)
@@ -192,13 +192,13 @@ def test_filter_known_hides_triples_already_in_the_graph(trained, predictor):
 
 
 def test_one_entity_text_is_cut_exactly_as_training_cut_all_of_them(trained):
-    from kalmkg.dataset import load_texts
-    from kalmkg.run_model import load_model
+    from kalmkg.text import graph_texts
+    from kalmkg.loaded import load_model
 
     ws = Workspace(trained)
     loaded = load_model(ws)
     with Store.open(ws) as store:
-        reference = load_texts(store.entity_table(), store.relation_table(), loaded.tokenizer, loaded.max_entity_tokens)
+        reference = graph_texts(store.entity_table(), store.relation_table(), loaded.tokenizer, loaded.max_entity_tokens)
     ids = list(range(len(loaded.raw_texts)))
     assert sum(a != b for a, b in zip(reference.entities, loaded.raw_texts)) > 10  # the cut matters here
     assert [loaded.entity_text(i) for i in ids[:20]] == reference.entities[:20]
@@ -220,7 +220,7 @@ def test_prediction_json_is_plain_data(trained, predictor):
 
 
 def test_predict_loads_run_and_index_and_fails_on_names_before_loading(trained, tmp_path, monkeypatch):
-    from kalmkg import run_model
+    from kalmkg import loaded as run_model
     from kalmkg.predict import predict
 
     ws = Workspace(trained)
@@ -249,7 +249,7 @@ def test_predict_refuses_a_stale_index(trained, tmp_path):
 
 
 def test_gguf_backend_needs_an_export_for_a_run(trained, predictor):
-    from kalmkg.run_model import make_encoder
+    from kalmkg.loaded import make_encoder
 
     with pytest.raises(KalmkgError, match=r"needs a GGUF of run r: run `kalmkg export --run r`"):
         make_encoder(predictor.loaded, "gguf")
@@ -313,11 +313,11 @@ def test_packed_gguf_batches_equal_one_row_at_a_time():
 def exported(tmp_path_factory, gguf_tiny) -> Workspace:
     """A 2-step run of a tiny Llama with SmolLM2's tokenizer (llama.cpp's converter refuses the test
     tokenizer of tiny_model.py), embedded with torch and exported to an F16 GGUF."""
-    from kalmkg.export import export_run
+    from kalmkg.export.pipeline import export_run
     from kalmkg.index import embed
-    from kalmkg.run_model import load_model
+    from kalmkg.loaded import load_model
     from kalmkg.split import split_store
-    from kalmkg.train import TrainConfig, train
+    from kalmkg.training.loop import TrainConfig, train
 
     root = tmp_path_factory.mktemp("exported") / "ws"
     ingest_into(root, [SAMPLE_TTL])
@@ -356,7 +356,7 @@ def test_gguf_backend_predicts_like_torch_on_the_exported_run(exported):
 def test_gguf_backend_refuses_an_export_older_than_the_weights(exported, tmp_path):
     import os
 
-    from kalmkg.run_model import load_model, make_encoder
+    from kalmkg.loaded import load_model, make_encoder
 
     copy = tmp_path / "ws"
     shutil.copytree(exported.root, copy)

@@ -114,7 +114,7 @@ def test_dataclass_from_empty_table_gives_defaults():
 
 
 def test_train_config_round_trips_through_toml(tmp_path):
-    from kalmkg.train import TrainConfig
+    from kalmkg.training.loop import TrainConfig
 
     cfg = TrainConfig(base="meta-llama/Llama-2-7b-hf", lora_targets=("q_proj", "v_proj"), lr=3e-5, full=True,
                       batch_size=12, device="cpu")

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers_graph import SAMPLE_TSV, SAMPLE_TTL, contents, ingest_into, write
-from kalmkg.cli import app
+from kalmkg.cli.app import app
 from kalmkg.errors import KalmkgError
 from kalmkg.split import TEST, TRAIN, VALID, split_store, transductive_split
 from kalmkg.store import Store

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers_graph import SAMPLE_TSV, SAMPLE_TTL, contents, ingest_into, ingest_read
-from kalmkg.cli import app
+from kalmkg.cli.app import app
 from kalmkg.errors import KalmkgError
 from kalmkg.store import MIGRATIONS, SCHEMA_VERSION, Store
 from kalmkg.workspace import DEFAULT_WORKSPACE, ENV_VAR, Workspace

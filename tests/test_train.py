@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kalmkg.errors import KalmkgError
-from kalmkg.train import TrainConfig, train
+from kalmkg.training.loop import TrainConfig, train
 
 
 def tiny_config(tiny_model: Path, **overrides) -> TrainConfig:
@@ -113,11 +113,12 @@ DDP_WORKER = r"""
 import json, os, sys
 import numpy as np, torch
 from pathlib import Path
-from kalmkg.train import TrainConfig, World, init_world, kalm_step, _Tokens, _average_gradients
-from kalmkg.dataset import load_texts, tokenize_examples, with_inverses
-from kalmkg.metrics import known_answers
+from kalmkg.training.loop import TrainConfig, World, init_world, kalm_step, _Tokens, _average_gradients
+from kalmkg.text import graph_texts
+from kalmkg.training.data import tokenize_examples, with_inverses
+from kalmkg.evaluation.metrics import known_answers
 from kalmkg.models import LoraSettings, apply_lora, load_base, resolve_base
-from kalmkg.objective import LearnableTemperature
+from kalmkg.training.objective import LearnableTemperature
 from kalmkg.store import Store
 from kalmkg.workspace import Workspace
 
@@ -127,7 +128,7 @@ with Store.open(ws) as store:
     train = store.triples_array(("train",)); ents, rels = store.entity_table(), store.relation_table()
 torch.manual_seed(0)
 model, tok = load_base(resolve_base(tiny))
-texts = load_texts(ents, rels, tok, 24)
+texts = graph_texts(ents, rels, tok, 24)
 tokens = _Tokens(tokenize_examples(texts, with_inverses(train, texts.num_relations), tok))
 model = apply_lora(model, LoraSettings(dropout=0.0))
 torch.manual_seed(1)

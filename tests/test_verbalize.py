@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_model import build_tokenizer  # noqa: E402
 
-from kalmkg import verbalize  # noqa: E402
-from kalmkg.verbalize import (  # noqa: E402
+from kalmkg import text as verbalize  # noqa: E402
+from kalmkg.text import (  # noqa: E402
     completion_target,
     entity_text,
     hr_view,

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from kalmkg import verbalize
-from kalmkg.metrics import summarize
-from kalmkg.ranking import encode_texts, rank_with_vectors, sample_triples
+from kalmkg import text as verbalize
+from kalmkg.evaluation.metrics import summarize
+from kalmkg.evaluation.ranking import encode_texts, rank_with_vectors, sample_triples
 
 
 def eval_dir(workspace, loaded):
     """Where a model's evaluation files go: its run folder, or `<workspace>/evals/base-<name>/`."""
-    from kalmkg.run_model import safe_name
+    from kalmkg.loaded import safe_name
 
     if loaded.run_dir is not None:
         return loaded.run_dir
@@ -49,11 +49,11 @@ def evaluate_run(workspace, *, run: str | None = None, base: str | None = None, 
     if len(split_triples) == 0:
         raise KalmkgError(f"the {split} split is empty (ingest one, or run `kalmkg split`)")
     if loaded is None:
-        from kalmkg.run_model import load_model
+        from kalmkg.loaded import load_model
 
         loaded = load_model(workspace, run=run, base=base, device=device, tables=tables)
     if encoder is None:
-        from kalmkg.run_model import torch_encoder
+        from kalmkg.loaded import torch_encoder
 
         encoder = torch_encoder(loaded)
     sample = sample_triples(split_triples, limit, seed)

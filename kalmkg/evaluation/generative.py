@@ -147,8 +147,8 @@ def evaluate_generative(workspace, *, run: str | None = None, split: str = "test
                         with_base: bool = True, device: str = "cpu", progress=None) -> dict:
     """The four tasks for the run's model and (with `with_base`) its untrained base, side by side. Writes
     `eval-generative-<split>.json` and `predictions-generative-<split>.jsonl` into the run folder."""
-    from kalmkg.ranking import sample_triples
-    from kalmkg.run_model import load_model
+    from kalmkg.evaluation.ranking import sample_triples
+    from kalmkg.loaded import load_model
     from kalmkg.runs import atomic_write_text, read_config
     from kalmkg.store import SPLITS, Store
 

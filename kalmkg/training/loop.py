@@ -171,8 +171,8 @@ def kalm_step(model, tokens, global_examples: np.ndarray, cfg: TrainConfig, temp
     import torch
     import torch.nn.functional as F
 
-    from kalmkg import objective
-    from kalmkg.dataset import lm_positions
+    from kalmkg.training import objective
+    from kalmkg.training.data import lm_positions
     from kalmkg.models import backbone
 
     B = len(global_examples)
@@ -282,10 +282,11 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     import torch
 
     from kalmkg import runs
-    from kalmkg.dataset import epoch_batches, load_texts
-    from kalmkg.metrics import known_answers
+    from kalmkg.text import graph_texts
+    from kalmkg.training.data import epoch_batches
+    from kalmkg.evaluation.metrics import known_answers
     from kalmkg.models import LoraSettings, apply_lora, load_base, resolve_base
-    from kalmkg.objective import LearnableTemperature
+    from kalmkg.training.objective import LearnableTemperature
     from kalmkg.store import Store
 
     progress = progress or TrainProgress()
@@ -318,7 +319,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
         raise KalmkgError("the train split is empty: ingest a graph (and `kalmkg split` if needed) first")
     resolved = resolve_base(cfg.base)
     model, tokenizer = load_base(resolved, device=device)
-    texts = load_texts(entity_table, relation_table, tokenizer, cfg.max_entity_tokens)
+    texts = graph_texts(entity_table, relation_table, tokenizer, cfg.max_entity_tokens)
     if world.main and not dry_run:
         rdir.mkdir(parents=True, exist_ok=True)
     tokens = _tokens(texts, train_triples, tokenizer, cfg, rdir if world.main and not dry_run else None)
@@ -430,7 +431,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
 
 # ------------------------------------------------------------------ pieces of the run
 def _validate(cfg: TrainConfig) -> None:
-    from kalmkg.objective import TEMPERATURE_RANGE
+    from kalmkg.training.objective import TEMPERATURE_RANGE
 
     low, high = TEMPERATURE_RANGE
     checks = [
@@ -485,7 +486,7 @@ def _tokens(texts, train_triples, tokenizer, cfg: TrainConfig, rdir: Path | None
     """Token ids for every view, cached in the run folder (resume reuses them)."""
     import torch
 
-    from kalmkg.dataset import tokenize_examples, with_inverses
+    from kalmkg.training.data import tokenize_examples, with_inverses
 
     cache = rdir / "tokens.pt" if rdir is not None else None
     if cache is not None and cache.exists():
@@ -515,7 +516,7 @@ class _Tokens:
 
 
 def _describe(batch_idx, tokens, tokenizer, cfg) -> list[dict]:
-    from kalmkg.dataset import lm_positions
+    from kalmkg.training.data import lm_positions
 
     lm = set(lm_positions(cfg.batch_size, cfg.lm_examples if cfg.lm_weight > 0 else 0).tolist())
     out = []
@@ -642,7 +643,7 @@ def _validate_and_keep_best(model, temperature, tokenizer, texts, valid_triples,
 
 def _evaluate_main(model, temperature, tokenizer, texts, valid_triples, all_triples, cfg, state, rdir, device,
                    progress) -> bool:
-    from kalmkg.ranking import rank_queries, sample_triples
+    from kalmkg.evaluation.ranking import rank_queries, sample_triples
     from kalmkg.runs import append_jsonl
 
     sample = sample_triples(valid_triples, cfg.eval_limit, seed=cfg.seed)

@@ -63,12 +63,11 @@ class LoadedModel:
 
     @property
     def texts(self):
-        """dataset.GraphTexts: every entity text cut to `max_entity_tokens` tokens (as training cut them),
+        """text.GraphTexts: every entity text cut to `max_entity_tokens` tokens (as training cut them),
         computed on first use: a single prediction needs one entity's text, and cutting 41k texts
         takes seconds."""
         if self._texts is None:
-            from kalmkg.dataset import GraphTexts
-            from kalmkg.verbalize import truncate_texts
+            from kalmkg.text import GraphTexts, truncate_texts
 
             cut = (truncate_texts(self.raw_texts, self.tokenizer, self.max_entity_tokens)
                    if self.tokenizer is not None and self.raw_texts else list(self.raw_texts))
@@ -79,7 +78,7 @@ class LoadedModel:
         """The texts of entities `ids`, cut as in `texts` (the same function, on just those texts)."""
         if self._texts is not None or self.tokenizer is None:
             return [self.texts.entities[i] for i in ids]
-        from kalmkg.verbalize import truncate_texts
+        from kalmkg.text import truncate_texts
 
         raw = [self.raw_texts[i] for i in ids]
         return truncate_texts(raw, self.tokenizer, self.max_entity_tokens) if raw else []
@@ -107,8 +106,8 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
 
     `tables` = (entity_table, relation_table, graph_fingerprint) saves reading the store again.
     """
-    from kalmkg.models import load_base, resolve_base
-    from kalmkg.verbalize import entity_text, relation_text
+    from kalmkg.models import load_base, load_tokenizer, merged_model, resolve_base
+    from kalmkg.text import store_entity_texts, store_relation_texts
     from kalmkg.device import pick_device
     from kalmkg.training.config import TrainConfig, saved_train_config
 
@@ -122,7 +121,7 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
 
     if base is not None:
         resolved = resolve_base(base)
-        tokenizer = _tokenizer(resolved.path, resolved.name)
+        tokenizer = load_tokenizer(resolved.path, resolved.name)
         max_tokens = TrainConfig.max_entity_tokens
         fingerprint, weights, name, rdir = f"base:{resolved.fingerprint}", resolved.fingerprint, resolved.name, None
         latest = False
@@ -151,19 +150,16 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
                             "never seen in training")
         # the tokenizer exactly as training saved it (pad token set); the base's for older runs
         saved = rdir / "tokenizer"
-        tokenizer = _tokenizer(str(saved) if saved.is_dir() else resolved.path, rdir.name)
+        tokenizer = load_tokenizer(str(saved) if saved.is_dir() else resolved.path, rdir.name)
         max_tokens = cfg.max_entity_tokens
         fingerprint, weights, name = f"run:{rdir.name}", files_fingerprint(adapter), rdir.name
         gguf = None  # a run's GGUF is what `kalmkg export` writes (see make_encoder)
 
         def loader():
-            return _load_trained(resolved, adapter, device)
+            return merged_model(resolved, adapter, device)
 
-    # the texts of dataset.load_texts, cut lazily (LoadedModel.texts)
-    raw = [entity_text(lbl, d) for lbl, d in zip(entity_table["label"].to_pylist(),
-                                                 entity_table["description"].to_pylist())]
-    labels = relation_table["label"].to_pylist()
-    relations = [relation_text(lbl) for lbl in labels] + [relation_text(lbl, True) for lbl in labels]
+    # the texts of text.graph_texts, cut lazily (LoadedModel.texts)
+    raw, relations = store_entity_texts(entity_table), store_relation_texts(relation_table)
     return LoadedModel(tokenizer, raw, relations, fingerprint, weights, name, rdir, max_tokens, graph_fp, device, warnings,
                        entity_table["key"].to_pylist(), entity_table["label"].to_pylist(),
                        relation_table["key"].to_pylist(), relation_table["label"].to_pylist(),
@@ -186,43 +182,6 @@ def read_tables(workspace: Workspace) -> tuple:
 
     with Store.open(workspace) as store:
         return store.entity_table(), store.relation_table(), store.fingerprint()
-
-
-def _tokenizer(path: str, name: str):
-    """A tokenizer as `models.load_base` sets it up (a pad token, padding on the right), without the weights."""
-    from transformers import AutoTokenizer
-
-    from kalmkg.models import _ensure_pad_token
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise KalmkgError(f"cannot load the tokenizer of {name!r}: {str(e).splitlines()[0]}") from e
-    _ensure_pad_token(tokenizer, name)
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-def _load_trained(resolved, adapter: Path, device: str):
-    """Base + LoRA adapter merged into plain weights (no LoRA matmuls at inference: faster, and the same
-    weights `kalmkg export` merges), or a full fine-tune saved in place of the adapter."""
-    from kalmkg.models import load_base
-
-    if (adapter / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        model, _ = load_base(resolved, device=device)
-        try:
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise KalmkgError(f"cannot apply the adapter in {adapter}: {str(e).splitlines()[0]}") from e
-        return model.to(device)
-    if (adapter / "config.json").is_file():  # `--full` fine-tuning saves the whole model there
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32).to(device)
-    raise KalmkgError(f"{adapter} holds neither a LoRA adapter nor a model")
 
 
 def files_fingerprint(folder: Path) -> str:
@@ -279,7 +238,7 @@ def make_encoder(loaded: LoadedModel, backend: str = "torch", *, n_threads: int 
 def find_export(loaded: LoadedModel, name: str | Path | None = None) -> Path:
     """The GGUF `kalmkg export` wrote for the run (models/<name>.gguf with models/<name>.json beside it):
     the one named, else the newest. Refused when the run's adapter is newer than the file (a resumed run)."""
-    from kalmkg.export import list_exports
+    from kalmkg.export.pipeline import list_exports
 
     models = loaded.run_dir.parent.parent / "models"
     if name is not None:

@@ -14,6 +14,7 @@ to summarise into.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 HR_TEMPLATE = "Complete the triple: [ {head}, {relation} ] =>"
@@ -70,3 +71,34 @@ def truncate_texts(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int) 
             else offsets[max_tokens][0]
         out.append(text[:end].rstrip())
     return out
+
+
+@dataclass
+class GraphTexts:
+    """Entity and relation texts by id, as the views use them (entity texts already cut)."""
+
+    entities: list[str]
+    relations: list[str]  # 2R: the R relations, then their inverses
+
+    @property
+    def num_relations(self) -> int:
+        return len(self.relations) // 2
+
+
+def store_entity_texts(entity_table) -> list[str]:
+    """Per entity id, its text uncut, from the store's entity table (Arrow, ordered by id)."""
+    return [entity_text(lbl, desc) for lbl, desc in
+            zip(entity_table["label"].to_pylist(), entity_table["description"].to_pylist())]
+
+
+def store_relation_texts(relation_table) -> list[str]:
+    """Per relation id, its text: the R relations of the store's relation table, then their R inverses."""
+    labels = relation_table["label"].to_pylist()
+    return [relation_text(lb) for lb in labels] + [relation_text(lb, True) for lb in labels]
+
+
+def graph_texts(entity_table, relation_table, tokenizer: Tokenizer, max_entity_tokens: int) -> GraphTexts:
+    """The texts training and prediction use, from the store's tables: entity texts cut to
+    `max_entity_tokens` tokens."""
+    texts = store_entity_texts(entity_table)
+    return GraphTexts(truncate_texts(texts, tokenizer, max_entity_tokens), store_relation_texts(relation_table))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kalmkg import verbalize
-from kalmkg.metrics import answer_mask, filtered_ranks, known_answers, summarize
+from kalmkg import text as verbalize
+from kalmkg.evaluation.metrics import answer_mask, filtered_ranks, known_answers, summarize
 
 
 def sample_triples(triples: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:

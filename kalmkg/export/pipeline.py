@@ -336,29 +336,13 @@ def _check_disk(folder: Path, n_params: int) -> None:
 
 
 def _merge(rdir: Path, resolved) -> tuple[Any, Any]:
-    """The base in float32 with the run's LoRA folded into its weights (a plain transformers model)."""
-    import torch
-    from transformers import AutoTokenizer
+    """The base in float32 with the run's LoRA folded into its weights (a plain transformers model), and
+    the tokenizer the run trained with (pad token included; the base's for runs that saved none)."""
+    from kalmkg.models import load_tokenizer, merged_model
 
-    from kalmkg.models import load_base
-
-    adapter = rdir / "adapter"
-    if (adapter / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        model, tokenizer = load_base(resolved, dtype=torch.float32)
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    elif (adapter / "config.json").is_file():  # --full fine-tuning saved the whole model
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32)
-        tokenizer = None
-    else:
-        raise KalmkgError(f"run {rdir.name}: {adapter} holds neither a LoRA adapter nor a model")
-    if (rdir / "tokenizer").is_dir():  # the tokenizer the run trained with (pad token included)
-        tokenizer = AutoTokenizer.from_pretrained(rdir / "tokenizer")
-    elif tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    model = merged_model(resolved, rdir / "adapter")
+    saved = rdir / "tokenizer"
+    tokenizer = load_tokenizer(saved if saved.is_dir() else resolved.path, rdir.name)
     model.eval()
     return model, tokenizer
 
@@ -374,7 +358,7 @@ def _save_hf(model, tokenizer, folder: Path) -> None:
 
 def _check_texts(workspace: Workspace, tokenizer, config: dict) -> tuple[list[str], str]:
     """Tail views of a few entities spread over the graph, two hr views, and one hr view as prompt."""
-    from kalmkg import verbalize
+    from kalmkg import text as verbalize
     from kalmkg.store import Store
 
     max_tokens = saved_train_config(config).max_entity_tokens
@@ -460,7 +444,8 @@ def _last_error_line(log: str) -> str:
 
 def _gguf_metadata(run_id: str, config: dict, resolved, quant: str) -> dict[str, Any]:
     """kalmkg's keys: enough for a GGUF-only consumer to embed texts exactly as training did."""
-    from kalmkg import __version__, verbalize
+    from kalmkg import __version__
+    from kalmkg import text as verbalize
 
     return {
         "kalmkg.version": __version__,
@@ -672,7 +657,8 @@ def _tie_tolerance(torch_centered, llama_centered) -> float:
 
 def _metadata_json(name, run_id, rdir, config, resolved, architecture, quant, n_params, size, verification,
                    seconds, modelfile) -> dict[str, Any]:
-    from kalmkg import __version__, verbalize
+    from kalmkg import __version__
+    from kalmkg import text as verbalize
 
     return {
         "name": name,

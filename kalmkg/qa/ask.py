@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
 from kalmkg.errors import KalmkgError
-from kalmkg.retrieve import Fact, Link, Retrieval, normalize, retrieve
+from kalmkg.qa.retrieve import Fact, Link, Retrieval, normalize, retrieve
 from kalmkg.workspace import Workspace
 
 SYSTEM = ("You answer questions about a knowledge graph. Use only the numbered facts below. "
@@ -204,7 +204,7 @@ class ModelChoice:
 def resolve_model(workspace: Workspace, model: str | None) -> ModelChoice:
     """`--model`: a .gguf path, a name under models/, the embedded base (`smollm2-135m`), or by default the
     newest `kalmkg export` of this workspace."""
-    from kalmkg.export import list_exports
+    from kalmkg.export.pipeline import list_exports
     from kalmkg.models import EMBEDDED, embedded_gguf
 
     models = workspace.models_dir

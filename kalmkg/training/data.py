@@ -11,30 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kalmkg import verbalize
-
-
-@dataclass
-class GraphTexts:
-    """Entity and relation texts by id, as the views use them (entity texts already cut)."""
-
-    entities: list[str]
-    relations: list[str]  # 2R: the R relations, then their inverses
-
-    @property
-    def num_relations(self) -> int:
-        return len(self.relations) // 2
-
-
-def load_texts(entity_table, relation_table, tokenizer, max_entity_tokens: int) -> GraphTexts:
-    """Texts from the store's entity and relation tables (Arrow, ordered by id)."""
-    texts = [verbalize.entity_text(lbl, desc) for lbl, desc in
-             zip(entity_table["label"].to_pylist(), entity_table["description"].to_pylist())]
-    labels = relation_table["label"].to_pylist()
-    return GraphTexts(
-        entities=verbalize.truncate_texts(texts, tokenizer, max_entity_tokens) if texts else [],
-        relations=[verbalize.relation_text(lb) for lb in labels] + [verbalize.relation_text(lb, True) for lb in labels],
-    )
+from kalmkg import text as verbalize
+from kalmkg.text import GraphTexts
 
 
 def with_inverses(triples: np.ndarray, num_relations: int) -> np.ndarray:

@@ -323,7 +323,7 @@ def train(
       torchrun --nproc-per-node 4 -m kalmkg train --batch-size 96
     """
     from kalmkg.training.config import TrainConfig
-    from kalmkg.train import train as run_train
+    from kalmkg.training.loop import train as run_train
 
     cfg = TrainConfig(
         base=base, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -439,7 +439,7 @@ class _CountBar:
 
 def _load_for_command(workspace, run, base, device, console):
     """The run's (or base's) model; its warnings go to stderr as one line each."""
-    from kalmkg.run_model import load_model
+    from kalmkg.loaded import load_model
 
     loaded = load_model(workspace, run=run, base=base, device=device)
     for warning in loaded.warnings:
@@ -592,7 +592,7 @@ def evaluate(
       kalmkg evaluate --json | jq .metrics.both
       kalmkg evaluate --generative --limit 100     # the run beside its base
     """
-    from kalmkg.evaluation import evaluate_run
+    from kalmkg.evaluation.link_prediction import evaluate_run
 
     if limit < 0:
         raise KalmkgError("--limit must be 0 (all) or a positive number of triples")
@@ -631,7 +631,7 @@ def evaluate(
 
 
 def _evaluate_generative(workspace, run, split, limit, seed, device, as_json) -> None:
-    from kalmkg.generative import TASKS, evaluate_generative
+    from kalmkg.evaluation.generative import TASKS, evaluate_generative
 
     console = _console(stderr=True)
     with _CountBar(console, quiet=as_json) as bar:
@@ -683,7 +683,7 @@ def export(
       kalmkg export --quant Q4_K_M --ollama
       kalmkg export --run 20250101-120000-smollm2-135m --quant F16 --name smollm-kg
     """
-    from kalmkg.export import export_run
+    from kalmkg.export.pipeline import export_run
 
     with _ExportStages(_console(stderr=True), quiet=as_json) as stages:
         result = export_run(ctx.obj, run, quant, name, ollama, stages)
@@ -779,7 +779,7 @@ def ask(
     """
     import time
 
-    from kalmkg.ask import AskConfig, Asker, context_lines
+    from kalmkg.qa.ask import AskConfig, Asker, context_lines
     from kalmkg.store import Store
 
     config = AskConfig(hops=hops, max_facts=max_facts, no_context=no_context, temperature=temperature,

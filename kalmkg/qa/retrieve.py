@@ -306,7 +306,7 @@ def _pick(rows: list[dict], question: str, embedder: Embedder | None) -> list[di
         return rows
     if embedder is None:
         return rows[:AMBIGUOUS_KEEP]
-    from kalmkg.verbalize import entity_text
+    from kalmkg.text import entity_text
 
     vecs = embedder.encode([question] + [entity_text(r["label"], r["description"]) for r in rows])
     best = int(np.argmax(vecs[1:] @ vecs[0]))

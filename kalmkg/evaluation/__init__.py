@@ -1,0 +1,1 @@
+"""Link prediction, generative evaluation, metrics and the model-free ranking."""

@@ -1,0 +1,1 @@
+"""A run as a merged, quantized GGUF file that llama.cpp runs."""

@@ -1,0 +1,1 @@
+"""Questions answered from the graph: retrieval of facts and the grounded answer."""
