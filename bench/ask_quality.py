@@ -6,9 +6,9 @@ for the untrained base and a KaLM run, on the 38 questions of tests/data/world_q
 
 Both models are Q8_0 GGUFs through llama.cpp, greedy: the run's `kalmkg export`, and the base converted
 by the same converter from the same float32 weights training started from (so quantization is not a
-difference between them). Grading (`kalmkg.qa.ask.grade`): an answerable question is right when an expected
-name appears in the answer and it does not abstain; a question the graph cannot answer is right when
-the answer abstains ("I don't know", or the no-match message). Also reported: retrieval recall, the share
+difference between them). Grading (`kalmkg.evaluation.answers.grade`): an answerable question is right
+when an expected name appears in the answer and it does not abstain; a question the graph cannot answer
+is right when the answer abstains ("I don't know", or the no-match message). Also reported: retrieval recall, the share
 of answerable questions whose supporting facts all reached the prompt. Answers go to
 bench/_work/ask-quality-*.jsonl.
 """
@@ -31,15 +31,15 @@ KINDS = ("one-hop", "two-hop", "no-answer")
 
 def base_q8(root: Path) -> Path:
     """The untrained base as a Q8_0 GGUF (llama.cpp's converter on the cached float32 folder)."""
-    from kalmkg.export.pipeline import _convert, _quantize
+    from kalmkg.export.convert import convert, quantize
     from kalmkg.models import resolve_base
 
     out = root / "base-Q8_0.gguf"
     if not out.is_file():
         resolved = resolve_base("smollm2-135m")
         f16 = root / "base-F16.gguf"
-        _convert(Path(resolved.path), f16, "base", resolved.name)
-        _quantize(f16, out, "Q8_0")
+        convert(Path(resolved.path), f16, "base", resolved.name)
+        quantize(f16, out, "Q8_0")
         f16.unlink()
     return out
 
@@ -61,7 +61,8 @@ def main() -> None:
 
     from world_run import prepare
 
-    from kalmkg.qa.ask import AskConfig, Asker, grade, load_questions
+    from kalmkg.evaluation.answers import grade, load_questions
+    from kalmkg.qa.ask import AskConfig, Asker
     from kalmkg.workspace import Workspace
 
     root = prepare(args.steps, args.lm_weight, args.lm_examples)

@@ -64,7 +64,7 @@ def count_lines(path: Path) -> int:
 
 # ------------------------------------------------------------------ the measured programs (child process)
 def run_kalmkg(path: Path, workspace: Path) -> None:
-    from kalmkg.ingest import ingest, resolve_sources
+    from kalmkg.ingestion import ingest, resolve_sources
     from kalmkg.store import Store
     from kalmkg.workspace import Workspace
 

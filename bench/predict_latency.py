@@ -60,7 +60,7 @@ class RandomUnitEncoder:
 def prepare(args) -> Path:
     """A workspace holding the graph and an entity index for the base model (cached)."""
     from kalmkg.index import EntityIndex, embed
-    from kalmkg.ingest import ingest, resolve_sources
+    from kalmkg.ingestion import ingest, resolve_sources
     from kalmkg.loaded import load_model
     from kalmkg.store import Store
     from kalmkg.workspace import Workspace
@@ -103,7 +103,7 @@ def warm(args, root: Path) -> list[dict]:
     import torch
 
     from kalmkg.errors import KalmkgError
-    from kalmkg.predict import Predictor
+    from kalmkg.prediction import Predictor
     from kalmkg.loaded import make_encoder
     from kalmkg.workspace import Workspace
 
@@ -178,7 +178,7 @@ def cold(args, root: Path, backend: str) -> dict:
                "--base", args.base, "--backend", backend, "--json"]
         label = f"cold CLI {backend}: python -m kalmkg predict ... --json"
     else:
-        code = ("import sys, json; from kalmkg.predict import predict; from kalmkg.workspace import Workspace; "
+        code = ("import sys, json; from kalmkg.prediction import predict; from kalmkg.workspace import Workspace; "
                 "r = predict(Workspace.resolve(sys.argv[1]), sys.argv[2], sys.argv[3], '?', k=int(sys.argv[4]), "
                 "base=sys.argv[5], backend=sys.argv[6]); print(json.dumps(r.to_json()))")
         cmd = [sys.executable, "-c", code, str(root), ents[e], rels[r], str(args.k), args.base, backend]

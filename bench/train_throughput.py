@@ -29,21 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def naive_step(model, tokenizer, tokens, batch: np.ndarray, cfg, temperature, known, device):
-    """One step the straightforward way (reference for the speed-up)."""
+def naive_step(ctx, batch: np.ndarray):
+    """One step the straightforward way (reference for the speed-up); `ctx`: the step's StepContext."""
     import torch
     import torch.nn.functional as F
 
+    from kalmkg.encode import pad_rows
     from kalmkg.training import objective
     from kalmkg.training.data import lm_positions
 
+    model, tokens, cfg, device = ctx.model, ctx.tokens, ctx.cfg, ctx.device
+
     def pad(rows):
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tokens.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_rows(rows, tokens.pad_id)
         return ids.to(device), mask.to(device)
 
     def embed(rows):
@@ -55,30 +53,34 @@ def naive_step(model, tokenizer, tokens, batch: np.ndarray, cfg, temperature, kn
     hr = embed(hr_rows)
     tails = embed([tokens.tail_ids[a] for a in batch[:, 2].tolist()])
     ex = torch.as_tensor(batch)
-    mask = objective.false_negative_mask(ex[:, :2], ex[:, 2], ex[:, 2], known)
-    out = objective.info_nce(hr, tails, margin=cfg.margin, temperature=temperature(), mask=mask)
+    mask = objective.false_negative_mask(ex[:, :2], ex[:, 2], ex[:, 2], ctx.known)
+    out = objective.info_nce(hr, tails, margin=cfg.margin, temperature=ctx.temperature(), mask=mask)
     loss = out["loss"]
-    lm_idx = lm_positions(len(batch), cfg.lm_examples)
-    if len(lm_idx):
-        seqs = [hr_rows[i] + tokens.target_ids[batch[i, 2]] for i in lm_idx]
-        ids, attn = pad(seqs)
-        prompt = torch.tensor([len(hr_rows[i]) for i in lm_idx])
-        labels = objective.completion_labels(ids.cpu(), prompt, attn.cpu()).to(device)
+    lm_idx = lm_positions(len(batch), cfg.lm_examples).tolist()
+    if lm_idx:
+        targets = [tokens.target_ids[batch[i, 2]] for i in lm_idx]
+        ids, attn = pad([hr_rows[i] + t for i, t in zip(lm_idx, targets)])
         logits = model(input_ids=ids, attention_mask=attn).logits
-        loss = objective.kalm_loss(loss, objective.lm_loss(logits, labels), cfg.lm_weight)
+        # the logits that predict each target: from the prompt's last token on
+        predicted = [logits[j, len(hr_rows[i]) - 1: len(hr_rows[i]) + len(t) - 1]
+                     for j, (i, t) in enumerate(zip(lm_idx, targets))]
+        l_imp = objective.completion_loss(predicted, [torch.tensor(t, device=device) for t in targets])
+        loss = objective.kalm_loss(loss, l_imp, cfg.lm_weight)
     return loss
 
 
 def run(mode: str, args, workspace, cfg, n_steps: int, precision: str = "fp32") -> dict:
     import torch
 
-    from kalmkg.text import graph_texts
-    from kalmkg.training.data import epoch_batches
     from kalmkg.evaluation.metrics import known_answers
-    from kalmkg.models import LoraSettings, apply_lora, load_base, resolve_base
-    from kalmkg.training.objective import LearnableTemperature
+    from kalmkg.models import apply_lora, load_base, resolve_base
     from kalmkg.store import Store
-    from kalmkg.training.loop import World, _tokens, freeze_in_bf16, kalm_step, make_optimizer, use_bf16
+    from kalmkg.text import graph_texts
+    from kalmkg.training.data import epoch_batches, load_tokens
+    from kalmkg.training.learner import make_optimizer
+    from kalmkg.training.objective import LearnableTemperature
+    from kalmkg.training.precision import freeze_in_bf16, make_autocast, use_bf16
+    from kalmkg.training.step import StepContext, kalm_step
 
     with Store.open(workspace) as store:
         train = store.triples_array(("train",))
@@ -86,19 +88,17 @@ def run(mode: str, args, workspace, cfg, n_steps: int, precision: str = "fp32") 
     torch.manual_seed(0)
     model, tokenizer = load_base(resolve_base(cfg.base), device=args.device)
     texts = graph_texts(ents, rels, tokenizer, cfg.max_entity_tokens)
-    tokens = _tokens(texts, train, tokenizer, cfg, None)
+    tokens = load_tokens(texts, train, tokenizer, cfg.max_seq_len, None)
     known = {k: frozenset(v) for k, v in known_answers(train, texts.num_relations).items()}
-    model = apply_lora(model, LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
-                                           False, cfg.lora_layers)).to(args.device)
+    model = apply_lora(model, cfg).to(args.device)
     if mode == "kalmkg" and use_bf16(args.device, precision):
         freeze_in_bf16(model)
     model.train()
     temperature = LearnableTemperature(cfg.temperature, False).to(args.device)
     opt = make_optimizer(model, temperature, cfg)
+    ctx = StepContext(model, temperature, tokens, known, cfg, device=args.device)
     batches = epoch_batches(len(tokens.examples), cfg.batch_size, 0, 0, tokens.lengths, bucket=(mode == "kalmkg"))
     cuda = args.device.startswith("cuda")
-    from kalmkg.training.loop import make_autocast
-
     autocast = make_autocast(args.device, "fp32" if mode == "naive" else precision)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -109,10 +109,7 @@ def run(mode: str, args, workspace, cfg, n_steps: int, precision: str = "fp32") 
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with autocast:
-            if mode == "kalmkg":
-                loss, _, _ = kalm_step(model, tokens, batch, cfg, temperature, known, World(), None, args.device)
-            else:
-                loss = naive_step(model, tokenizer, tokens, batch, cfg, temperature, known, args.device)
+            loss = kalm_step(ctx, batch).loss if mode == "kalmkg" else naive_step(ctx, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -151,7 +148,7 @@ def main() -> None:
         _print_table(args, rows)
         return
 
-    from kalmkg.ingest import ingest, resolve_sources
+    from kalmkg.ingestion import ingest, resolve_sources
     from kalmkg.store import Store
     from kalmkg.training.loop import TrainConfig
     from kalmkg.workspace import Workspace

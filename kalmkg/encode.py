@@ -22,6 +22,9 @@ def pad_rows(rows: list[list[int]], pad_id: int):
 
 
 class Encoder(Protocol):
+    """Texts -> [n, D] float32 L2-normalised vectors in input order: what `index.embed` encodes entities
+    with and `qa.retrieve` ranks facts and relations with (TorchEncoder, GGUFEncoder, or a test double)."""
+
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray: ...
 
 

@@ -33,7 +33,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from kalmkg.encode import Encoder
 from kalmkg.errors import KalmkgError
+from kalmkg.loaded import torch_encoder
+from kalmkg.text import tail_view
 from kalmkg.workspace import Workspace
 
 TABLE = "entities"
@@ -61,8 +64,6 @@ def entity_hashes(keys: Sequence[str], texts: Sequence[str]) -> list[str]:
     (the limit and tokenizer belong to the model, checked apart; hashing uncut texts spares tokenizing
     every entity to check freshness, at the price of re-encoding an entity whose text changed only
     beyond the cut)."""
-    from kalmkg.text import tail_view
-
     return [hashlib.sha1(f"{k}\x00{tail_view(t)}".encode()).hexdigest()[:16] for k, t in zip(keys, texts)]
 
 
@@ -137,116 +138,160 @@ class EmbedResult:
     encode_seconds: float
 
 
-def embed(workspace: Workspace, loaded, encoder=None, *, batch_size: int = 64, full: bool = False,
-          ann_threshold: int = ANN_THRESHOLD, progress: Callable[[int, int], None] | None = None,
+def embed(workspace: Workspace, loaded, encoder: Encoder | None = None, *, batch_size: int = 64,
+          full: bool = False, ann_threshold: int = ANN_THRESHOLD, progress: Callable[[int, int], None] | None = None,
           backend: str = "torch") -> EmbedResult:
     """Encode every entity that is new or changed (all of them for another model or `full`) as a tail
     view and write the vectors; build the ANN index once the table reaches `ann_threshold` rows.
 
-    `encoder` is any object with `encode(texts, batch_size) -> [n, D] float32` (kalmkg.encode.Encoder);
-    default: the torch backend of `loaded`. `progress(done, total)` is called after every encoder call.
+    `encoder`: any `kalmkg.encode.Encoder`; default: the torch backend of `loaded`. `progress(done, total)`
+    is called after every encoder call.
     """
-    import pyarrow as pa
-
-    from kalmkg.text import tail_view
-
     t_start = time.perf_counter()
     keys, hashes = _current(loaded)
-    labels = list(loaded.entity_labels or keys)
     n = len(keys)
     if n == 0:
         raise KalmkgError("the graph has no entities to embed (run `kalmkg ingest FILE` first)")
     table = _open_table(workspace)
     meta = _read_meta(table) if table is not None else {}
     rebuild = full or table is None or _staleness(meta, loaded) is not None
-    removed = 0
-    if rebuild:
-        todo = list(range(n))
-    else:
-        old = _id_hash(table)
-        todo = [i for i in range(n) if old.get(i) != hashes[i]]
-        gone = [i for i in old if i >= n]
-        if gone:  # only when a workspace was rebuilt under the same model; ids are never reused otherwise
-            table.delete(f"id >= {n}")
-            removed = len(gone)
 
-    if not (rebuild or todo or removed) and meta.get("graph") == graph_hash(hashes) and \
-            (n < ann_threshold or _has_ann(table)):  # up to date: no new table version
-        return EmbedResult(0, n, 0, n, False, _has_ann(table), int(meta.get("dim", 0)),
-                           time.perf_counter() - t_start, 0.0)
+    # which rows to (re)write
+    todo, removed = list(range(n)), 0
+    if not rebuild:
+        stored = _id_hash(table)
+        todo = [i for i in range(n) if stored.get(i) != hashes[i]]
+        removed = _drop_removed(table, stored, n)
+        if not (todo or removed) and meta.get("graph") == graph_hash(hashes) and \
+                (n < ann_threshold or _has_ann(table)):  # up to date: no new table version
+            return EmbedResult(0, n, 0, n, False, _has_ann(table), int(meta.get("dim", 0)),
+                               time.perf_counter() - t_start, 0.0)
+
+    # encode them, writing as it goes
     if encoder is None and todo:  # nothing to encode: the weights never load
-        from kalmkg.loaded import torch_encoder
-
         encoder = torch_encoder(loaded)
     base_meta = {"format": FORMAT, "model": loaded.fingerprint, "weights": loaded.weights, "name": loaded.name,
                  "backend": backend, "max_entity_tokens": str(loaded.max_entity_tokens)}
+    writer = _TableWriter(workspace, _RowFields(keys, list(loaded.entity_labels or keys), hashes), base_meta,
+                          table=None if rebuild else table, dim=0 if rebuild else int(meta.get("dim", 0)))
     texts = [tail_view(t) for t in loaded.entity_texts(todo)]
-    # Length-sorted (characters stand in for tokens) so every encoder call pads little; the torch
-    # encoder sorts again by tokens inside a call.
-    order = sorted(range(len(todo)), key=lambda j: len(texts[j]))
-    step = max(1, batch_size * _ENCODE_CHUNK)
-    pending: list[tuple[list[int], np.ndarray]] = []
-    pending_rows = 0
-    dim = int(meta.get("dim", 0)) if not rebuild else 0
-    created = not rebuild
-    encode_s = 0.0
-    if progress:
-        progress(0, len(todo))
+    encode_s = _encode_into(writer, encoder, todo, texts, batch_size, progress)
 
-    def flush() -> None:
-        nonlocal table, pending, pending_rows, created
-        if not pending:
-            return
-        ids = [i for chunk_ids, _ in pending for i in chunk_ids]
-        vecs = np.concatenate([v for _, v in pending]).astype(np.float32, copy=False)
-        schema = _schema(dim, _meta_fields({**base_meta, "dim": str(dim), "graph": "pending"}))
-        batch = pa.table({
-            "id": pa.array(ids, pa.int32()), "key": [keys[i] for i in ids], "label": [labels[i] for i in ids],
-            "hash": [hashes[i] for i in ids],
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), dim),
-        }, schema=schema)
-        if not created:
-            db = _lancedb().connect(str(workspace.vectors_dir))
-            table = db.create_table(TABLE, data=batch, schema=schema, mode="overwrite")
-            created = True
-        else:
-            table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(batch)
-        pending, pending_rows = [], 0
-
-    for start in range(0, len(order), step):
-        chunk = [todo[j] for j in order[start:start + step]]
-        t0 = time.perf_counter()
-        vecs = np.asarray(encoder.encode([texts[j] for j in order[start:start + step]], batch_size), dtype=np.float32)
-        encode_s += time.perf_counter() - t0
-        if vecs.ndim != 2 or len(vecs) != len(chunk):
-            raise KalmkgError(f"internal: the encoder returned {vecs.shape} for {len(chunk)} texts")
-        if dim and vecs.shape[1] != dim:
-            raise KalmkgError(f"the encoder gives {vecs.shape[1]}-dim vectors but the index holds {dim}-dim ones; "
-                              "run `kalmkg embed --full`")
-        dim = vecs.shape[1]
-        pending.append((chunk, vecs))
-        pending_rows += len(chunk)
-        if pending_rows >= _WRITE_ROWS:
-            flush()
-        if progress:
-            progress(min(start + step, len(todo)), len(todo))
-    flush()
-
-    ann = _has_ann(table)
-    if n >= ann_threshold and ann is None:
-        _build_ann(table, n)
-        ann = _has_ann(table)
-    elif ann is not None and (todo or removed):
-        table.optimize()  # folds the new rows into the existing ANN index
+    # index, stamp and compact the table
+    table = writer.table
+    ann = _update_ann(table, n, ann_threshold, changed=bool(todo or removed))
     table.update_field_metadata({"path": "vector", "metadata": _meta_fields({
-        **base_meta, "dim": str(dim), "graph": graph_hash(hashes), "store": loaded.graph_fingerprint,
+        **base_meta, "dim": str(writer.dim), "graph": graph_hash(hashes), "store": loaded.graph_fingerprint,
         "rows": str(n), "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })})
     # Old versions hold whole copies after a rebuild, and every merge adds small files: compact, and
     # drop versions older than an hour (a reader that opened one just now keeps its files).
     table.optimize(cleanup_older_than=timedelta(hours=1))
-    return EmbedResult(len(todo), n - len(todo), removed, n, rebuild, ann, dim, time.perf_counter() - t_start,
-                       encode_s)
+    return EmbedResult(len(todo), n - len(todo), removed, n, rebuild, ann, writer.dim,
+                       time.perf_counter() - t_start, encode_s)
+
+
+def _drop_removed(table, stored: dict[int, str], n: int) -> int:
+    """Delete the rows of entity ids >= n (the store no longer has them); how many there were."""
+    gone = sum(1 for i in stored if i >= n)
+    if gone:  # only when a workspace was rebuilt under the same model; ids are never reused otherwise
+        table.delete(f"id >= {n}")
+    return gone
+
+
+@dataclass(frozen=True)
+class _RowFields:
+    """What a row holds besides its vector, by entity id."""
+
+    keys: list[str]
+    labels: list[str]
+    hashes: list[str]
+
+
+class _TableWriter:
+    """Collects encoded rows and writes them `_WRITE_ROWS` at a time: the first write of a rebuild
+    creates the table (replacing a stale one), later ones merge rows by id. Every write marks the table's
+    graph hash 'pending', so an interrupted embed leaves a table that reads as stale."""
+
+    def __init__(self, workspace: Workspace, fields: _RowFields, base_meta: dict[str, str], *, table, dim: int):
+        self.workspace = workspace
+        self.fields = fields
+        self.base_meta = base_meta
+        self.table = table  # None: created by the first write
+        self.dim = dim  # 0: set by the first vectors
+        self._pending: list[tuple[list[int], np.ndarray]] = []
+        self._pending_rows = 0
+
+    def add(self, ids: list[int], vectors: np.ndarray) -> None:
+        if self.dim and vectors.shape[1] != self.dim:
+            raise KalmkgError(f"the encoder gives {vectors.shape[1]}-dim vectors but the index holds {self.dim}-dim "
+                              "ones; run `kalmkg embed --full`")
+        self.dim = vectors.shape[1]
+        self._pending.append((ids, vectors))
+        self._pending_rows += len(ids)
+        if self._pending_rows >= _WRITE_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        batch = self._batch()
+        if self.table is None:
+            db = _lancedb().connect(str(self.workspace.vectors_dir))
+            self.table = db.create_table(TABLE, data=batch, schema=batch.schema, mode="overwrite")
+        else:
+            self.table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(batch)
+        self._pending, self._pending_rows = [], 0
+
+    def _batch(self):
+        import pyarrow as pa
+
+        ids = [i for chunk_ids, _ in self._pending for i in chunk_ids]
+        vecs = np.concatenate([v for _, v in self._pending]).astype(np.float32, copy=False)
+        f = self.fields
+        schema = _schema(self.dim, _meta_fields({**self.base_meta, "dim": str(self.dim), "graph": "pending"}))
+        return pa.table({
+            "id": pa.array(ids, pa.int32()), "key": [f.keys[i] for i in ids], "label": [f.labels[i] for i in ids],
+            "hash": [f.hashes[i] for i in ids],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), self.dim),
+        }, schema=schema)
+
+
+def _encode_into(writer: _TableWriter, encoder: Encoder, ids: list[int], texts: list[str], batch_size: int,
+                 progress: Callable[[int, int], None] | None) -> float:
+    """Encode `texts` (of entities `ids`) `batch_size * _ENCODE_CHUNK` at a time into `writer`; the
+    seconds spent in the encoder."""
+    # Length-sorted (characters stand in for tokens) so every encoder call pads little; the torch
+    # encoder sorts again by tokens inside a call.
+    order = sorted(range(len(ids)), key=lambda j: len(texts[j]))
+    step = max(1, batch_size * _ENCODE_CHUNK)
+    seconds = 0.0
+    if progress:
+        progress(0, len(ids))
+    for start in range(0, len(order), step):
+        part = order[start:start + step]
+        t0 = time.perf_counter()
+        vecs = np.asarray(encoder.encode([texts[j] for j in part], batch_size), dtype=np.float32)
+        seconds += time.perf_counter() - t0
+        if vecs.ndim != 2 or len(vecs) != len(part):
+            raise KalmkgError(f"internal: the encoder returned {vecs.shape} for {len(part)} texts")
+        writer.add([ids[j] for j in part], vecs)
+        if progress:
+            progress(min(start + step, len(ids)), len(ids))
+    writer.flush()
+    return seconds
+
+
+def _update_ann(table, rows: int, ann_threshold: int, *, changed: bool) -> str | None:
+    """Build the ANN index once the table reaches `ann_threshold` rows, or fold changed rows into the one
+    it has; the index type (None: exact search)."""
+    ann = _has_ann(table)
+    if rows >= ann_threshold and ann is None:
+        _build_ann(table, rows)
+        return _has_ann(table)
+    if ann is not None and changed:
+        table.optimize()  # folds the new rows into the existing ANN index
+    return ann
 
 
 def _schema(dim: int, field_meta: dict[str, str]):
@@ -382,16 +427,3 @@ def _graph_change(table, hashes: list[str], loaded) -> str:
     what = ", ".join(p for p in parts if p) or "some"
     return (f"the entity index is stale: the graph changed since it was built ({what} entities); "
             f"run `{loaded.embed_command()}` (it encodes only those)")
-
-
-def index_status(workspace: Workspace, loaded=None) -> dict:
-    """What the table holds, for `kalmkg embed --status`-like reports and JSON output."""
-    table = _open_table(workspace)
-    if table is None:
-        return {"exists": False}
-    meta = _read_meta(table)
-    out = {"exists": True, **meta, "rows": table.count_rows(), "ann": _has_ann(table)}
-    if loaded is not None:
-        _, why = EntityIndex.try_open(workspace, loaded)
-        out["fresh"], out["stale_reason"] = why is None, why
-    return out

@@ -238,7 +238,7 @@ def make_encoder(loaded: LoadedModel, backend: str = "torch", *, n_threads: int 
 def find_export(loaded: LoadedModel, name: str | Path | None = None) -> Path:
     """The GGUF `kalmkg export` wrote for the run (models/<name>.gguf with models/<name>.json beside it):
     the one named, else the newest. Refused when the run's adapter is newer than the file (a resumed run)."""
-    from kalmkg.export.pipeline import list_exports
+    from kalmkg.export.registry import list_exports
 
     models = loaded.run_dir.parent.parent / "models"
     if name is not None:

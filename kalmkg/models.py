@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kalmkg.errors import KalmkgError
+from kalmkg.training.config import TrainConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -54,20 +55,6 @@ class ResolvedBase:
     path: str
     source: str  # 'embedded' | 'local' | 'gguf' | 'hub'
     fingerprint: str
-
-
-@dataclass
-class LoraSettings:
-    """LoRA hyper-parameters (the paper's: r 8, alpha 16, dropout 0.05 on the FFN projections)."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    full: bool = False  # full fine-tuning: no LoRA, every parameter trainable
-    # Adapt only the top N decoder layers (0: all). Backward then stops at the lowest adapted
-    # layer, which on a CPU is most of the cost of a step.
-    layers: int = 0
 
 
 # --------------------------------------------------------------------------------------------- resolving
@@ -353,28 +340,30 @@ def prepare_tokenizer(tokenizer: Any, name: str) -> None:
 # ------------------------------------------------------------------------------------------------- LoRA
 
 
-def apply_lora(model: Any, settings: LoraSettings) -> Any:
-    """Wrap ``model`` in LoRA adapters on ``settings.targets`` (or make it fully trainable)."""
-    if settings.full:
+def apply_lora(model: Any, cfg: TrainConfig) -> Any:
+    """Wrap ``model`` in LoRA adapters as ``cfg``'s lora_* fields say, or make every weight trainable
+    (``cfg.full``). With ``lora_layers`` only the top N decoder layers are adapted: backward then stops
+    at the lowest adapted layer, which on a CPU is most of the cost of a step."""
+    if cfg.full:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    _check_targets(model, settings.targets)
+    _check_targets(model, tuple(cfg.lora_targets))
     from peft import LoraConfig, get_peft_model
 
     n_layers = getattr(model.config, "num_hidden_layers", None)
     layers = None
-    if settings.layers:
-        if not n_layers or settings.layers > n_layers:
-            raise KalmkgError(f"--lora-layers {settings.layers}: the model has {n_layers} layers")
-        layers = list(range(n_layers - settings.layers, n_layers))
+    if cfg.lora_layers:
+        if not n_layers or cfg.lora_layers > n_layers:
+            raise KalmkgError(f"--lora-layers {cfg.lora_layers}: the model has {n_layers} layers")
+        layers = list(range(n_layers - cfg.lora_layers, n_layers))
     config = LoraConfig(
         layers_to_transform=layers,
         task_type="CAUSAL_LM",
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=list(settings.targets),
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
         bias="none",
     )
     return get_peft_model(model, config)
@@ -415,12 +404,6 @@ def _check_targets(model: Any, targets: tuple[str, ...]) -> None:
         if not any(n == target or n.endswith("." + target) for n, _ in modules):
             raise KalmkgError(f"LoRA target {target!r} is not a linear module of this model; choose from: "
                               f"{', '.join(available)}")
-
-
-def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) tensors are counted once."""
-    params = list(model.parameters())  # parameters() already yields a shared tensor once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def backbone(model: Any) -> Any:

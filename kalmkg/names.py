@@ -13,11 +13,10 @@ them as `error: ...`).
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass
-from urllib.parse import unquote
 
 from kalmkg.errors import KalmkgError
+from kalmkg.text import local_name, normalize_typed_name
 
 _SUGGESTIONS = 5
 _CANDIDATES = 50  # exact matches looked at before calling a name ambiguous
@@ -35,17 +34,6 @@ class RelationRef:
     id: int
     key: str
     label: str
-
-
-def local_name(key: str) -> str:
-    """An IRI's last segment, percent-decoded, '_' as spaces (what ingest makes a fallback label of)."""
-    m = re.search(r"([^/#:]+)[/#]*$", key)
-    name = unquote(m.group(1)).replace("_", " ").strip() if m else ""
-    return name or key
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.replace("_", " ").lower().split())
 
 
 def _short(text: str | None, width: int = 40) -> str:
@@ -102,8 +90,8 @@ def resolve_relation(store, name: str, relation_table=None) -> RelationRef:
     for r in rows:
         if r.key == query:
             return r
-    q = _norm(query)
-    exact = [r for r in rows if q in (_norm(r.label), _norm(r.key), _norm(local_name(r.key)))]
+    q = normalize_typed_name(query)
+    exact = [r for r in rows if q in map(normalize_typed_name, (r.label, r.key, local_name(r.key)))]
     if len(exact) == 1:
         return exact[0]
     if exact:
@@ -114,10 +102,10 @@ def resolve_relation(store, name: str, relation_table=None) -> RelationRef:
 
 
 def _relation_miss(query: str, rows: list[RelationRef]) -> str:
-    q = _norm(query)
+    q = normalize_typed_name(query)
     names: dict[str, RelationRef] = {}
     for r in rows:
-        for form in (_norm(r.label), _norm(local_name(r.key))):
+        for form in (normalize_typed_name(r.label), normalize_typed_name(local_name(r.key))):
             names.setdefault(form, r)
     close = [names[m] for m in difflib.get_close_matches(q, list(names), n=_SUGGESTIONS, cutoff=0.6)]
     close += [r for form, r in names.items() if (form.startswith(q) or q in form) and r not in close]

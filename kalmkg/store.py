@@ -8,13 +8,15 @@ indexes make bulk loads slow and their memory grows with the graph.
 from __future__ import annotations
 
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from kalmkg.errors import KalmkgError, WorkspaceBusy
+from kalmkg.text import LOCAL_NAME_PATTERN
 from kalmkg.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -65,10 +67,49 @@ _STAGING = {
 }
 STAGING_COLUMNS = {name: [c.split()[0] for c in cols.split(", ")] for name, cols in _STAGING.items()}
 
-# A readable label from a key: the IRI's local name (or the TSV id), percent-decoded, '_' as spaces.
-_FALLBACK_LABEL = (
-    "coalesce(nullif(trim(replace(url_decode(regexp_extract({k}, '([^/#:]+)[/#]*$', 1)), '_', ' ')), ''), {k})"
+# A stored text replaces the one an entity or relation has unless that fits the preferred language
+# better (a later file with only a French label does not undo an English one under --lang en).
+_BETTER_TEXT = (
+    "lang_rank(b.lang, $lang) <= lang_rank(x.{field}_lang, $lang) AND x.{field} IS DISTINCT FROM b.value"
 )
+
+
+# ---------------------------------------------------------------- the SQL twins of kalmkg.text
+def _local_name_sql(key: str) -> str:
+    """An IRI's last segment as written (`text.LOCAL_NAME_PATTERN`; RE2 reads it as Python does)."""
+    return f"regexp_extract({key}, '{LOCAL_NAME_PATTERN}', 1)"
+
+
+def _fallback_label_sql(key: str) -> str:
+    """`text.local_name`: a readable label from a key, the local name (or the TSV id) percent-decoded,
+    '_' as spaces; the key itself when that leaves nothing."""
+    return f"coalesce(nullif(trim(replace(url_decode({_local_name_sql(key)}), '_', ' ')), ''), {key})"
+
+
+def _normalized_sql(text: str) -> str:
+    """`text.normalize` (RE2 classes \\p{L} and \\p{N}: letters and digits of every script)."""
+    return f"trim(regexp_replace(strip_accents(lower({text})), '[^\\p{{L}}\\p{{N}}]+', ' ', 'g'))"
+
+
+@dataclass(frozen=True)
+class _NameMatch:
+    condition: str  # joins a name `q.t` with an entity's normalised label `e.n` or local name `e.l`
+    order: str      # which candidates of a name are kept, and in what order
+    score: str      # NULL: an exact match
+    prefilter: str  # 'contains' or 'initial' (Store.entities_named)
+
+
+# How linking (qa/retrieve.py) matches a question's names: exactly (label or local name), fuzzily
+# (Jaro-Winkler of the label, lengths within 3), or as the first or last words of a longer label
+# ("Apple" -> "Apple Inc.", "Einstein" -> "Albert Einstein"; shorter labels first).
+_NAME_MATCHES = {
+    "exact": _NameMatch("e.n = q.t OR e.l = q.t", "e.id", "NULL", "contains"),
+    "fuzzy": _NameMatch(
+        "abs(length(e.n) - length(q.t)) <= 3 AND jaro_winkler_similarity(e.n, q.t) >= $min_similarity",
+        "jaro_winkler_similarity(e.n, q.t) DESC, e.id", "jaro_winkler_similarity(e.n, q.t)", "initial"),
+    "partial": _NameMatch("starts_with(e.n, q.t || ' ') OR ends_with(e.n, ' ' || q.t)", "length(e.n), e.id", "0.9",
+                          "contains"),
+}
 
 
 @dataclass
@@ -211,33 +252,59 @@ class Store:
             ) from None
 
     def _merge_staged(self, src: int, ingest_id: int, lang: str) -> MergeCounts:
-        c = self.con
-        for name in _STAGING:
-            c.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * EXCLUDE (src) FROM {name}_all WHERE src = {int(src)}")
+        # Order matters: entities are told from properties by the relations added first, and texts,
+        # triples and attributes find their ids among the keys added before them.
+        self._select_source(src)
+        self._define_lang_rank()
         counts = MergeCounts()
-        label = _FALLBACK_LABEL.format(k="key")
+        counts.relations = self._add_new_relations()
+        counts.entities = self._add_new_entities()
+        self._choose_best_texts(lang.lower())
+        counts.texts_updated = self._count_text_updates(lang.lower())
+        self._apply_best_texts(lang.lower())
+        counts.triples = self._add_new_triples(ingest_id)
+        self._move_repeated_triples_to_train()
+        counts.attributes = self._add_new_attributes(ingest_id)
+        return counts
+
+    def _scalar(self, sql: str, params: dict | list | None = None):
+        return self.con.execute(sql, params).fetchall()[0][0]
+
+    def _select_source(self, src: int) -> None:
+        """Views `stage_edges`, `stage_texts`, `stage_attrs`: the staged rows of source `src`."""
+        for name in _STAGING:
+            self.con.execute(
+                f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * EXCLUDE (src) FROM {name}_all WHERE src = {int(src)}"
+            )
+
+    def _define_lang_rank(self) -> None:
         # How well a text's language tag fits the preferred one (lower is better); NULL marks a
         # fallback label made from the key, which any real text replaces.
-        c.execute(
+        self.con.execute(
             """CREATE OR REPLACE TEMP MACRO lang_rank(x, pref) AS
                CASE WHEN x IS NULL THEN 9 WHEN lower(x) = pref THEN 0
                     WHEN starts_with(lower(x), pref || '-') OR starts_with(pref, lower(x) || '-') THEN 1
                     WHEN x = '' THEN 2 ELSE 3 END"""
         )
 
-        c.execute(
+    def _add_new_relations(self) -> int:
+        """Relations for the keys used as a predicate or described as one, labelled from their key."""
+        self.con.execute(
             """CREATE OR REPLACE TEMP TABLE _new_rel AS
                SELECT key FROM (SELECT DISTINCT r AS key FROM stage_edges
                                 UNION SELECT key FROM stage_texts WHERE target = 'relation') s
                ANTI JOIN relations USING (key)"""
         )
-        counts.relations = c.execute(
+        return self._scalar(
             f"""INSERT INTO relations
                 SELECT (SELECT coalesce(max(id), -1) FROM relations) + row_number() OVER (ORDER BY key),
-                       key, {label}, NULL, NULL, NULL FROM _new_rel"""
-        ).fetchall()[0][0]
+                       key, {_fallback_label_sql('key')}, NULL, NULL, NULL FROM _new_rel"""
+        )
 
-        c.execute(
+    def _add_new_entities(self) -> int:
+        """Entities for the keys at either end of an edge, or described or given attributes, labelled from
+        their key."""
+        self.con.execute(
             """CREATE OR REPLACE TEMP TABLE _new_ent AS
                SELECT key FROM (
                    SELECT h AS key FROM stage_edges UNION SELECT t FROM stage_edges
@@ -249,48 +316,53 @@ class Store:
                                   UNION SELECT predicate FROM stage_attrs_all UNION SELECT predicate FROM attributes))
                ) s ANTI JOIN entities USING (key)"""
         )
-        counts.entities = c.execute(
+        return self._scalar(
             f"""INSERT INTO entities
                 SELECT (SELECT coalesce(max(id), -1) FROM entities) + row_number() OVER (ORDER BY key),
-                       key, {label}, NULL, NULL, NULL, now() FROM _new_ent"""
-        ).fetchall()[0][0]
+                       key, {_fallback_label_sql('key')}, NULL, NULL, NULL, now() FROM _new_ent"""
+        )
 
-        # The best text per key, field and target: preferred language, its regional variants,
-        # untagged, any; then the predicate's rank; then the value, so file order never decides.
-        # Relations look at every source of the command: an ontology file describing a property
-        # may come before the data file that uses it.
+    def _choose_best_texts(self, lang: str) -> None:
+        """`_best_text` (this source) and `_best_rel_text` (every source of the command): one text per
+        key, field and target."""
+        # The best text: preferred language, its regional variants, untagged, any; then the predicate's
+        # rank; then the value, so file order never decides. Relations look at every source of the
+        # command: an ontology file describing a property may come before the data file that uses it.
         for table, staged in (("_best_text", "stage_texts"), ("_best_rel_text", "stage_texts_all")):
-            c.execute(
+            self.con.execute(
                 f"""CREATE OR REPLACE TEMP TABLE {table} AS
                    SELECT key, target, field, lang, value FROM (
                        SELECT *, row_number() OVER (
                            PARTITION BY key, field, target ORDER BY lang_rank(lang, $lang), rank, value) AS rn
                        FROM {staged}) WHERE rn = 1""",
-                {"lang": lang.lower()},
+                {"lang": lang},
             )
-        # A text replaces a stored one unless the stored one fits the preferred language better
-        # (a later file with only a French label does not undo an English one under --lang en).
-        better = "lang_rank(b.lang, $lang) <= lang_rank(x.{field}_lang, $lang) AND x.{field} IS DISTINCT FROM b.value"
-        counts.texts_updated = c.execute(
+
+    def _count_text_updates(self, lang: str) -> int:
+        """Entities, other than the new ones, whose label or description the best texts change."""
+        return self._scalar(
             f"""SELECT count(DISTINCT x.id) FROM _best_text b JOIN entities x ON x.key = b.key
                WHERE b.target IN ('entity', 'any') AND x.key NOT IN (SELECT key FROM _new_ent)
-                 AND ((b.field = 'label' AND {better.format(field='label')})
-                      OR (b.field = 'description' AND {better.format(field='description')}))""",
-            {"lang": lang.lower()},
-        ).fetchall()[0][0]
+                 AND ((b.field = 'label' AND {_BETTER_TEXT.format(field='label')})
+                      OR (b.field = 'description' AND {_BETTER_TEXT.format(field='description')}))""",
+            {"lang": lang},
+        )
+
+    def _apply_best_texts(self, lang: str) -> None:
         for table, best, targets in (("entities", "_best_text", "('entity', 'any')"),
                                      ("relations", "_best_rel_text", "('relation', 'any')")):
             for field in ("label", "description"):
                 touched = ", updated_at = now()" if table == "entities" else ""
-                c.execute(
+                self.con.execute(
                     f"""UPDATE {table} x SET {field} = b.value, {field}_lang = b.lang{touched} FROM {best} b
                         WHERE b.key = x.key AND b.field = '{field}' AND b.target IN {targets}
-                          AND {better.format(field=field)}""",
-                    {"lang": lang.lower()},
+                          AND {_BETTER_TEXT.format(field=field)}""",
+                    {"lang": lang},
                 )
 
+    def _add_new_triples(self, ingest_id: int) -> int:
         # A triple listed in several splits is training data: evaluating on it would leak.
-        counts.triples = c.execute(
+        return self._scalar(
             """INSERT INTO triples
                SELECT n.head, n.relation, n.tail, n.split, $ingest FROM (
                    SELECT h.id AS head, r.id AS relation, t.id AS tail,
@@ -300,17 +372,19 @@ class Store:
                    GROUP BY ALL) n
                ANTI JOIN triples o ON o.head = n.head AND o.relation = n.relation AND o.tail = n.tail""",
             {"ingest": ingest_id},
-        ).fetchall()[0][0]
+        )
 
+    def _move_repeated_triples_to_train(self) -> None:
         # ... also when an earlier ingest put it in valid or test.
-        c.execute(
+        self.con.execute(
             """UPDATE triples SET split = 'train' FROM stage_edges s
                JOIN entities h ON h.key = s.h JOIN relations r ON r.key = s.r JOIN entities t ON t.key = s.t
                WHERE s.split = 'train' AND triples.split <> 'train'
                  AND triples.head = h.id AND triples.relation = r.id AND triples.tail = t.id"""
         )
 
-        counts.attributes = c.execute(
+    def _add_new_attributes(self, ingest_id: int) -> int:
+        return self._scalar(
             """INSERT INTO attributes
                SELECT n.*, $ingest FROM (
                    SELECT DISTINCT e.id AS entity, a.predicate, a.value,
@@ -319,8 +393,7 @@ class Store:
                ANTI JOIN attributes o ON o.entity = n.entity AND o.predicate = n.predicate
                     AND o.value = n.value AND o.datatype = n.datatype AND o.lang = n.lang""",
             {"ingest": ingest_id},
-        ).fetchall()[0][0]
-        return counts
+        )
 
     def next_ingest_id(self) -> int:
         return self.con.execute("SELECT coalesce(max(id), -1) + 1 FROM ingests").fetchall()[0][0]
@@ -400,11 +473,6 @@ class Store:
             [status, steps, best_metric, run_id],
         )
 
-    def runs(self) -> list[dict]:
-        cur = self.con.execute("SELECT * FROM runs ORDER BY created_at")
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
-
     # ---------------------------------------------------------------- queries
     def stats(self, top_relations: int | None = None) -> dict:
         c = self.con
@@ -451,7 +519,7 @@ class Store:
     def find_entities(self, query: str, limit: int = 10, min_similarity: float = 0.8) -> list[dict]:
         """Entities matching `query` by key or label, best first: exact key, case-insensitive label or
         key or local name, prefix, substring, then fuzzy (Jaro-Winkler) matches."""
-        local = _FALLBACK_LABEL.format(k="key")
+        local = _fallback_label_sql("key")
         rows = self.con.execute(
             f"""WITH c AS (
                     SELECT id, key, label, description, lower(label) AS l,
@@ -472,3 +540,65 @@ class Store:
             {"id": i, "key": k, "label": lbl, "description": d, "match": kinds[tier], "similarity": round(s, 3)}
             for i, k, lbl, d, tier, s in rows
         ]
+
+    # ---------------------------------------------------------------- reads for question answering
+    def entities_named(self, texts: Sequence[str], match: str, *, per_text: int,
+                       min_similarity: float = 0.0) -> list[tuple]:
+        """(text, id, key, label, description, score) of the entities a name matches, for each of `texts`
+        (names already `text.normalize`d), at most `per_text` of them, best first (see `_NAME_MATCHES`
+        for `match`): a name thousands of entities share must not flood linking.
+
+        Normalising every label is the cost on a large graph, so a cheap necessary condition picks the
+        rows to normalise first: `contains` -- the label or key contains one of the texts' words (true
+        of every exact or partial match); `initial` -- the label starts with the first two letters of a
+        text (fuzzy: a typo in the first two letters of a name is not corrected)."""
+        spec = _NAME_MATCHES[match]
+        texts = sorted(set(texts))
+        if not texts:
+            return []
+        params: dict = {"texts": texts, "cap": per_text}
+        folded = "strip_accents(lower({x}))"
+        if spec.prefilter == "contains":
+            words = sorted({w for t in texts for w in t.split()}, key=len, reverse=True)
+            where = (f"regexp_matches({folded.format(x='label')}, $alt) OR "
+                     f"regexp_matches({folded.format(x='key')}, $alt)")
+            params["alt"] = "|".join(re.escape(w) for w in words)
+        else:
+            where = f"list_contains($initials, left({folded.format(x='label')}, 2))"
+            params["initials"] = sorted({t[:2] for t in texts})
+        if "$min_similarity" in spec.condition:
+            params["min_similarity"] = min_similarity
+        local = _normalized_sql(f"replace({_local_name_sql('key')}, '_', ' ')")
+        return self.con.execute(
+            f"""WITH q AS (SELECT unnest($texts) AS t),
+                     e AS (SELECT id, key, label, description, {_normalized_sql('label')} AS n, {local} AS l
+                           FROM entities WHERE {where})
+                SELECT q.t, e.id, e.key, e.label, e.description, {spec.score} AS s FROM q JOIN e ON {spec.condition}
+                QUALIFY row_number() OVER (PARTITION BY q.t ORDER BY {spec.order}) <= $cap
+                ORDER BY q.t, {spec.order}""",
+            params,
+        ).fetchall()
+
+    def neighbour_triples(self, entities: Sequence[int], relation_scores: Sequence[float], cap: int) -> list[tuple]:
+        """(near, head, relation, tail, head label, relation label, tail label, head key, relation key,
+        tail key) of the distinct triples (any split) each of `entities` is the head or tail of: at most
+        `cap` per entity, those whose relation scores highest in `relation_scores` (by relation id) first,
+        then by ids, so the choice is deterministic."""
+        if not len(entities):
+            return []
+        return self.con.execute(
+            """WITH s AS (SELECT unnest($ids) AS e),
+                    d AS (SELECT DISTINCT s.e AS near, head, relation, tail FROM triples, s
+                          WHERE head = s.e OR tail = s.e),
+                    n AS (SELECT *, coalesce(list_extract($scores, relation + 1), 0) AS rs FROM d
+                          QUALIFY row_number() OVER (PARTITION BY near ORDER BY rs DESC, head, relation, tail) <= $cap)
+               SELECT t.near, t.head, t.relation, t.tail, h.label, r.label, x.label, h.key, r.key, x.key
+               FROM n t JOIN entities h ON h.id = t.head JOIN relations r ON r.id = t.relation
+                        JOIN entities x ON x.id = t.tail
+               ORDER BY t.near, t.rs DESC, t.head, t.relation, t.tail""",
+            {"ids": [int(e) for e in entities], "scores": [float(x) for x in relation_scores], "cap": cap},
+        ).fetchall()
+
+    def relation_labels(self) -> list[tuple[int, str, str]]:
+        """(id, label, description or '') of every relation, by id."""
+        return self.con.execute("SELECT id, label, coalesce(description, '') FROM relations ORDER BY id").fetchall()

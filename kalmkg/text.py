@@ -10,12 +10,19 @@ embeds them, and the head-relation view is a token-identical prefix of the compl
 causal forward pass gives both the hr embedding (at the prefix's last token) and the LM loss.
 Both views end in a fixed token (`=>`, `}`) so last-token pooling reads a position the model can learn
 to summarise into.
+
+Names: `normalize` is how names are compared (linking, answer grading); its variants say in their
+docstrings why they differ; `local_name` and `LOCAL_NAME_PATTERN` are the one definition of an IRI's
+local name (the store's SQL is built from the same pattern).
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Protocol, Sequence
+from urllib.parse import unquote
 
 HR_TEMPLATE = "Complete the triple: [ {head}, {relation} ] =>"
 TAIL_TEMPLATE = "{{ {entity} }}"
@@ -102,3 +109,50 @@ def graph_texts(entity_table, relation_table, tokenizer: Tokenizer, max_entity_t
     `max_entity_tokens` tokens."""
     texts = store_entity_texts(entity_table)
     return GraphTexts(truncate_texts(texts, tokenizer, max_entity_tokens), store_relation_texts(relation_table))
+
+
+# ------------------------------------------------------------------------------------------------ names
+# How names are compared and what an IRI's local name is: one definition each, used by linking
+# (qa/retrieve.py), name resolution (names.py), grading (evaluation/) and, through their SQL twins in
+# store.py, by the store.
+
+# An IRI's last segment (or a TSV id entire): what ingest makes a fallback label of. Python's `re` and
+# DuckDB's RE2 read this pattern alike, so store.py builds its SQL from the same string.
+LOCAL_NAME_PATTERN = r"([^/#:]+)[/#]*$"
+
+
+def local_name(key: str) -> str:
+    """An IRI's last segment, percent-decoded, '_' as spaces (what ingest makes a fallback label of)."""
+    m = re.search(LOCAL_NAME_PATTERN, key)
+    name = unquote(m.group(1)).replace("_", " ").strip() if m else ""
+    return name or key
+
+
+def strip_accents(text: str) -> str:
+    """`Brasília` -> `Brasilia`: compatibility decomposition, combining marks dropped (any script)."""
+    return "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
+
+
+def normalize(text: str) -> str:
+    """Lower case, accents and punctuation removed, single spaces: how names are compared (any script)."""
+    return " ".join(re.sub(r"[\W_]+", " ", strip_accents(text).lower()).split())
+
+
+def normalize_label(text: str) -> str:
+    """`normalize`, and a leading article dropped: a generated answer ("the Eiffel Tower") is graded
+    against an entity's label ("Eiffel Tower"), which never carries the article."""
+    return re.sub(r"^(the|a|an) ", "", normalize(text))
+
+
+def normalize_typed_name(text: str) -> str:
+    """Lower case, '_' as spaces, single spaces; accents and punctuation kept. A name typed on the
+    command line resolves by the rule `Store.find_entities` applies to entities in SQL (`lower`, '_' as
+    ' '), so an entity and a relation name are matched alike, and punctuation that tells two relations
+    apart in a graph still does."""
+    return " ".join(text.replace("_", " ").lower().split())
+
+
+def normalize_sentence(text: str) -> str:
+    """Lower case, a typographic apostrophe as ', single spaces; punctuation kept: phrases such as
+    "don't know" are read with their apostrophes, which `normalize` would turn into spaces."""
+    return " ".join(text.lower().replace("’", "'").split())

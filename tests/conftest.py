@@ -50,7 +50,7 @@ def gguf_tiny(tmp_path_factory) -> Path:
 @pytest.fixture()
 def sample_ws(tmp_path):
     """A workspace holding the sample graph with a seeded 10 % valid / 10 % test split."""
-    from kalmkg.ingest import ingest, resolve_sources
+    from kalmkg.ingestion import ingest, resolve_sources
     from kalmkg.split import split_store
     from kalmkg.store import Store
     from kalmkg.workspace import Workspace
@@ -64,7 +64,7 @@ def sample_ws(tmp_path):
 
 def make_tiny_run(root: Path, tiny_model: Path) -> Path:
     """A workspace at `root`: the sample graph, split, and a 2-step run `r` of the tiny model."""
-    from kalmkg.ingest import ingest, resolve_sources
+    from kalmkg.ingestion import ingest, resolve_sources
     from kalmkg.split import split_store
     from kalmkg.store import Store
     from kalmkg.training.loop import TrainConfig, train

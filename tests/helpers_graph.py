@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kalmkg.ingest import ingest, resolve_sources
+from kalmkg.ingestion import ingest, resolve_sources
 from kalmkg.store import Store
 from kalmkg.workspace import Workspace
 

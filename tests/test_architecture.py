@@ -78,3 +78,51 @@ def test_training_sees_ranking_not_evaluation():
     assert "kalmkg.evaluation.ranking" in graph["kalmkg.training.loop"]
     assert "kalmkg.evaluation.link_prediction" not in graph["kalmkg.training.loop"]
     assert graph["kalmkg.evaluation.ranking"] <= {"kalmkg.evaluation.metrics", "kalmkg.text", "kalmkg.encode"}
+
+
+# Layers, lowest first: a module imports modules of its own layer or below, never above. Each module is
+# placed by its longest matching prefix; a new module without a place fails the test until it gets one.
+LAYERS = [
+    # foundation: no knowledge of graphs or models
+    ["kalmkg.errors", "kalmkg.workspace", "kalmkg.cache", "kalmkg.formatting", "kalmkg.system", "kalmkg.device",
+     "kalmkg.text", "kalmkg.llamacpp.environment", "kalmkg.llamacpp.build"],
+    # storage, configuration and the raw model: the graph store, runs on disk, base models, llama.cpp
+    ["kalmkg.store", "kalmkg.split", "kalmkg.names", "kalmkg.ingestion", "kalmkg.runs", "kalmkg.models",
+     "kalmkg.llamacpp", "kalmkg.training.config", "kalmkg.evaluation.metrics"],
+    # model-free pieces the stages share: encoders, training data and losses, ranking, export files
+    ["kalmkg.encode", "kalmkg.training.data", "kalmkg.training.objective", "kalmkg.evaluation.ranking",
+     "kalmkg.export.registry", "kalmkg.export.gguf_meta"],
+    # a run's model and its entity index
+    ["kalmkg.loaded", "kalmkg.index"],
+    # the stages a user runs
+    ["kalmkg.training", "kalmkg.evaluation", "kalmkg.export", "kalmkg.prediction", "kalmkg.qa", "kalmkg.doctor",
+     "kalmkg.llamacpp.selftest"],
+    # the public API, then the command line on top of it
+    ["kalmkg"],
+    ["kalmkg.cli", "kalmkg.__main__"],
+]
+
+
+def layer_of(module: str) -> int | None:
+    best, layer = -1, None
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best:
+                best, layer = len(p), i
+    return layer
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in import_graph() if layer_of(m) is None] == []
+
+
+def test_imports_go_down_the_layers():
+    graph = import_graph()
+    upward = sorted(f"{m} (layer {layer_of(m)}) imports {d} (layer {layer_of(d)})"
+                    for m, deps in graph.items() for d in deps if layer_of(d) > layer_of(m))
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer_of("kalmkg.cli.app") > layer_of("kalmkg.training.loop") > layer_of("kalmkg.training.config")
+    assert layer_of("kalmkg.export.ollama") == layer_of("kalmkg.qa.ask")

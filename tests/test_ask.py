@@ -17,12 +17,14 @@ import pytest
 
 from conftest import SAMPLE_TTL, TESTS
 from helpers_graph import require_installed
-from kalmkg.qa.ask import (NO_MATCH, SYSTEM, SYSTEM_NO_CONTEXT, AskConfig, ask, build_messages, grade, is_abstention,
-                        load_questions, no_facts_message, resolve_model)
 from kalmkg.errors import KalmkgError
-from kalmkg.qa.retrieve import (Fact, Path as FactPath, choose_spans, link_entities, ngrams, normalize, overlap,
-                             path_lexical, retrieve, same_word, select_facts, standardize)
+from kalmkg.evaluation.answers import grade, is_abstention, load_questions
+from kalmkg.qa.ask import (NO_MATCH, SYSTEM, SYSTEM_NO_CONTEXT, AskConfig, ask, build_messages, no_facts_message,
+                           resolve_model)
+from kalmkg.qa.retrieve import (Fact, Path as FactPath, choose_spans, link_entities, ngrams, overlap, path_lexical,
+                                retrieve, same_word, select_facts, standardize)
 from kalmkg.store import Store
+from kalmkg.text import normalize
 from kalmkg.workspace import Workspace
 
 QUESTIONS = TESTS / "data" / "world_questions.jsonl"
@@ -30,7 +32,7 @@ QUESTIONS = TESTS / "data" / "world_questions.jsonl"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Workspace:
-    from kalmkg.ingest import ingest, resolve_sources
+    from kalmkg.ingestion import ingest, resolve_sources
 
     ws = Workspace(tmp_path_factory.mktemp("ask") / "ws")
     with Store.open(ws, create=True) as store:
@@ -149,7 +151,7 @@ def test_questions_naming_nothing_link_nothing(store, question):
 
 
 def test_a_shared_name_is_disambiguated_by_embedding_similarity(tmp_path):
-    from kalmkg.ingest import ingest, resolve_sources
+    from kalmkg.ingestion import ingest, resolve_sources
 
     ttl = tmp_path / "g.ttl"
     ttl.write_text("""@prefix ex: <http://example.org/> . @prefix rdfs: <http://www.w3.org/2000/01/rdf-schema#> .
@@ -386,7 +388,7 @@ def test_ask_answers_through_llama_cpp_without_torch(world):
 
 
 def test_names_in_other_scripts_link(tmp_path):
-    from kalmkg.ingest import ingest, resolve_sources
+    from kalmkg.ingestion import ingest, resolve_sources
 
     ttl = tmp_path / "g.ttl"
     ttl.write_text("""@prefix ex: <http://example.org/> . @prefix rdfs: <http://www.w3.org/2000/01/rdf-schema#> .
@@ -402,7 +404,7 @@ ex:Moscow ex:twin ex:Tokyo .
 
 
 def ingest_ttl(tmp_path, body: str) -> Workspace:
-    from kalmkg.ingest import ingest, resolve_sources
+    from kalmkg.ingestion import ingest, resolve_sources
 
     ttl = tmp_path / "g.ttl"
     ttl.write_text("@prefix ex: <http://example.org/> . @prefix rdfs: <http://www.w3.org/2000/01/rdf-schema#> .\n"

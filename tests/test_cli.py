@@ -3,6 +3,8 @@ workspace selection, and the ingest summary."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -236,12 +238,196 @@ def test_console_script_is_installed(tmp_path):
     assert proc.returncode == 0 and "--format" in proc.stdout
 
 
-def test_cli_import_does_not_load_heavy_modules(tmp_path):
-    """`kalmkg --help` must stay fast: importing the CLI loads no store, RDF, Arrow or ML library."""
+HEAVY = ["torch", "transformers", "peft", "lancedb", "duckdb", "numpy", "pyarrow", "llama_cpp", "rdflib",
+         "pyoxigraph"]
+
+
+@pytest.mark.parametrize("run", ["import kalmkg.cli.app",
+                                 "from kalmkg.cli.app import main; sys.argv = ['kalmkg', 'train', '--help']\n"
+                                 "try:\n    main()\nexcept SystemExit:\n    pass"])
+def test_cli_import_does_not_load_heavy_modules(tmp_path, run):
+    """`kalmkg --help` must stay fast: importing the CLI (every command module) and printing a command's help
+    load no store, RDF, Arrow or ML library."""
     import subprocess
 
-    code = ("import sys, kalmkg.cli.app; heavy = ['duckdb', 'rdflib', 'pyarrow', 'pyoxigraph', 'numpy', 'torch', "
-            "'transformers']; print(','.join(m for m in heavy if m in sys.modules))")
+    code = f"import sys\n{run}\nsys.stderr.write('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == ""
+    assert proc.stderr.strip().splitlines()[-1] == "HEAVY="
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `kalmkg train`'s options are TrainConfig's fields
+# ---------------------------------------------------------------------------------------------------------
+def _train_options() -> dict:
+    import typer.main
+
+    command = typer.main.get_command(app).commands["train"]
+    return {opt: param for param in command.params for opt in param.opts}
+
+
+def test_every_train_config_field_is_a_train_option_with_help():
+    import dataclasses
+
+    from kalmkg.cli.options import option_name
+    from kalmkg.training.config import TrainConfig
+
+    options = _train_options()
+    for field in dataclasses.fields(TrainConfig):
+        param = options.get(option_name(field.name))
+        assert param is not None, f"no --{field.name} option"
+        assert param.help and param.help == field.metadata["help"], field.name
+        default = ",".join(field.default) if isinstance(field.default, tuple) else field.default
+        assert param.default == default, field.name
+        if field.default is True:
+            assert param.secondary_opts == ["--no-" + option_name(field.name)[2:]], field.name
+        elif field.default is False:
+            assert param.is_flag and not param.secondary_opts, field.name
+    # the options about the run itself stay, and --base keeps its short name
+    for name in ("--run-name", "--resume", "--embed", "--dry-run", "-b"):
+        assert name in options
+
+
+def test_train_options_become_the_config(tmp_path, monkeypatch):
+    """The Makefile demo's options (and a list, a --no- flag) reach train() as one TrainConfig."""
+    import kalmkg.training.loop as loop
+    from kalmkg.training.config import TrainConfig
+
+    calls = []
+    monkeypatch.setattr(loop, "train", lambda workspace, cfg, **kw: calls.append((cfg, kw)))
+    cli("-w", tmp_path / "ws", "train", "--dry-run")
+    cli("-w", tmp_path / "ws", "train", "--max-steps", "40", "--batch-size", "16", "--lr", "1e-3",
+        "--max-entity-tokens", "16", "--lora-layers", "8", "--self-negatives", "--eval-every", "20",
+        "--eval-limit", "30", "--run-name", "demo", "--no-bucket", "--lora-targets", "q_proj, v_proj",
+        "-b", "some/model", "--dry-run")
+    (default, kw), (given, kw2) = calls
+    assert default == TrainConfig() and kw["run_id"] is None
+    assert given == TrainConfig(max_steps=40, batch_size=16, lr=1e-3, max_entity_tokens=16, lora_layers=8,
+                                self_negatives=True, eval_every=20, eval_limit=30, bucket=False,
+                                lora_targets=("q_proj", "v_proj"), base="some/model")
+    assert kw2["run_id"] == "demo" and kw2["dry_run"] is not None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "2"], "--temperature must be in [0.001, 1]"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--log-every", "0"], "--log-every must be at least 1"),
+    (["--precision", "fp8"], "unknown precision 'fp8'"),
+])
+def test_bad_train_option_is_one_line_before_the_graph_or_a_model(tmp_path, args, message):
+    proc = run_kalmkg("-w", tmp_path / "no_graph", "train", *args, cwd=tmp_path)
+    assert_one_line_error(proc, message)  # not "no graph in workspace": the options are checked first
+
+
+@dataclasses.dataclass
+class _Toy:
+    name: str = dataclasses.field(default="x", metadata={"help": "A name.", "group": "G"})
+    flag: bool = dataclasses.field(default=False, metadata={"help": "A flag."})
+    keep: bool = dataclasses.field(default=True, metadata={"help": "On unless --no-keep."})
+    items: tuple[str, ...] = dataclasses.field(default=("a", "b"), metadata={"help": "Items."})
+
+
+def test_config_options_turns_fields_into_options_and_back():
+    import typer
+
+    from kalmkg.cli.options import config_options
+
+    got = []
+
+    @config_options(_Toy)
+    def toy(label: str = typer.Option("l", "--label"), config: _Toy = None, after: int = typer.Option(0)):
+        got.append((label, config, after))
+
+    toy_app = typer.Typer()
+    toy_app.command()(toy)
+    toy_app.command("other")(lambda: None)  # a group, so the command is called by name
+    result = CliRunner().invoke(toy_app, ["toy", "--label", "L", "--flag", "--no-keep", "--items", "c,,d ",
+                                          "--name", "n"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert got == [("L", _Toy(name="n", flag=True, keep=False, items=("c", "d")), 0)]
+    # the fields take the place of the `config` parameter, in their order
+    assert list(inspect.signature(toy).parameters) == ["label", "name", "flag", "keep", "items", "after"]
+
+
+def test_config_options_refuses_what_it_cannot_map():
+    from kalmkg.cli.options import config_options
+
+    @dataclasses.dataclass
+    class Nested:
+        sizes: tuple[int, ...] = (1,)
+
+    with pytest.raises(TypeError, match="tuple"):
+        config_options(Nested)(lambda config: None)
+    with pytest.raises(TypeError, match="also fields"):
+        config_options(_Toy)(lambda name, config: None)
+    with pytest.raises(TypeError, match="no parameter 'config'"):
+        config_options(_Toy)(lambda cfg: None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main's last resort: a closed pipe, Ctrl-C, an unexpected exception
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["stats", "--json"], ["stats"]])
+def test_a_closed_pipe_ends_quietly(tmp_path, args):
+    """`kalmkg --help | head -1` and friends: no traceback, nothing on stderr."""
+    import subprocess
+
+    ingest_into(tmp_path / "ws", [write(tmp_path / "t.tsv", "a\tr\tb\n")])
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first write
+    try:
+        proc = subprocess.run([sys.executable, "-m", "kalmkg", "-w", str(tmp_path / "ws"), *args], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, env=cli_env(), timeout=60, cwd=tmp_path)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == "" and proc.returncode == 1
+
+
+RAISING_STORE = """
+import sys
+from kalmkg.cli.app import main
+from kalmkg.store import Store
+
+def raising(*args, **kwargs):
+    raise {exception}
+
+Store.open = raising
+sys.argv = ["kalmkg", *sys.argv[1:]]
+main()
+"""
+
+
+def _stats_raising(tmp_path, exception: str, **env):
+    import subprocess
+
+    code = RAISING_STORE.format(exception=exception)
+    return subprocess.run([sys.executable, "-c", code, "-w", str(tmp_path / "ws"), "stats"], capture_output=True,
+                          text=True, env=cli_env(**env), timeout=60, cwd=tmp_path)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+    proc = _stats_raising(tmp_path, "KeyboardInterrupt")
+    assert proc.returncode == 130 and proc.stderr == "interrupted\n"
+
+
+def test_an_unexpected_exception_is_one_line_unless_debugging(tmp_path):
+    proc = _stats_raising(tmp_path, "RuntimeError('boom\\n  in two lines')")
+    assert_one_line_error(proc, "unexpected RuntimeError: boom in two lines", "KALMKG_DEBUG=1")
+    debug = _stats_raising(tmp_path, "RuntimeError('boom')", KALMKG_DEBUG="1")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "raising" in debug.stderr
+    assert debug.stderr.splitlines()[-1] == "error: unexpected RuntimeError: boom"
+
+
+def test_exit_code_for_each_kind_of_exception(capsys):
+    import typer
+
+    from kalmkg.cli.app import exit_code_for, one_line
+
+    assert exit_code_for(KalmkgError("no graph")) == 1
+    assert exit_code_for(KeyboardInterrupt()) == 130
+    assert exit_code_for(typer.Abort()) == 130
+    assert exit_code_for(ValueError()) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: no graph", "interrupted", "interrupted",
+        "error: unexpected ValueError (run with KALMKG_DEBUG=1 for the traceback)"]
+    assert one_line(OSError("a\n b\tc")) == "OSError: a b c"

@@ -15,8 +15,11 @@ from tiny_model import build_tokenizer  # noqa: E402
 
 from kalmkg import text as verbalize  # noqa: E402
 from kalmkg.text import GraphTexts, graph_texts  # noqa: E402
+from kalmkg.training.config import TrainConfig  # noqa: E402
 from kalmkg.training.data import (  # noqa: E402
+    batch_groups,
     epoch_batches,
+    lm_flags,
     lm_positions,
     tokenize_examples,
     with_inverses,
@@ -161,6 +164,13 @@ def test_tokenize_examples_hr_views_are_unique_and_indexed(tokenizer, texts):
         for j in range(len(examples)):
             same = tuple(examples[i, :2]) == tuple(examples[j, :2])
             assert (tok.hr_index[i] == tok.hr_index[j]) == same
+
+
+def test_hr_index_of_finds_the_view_of_any_examples(tokenizer, texts):
+    examples = with_inverses(TRIPLES, texts.num_relations)
+    tok = tokenize_examples(texts, examples, tokenizer, max_seq_len=256)
+    picked = examples[[3, 0, 3, len(examples) - 1]]
+    assert tok.hr_index_of(picked) == tok.hr_index[[3, 0, 3, len(examples) - 1]].tolist()
 
 
 def test_tokenize_examples_tail_views_and_targets_per_entity(tokenizer, texts):
@@ -336,3 +346,43 @@ def test_lm_positions_spread_evenly_over_the_halves(batch_size, m):
     first = int((pos < batch_size // 2).sum())
     second = int((pos >= batch_size // 2).sum())
     assert abs(first - second) <= 1, pos.tolist()
+
+
+def test_lm_flags_mark_lm_positions_and_none_without_lm_weight():
+    flags = lm_flags(8, TrainConfig(batch_size=8, lm_examples=2))
+    assert flags.dtype == bool and np.flatnonzero(flags).tolist() == lm_positions(8, 2).tolist()
+    assert not lm_flags(8, TrainConfig(batch_size=8, lm_examples=2, lm_weight=0.0)).any()
+
+
+# ------------------------------------------------------------------ batch_groups
+class ExamplesOnly:
+    """What batch_groups reads of TokenizedExamples."""
+
+    def __init__(self, n):
+        self.examples = np.arange(3 * n).reshape(n, 3)
+        self.lengths = np.arange(n) % 7
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2, 3])
+def test_batch_groups_walk_the_epochs_and_resume_where_they_left_off(grad_accum):
+    tokens, cfg = ExamplesOnly(50), TrainConfig(batch_size=4, grad_accum=grad_accum, seed=3)
+    per_epoch = len(epoch_batches(50, 4, 3, 0)) // grad_accum
+    straight = batch_groups(tokens, cfg, 0, 0)
+    seen = [next(straight) for _ in range(per_epoch + 2)]
+    for epoch in (0, 1):
+        batches = epoch_batches(50, 4, 3, epoch, tokens.lengths, True)
+        mine = [(g, end) for e, end, g in seen if e == epoch]
+        assert [end for _, end in mine] == [grad_accum * (k + 1) for k in range(len(mine))]
+        for k, (group, _) in enumerate(mine):
+            assert len(group) == grad_accum
+            for j, examples in enumerate(group):
+                np.testing.assert_array_equal(examples, tokens.examples[batches[k * grad_accum + j]])
+    assert [e for e, _, _ in seen] == [0] * per_epoch + [1, 1]
+    # a run stopped after group k starts again at (its epoch, the batch after it)
+    for k in range(len(seen) - 1):
+        epoch, end, _ = seen[k]
+        epoch2, end2, group2 = next(batch_groups(tokens, cfg, epoch, end))
+        nxt = seen[k + 1]
+        assert (epoch2, end2) == nxt[:2]
+        for a, b in zip(group2, nxt[2]):
+            np.testing.assert_array_equal(a, b)

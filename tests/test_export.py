@@ -16,7 +16,9 @@ import pytest
 
 from kalmkg.errors import KalmkgError
 from kalmkg.encode import embed_rows
-from kalmkg.export.pipeline import QUANT_TYPES, STAGES, ExportProgress, export_run, read_gguf_metadata
+from kalmkg.export.convert import QUANT_TYPES
+from kalmkg.export.gguf_meta import read_gguf_metadata
+from kalmkg.export.pipeline import STAGES, ExportProgress, export_run
 from kalmkg.workspace import Workspace
 
 SAMPLE_TTL = Path(__file__).resolve().parent.parent / "sample_graphs" / "world.ttl"
@@ -26,7 +28,7 @@ SAMPLE_TTL = Path(__file__).resolve().parent.parent / "sample_graphs" / "world.t
 
 
 def _sample_workspace(root: Path) -> Workspace:
-    from kalmkg.ingest import ingest, resolve_sources
+    from kalmkg.ingestion import ingest, resolve_sources
     from kalmkg.split import split_store
     from kalmkg.store import Store
 
@@ -150,12 +152,12 @@ def test_a_k_quant_exports_with_its_looser_threshold(trained_ws):
 
 
 def test_a_failed_verification_leaves_nothing_and_keeps_the_previous_file(trained_ws, monkeypatch):
-    import kalmkg.export.pipeline as export
+    import kalmkg.export.verify as verify
 
     final = trained_ws.models_dir / "atomic-v.gguf"
     final.parent.mkdir(parents=True, exist_ok=True)
     final.write_bytes(b"previous export")
-    monkeypatch.setitem(export.MIN_COSINE, "Q8_0", 1.5)  # no GGUF can pass: the real failure path runs
+    monkeypatch.setitem(verify.MIN_COSINE, "Q8_0", 1.5)  # no GGUF can pass: the real failure path runs
     with pytest.raises(KalmkgError, match=r"min cosine .* < 1\.5.*nothing was written"):
         export_run(trained_ws, "r", "Q8_0", "atomic-v", False)
     assert final.read_bytes() == b"previous export"
@@ -164,13 +166,13 @@ def test_a_failed_verification_leaves_nothing_and_keeps_the_previous_file(traine
 
 
 def test_a_failed_quantization_leaves_no_partial_file(trained_ws, monkeypatch):
-    import kalmkg.export.pipeline as export
+    import kalmkg.export.pipeline as pipeline
 
     def half_written(src, dst, quant):
         Path(dst).write_bytes(b"GGUF" + b"\0" * 100)
         raise KalmkgError(f"quantizing to {quant} failed: simulated")
 
-    monkeypatch.setattr(export, "_quantize", half_written)
+    monkeypatch.setattr(pipeline, "quantize", half_written)
     with pytest.raises(KalmkgError, match="simulated"):
         export_run(trained_ws, "r", "Q6_K", "atomic-q", True)
     assert not [p for p in trained_ws.models_dir.iterdir() if p.name.startswith("atomic-q")]
@@ -180,10 +182,10 @@ def test_a_failed_quantization_leaves_no_partial_file(trained_ws, monkeypatch):
 def test_no_space_is_refused_before_any_work(trained_ws, monkeypatch):
     from collections import namedtuple
 
-    import kalmkg.export.pipeline as export
+    import kalmkg.export.pipeline as pipeline
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
     with pytest.raises(KalmkgError, match=r"not enough disk space .* needs about .*3x the float32 model"):
         export_run(trained_ws, "r", "Q8_0", "nospace", False)
     monkeypatch.undo()
@@ -225,32 +227,32 @@ def test_a_run_without_weights_says_to_train_first(sample_ws, gguf_tiny):
 
 
 def test_an_architecture_the_converter_lacks_is_named(tmp_path):
-    from kalmkg.export.pipeline import _check_architecture, _convert
+    from kalmkg.export.convert import check_architecture, convert
 
     with pytest.raises(KalmkgError, match="does not support the architecture FooBarForCausalLM of base foo"):
-        _check_architecture("FooBarForCausalLM", "foo")
-    _check_architecture("LlamaForCausalLM", "llama")  # supported: no error
+        check_architecture("FooBarForCausalLM", "foo")
+    check_architecture("LlamaForCausalLM", "llama")  # supported: no error
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"architectures": ["FooBarForCausalLM"], "model_type": "foo"}))
     with pytest.raises(KalmkgError, match="does not support the architecture FooBarForCausalLM of base foo"):
-        _convert(folder, tmp_path / "out.gguf", "x", "foo")
+        convert(folder, tmp_path / "out.gguf", "x", "foo")
 
 
 def test_a_tokenizer_the_converter_cannot_identify_is_reported(tmp_path, tiny_model):
-    from kalmkg.export.pipeline import _convert
+    from kalmkg.export.convert import convert
 
     with pytest.raises(KalmkgError, match="does not recognise the tokenizer of base tiny"):
-        _convert(tiny_model, tmp_path / "out.gguf", "x", "tiny")
+        convert(tiny_model, tmp_path / "out.gguf", "x", "tiny")
     assert not (tmp_path / "out.gguf").exists()
 
 
 def test_modelfile_template_follows_a_custom_chat_template(tiny_model):
     from transformers import AutoTokenizer
 
-    from kalmkg.export.pipeline import _modelfile
+    from kalmkg.export.ollama import modelfile
 
-    text = _modelfile(AutoTokenizer.from_pretrained(tiny_model), "m")
+    text = modelfile(AutoTokenizer.from_pretrained(tiny_model), "m")
     # tests/tiny_model.py's template: "<s>{role}: {content}</s>\n" per message, "<s>assistant: " to generate
     assert '{{ if eq .Role "system" }}<s>system: {{ .Content }}</s>\n' in text
     assert '{{ else if eq .Role "assistant" }}<s>assistant: {{ .Content }}</s>\n' in text
@@ -261,14 +263,14 @@ def test_modelfile_template_follows_a_custom_chat_template(tiny_model):
 def test_modelfile_template_writes_a_start_text_once(tiny_model):
     from transformers import AutoTokenizer
 
-    from kalmkg.export.pipeline import _modelfile
+    from kalmkg.export.ollama import modelfile
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     tokenizer.chat_template = (  # Llama 3's layout: BOS once, then headed turns
         "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
         "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
         "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-    text = _modelfile(tokenizer, "m")
+    text = modelfile(tokenizer, "m")
     assert 'TEMPLATE """<s>{{ range $i, $_ := .Messages }}' in text  # this tokenizer adds no BOS itself
     assert '{{ if eq .Role "system" }}<|start_header_id|>system<|end_header_id|>\n\n{{ .Content }}<|eot_id|>' in text
     assert 'PARAMETER stop "<|eot_id|>"' in text
@@ -311,3 +313,147 @@ def test_embedded_smollm2_run_exports_to_q8_0(tmp_path):
     assert meta["kalmkg.run_id"] == "smol" and meta["kalmkg.base.name"] == "SmolLM2-135M-Instruct"
     print(f"\nSmolLM2-135M Q8_0 export: {seconds:.1f}s {result.seconds}, {result.size_bytes / 1e6:.1f} MB, "
           f"min cosine {result.min_cosine:.5f}, greedy {'same' if result.verification.greedy_match else 'differs'}")
+
+
+# ------------------------------------------------------------------------------- the pieces, model-free
+
+
+def _reference(vocab: int = 1000):
+    from kalmkg.export.verify import Reference
+
+    vectors = np.eye(3, 4, dtype=np.float32)  # three unit rows
+    logits = np.zeros(vocab, dtype=np.float32)
+    logits[0] = 1.0  # torch's greedy pick is token 0, by a clear margin
+    return Reference(["a", "b", "c"], [[1], [2], [3]], vectors, "p", [9], [0, 5], logits)
+
+
+def _llama(ref, **change):
+    from kalmkg.export.verify import LlamaOutputs
+
+    got = LlamaOutputs([list(i) for i in ref.ids], ref.vectors.copy(), list(ref.tokens), ref.first_logits.copy())
+    for key, value in change.items():
+        setattr(got, key, value)
+    return got
+
+
+def test_judge_accepts_matching_outputs_and_refuses_a_wrong_embedding():
+    from kalmkg.export.verify import greedy_difference, judge
+
+    ref = _reference()
+    v = judge(ref, _llama(ref), "Q8_0")
+    assert v.min_cosine == 1.0 and v.texts == 3 and v.tokenizer_match and v.greedy_match
+    assert v.first_token_match and v.first_token_margin == 0.0 and v.logits_cosine == 1.0
+    assert greedy_difference(v) is None
+
+    rotated = ref.vectors.copy()
+    rotated[1] = [0, 0, 0, 1]  # text "b" lands elsewhere: cosine 0
+    with pytest.raises(KalmkgError, match=r"Q8_0 GGUF does not reproduce .* min cosine 0\.0000 < 0\.99 "
+                                          r"\(on 'b'\); nothing was written"):
+        judge(ref, _llama(ref, vectors=rotated), "Q8_0")
+    with pytest.raises(KalmkgError, match="llama.cpp tokenizes the texts differently"):
+        judge(ref, _llama(ref, vectors=rotated, ids=[[1], [7, 7], [3]]), "Q8_0")
+
+
+def test_judge_allows_a_first_token_tie_but_not_a_clear_difference_for_near_lossless_types():
+    from kalmkg.export.verify import greedy_difference, judge, tie_tolerance
+
+    ref = _reference()
+    other = np.zeros_like(ref.first_logits)
+    other[1] = 1.0  # llama.cpp picks token 1, where torch's margin for token 0 is 1.0
+    with pytest.raises(KalmkgError, match=r"first greedy token 1 instead of 0 \(torch margin 1\.000\)"):
+        judge(ref, _llama(ref, tokens=[1, 5], first_logits=other), "F16")
+    # K-quants are only held to their embedding threshold; the difference is reported, not refused
+    v = judge(ref, _llama(ref, tokens=[1, 5], first_logits=other), "Q4_K_M")
+    assert not v.first_token_match and v.first_token_margin == 1.0 and "near tie" in greedy_difference(v)
+
+    tied = _reference()
+    tied.first_logits[1] = 0.99999  # torch: token 0 by 1e-5, a tie within the logit noise
+    swapped = tied.first_logits.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    centered = [x - x.mean() for x in (tied.first_logits, swapped)]
+    assert tie_tolerance(*centered) > 1e-5
+    v = judge(tied, _llama(tied, tokens=[1, 5], first_logits=swapped), "Q8_0")
+    assert not v.first_token_match and 0 < v.first_token_margin < 1e-4
+
+    later = judge(ref, _llama(ref, tokens=[0, 6]), "Q8_0")
+    assert later.first_token_match and not later.greedy_match
+    assert greedy_difference(later) == "greedy continuation differs from torch after the first token (quantization noise)"
+
+
+def test_quant_and_name_options_and_their_defaults():
+    from kalmkg.export.convert import check_quant, default_quant
+    from kalmkg.export.registry import ExportTarget, check_name, default_name
+
+    assert check_quant(" q4_k_m ") == "Q4_K_M" and check_quant(None) is None
+    assert default_quant(135_000_000) == "Q8_0" and default_quant(7_000_000_000) == "Q4_K_M"
+    assert check_name(" smollm-kg.GGUF ") == "smollm-kg" and check_name(None) is None
+    assert default_name("r", "Q8_0") == "r-Q8_0"
+    target = ExportTarget(Path("/m"), "x", "F16")
+    assert (target.gguf, target.metadata, target.modelfile) == (Path("/m/x.gguf"), Path("/m/x.json"),
+                                                               Path("/m/x.Modelfile"))
+
+
+def _source(tmp_path):
+    from kalmkg.export.registry import ExportSource
+    from kalmkg.models import ResolvedBase
+
+    base = ResolvedBase("tiny", "tiny", str(tmp_path / "base"), "local", "fp-base")
+    config = {"graph": {"fingerprint": "fp-graph"}, "train": {"max_entity_tokens": 17}}
+    return ExportSource(tmp_path / "runs" / "r", config, base, 1234, "LlamaForCausalLM")
+
+
+def test_the_json_record_and_the_gguf_keys_describe_the_same_embedding(tmp_path):
+    from kalmkg import text as verbalize
+    from kalmkg.export.gguf_meta import kalmkg_metadata
+    from kalmkg.export.registry import ExportOutcome, ExportTarget, export_record
+
+    source = _source(tmp_path)
+    target = ExportTarget(tmp_path / "models", "r-F16", "F16", ollama=True)
+    record = export_record(source, target, ExportOutcome(99, {"min_cosine": 1.0}, {"merge": 0.5}))
+    assert record["file"] == "r-F16.gguf" and record["ollama_modelfile"] == "r-F16.Modelfile"
+    assert record["run_id"] == "r" and record["graph_fingerprint"] == "fp-graph" and record["size_bytes"] == 99
+    assert record["base"] == {"name": "tiny", "spec": "tiny", "source": "local", "fingerprint": "fp-base"}
+    assert record["embedding"]["max_entity_tokens"] == 17
+    assert record["embedding"]["templates"]["tail"] == verbalize.TAIL_TEMPLATE
+    keys = kalmkg_metadata(source, "F16")
+    assert keys["kalmkg.run_id"] == "r" and keys["kalmkg.base.fingerprint"] == "fp-base"
+    assert {k: keys[f"kalmkg.{k}"] for k in ("pooling", "normalize", "add_bos", "max_entity_tokens")} == \
+        {k: v for k, v in record["embedding"].items() if k != "templates"}
+    assert {k: keys[f"kalmkg.template.{k}"] for k in ("hr", "tail", "inverse")} == record["embedding"]["templates"]
+
+
+def test_list_exports_reads_the_records_back_newest_first(tmp_path):
+    import os
+
+    from kalmkg.export.registry import list_exports
+
+    models = tmp_path / "models"
+    assert list_exports(models) == []
+    models.mkdir()
+    for i, name in enumerate(("old", "new")):
+        (models / f"{name}.gguf").write_bytes(b"GGUF")
+        (models / f"{name}.json").write_text(json.dumps({"file": f"{name}.gguf", "run_id": name}))
+        os.utime(models / f"{name}.gguf", (1000 + i, 1000 + i))
+    (models / "gone.json").write_text(json.dumps({"file": "gone.gguf"}))  # its GGUF was deleted
+    (models / "broken.json").write_text("{")
+    (models / "list.json").write_text("[1]")
+    assert [(p.name, info["run_id"]) for p, info in list_exports(models)] == [("new.gguf", "new"), ("old.gguf", "old")]
+
+
+@pytest.mark.parametrize("replaced", [False, True])
+def test_publish_takes_back_the_files_it_added_when_the_gguf_cannot_move(tmp_path, replaced):
+    from kalmkg.export.pipeline import publish
+
+    tmp, final = tmp_path / "tmp", tmp_path / "m.gguf"
+    tmp.mkdir()
+    meta = tmp_path / "m.json"
+    if replaced:
+        meta.write_text("previous")
+    with pytest.raises(FileNotFoundError):
+        publish(tmp, tmp / "missing.gguf", final, {meta: "new"}, replaced)
+    assert not final.exists()
+    assert (meta.read_text() == "new") if replaced else not meta.exists()
+
+    (tmp / "ok.gguf").write_bytes(b"GGUF")
+    publish(tmp, tmp / "ok.gguf", final, {meta: "newer"}, replaced)
+    assert final.read_bytes() == b"GGUF" and meta.read_text() == "newer"

@@ -48,7 +48,7 @@ def counting(loaded) -> Counting:
 
 # ---------------------------------------------------------------------------------------------------------
 def test_embed_writes_every_entity_with_its_model_and_graph(ws):
-    from kalmkg.index import EntityIndex, embed, index_status
+    from kalmkg.index import EntityIndex, embed
     from kalmkg.text import tail_view
 
     loaded = load(ws)
@@ -58,12 +58,12 @@ def test_embed_writes_every_entity_with_its_model_and_graph(ws):
     assert (result.encoded, result.total, result.rebuilt, result.ann, result.dim) == (n, n, True, None, 32)
     assert sorted(enc.texts) == sorted(tail_view(t) for t in loaded.texts.entities)
 
-    status = index_status(ws, loaded)
-    assert status["fresh"] and status["rows"] == n
+    index = EntityIndex.open(ws, loaded)  # fresh: a missing or stale index does not open
+    status = index.meta
+    assert index.table.count_rows() == index.rows == n
     assert (status["model"], status["weights"], status["format"]) == ("run:r", loaded.weights, "1")
     assert status["store"] == loaded.graph_fingerprint and len(status["graph"]) == 16
 
-    index = EntityIndex.open(ws, loaded)
     vectors = index.vectors()
     assert vectors.shape == (n, 32)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)

@@ -1,4 +1,4 @@
-"""`kalmkg.ingest`: formats, labels and languages, blank nodes, attributes, idempotence, atomicity, TSV,
+"""`kalmkg.ingestion`: formats, labels and languages, blank nodes, attributes, idempotence, atomicity, TSV,
 and the benchmark folders (WN18RR, UMLS)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from helpers_graph import (
     DATASETS, PREFIXES, SAMPLE_TTL, XSD, dump, dump_con, graph_of, ingest_into, ingest_read, write,
 )
 from kalmkg.errors import KalmkgError
-from kalmkg.ingest import ingest, resolve_sources
+from kalmkg.ingestion import ingest, resolve_sources
 from kalmkg.store import Store
 from kalmkg.workspace import Workspace
 

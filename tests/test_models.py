@@ -15,15 +15,20 @@ from tiny_model import make_tiny_llama  # noqa: E402
 
 from kalmkg.errors import KalmkgError  # noqa: E402
 from kalmkg.models import (  # noqa: E402
-    LoraSettings,
     apply_lora,
     backbone,
-    count_parameters,
     load_base,
     resolve_base,
 )
+from kalmkg.training.config import TrainConfig  # noqa: E402
 
 torch = pytest.importorskip("torch")
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; parameters() yields a shared (tied) tensor once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +71,7 @@ def test_lora_goes_on_ffn_projections_only(tiny):
     model, _ = tiny
     embed_before = model.get_input_embeddings().weight.detach().clone()
     _, total_before = count_parameters(model)
-    peft_model = apply_lora(model, LoraSettings())
+    peft_model = apply_lora(model, TrainConfig())
     lora_parents = {n.rsplit(".", 2)[-2] for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
     assert lora_parents == {"gate_proj", "up_proj", "down_proj"}
     trainable_names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -83,13 +88,13 @@ def test_lora_goes_on_ffn_projections_only(tiny):
 def test_lora_on_embeddings_or_head_is_rejected(tiny, target):
     model, _ = tiny
     with pytest.raises(KalmkgError, match="never adapts"):
-        apply_lora(model, LoraSettings(targets=("up_proj", target)))
+        apply_lora(model, TrainConfig(lora_targets=("up_proj", target)))
 
 
 def test_unknown_lora_target_lists_the_linear_modules(tiny):
     model, _ = tiny
     with pytest.raises(KalmkgError) as err:
-        apply_lora(model, LoraSettings(targets=("gate_proj", "ffn_in")))
+        apply_lora(model, TrainConfig(lora_targets=("gate_proj", "ffn_in")))
     message = str(err.value)
     assert "'ffn_in'" in message
     for name in ("gate_proj", "up_proj", "down_proj", "q_proj", "o_proj"):
@@ -99,7 +104,7 @@ def test_unknown_lora_target_lists_the_linear_modules(tiny):
 
 def test_full_fine_tuning_trains_everything(tiny):
     model, _ = tiny
-    model = apply_lora(model, LoraSettings(full=True))
+    model = apply_lora(model, TrainConfig(full=True))
     trainable, total = count_parameters(model)
     assert trainable == total
 
@@ -109,7 +114,7 @@ def test_full_fine_tuning_trains_everything(tiny):
 def test_backbone_gives_the_last_hidden_state(tiny, with_lora, padding_side):
     model, tokenizer = tiny
     if with_lora:
-        model = apply_lora(model, LoraSettings())
+        model = apply_lora(model, TrainConfig())
         for name, p in model.named_parameters():  # make the adapters matter (lora_B starts at zero)
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.5)

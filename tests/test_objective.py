@@ -6,12 +6,11 @@ import torch.nn.functional as F
 
 from kalmkg.training.objective import (
     LearnableTemperature,
-    completion_labels,
+    completion_loss,
     false_negative_mask,
     info_nce,
     kalm_loss,
     last_token_pool,
-    lm_loss,
 )
 
 # Two unit vectors per side, so every cosine is a readable number:
@@ -207,38 +206,47 @@ def test_false_negative_mask_respects_positive_index():
     assert mask.tolist() == [[True, False, True], [False, True, True]]
 
 
+def test_false_negative_mask_without_a_positive_column_masks_every_known_answer():
+    # pre-batch columns: the row's positive is not among them (-1), so every known answer is masked,
+    # the last column included
+    hr = torch.tensor([[1, 0], [2, 0]])
+    tails = torch.tensor([10, 12])
+    cand = torch.tensor([13, 11, 10])
+    known = {(1, 0): {10, 11}}
+    mask = false_negative_mask(hr, tails, cand, known, positive_index=torch.tensor([-1, -1]))
+    assert mask.tolist() == [[False, True, True], [False, False, False]]
+
+
 # ---------------------------------------------------------------- language modelling
 
 
-def test_completion_labels_right_and_left_padding():
-    ids = torch.tensor([[5, 6, 7, 8, 0, 0], [0, 0, 5, 6, 7, 8], [5, 6, 7, 8, 9, 1]])
-    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    labels = completion_labels(ids, torch.tensor([2, 3, 4]), mask)
-    assert labels.tolist() == [
-        [-100, -100, 7, 8, -100, -100],
-        [-100, -100, -100, -100, -100, 8],
-        [-100, -100, -100, -100, 9, 1],
-    ]
-
-
-def test_lm_loss_matches_manual_cross_entropy():
+def test_completion_loss_is_the_mean_over_examples_of_each_examples_token_mean():
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 7)
-    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 6, 0]])
-    terms = []
-    for b in range(2):
-        for t in range(1, 5):
-            if labels[b, t] != -100:
-                terms.append(-torch.log_softmax(logits[b, t - 1], dim=-1)[labels[b, t]])
-    expected = torch.stack(terms).mean()
-    assert lm_loss(logits, labels).item() == pytest.approx(expected.item(), abs=1e-6)
+    logits = [torch.randn(2, 7), torch.randn(4, 7)]
+    targets = [torch.tensor([3, 4]), torch.tensor([1, 2, 6, 0])]
+    per_example = [torch.stack([-torch.log_softmax(x[j], dim=-1)[y[j]] for j in range(len(y))]).mean()
+                   for x, y in zip(logits, targets)]
+    expected = (per_example[0] + per_example[1]) / 2  # not the mean over all 6 tokens
+    assert completion_loss(logits, targets).item() == pytest.approx(expected.item(), abs=1e-6)
+    token_mean = torch.cat([-torch.log_softmax(x, -1).gather(1, y[:, None])[:, 0] for x, y in zip(logits, targets)])
+    assert completion_loss(logits, targets).item() != pytest.approx(token_mean.mean().item(), abs=1e-4)
 
 
-def test_lm_loss_with_nothing_labelled_is_zero_not_nan():
-    logits = torch.randn(1, 3, 4, requires_grad=True)
-    loss = lm_loss(logits, torch.full((1, 3), -100))
-    assert loss.item() == 0.0
+def test_completion_loss_of_a_split_batch_averages_to_the_whole():
+    """What makes the loss of a batch split over processes average to the single-process loss."""
+    torch.manual_seed(1)
+    logits = [torch.randn(n, 5) for n in (1, 3, 2, 5)]
+    targets = [torch.randint(0, 5, (n,)) for n in (1, 3, 2, 5)]
+    halves = (completion_loss(logits[:2], targets[:2]) + completion_loss(logits[2:], targets[2:])) / 2
+    assert halves.item() == pytest.approx(completion_loss(logits, targets).item(), abs=1e-6)
+
+
+def test_completion_loss_is_float32_and_differentiable_from_half_logits():
+    logits = [torch.randn(3, 6, dtype=torch.bfloat16, requires_grad=True)]
+    loss = completion_loss(logits, [torch.tensor([0, 5, 2])])
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
+    assert logits[0].grad is not None and torch.isfinite(logits[0].grad.float()).all()
 
 
 def test_kalm_loss():

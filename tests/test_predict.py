@@ -1,5 +1,5 @@
 """Names to ids (`kalmkg.names`: misses with suggestions, ambiguity, relation forms) and link prediction
-(`kalmkg.predict`) on a tiny trained run: both directions, the "known" mark, --filter-known, JSON."""
+(`kalmkg.prediction`) on a tiny trained run: both directions, the "known" mark, --filter-known, JSON."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def trained(tmp_path_factory, tiny_model) -> Path:
 
 @pytest.fixture(scope="module")
 def predictor(trained):
-    from kalmkg.predict import Predictor
+    from kalmkg.prediction import Predictor
 
     return Predictor.open(Workspace(trained))
 
@@ -121,7 +121,7 @@ def test_relation_miss_and_ambiguity(names_ws):
     (("Paris", "?", "France"), "relation prediction is not supported"),
 ])
 def test_query_shape_errors(words, message):
-    from kalmkg.predict import parse_query
+    from kalmkg.prediction import parse_query
 
     with pytest.raises(KalmkgError, match=message):
         parse_query(*words)
@@ -138,7 +138,7 @@ def graph_answers(ws: Workspace, entity: str, relation: str, direction: str) -> 
 
 
 def test_tail_prediction_ranks_every_entity_by_the_hr_view(trained, predictor):
-    from kalmkg.predict import predict
+    from kalmkg.prediction import predict
     from kalmkg.text import hr_view
 
     ws = Workspace(trained)
@@ -161,7 +161,7 @@ def test_tail_prediction_ranks_every_entity_by_the_hr_view(trained, predictor):
 
 
 def test_head_prediction_is_tail_prediction_of_the_inverse_relation(trained, predictor):
-    from kalmkg.predict import predict
+    from kalmkg.prediction import predict
     from kalmkg.text import hr_view
 
     ws = Workspace(trained)
@@ -178,7 +178,7 @@ def test_head_prediction_is_tail_prediction_of_the_inverse_relation(trained, pre
 
 
 def test_filter_known_hides_triples_already_in_the_graph(trained, predictor):
-    from kalmkg.predict import predict
+    from kalmkg.prediction import predict
 
     ws = Workspace(trained)
     n = len(predictor.loaded.entity_keys)
@@ -208,7 +208,7 @@ def test_one_entity_text_is_cut_exactly_as_training_cut_all_of_them(trained):
 
 
 def test_prediction_json_is_plain_data(trained, predictor):
-    from kalmkg.predict import predict
+    from kalmkg.prediction import predict
 
     result = predict(Workspace(trained), "Paris", "capital of", "?", k=3, predictor=predictor)
     data = json.loads(json.dumps(result.to_json()))
@@ -221,7 +221,7 @@ def test_prediction_json_is_plain_data(trained, predictor):
 
 def test_predict_loads_run_and_index_and_fails_on_names_before_loading(trained, tmp_path, monkeypatch):
     from kalmkg import loaded as run_model
-    from kalmkg.predict import predict
+    from kalmkg.prediction import predict
 
     ws = Workspace(trained)
     result = predict(ws, "Berlin", "capital of", "?", k=2)  # the whole path: store, model, index
@@ -238,7 +238,7 @@ def test_predict_loads_run_and_index_and_fails_on_names_before_loading(trained, 
 
 
 def test_predict_refuses_a_stale_index(trained, tmp_path):
-    from kalmkg.predict import predict
+    from kalmkg.prediction import predict
 
     copy = tmp_path / "ws"
     shutil.copytree(trained, copy)
@@ -256,7 +256,7 @@ def test_gguf_backend_needs_an_export_for_a_run(trained, predictor):
     with pytest.raises(KalmkgError, match="unknown backend 'onnx'"):
         make_encoder(predictor.loaded, "onnx")
     with pytest.raises(KalmkgError, match="unknown backend 'onnx'"):  # before loading anything
-        from kalmkg.predict import predict
+        from kalmkg.prediction import predict
 
         predict(Workspace(trained), "Paris", "capital of", "?", backend="onnx")
 
@@ -334,7 +334,7 @@ def exported(tmp_path_factory, gguf_tiny) -> Workspace:
 @pytest.mark.slow
 def test_gguf_backend_predicts_like_torch_on_the_exported_run(exported):
     from kalmkg.encode import GGUFEncoder
-    from kalmkg.predict import Predictor, predict
+    from kalmkg.prediction import Predictor, predict
 
     torch_side = Predictor.open(exported, backend="torch")
     gguf_side = Predictor.open(exported, backend="gguf", loaded=torch_side.loaded)

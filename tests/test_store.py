@@ -283,3 +283,31 @@ def test_entities_table_via_cli(sample_ws):
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "Paris" in result.stdout and KG + "Paris" in result.stdout and "exact" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------ SQL twins
+def test_the_sql_twins_of_local_name_and_normalize_agree_with_python():
+    from kalmkg.store import _fallback_label_sql, _normalized_sql
+    from kalmkg.text import local_name, normalize
+
+    keys = ["http://x.org/New_York", "http://x.org/ns#Caf%C3%A9", "http://x.org/things/Paris/", "urn:isbn:0451450523",
+            "Q42", "http://x.org/_"]
+    con = duckdb.connect()
+    got = [r[0] for r in con.execute(f"SELECT {_fallback_label_sql('k')} FROM unnest($keys) WITH ORDINALITY AS u(k, i) "
+                                     "ORDER BY i", {"keys": keys}).fetchall()]
+    assert got == [local_name(k) for k in keys]
+    texts = ["Brasília, D.C.'s  Café", "Émile_Zola", "  New   York  ", "Łódź 2024!"]
+    got = [r[0] for r in con.execute(f"SELECT {_normalized_sql('t')} FROM unnest($texts) WITH ORDINALITY AS u(t, i) "
+                                     "ORDER BY i", {"texts": texts}).fetchall()]
+    assert got == [normalize(t) for t in texts]
+
+
+def test_entities_named_matches_normalised_names(sample_ws):
+    with Store.open(Workspace(sample_ws)) as store:
+        exact = store.entities_named(["marie curie", "marie curie", "zzqqxxj"], "exact", per_text=5)
+        fuzzy = store.entities_named(["marie cury"], "fuzzy", per_text=5, min_similarity=0.9)
+        partial = store.entities_named(["curie"], "partial", per_text=5)
+    assert [(t, k) for t, _, k, *_ in exact] == [("marie curie", KG + "Marie_Curie")]
+    assert exact[0][-1] is None  # an exact match has no score
+    assert fuzzy[0][2] == KG + "Marie_Curie" and 0.9 <= fuzzy[0][-1] < 1
+    assert {k for _, _, k, *_ in partial} >= {KG + "Marie_Curie", KG + "Pierre_Curie"}

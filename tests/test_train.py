@@ -51,8 +51,8 @@ def test_run_folder_has_everything_to_reproduce_and_use_the_run(sample_ws, tiny_
     assert [e["step"] for e in evals] == [3, 6]
     assert 0 < evals[-1]["valid"]["mrr"] <= 1
     with Store.open(sample_ws) as store:
-        runs = store.runs()
-    assert [(r["id"], r["status"], r["steps"]) for r in runs] == [("r1", "finished", 6)]
+        runs = store.con.execute("SELECT id, status, steps FROM runs ORDER BY created_at").fetchall()
+    assert runs == [("r1", "finished", 6)]
     assert not [p for p in result.run_dir.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
@@ -89,7 +89,7 @@ def test_dry_run_shows_config_and_first_batch_without_writing(sample_ws, tiny_mo
 
 
 def test_errors_are_clear(tmp_path, sample_ws, tiny_model):
-    from kalmkg.ingest import ingest, resolve_sources
+    from kalmkg.ingestion import ingest, resolve_sources
     from kalmkg.store import Store
     from kalmkg.workspace import Workspace
 
@@ -113,11 +113,13 @@ DDP_WORKER = r"""
 import json, os, sys
 import numpy as np, torch
 from pathlib import Path
-from kalmkg.training.loop import TrainConfig, World, init_world, kalm_step, _Tokens, _average_gradients
+from kalmkg.training.loop import TrainConfig
+from kalmkg.training.distributed import average_gradients, init_world
+from kalmkg.training.step import StepContext, kalm_step
 from kalmkg.text import graph_texts
 from kalmkg.training.data import tokenize_examples, with_inverses
 from kalmkg.evaluation.metrics import known_answers
-from kalmkg.models import LoraSettings, apply_lora, load_base, resolve_base
+from kalmkg.models import apply_lora, load_base, resolve_base
 from kalmkg.training.objective import LearnableTemperature
 from kalmkg.store import Store
 from kalmkg.workspace import Workspace
@@ -129,8 +131,8 @@ with Store.open(ws) as store:
 torch.manual_seed(0)
 model, tok = load_base(resolve_base(tiny))
 texts = graph_texts(ents, rels, tok, 24)
-tokens = _Tokens(tokenize_examples(texts, with_inverses(train, texts.num_relations), tok))
-model = apply_lora(model, LoraSettings(dropout=0.0))
+tokens = tokenize_examples(texts, with_inverses(train, texts.num_relations), tok)
+model = apply_lora(model, TrainConfig(lora_dropout=0.0))
 torch.manual_seed(1)
 with torch.no_grad():  # non-zero LoRA B so every LoRA weight gets a gradient
     for n, p in model.named_parameters():
@@ -140,9 +142,9 @@ cfg = TrainConfig(batch_size=8, lm_examples=2, lm_weight=0.5, self_negatives=Tru
 temp = LearnableTemperature(0.05, True)
 known = {k: frozenset(v) for k, v in known_answers(train, texts.num_relations).items()}
 batch = tokens.examples[np.arange(8) * 7]
-loss, terms, _ = kalm_step(model, tokens, batch, cfg, temp, known, world)
+loss, terms, _ = kalm_step(StepContext(model, temp, tokens, known, cfg, world), batch)
 loss.backward()
-_average_gradients(model, temp, world)
+average_gradients(list(model.parameters()) + list(temp.parameters()), world)
 if world.size > 1:
     import torch.distributed as dist
     t = torch.tensor([loss.item()]); dist.all_reduce(t); mean_loss = t.item() / world.size
@@ -208,8 +210,166 @@ def test_a_few_steps_on_the_embedded_model(sample_ws):
     ({"temperature": 2.0}, r"--temperature must be in \[0.001, 1\]"),
     ({"temperature": 0.0}, r"--temperature must be in \[0.001, 1\]"),
     ({"max_seq_len": 4}, r"--max-seq-len 4 is too small: a head-relation view has \d+ tokens"),
+    ({"batch_size": 16, "grad_accum": 1000}, r"--batch-size 16 x --grad-accum 1000 is larger than the \d+ training"),
 ])
 def test_bad_settings_are_one_clear_error_not_a_traceback(sample_ws, tiny_model, overrides, message):
     with pytest.raises(KalmkgError, match=message):
         train(sample_ws, tiny_config(tiny_model, **overrides), run_id="bad")
     assert not (sample_ws.runs_dir / "bad" / "adapter").exists()
+
+
+# ------------------------------------------------------------------ the fast step against a plain computation
+def tiny_lora(sample_ws, tiny_model, cfg: TrainConfig):
+    """The tiny model with LoRA adapters that matter (B non-zero), the run's token ids, the known answers."""
+    import torch
+
+    from kalmkg.evaluation.metrics import known_answers
+    from kalmkg.models import apply_lora, load_base, resolve_base
+    from kalmkg.store import Store
+    from kalmkg.text import graph_texts
+    from kalmkg.training.data import tokenize_examples, with_inverses
+
+    with Store.open(sample_ws) as store:
+        triples = store.triples_array(("train",))
+        entities, relations = store.entity_table(), store.relation_table()
+    model, tokenizer = load_base(resolve_base(str(tiny_model)))
+    texts = graph_texts(entities, relations, tokenizer, cfg.max_entity_tokens)
+    tokens = tokenize_examples(texts, with_inverses(triples, texts.num_relations), tokenizer, cfg.max_seq_len)
+    torch.manual_seed(0)
+    model = apply_lora(model, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    known = {k: frozenset(v) for k, v in known_answers(triples, texts.num_relations).items()}
+    return model, tokens, known
+
+
+def batch_for_the_step(tokens, cfg: TrainConfig) -> np.ndarray:
+    """A global batch that exercises the fast step: LM examples whose targets differ in length, and
+    among the other examples two that share their answer and two that share their query (rows the
+    fast step encodes once)."""
+    from kalmkg.training.data import lm_positions
+
+    ex = tokens.examples
+    by_answer, by_query, by_target_length = {}, {}, {}
+    for i, (q, r, a) in enumerate(ex.tolist()):
+        by_answer.setdefault(a, []).append(i)
+        by_query.setdefault((q, r), []).append(i)
+        by_target_length.setdefault(len(tokens.target_ids[a]), i)
+    lengths = sorted(by_target_length)  # the shortest and the longest targets, then others
+    lm = [by_target_length[n] for n in (lengths[:1] + lengths[-1:] + lengths[1:-1])[: cfg.lm_examples]]
+    same_answer = next(v[:2] for v in by_answer.values() if len(v) >= 2 and not set(v[:2]) & set(lm))
+    same_query = next(v[:2] for v in by_query.values() if len(v) >= 2 and not set(v[:2]) & set(lm + same_answer))
+    others = iter(same_answer + same_query + [i for i in range(0, len(ex), 5)
+                                              if i not in lm + same_answer + same_query])
+    lm_at = lm_positions(cfg.batch_size, cfg.lm_examples).tolist()
+    assert len(lm) == len(lm_at) == cfg.lm_examples
+    return ex[[lm[lm_at.index(p)] if p in lm_at else next(others) for p in range(cfg.batch_size)]]
+
+
+def plain_step(model, tokens, batch: np.ndarray, cfg: TrainConfig, temperature, known) -> dict:
+    """The KaLM loss the slow, obvious way: every view through the whole causal LM on its own,
+    last-token pooling, objective's InfoNCE, and the LM loss of a plain forward of hr + target with
+    the labels masked to the target (transformers shifts them)."""
+    import torch
+    import torch.nn.functional as F
+
+    from kalmkg.training import objective
+    from kalmkg.training.data import lm_positions
+
+    def embed(ids: list[int]):
+        x = torch.tensor([ids])
+        mask = torch.ones_like(x)
+        hidden = model(input_ids=x, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        return F.normalize(objective.last_token_pool(hidden, mask)[0], dim=-1)
+
+    hr_views = [tokens.hr_ids[i] for i in tokens.hr_index_of(batch)]
+    hr = torch.stack([embed(v) for v in hr_views])
+    tails = torch.stack([embed(tokens.tail_ids[a]) for a in batch[:, 2].tolist()])
+    ex = torch.as_tensor(batch)
+    negatives = {}
+    if cfg.self_negatives:
+        negatives = {"self_negatives": torch.stack([embed(tokens.tail_ids[q]) for q in batch[:, 0].tolist()]),
+                     "self_negative_mask": torch.tensor([q == a or q in known.get((q, r), ())
+                                                         for q, r, a in batch.tolist()])}
+    l_exp = objective.info_nce(hr, tails, margin=cfg.margin, temperature=temperature(),
+                               mask=objective.false_negative_mask(ex[:, :2], ex[:, 2], ex[:, 2], known),
+                               **negatives)["loss"]
+    per_example = []
+    for i in lm_positions(len(batch), cfg.lm_examples).tolist():
+        target = tokens.target_ids[batch[i, 2]]
+        ids = torch.tensor([hr_views[i] + target])
+        labels = torch.tensor([[-100] * len(hr_views[i]) + target])
+        per_example.append(model(input_ids=ids, labels=labels).loss)
+    l_imp = torch.stack(per_example).mean()
+    return {"loss": l_exp + cfg.lm_weight * l_imp, "l_exp": l_exp, "l_imp": l_imp}
+
+
+def grads(model, temperature) -> dict:
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    out["tau"] = temperature.log_inv_tau.grad.detach().clone()
+    model.zero_grad(set_to_none=True)
+    temperature.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("self_negatives", [False, True])
+def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_model, self_negatives):
+    """The fast step shares the hr view with the completion row, encodes identical rows once, runs
+    length-grouped padded chunks and the LM head only on the target positions; none of that may
+    change the loss terms or a single gradient."""
+    import torch
+
+    from kalmkg.training.objective import LearnableTemperature
+    from kalmkg.training.step import StepContext, kalm_step
+
+    cfg = TrainConfig(batch_size=12, lm_examples=3, lm_weight=0.5, lora_dropout=0.0, max_entity_tokens=24,
+                      self_negatives=self_negatives)
+    model, tokens, known = tiny_lora(sample_ws, tiny_model, cfg)
+    temperature = LearnableTemperature(0.05, learnable=True)
+    batch = batch_for_the_step(tokens, cfg)
+    model.train()
+
+    fast = kalm_step(StepContext(model, temperature, tokens, known, cfg), batch)
+    assert len(fast.tails[0]) == cfg.batch_size
+    fast.loss.backward()
+    fast_grads = grads(model, temperature)
+    plain = plain_step(model, tokens, batch, cfg, temperature, known)
+    plain["loss"].backward()
+    plain_grads = grads(model, temperature)
+
+    for term in ("loss", "l_exp", "l_imp"):
+        assert fast.terms[term] == pytest.approx(plain[term].item(), rel=1e-5, abs=1e-6), term
+    assert fast.terms["l_imp"] > 0.1 and cfg.lm_weight * fast.terms["l_imp"] > 1e-3  # the LM part counts
+    assert fast_grads.keys() == plain_grads.keys()
+    assert sum(".lora_A" in n for n in fast_grads) == sum(".lora_B" in n for n in fast_grads) > 0
+    for name, g in plain_grads.items():
+        assert g.abs().max() > 0, name  # every LoRA weight takes part
+        torch.testing.assert_close(fast_grads[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=name)
+
+
+# ------------------------------------------------------------------ early stopping
+def test_early_stopper_keeps_the_best_and_stops_when_patience_runs_out():
+    from kalmkg.training.loop import TrainState
+    from kalmkg.training.stopping import EarlyStopper
+
+    mrrs = iter([0.1, 0.3, 0.2, 0.3, 0.25])
+    kept, logged, said = [], [], []
+    state = TrainState()
+    stopper = EarlyStopper(validate=lambda: {"mrr": next(mrrs), "hits@1": 0.0, "hits@10": 0.5, "count": 4},
+                           keep_best=lambda: kept.append(state.step), log=logged.append, say=said.append,
+                           patience=2)
+    decisions = []
+    for step in (3, 6, 9, 12):
+        state.step = step
+        decisions.append(stopper.should_stop(state))
+    assert decisions == [False, False, False, True]  # 0.2 and an equal 0.3 are no improvement
+    assert kept == [3, 6] and (state.best_metric, state.best_step) == (0.3, 6)
+    assert state.evals_without_improvement == 2
+    assert [r["step"] for r in logged] == [3, 6, 9, 12] and state.history == logged
+    assert said[1].startswith("step 6: valid MRR 0.3000")
+
+    never = EarlyStopper(validate=lambda: {"mrr": 0.0, "hits@1": 0.0, "hits@10": 0.0, "count": 1},
+                         keep_best=lambda: None, log=lambda r: None, say=lambda s: None, patience=0)
+    assert not any(never.should_stop(TrainState(step=s)) for s in range(5))

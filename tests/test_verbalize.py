@@ -167,3 +167,28 @@ def test_truncation_of_non_ascii_text_stays_within_limit_and_keeps_its_beginning
         assert "\ufffd" not in cut, (max_tokens, cut)
         assert text.startswith(cut), (max_tokens, cut)
         assert len(ids(tokenizer, cut)) <= max_tokens, (max_tokens, cut)
+
+
+# ------------------------------------------------------------------------------------------------ names
+@pytest.mark.parametrize("key, name", [
+    ("http://x.org/New_York", "New York"),
+    ("http://x.org/ns#Caf%C3%A9", "Café"),  # percent-decoded
+    ("http://x.org/things/Paris/", "Paris"),  # a trailing slash is not the name
+    ("urn:isbn:0451450523", "0451450523"),
+    ("Q42", "Q42"),  # a TSV id is its own name
+    ("http://x.org/_", "http://x.org/_"),  # nothing readable left: the key
+])
+def test_local_name(key, name):
+    assert verbalize.local_name(key) == name
+
+
+def test_normalisers_and_their_variants():
+    assert verbalize.normalize("  Brasília, D.C.'s  Café_Zola ") == "brasilia d c s cafe zola"
+    assert verbalize.strip_accents("Ærø Zürich") == "Ærø Zurich"  # letters without a decomposition stay
+    # grading a generated label: `normalize`, and a leading article dropped (only a leading one)
+    assert verbalize.normalize_label("The Eiffel-Tower.") == "eiffel tower"
+    assert verbalize.normalize_label("Theatre of the Absurd") == "theatre of the absurd"
+    # a typed name: case and '_' only, punctuation and accents kept
+    assert verbalize.normalize_typed_name(" Capital_of  Café-X ") == "capital of café-x"
+    # an answer read for abstentions: apostrophes kept and made plain
+    assert verbalize.normalize_sentence("I DON’T   know.") == "i don't know."

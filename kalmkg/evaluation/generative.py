@@ -15,14 +15,13 @@ are comparable between models evaluated here (base vs run, side by side), not to
 from __future__ import annotations
 
 import json
-import re
 import time
-import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
 
 from kalmkg.errors import KalmkgError
+from kalmkg.text import normalize_label
 
 TASKS = ("tail", "head", "relation", "classification")
 SHOTS = 3
@@ -34,15 +33,6 @@ INSTRUCTIONS = {
     "classification": f'Is this triple true? Answer "{YES}" or "{NO}".',
 }
 MAX_NEW_TOKENS = {"tail": 24, "head": 24, "relation": 16, "classification": 8}
-
-
-def normalize(text: str) -> str:
-    """Lower case, accents and punctuation removed, spaces collapsed, a leading article dropped."""
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
-    text = re.sub(r"[^\w\s]|_", " ", text)
-    text = " ".join(text.split())
-    return re.sub(r"^(the|a|an) ", "", text)
 
 
 @dataclass
@@ -105,10 +95,10 @@ def build_cases(triples: np.ndarray, train: np.ndarray, known: set[tuple[int, in
 
 
 def is_correct(case: Case, answer: str) -> bool:
-    got = normalize(answer)
+    got = normalize_label(answer)
     if case.task == "classification":  # the first word decides ("not sure" is no answer)
         return got.split(" ", 1)[0] == ("yes" if case.target == YES else "no")
-    return got == normalize(case.target)
+    return got == normalize_label(case.target)
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:

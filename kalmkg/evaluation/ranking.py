@@ -99,5 +99,11 @@ def rank_queries(model, tokenizer, texts, triples: np.ndarray, all_triples: np.n
     encoder = TorchEncoder(model, tokenizer, device)
     vectors = encode_texts(encoder, [verbalize.tail_view(t) for t in texts.entities], batch_size)
     ranks = rank_with_vectors(encoder, texts, triples, all_triples, vectors, batch_size=batch_size)["ranks"]
-    n = len(triples)
-    return {"tail": summarize(ranks[:n]), "head": summarize(ranks[n:]), "both": summarize(ranks), "ranks": ranks}
+    return {**by_direction(ranks), "ranks": ranks}
+
+
+def by_direction(ranks: np.ndarray) -> dict:
+    """Metrics of the ranks `rank_with_vectors` returns (n tail queries, then n head queries) for tail,
+    head and both directions."""
+    n = len(ranks) // 2
+    return {"tail": summarize(ranks[:n]), "head": summarize(ranks[n:]), "both": summarize(ranks)}

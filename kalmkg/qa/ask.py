@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
 from kalmkg.errors import KalmkgError
-from kalmkg.qa.retrieve import Fact, Link, Retrieval, normalize, retrieve
+from kalmkg.qa.retrieve import Fact, Link, Retrieval, retrieve
 from kalmkg.workspace import Workspace
 
 SYSTEM = ("You answer questions about a knowledge graph. Use only the numbered facts below. "
@@ -27,8 +26,7 @@ SYSTEM = ("You answer questions about a knowledge graph. Use only the numbered f
 SYSTEM_NO_CONTEXT = "Answer the question in one short sentence. If you do not know the answer, say: I don't know."
 NO_MATCH = ("Nothing in the graph matches this question: it names no entity of the graph "
             "(`kalmkg entities NAME` looks names up).")
-_ABSTAIN = re.compile(r"\b(i don'?t know|i do not know|not (?:mentioned|stated|given|provided|in the facts)|"
-                      r"no information|cannot (?:answer|determine)|can'?t (?:answer|determine)|unknown)\b")
+NO_FACTS = "The graph has no facts about {names} to answer from."
 
 
 class Generator(Protocol):
@@ -107,8 +105,7 @@ def linked_descriptions(links: Sequence[Link], n: int, max_chars: int = 240) -> 
 
 
 def no_facts_message(links: Sequence[Link]) -> str:
-    names = ", ".join(lk.label for lk in links)
-    return f"The graph has no facts about {names} to answer from."
+    return NO_FACTS.format(names=", ".join(lk.label for lk in links))
 
 
 # --------------------------------------------------------------------------------------------- ask
@@ -151,46 +148,6 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
     return Answer(question, "".join(pieces).strip(), True, found.links, found.facts, descriptions, seconds=seconds)
 
 
-# --------------------------------------------------------------------------------------------- grading
-
-
-def is_abstention(text: str) -> bool:
-    text = text.strip()
-    return bool(_ABSTAIN.search(normalize_answer(text))) or text == NO_MATCH or (
-        text.startswith("The graph has no facts about ") and text.endswith(" to answer from."))
-
-
-def normalize_answer(text: str) -> str:
-    return " ".join(text.lower().replace("’", "'").split())
-
-
-def grade(answer: str, expected: Sequence[str]) -> bool:
-    """Right when an expected name appears in the answer (accents, case and punctuation ignored) and the
-    answer does not abstain; a question with no expected answer is right when the answer abstains."""
-    if not expected:
-        return is_abstention(answer)
-    if is_abstention(answer):
-        return False
-    said = f" {normalize(answer)} "
-    return any(f" {normalize(e)} " in said for e in expected)
-
-
-def load_questions(path: Path) -> list[dict]:
-    """A JSONL file of {"id", "question", "kind": one-hop|two-hop|no-answer, "answers": [...], ...}."""
-    out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise KalmkgError(f"{path}:{n}: not JSON ({exc})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
-            raise KalmkgError(f"{path}:{n}: each line needs a \"question\" string")
-        out.append(row)
-    return out
-
-
 # --------------------------------------------------------------------------------------------- models
 
 
@@ -204,7 +161,7 @@ class ModelChoice:
 def resolve_model(workspace: Workspace, model: str | None) -> ModelChoice:
     """`--model`: a .gguf path, a name under models/, the embedded base (`smollm2-135m`), or by default the
     newest `kalmkg export` of this workspace."""
-    from kalmkg.export.pipeline import list_exports
+    from kalmkg.export.registry import list_exports
     from kalmkg.models import EMBEDDED, embedded_gguf
 
     models = workspace.models_dir

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from kalmkg.encode import Encoder
+from kalmkg.errors import KalmkgError
+from kalmkg.text import entity_text, normalize, strip_accents
 
 # Words that carry no meaning for matching relations or names (question words, auxiliaries, articles).
 STOPWORDS = frozenset("""
@@ -52,10 +55,6 @@ HOP2_BRIDGES = 12      # hop-1 facts whose far entity is expanded into hop 2
 HOP_PENALTY = 0.15     # a 2-hop path must be more relevant than a 1-hop fact to outrank it
 EMBED_WEIGHT = 0.25    # weight of the (standardised) embedding similarity: a tie-breaker more than a judge
 RERANK = 24            # candidates whose texts are embedded (llama.cpp on a CPU: ~25 ms a fact)
-
-
-class Embedder(Protocol):
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -129,21 +128,13 @@ class Retrieval:
 # ------------------------------------------------------------------------------------------------ text
 
 
-def normalize(text: str) -> str:
-    """Lower case, accents and punctuation removed, single spaces: how names are compared (any script)."""
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
-    return " ".join(re.sub(r"[\W_]+", " ", text).split())
-
-
 def words(text: str) -> list[str]:
     return normalize(text).split()
 
 
 def capitalized(text: str) -> list[bool]:
     """For each of `words(text)`, whether the user wrote it with a capital (a proper-noun hint)."""
-    text = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
-    return [w[0].isupper() for w in re.split(r"[\W_]+", text) if w]
+    return [w[0].isupper() for w in re.split(r"[\W_]+", strip_accents(text)) if w]
 
 
 def content_words(text: str) -> list[str]:
@@ -198,12 +189,7 @@ def choose_spans(matches: dict[tuple[int, int], list[dict]]) -> list[tuple[int, 
 # ------------------------------------------------------------------------------------------------ linking
 
 
-# the SQL twin of `normalize` (RE2 classes \p{L} and \p{N}: letters and digits of every script)
-_NORM_SQL = "trim(regexp_replace(strip_accents(lower({x})), '[^\\p{{L}}\\p{{N}}]+', ' ', 'g'))"
-_LOCAL_SQL = "regexp_extract(key, '([^/#:]+)[/#]*$', 1)"
-
-
-def link_entities(store, question: str, embedder: Embedder | None = None) -> list[Link]:
+def link_entities(store, question: str, embedder: Encoder | None = None) -> list[Link]:
     """The entities the question names, in the order they are mentioned."""
     tokens = words(question)
     if not tokens:
@@ -240,37 +226,10 @@ def link_entities(store, question: str, embedder: Embedder | None = None) -> lis
     return links
 
 
-def _matches(store, spans, condition: str, order: str, match: str, score_sql: str = "NULL",
-             extra: dict | None = None, prefilter: str = "contains") -> dict[tuple[int, int], list[dict]]:
-    """Entities whose normalised label (`e.n`) or local name (`e.l`) meets `condition` for each span text
-    (`q.t`), at most MAX_CANDIDATES per text: a name thousands of entities share must not flood linking.
-
-    Normalising every label is the cost on a large graph, so a cheap necessary condition picks the rows
-    to normalise first: `contains` -- the label or key contains one of the spans' words (true of every
-    exact or partial match); `initial` -- the label starts with the first two letters of a span (fuzzy:
-    a typo in the first two letters of a name is not corrected)."""
-    texts = sorted({t for _, _, t in spans})
-    if not texts:
-        return {}
-    folded = "strip_accents(lower({x}))"
-    if prefilter == "contains":
-        words_ = sorted({w for t in texts for w in t.split()}, key=len, reverse=True)
-        where = (f"regexp_matches({folded.format(x='label')}, $alt) OR "
-                 f"regexp_matches({folded.format(x='key')}, $alt)")
-        extra = {**(extra or {}), "alt": "|".join(re.escape(w) for w in words_)}
-    else:
-        where = f"list_contains($initials, left({folded.format(x='label')}, 2))"
-        extra = {**(extra or {}), "initials": sorted({t[:2] for t in texts})}
-    rows = store.con.execute(
-        f"""WITH q AS (SELECT unnest($texts) AS t),
-                 e AS (SELECT id, key, label, description, {_NORM_SQL.format(x='label')} AS n,
-                              {_NORM_SQL.format(x=f"replace({_LOCAL_SQL}, '_', ' ')")} AS l FROM entities
-                       WHERE {where})
-            SELECT q.t, e.id, e.key, e.label, e.description, {score_sql} AS s FROM q JOIN e ON {condition}
-            QUALIFY row_number() OVER (PARTITION BY q.t ORDER BY {order}) <= $cap
-            ORDER BY q.t, {order}""",
-        {"texts": texts, "cap": MAX_CANDIDATES, **(extra or {})},
-    ).fetchall()
+def _matches(store, spans, match: str, min_similarity: float = 0.0) -> dict[tuple[int, int], list[dict]]:
+    """For each span, the entities whose name it matches (`Store.entities_named`), as link candidates."""
+    rows = store.entities_named([t for _, _, t in spans], match, per_text=MAX_CANDIDATES,
+                                min_similarity=min_similarity)
     by_text: dict[str, list[dict]] = {}
     for t, i, k, lbl, d, sc in rows:
         by_text.setdefault(t, []).append({"id": i, "key": k, "label": lbl, "description": d, "match": match,
@@ -279,15 +238,12 @@ def _matches(store, spans, condition: str, order: str, match: str, score_sql: st
 
 
 def _exact_matches(store, spans) -> dict[tuple[int, int], list[dict]]:
-    return _matches(store, spans, "e.n = q.t OR e.l = q.t", "e.id", "exact")
+    return _matches(store, spans, "exact")
 
 
 def _fuzzy_matches(store, spans) -> dict[tuple[int, int], list[dict]]:
     spans = [s for s in spans if len(s[2].replace(" ", "")) >= FUZZY_MIN_CHARS]
-    found = _matches(store, spans,
-                     "abs(length(e.n) - length(q.t)) <= 3 AND jaro_winkler_similarity(e.n, q.t) >= $min",
-                     "jaro_winkler_similarity(e.n, q.t) DESC, e.id", "fuzzy", "jaro_winkler_similarity(e.n, q.t)",
-                     {"min": FUZZY_MIN}, prefilter="initial")
+    found = _matches(store, spans, "fuzzy", FUZZY_MIN)
     # only the best-scoring entities of a span: a near-miss of a typo is not a second mention
     return {span: [r for r in rows if r["score"] == rows[0]["score"]] for span, rows in found.items()}
 
@@ -296,18 +252,15 @@ def _partial_matches(store, spans) -> dict[tuple[int, int], list[dict]]:
     """Spans that are the first or last words of a longer label: "Apple" -> "Apple Inc.", "Einstein" ->
     "Albert Einstein" (shorter labels first)."""
     spans = [s for s in spans if len(s[2]) >= 2]
-    return _matches(store, spans, "starts_with(e.n, q.t || ' ') OR ends_with(e.n, ' ' || q.t)",
-                    "length(e.n), e.id", "partial", "0.9")
+    return _matches(store, spans, "partial")
 
 
-def _pick(rows: list[dict], question: str, embedder: Embedder | None) -> list[dict]:
+def _pick(rows: list[dict], question: str, embedder: Encoder | None) -> list[dict]:
     """One entity for a name, or, for a name several share, the one whose text is closest to the question."""
     if len(rows) == 1:
         return rows
     if embedder is None:
         return rows[:AMBIGUOUS_KEEP]
-    from kalmkg.text import entity_text
-
     vecs = embedder.encode([question] + [entity_text(r["label"], r["description"]) for r in rows])
     best = int(np.argmax(vecs[1:] @ vecs[0]))
     return [rows[best]]
@@ -316,37 +269,21 @@ def _pick(rows: list[dict], question: str, embedder: Embedder | None) -> list[di
 # ------------------------------------------------------------------------------------------------ facts
 
 
-_FACT_COLS = "t.head, t.relation, t.tail, h.label, r.label, x.label, h.key, r.key, x.key"
-_FACT_JOINS = "JOIN entities h ON h.id = t.head JOIN relations r ON r.id = t.relation JOIN entities x ON x.id = t.tail"
-
-
 def _neighbour_facts(store, entities: Sequence[int], relation_scores: np.ndarray, cap: int) -> dict[int, list[Fact]]:
     """For each entity, the distinct triples (any split) it is the head or tail of: at most `cap`, the ones
     with the most relevant relations first (then by ids, so the choice is deterministic)."""
-    if not entities:
-        return {}
-    rows = store.con.execute(
-        f"""WITH s AS (SELECT unnest($ids) AS e),
-                 d AS (SELECT DISTINCT s.e AS near, head, relation, tail FROM triples, s
-                       WHERE head = s.e OR tail = s.e),
-                 n AS (SELECT *, coalesce(list_extract($scores, relation + 1), 0) AS rs FROM d
-                       QUALIFY row_number() OVER (PARTITION BY near ORDER BY rs DESC, head, relation, tail) <= $cap)
-            SELECT t.near, {_FACT_COLS} FROM n t {_FACT_JOINS}
-            ORDER BY t.near, t.rs DESC, t.head, t.relation, t.tail""",
-        {"ids": [int(e) for e in entities], "scores": [float(x) for x in relation_scores], "cap": cap},
-    ).fetchall()
     out: dict[int, list[Fact]] = {}
-    for near, *fact in rows:
+    for near, *fact in store.neighbour_triples(entities, relation_scores, cap):
         out.setdefault(near, []).append(Fact(*fact))
     return out
 
 
-def relation_scores(store, question_words: Sequence[str], question: str, embedder: Embedder | None) -> np.ndarray:
+def relation_scores(store, question_words: Sequence[str], question: str, embedder: Encoder | None) -> np.ndarray:
     """Relevance of every relation to the question, indexed by relation id: word overlap with its label
     (1.0) and description (0.3), plus, with an embedder and a graph of at most RELATION_EMBED_MAX
     relations, the standardised similarity of the question with the label as a tie-breaker (weight
     RELATION_EMBED_WEIGHT: words are the stronger evidence; similarity orders relations no word matched)."""
-    rows = store.con.execute("SELECT id, label, coalesce(description, '') FROM relations ORDER BY id").fetchall()
+    rows = store.relation_labels()
     scores = np.zeros(max((r[0] for r in rows), default=-1) + 1)
     for rid, label, description in rows:
         scores[rid] = overlap(question_words, label) + 0.3 * overlap(question_words, description)
@@ -407,12 +344,10 @@ def select_facts(paths: Sequence[Path], max_facts: int) -> list[Fact]:
     return out
 
 
-def retrieve(store, question: str, *, hops: int = 2, max_facts: int = 8, embedder: Embedder | None = None,
+def retrieve(store, question: str, *, hops: int = 2, max_facts: int = 8, embedder: Encoder | None = None,
              links: list[Link] | None = None) -> Retrieval:
     """Link, collect and rank; the best `max_facts` facts for the prompt."""
     if hops not in (1, 2):
-        from kalmkg.errors import KalmkgError
-
         raise KalmkgError(f"--hops must be 1 or 2, not {hops}")
     links = link_entities(store, question, embedder) if links is None else links
     if not links:

@@ -1,57 +1,97 @@
-"""The training configuration, declared once: what `kalmkg train` takes, what a run's config.toml
-records, and the one reader of that record."""
+"""The training configuration, declared once: what `kalmkg train` takes (its options are made from these
+fields and their help), what a run's config.toml records, and the one reader of that record.
+
+Each field's metadata carries its `help` and the `group` its `kalmkg train --help` panel is titled by.
+__post_init__ checks the values, so a bad option is one line before any model is loaded.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from kalmkg.errors import KalmkgError
+from kalmkg.runs import dataclass_from
+
+# Where tau may lie (the objective clamps it here): below, logits overflow bf16; above, no contrast.
+TEMPERATURE_RANGE = (1e-3, 1.0)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _option(default, help: str, group: str):
+    return field(default=default, metadata={"help": help, "group": group})
 
 
 @dataclass
 class TrainConfig:
-    base: str = "smollm2-135m"
+    base: str = _option("smollm2-135m", "Base model: smollm2-135m (embedded), a local HF folder, a .gguf file, "
+                        "or a hub id.", "Model")
     # LoRA (the paper: r 8, alpha 16, dropout 0.05 on the FFN projections)
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    lora_layers: int = 0  # adapt only the top N layers (0: all)
-    full: bool = False
+    lora_r: int = _option(8, "LoRA rank r.", "Model")
+    lora_alpha: int = _option(16, "LoRA scale alpha (updates are scaled by alpha / r).", "Model")
+    lora_dropout: float = _option(0.05, "Dropout on the LoRA branch's input.", "Model")
+    lora_targets: tuple[str, ...] = _option(("gate_proj", "up_proj", "down_proj"),
+                                            "Comma-separated module names (default: the FFN projections).", "Model")
+    lora_layers: int = _option(0, "Adapt only the top N layers (0: all); much faster on a CPU.", "Model")
+    full: bool = _option(False, "Full fine-tuning instead of LoRA (small models).", "Model")
     # objective
-    margin: float = 0.02
-    temperature: float = 0.05
-    learn_temperature: bool = False
-    lm_weight: float = 0.01
-    lm_examples: int = 4
-    self_negatives: bool = False
-    prebatch: int = 0
+    margin: float = _option(0.02, "Additive margin gamma on the positive logit.", "Objective")
+    temperature: float = _option(0.05, "InfoNCE temperature tau (initial value if learned).", "Objective")
+    learn_temperature: bool = _option(False, "Train tau as a parameter.", "Objective")
+    lm_weight: float = _option(0.01, "Weight lambda of the triple-completion LM loss.", "Objective")
+    lm_examples: int = _option(4, "Examples per batch that also get the LM loss.", "Objective")
+    self_negatives: bool = _option(False, "Use each head as a negative for its own query.", "Objective")
+    prebatch: int = _option(0, "Also contrast against the tails of the previous K batches.", "Objective")
     # optimisation
-    batch_size: int = 24
-    epochs: float = 1.0
-    max_steps: int = 0
-    lr: float = 1e-4
-    weight_decay: float = 0.001
-    warmup: float = 0.05
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    grad_checkpointing: bool = False
+    batch_size: int = _option(24, "Triples per step (the global batch: in-batch negatives).", "Optimisation")
+    epochs: float = _option(1.0, "Passes over the training triples (both directions).", "Optimisation")
+    max_steps: int = _option(0, "Stop after this many optimizer steps (overrides --epochs).", "Optimisation")
+    lr: float = _option(1e-4, "Peak learning rate (AdamW, warm-up then cosine).", "Optimisation")
+    weight_decay: float = _option(0.001, "AdamW weight decay (not on biases, norms or tau).", "Optimisation")
+    warmup: float = _option(0.05, "Warm-up as a fraction of the steps.", "Optimisation")
+    grad_clip: float = _option(1.0, "Clip the gradient norm (0: off).", "Optimisation")
+    grad_accum: int = _option(1, "Batches per optimizer step.", "Optimisation")
+    grad_checkpointing: bool = _option(False, "Recompute activations to save memory.", "Optimisation")
     # data
-    max_entity_tokens: int = 50
-    max_seq_len: int = 256
-    bucket: bool = True
+    max_entity_tokens: int = _option(50, "Cut entity text (name, description) to this many tokens.", "Data")
+    max_seq_len: int = _option(256, "Longest token sequence; completion targets are cut to fit.", "Data")
+    bucket: bool = _option(True, "Batch examples of similar length together.", "Data")
     # bookkeeping
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast where the hardware has fast bf16 (CUDA, AVX512-BF16/AMX CPUs)
-    log_every: int = 10
-    checkpoint_every: int = 200
-    eval_every: int = 0  # steps; 0 = at the end of every epoch
-    eval_limit: int = 500
-    patience: int = 3
+    seed: int = _option(0, "Seed of the LoRA init, the batch order and the validation sample.", "Optimisation")
+    device: str = _option("auto", "auto, cpu, cuda, cuda:1, mps.", "Optimisation")
+    # auto: bf16 autocast where the hardware has fast bf16 (CUDA, AVX512-BF16/AMX CPUs)
+    precision: str = _option("auto", "auto (bf16 autocast where the hardware is fast at it), fp32, bf16.",
+                             "Optimisation")
+    log_every: int = _option(10, "Log the loss terms to metrics.jsonl every N steps.", "Run")
+    checkpoint_every: int = _option(200, "Write a resumable checkpoint every N steps.", "Run")
+    eval_every: int = _option(0, "Validate every N steps (0: every epoch).", "Run")
+    eval_limit: int = _option(500, "Valid triples sampled for validation (fixed seed).", "Run")
+    patience: int = _option(3, "Stop after N validations without a better MRR (0: never).", "Run")
+
+    def __post_init__(self) -> None:
+        problem = config_problem(self)
+        if problem is not None:
+            raise KalmkgError(problem)
+
+
+def config_problem(cfg: TrainConfig) -> str | None:
+    """The first value `cfg` cannot train with, as the one line the command line prints; None if all fit."""
+    low, high = TEMPERATURE_RANGE
+    checks = [
+        (cfg.batch_size >= 2, "--batch-size must be at least 2 (in-batch negatives)"),
+        (low <= cfg.temperature <= high, f"--temperature must be in [{low:g}, {high:g}]"),
+        (cfg.lr > 0, "--lr must be positive"),
+        (cfg.grad_accum >= 1, "--grad-accum must be at least 1"),
+        (cfg.epochs > 0 or cfg.max_steps > 0, "give --epochs > 0 or --max-steps > 0"),
+        (0 <= cfg.lm_examples <= cfg.batch_size, "--lm-examples must be between 0 and --batch-size"),
+        (cfg.max_entity_tokens >= 1, "--max-entity-tokens must be at least 1"),
+        (cfg.log_every >= 1, "--log-every must be at least 1"),
+        (cfg.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
+        (cfg.precision in PRECISIONS, f"unknown precision '{cfg.precision}'; use auto, fp32 or bf16"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
 
 
 def saved_train_config(config: dict) -> TrainConfig:
     """The [train] table of a run's config.toml as a TrainConfig (unknown keys ignored, missing ones at
     their defaults): how export, prediction and resume read what a run was trained with."""
-    from kalmkg.runs import dataclass_from
-
     return dataclass_from(TrainConfig, config.get("train", {}))

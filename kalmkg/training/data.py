@@ -7,12 +7,43 @@ Relation ids >= R are inverses.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
 from kalmkg import text as verbalize
+from kalmkg.errors import KalmkgError
+from kalmkg.store import Store
 from kalmkg.text import GraphTexts
+from kalmkg.training.config import TrainConfig
+from kalmkg.workspace import Workspace
+
+
+@dataclass
+class TrainingGraph:
+    """What training reads from the store, read once and then let go (other commands may use the
+    workspace meanwhile)."""
+
+    train: np.ndarray  # [n, 3] triples of the train split
+    valid: np.ndarray  # the valid split (validation samples from it)
+    all: np.ndarray  # every split (validation filters known answers against it)
+    fingerprint: str
+    entity_table: Any
+    relation_table: Any
+
+
+def read_graph(workspace: Workspace) -> TrainingGraph:
+    with Store.open(workspace) as store:
+        graph = TrainingGraph(store.triples_array(("train",)), store.triples_array(("valid",)),
+                              store.triples_array(), store.fingerprint(), store.entity_table(),
+                              store.relation_table())
+    if len(graph.train) == 0:
+        raise KalmkgError("the train split is empty: ingest a graph (and `kalmkg split` if needed) first")
+    return graph
 
 
 def with_inverses(triples: np.ndarray, num_relations: int) -> np.ndarray:
@@ -32,6 +63,14 @@ class TokenizedExamples:
     target_ids: list[list[int]]  # per entity: completion target + EOS
     pad_id: int = 0
     lengths: np.ndarray = field(default=None)  # [n] tokens of hr view + tail view (for bucketing)
+
+    def hr_index_of(self, examples: np.ndarray) -> list[int]:
+        """Row of `hr_ids` for each example of `examples` (any [m, 3] array of examples)."""
+        return [self._hr_rows[(q, r)] for q, r in examples[:, :2].tolist()]
+
+    @cached_property
+    def _hr_rows(self) -> dict[tuple[int, int], int]:
+        return {(q, r): i for (q, r), i in zip(self.examples[:, :2].tolist(), self.hr_index.tolist())}
 
 
 def tokenize_examples(texts: GraphTexts, examples: np.ndarray, tokenizer, max_seq_len: int = 256) -> TokenizedExamples:
@@ -55,6 +94,27 @@ def tokenize_examples(texts: GraphTexts, examples: np.ndarray, tokenizer, max_se
     lengths = hr_len[hr_index] + tail_len[examples[:, 2]] if len(examples) else np.zeros(0, dtype=np.int64)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return TokenizedExamples(examples, hr_index, hr_ids, tail_ids, target_ids, pad, lengths)
+
+
+def load_tokens(texts: GraphTexts, train_triples: np.ndarray, tokenizer, max_seq_len: int,
+                cache: Path | None) -> TokenizedExamples:
+    """The run's examples (train triples and their inverses) tokenized, kept in `cache` (the run
+    folder's tokens.pt) so that a resumed run reuses them; `cache` None: not kept."""
+    import torch
+
+    if cache is not None and cache.exists():
+        return torch.load(cache, weights_only=False)
+    try:
+        tokens = tokenize_examples(texts, with_inverses(train_triples, texts.num_relations), tokenizer, max_seq_len)
+    except ValueError as exc:  # a head-relation view longer than the sequence
+        raise KalmkgError(f"--max-seq-len {max_seq_len} is too small: {exc} (raise --max-seq-len or "
+                          "lower --max-entity-tokens)") from None
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(tokens, tmp)
+        os.replace(tmp, cache)
+    return tokens
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: np.ndarray | None = None,
@@ -85,3 +145,38 @@ def lm_positions(batch_size: int, lm_examples: int) -> np.ndarray:
     batch is split."""
     m = min(max(lm_examples, 0), batch_size)
     return (np.arange(m) * batch_size) // m if m else np.zeros(0, dtype=np.int64)
+
+
+def lm_flags(batch_size: int, cfg: TrainConfig) -> np.ndarray:
+    """[batch_size] bool: which examples of a global batch also get the LM loss (none when it has no
+    weight)."""
+    flags = np.zeros(batch_size, dtype=bool)
+    flags[lm_positions(batch_size, cfg.lm_examples if cfg.lm_weight > 0 else 0)] = True
+    return flags
+
+
+def batch_groups(tokens: TokenizedExamples, cfg: TrainConfig, epoch: int,
+                 first_batch: int) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+    """The run's batches from batch `first_batch` of `epoch` on, `cfg.grad_accum` at a time (one
+    optimizer step each), endlessly; yields (epoch, the batch after the group, the group's example
+    arrays). Where a run stopped is where its resume starts: the same batches a straight run sees.
+    """
+    while True:
+        batches = epoch_batches(len(tokens.examples), cfg.batch_size, cfg.seed, epoch, tokens.lengths, cfg.bucket)
+        for start in range(first_batch, len(batches) - cfg.grad_accum + 1, cfg.grad_accum):
+            end = start + cfg.grad_accum
+            yield epoch, end, [tokens.examples[b] for b in batches[start:end]]
+        epoch, first_batch = epoch + 1, 0
+
+
+def describe_batch(tokens: TokenizedExamples, batch: np.ndarray, tokenizer, cfg: TrainConfig) -> list[dict]:
+    """The first 8 examples of a batch (indices into tokens.examples) as the texts the model sees:
+    what a dry run shows."""
+    lm = lm_flags(len(batch), cfg)
+    out = []
+    for pos, i in enumerate(batch.tolist()[:8]):
+        _q, _r, a = tokens.examples[i].tolist()
+        hr = tokens.hr_ids[tokens.hr_index[i]]
+        out.append({"hr_view": tokenizer.decode(hr), "tail_view": tokenizer.decode(tokens.tail_ids[a]),
+                    "lm_target": tokenizer.decode(tokens.target_ids[a]) if lm[pos] else None})
+    return out

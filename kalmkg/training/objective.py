@@ -5,19 +5,20 @@
 L_exp is a dual-view InfoNCE between head-relation embeddings and tail embeddings (both the
 last-token hidden state of the same LLM, L2-normalised); L_imp is next-token cross-entropy on
 the tail tokens of a triple-completion prompt. Nothing here knows about models, tokenizers or
-devices: the training loop pools, normalises, gathers across ranks and calls these.
+devices: the training step (`step.py`) pools, normalises, gathers across ranks and calls these;
+they are every loss training runs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from kalmkg.training.config import TEMPERATURE_RANGE  # where tau is clamped (the one place it is set)
 
 # Fill value for masked logits. Logits are upcast to float32 before masking, so half of float32's
 # minimum is below any real logit (|cos/tau| <= 1/tau) at any temperature, unlike a fixed -1e4,
@@ -55,7 +56,7 @@ def false_negative_mask(
 
     hr: [B, 2] (head id, relation id); tails: [B] the target tail id of each row;
     cand_tails: [N] the entity id behind each candidate column; positive_index: [B], default
-    arange(B). Returns a bool [B, N]. Masks every known true pair of the training graph, not
+    arange(B), -1 where the row's positive is not among the candidates (pre-batch columns). Returns a bool [B, N]. Masks every known true pair of the training graph, not
     only repeated tail ids (the released KaLM code only ever matched the latter). A query absent
     from known_tails still gets its repeated tail ids masked.
     """
@@ -69,7 +70,9 @@ def false_negative_mask(
     for i, ((h, r), t) in enumerate(zip(hr.tolist(), tails.tolist())):
         answers = set(known_tails.get((h, r), ())) | {t}
         mask[i] = torch.isin(cand, torch.tensor(sorted(answers), dtype=cand.dtype))
-    mask[torch.arange(B), positive_index.cpu()] = False
+    positive_index = positive_index.cpu()
+    has_positive = positive_index >= 0
+    mask[torch.arange(B)[has_positive], positive_index[has_positive]] = False
     return mask.to(cand_tails.device)
 
 
@@ -143,44 +146,26 @@ def info_nce(
     }
 
 
-def completion_labels(input_ids: Tensor, prompt_lengths: Tensor, attention_mask: Tensor) -> Tensor:
-    """Labels for triple-completion LM: the tail tokens (and EOS) only.
+def completion_loss(logits: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:
+    """KaLM's L_imp, the triple-completion LM loss: cross-entropy of each example's target tokens,
+    mean over its tokens, then over the examples.
 
-    labels[b, t] = input_ids[b, t]  if mask[b, t] = 1 and t is past the first prompt_lengths[b]
-                                    real tokens of row b,
-                   -100             otherwise (prompt or padding).
+        L_imp = 1/n sum_i 1/|y_i| sum_j -log softmax(logits_i[j])[y_i[j]]
 
-    Counting real tokens (a running sum of the mask) instead of raw positions makes the prompt
-    start at the first non-pad token, so left and right padding both work.
+    logits_i: [L_i, V], the logits at the positions that predict the target y_i: [L_i] (tail text +
+    EOS). In a completion sequence prompt + y_i that is positions len(prompt) - 1 ... len(prompt) +
+    L_i - 2: the prompt's last token predicts y_i[0]. Only those positions need the LM head.
+
+    The mean per example first makes the value the same however the examples are spread over
+    processes, so averaging across processes gives the single-process loss. n >= 1.
     """
-    real = attention_mask.bool()
-    rank = attention_mask.long().cumsum(dim=1)  # 1-based index among the real tokens
-    keep = real & (rank > prompt_lengths.view(-1, 1))
-    return input_ids.masked_fill(~keep, IGNORE_INDEX)
-
-
-def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Next-token cross-entropy, mean over the non-ignored targets.
-
-    L = -1/|S| * sum_{(b,t) in S} log softmax(logits[b, t-1])[labels[b, t]],
-    S = {(b, t) : t >= 1, labels[b, t] != -100}.
-
-    The shift by one is done here, so labels align with input_ids. Returns 0 (still attached to
-    the graph) if nothing is labelled, e.g. when truncation cut every tail off, rather than NaN.
-    """
-    V = logits.shape[-1]
-    pred = logits[:, :-1].reshape(-1, V).float()
-    target = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (target != IGNORE_INDEX).sum().clamp(min=1)
+    per_example = [F.cross_entropy(x.float(), y.to(x.device)) for x, y in zip(logits, targets, strict=True)]
+    return torch.stack(per_example).mean()
 
 
 def kalm_loss(l_exp: Tensor, l_imp: Tensor | None, lm_weight: float) -> Tensor:
     """L_KaLM = L_exp + lm_weight * L_imp (just L_exp when there is no LM part this step)."""
     return l_exp if l_imp is None else l_exp + lm_weight * l_imp
-
-
-TEMPERATURE_RANGE = (1e-3, 1.0)  # where tau is clamped: below, logits overflow bf16; above, no contrast
 
 
 class LearnableTemperature(torch.nn.Module):

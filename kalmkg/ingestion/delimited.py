@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from kalmkg.errors import KalmkgError
-from kalmkg.ingest.batches import BATCH_ROWS, Batch
-from kalmkg.ingest.sources import CountingReader, SourceFile
+from kalmkg.ingestion.batches import BATCH_ROWS, Batch
+from kalmkg.ingestion.sources import CountingReader, SourceFile
 
 _HEADERS = ({"head", "relation", "tail"}, {"subject", "predicate", "object"}, {"h", "r", "t"})
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from kalmkg.errors import KalmkgError
-from kalmkg.ingest.batches import Batch, Batcher
-from kalmkg.ingest.sources import CountingReader
+from kalmkg.ingestion.batches import Batch, Batcher
+from kalmkg.ingestion.sources import CountingReader
 
 RDFS = "http://www.w3.org/2000/01/rdf-schema#"
 SKOS = "http://www.w3.org/2004/02/skos/core#"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from kalmkg.errors import KalmkgError
-from kalmkg.ingest.sources import Source, fingerprint, resolve_source
+from kalmkg.ingestion.sources import Source, fingerprint, resolve_source
 from kalmkg.store import MergeCounts, Store
 
 __all__ = ["IngestResult", "IngestProgress", "ingest", "resolve_sources"]
@@ -88,8 +88,8 @@ def ingest(store: Store, sources: list[Source], *, lang: str = "en",
 
 
 def _read(source: Source, on_bytes: Callable[[int], None]):
-    from kalmkg.ingest.delimited import read_texts, read_triples
-    from kalmkg.ingest.rdf import read_rdf
+    from kalmkg.ingestion.delimited import read_texts, read_triples
+    from kalmkg.ingestion.rdf import read_rdf
 
     for f in source.files:
         if f.kind == "rdf":

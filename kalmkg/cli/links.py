@@ -1,0 +1,226 @@
+"""The link commands: embed (the entity index), predict (one query), evaluate (the metrics)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from kalmkg.cli.options import base_option, device_option, json_option, run_option
+from kalmkg.cli.output import console, print_json, warn
+from kalmkg.cli.progress import CountBar
+from kalmkg.errors import KalmkgError
+from kalmkg.workspace import Workspace
+
+
+def load_for_command(workspace: Workspace, run: Optional[str], base: Optional[str], device: str, stderr):
+    """The run's (or base's) model; its warnings go to stderr as one line each."""
+    from kalmkg.loaded import load_model
+
+    loaded = load_model(workspace, run=run, base=base, device=device)
+    for warning in loaded.warnings:
+        warn(stderr, warning)
+    return loaded
+
+
+def embed_after_training(workspace: Workspace, run_id: str, device: str) -> None:
+    """What `kalmkg train` ends with: the new run's entity index, for predict."""
+    from kalmkg.index import embed as run_embed
+
+    stderr = console(stderr=True)
+    loaded = load_for_command(workspace, run_id, None, device, stderr)
+    with CountBar(stderr) as bar:
+        result = run_embed(workspace, loaded, progress=lambda d, t: bar.stage("embedding", d, t))
+    console().print(f"entity index: {result.total:,} entities ({result.encoded:,} encoded) -> {workspace.vectors_dir}")
+
+
+def embed(
+    ctx: typer.Context,
+    run: Optional[str] = run_option(),
+    base: Optional[str] = base_option("Embed with an untrained base model instead (a baseline): smollm2-135m, a folder, a .gguf, a hub id."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Entities per forward pass."),
+    full: bool = typer.Option(False, "--full", help="Re-encode every entity, not only new or changed ones."),
+    ann_threshold: int = typer.Option(100_000, "--ann-threshold", help="Build an ANN index (IVF-HNSW-SQ, cosine) from this many entities; exact search below."),
+    device: str = device_option(),
+    as_json: bool = json_option("Print the summary as JSON."),
+) -> None:
+    """Encode every entity (as a tail view) into the workspace's vector index, for predict and evaluate.
+
+    Incremental: after `kalmkg ingest`, only entities that are new or whose text changed are encoded.
+    Another run (or --base) re-encodes everything. An index that does not fit the model or the graph
+    is never searched: predict says to run `kalmkg embed`.
+
+    \b
+    Examples:
+      kalmkg embed
+      kalmkg embed --run 20250101-120000-smollm2-135m --batch-size 128
+      kalmkg embed --full
+      kalmkg embed --base smollm2-135m        # the untrained baseline's vectors
+    """
+    from kalmkg.index import embed as run_embed
+
+    if batch_size < 1:
+        raise KalmkgError("--batch-size must be at least 1")
+    stderr = console(stderr=True)
+    loaded = load_for_command(ctx.obj, run, base, device, stderr)
+    with CountBar(stderr, quiet=as_json) as bar:
+        result = run_embed(ctx.obj, loaded, batch_size=batch_size, full=full, ann_threshold=ann_threshold,
+                           progress=lambda d, t: bar.stage("embedding", d, t))
+    summary = {"model": loaded.fingerprint, "encoded": result.encoded, "unchanged": result.unchanged,
+               "removed": result.removed, "entities": result.total, "rebuilt": result.rebuilt, "ann": result.ann,
+               "dim": result.dim, "seconds": round(result.seconds, 3),
+               "encode_seconds": round(result.encode_seconds, 3), "path": str(ctx.obj.vectors_dir)}
+    if as_json:
+        print_json(summary)
+        return
+    what = "all re-encoded" if result.rebuilt else f"{result.encoded:,} new or changed, {result.unchanged:,} unchanged"
+    rate = f", {result.encoded / result.encode_seconds:,.0f} entities/s" if result.encode_seconds > 0 else ""
+    search = f"ANN index {result.ann}" if result.ann else "exact search"
+    console().print(f"{loaded.fingerprint}: {result.total:,} entities ({what}) in {result.seconds:.1f} s{rate}; "
+                    f"{result.dim}-dim, {search} -> {ctx.obj.vectors_dir}")
+
+
+def predict(
+    ctx: typer.Context,
+    head: str = typer.Argument(..., help="Head entity (key, label or local name), or '?' to predict heads."),
+    relation: str = typer.Argument(..., help="Relation: key, label or local name (capital_of)."),
+    tail: str = typer.Argument(..., help="Tail entity, or '?' to predict tails."),
+    k: int = typer.Option(10, "-k", "--top", help="How many entities to list."),
+    filter_known: bool = typer.Option(False, "--filter-known", help="Hide answers the graph already has (show only new links)."),
+    run: Optional[str] = run_option(),
+    base: Optional[str] = base_option("Use an untrained base model (needs `kalmkg embed --base` first)."),
+    backend: str = typer.Option("torch", "--backend", help="torch, or gguf (the run's `kalmkg export` through llama.cpp)."),
+    gguf: Optional[str] = typer.Option(None, "--gguf", help="With --backend gguf: which export (models/<name>.gguf).", show_default="the run's newest"),
+    device: str = device_option("cpu", "cpu, cuda, mps (one query: the CPU is usually fastest to start)."),
+    as_json: bool = json_option("Print the results as JSON."),
+) -> None:
+    """Rank every entity for the open slot of HEAD RELATION ? or ? RELATION TAIL.
+
+    Names resolve through the store: key, label or local name, case-insensitive. Quote '?' so the
+    shell does not expand it. Head prediction asks the model the inverse query ("inverse of RELATION").
+    Entities already linked in the graph are marked known.
+
+    \b
+    Examples:
+      kalmkg predict Paris capital_of '?'
+      kalmkg predict '?' "capital of" France -k 5
+      kalmkg predict "Marie Curie" "field of work" '?' --filter-known
+      kalmkg predict Paris capital_of '?' --backend gguf      # after `kalmkg export`
+      kalmkg predict http://example.org/kg/Berlin capital_of '?' --json | jq '.results[0]'
+    """
+    from kalmkg.prediction import predict as run_predict
+
+    result = run_predict(ctx.obj, head, relation, tail, k=k, filter_known=filter_known, run=run, base=base,
+                         backend=backend, device=device, gguf=gguf)
+    if as_json:
+        print_json(result.to_json())
+        return
+    for warning in result.warnings:
+        warn(console(stderr=True), warning)
+    from rich.table import Table
+
+    query = result.to_json()["query"]
+    title = " ".join(f"[bold]{w}[/bold]" if w == "?" else w for w in query)
+    table = Table(title=f"{title}   ({result.model})", title_justify="left")
+    for col, just in (("#", "right"), ("entity", "left"), ("key", "left"), ("score", "right"), ("known", "center")):
+        table.add_column(col, justify=just, overflow="fold")
+    for c in result.candidates:
+        table.add_row(str(c.rank), c.label, c.key, f"{c.score:.4f}", "✓" if c.known else "",
+                      style="dim" if c.known else None)
+    notes = [f"{result.hidden_known:,} known answers hidden" if filter_known else "✓ = already in the graph",
+             f"encode {result.encode_ms:.0f} ms, search {result.search_ms:.0f} ms"]
+    table.caption = "; ".join(notes)
+    console().print(table)
+
+
+def evaluate(
+    ctx: typer.Context,
+    split: str = typer.Option("test", "--split", help="valid or test."),
+    limit: int = typer.Option(0, "--limit", help="Evaluate a fixed-seed sample of N triples (0: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
+    run: Optional[str] = run_option(),
+    base: Optional[str] = base_option("Evaluate an untrained base model (the baseline): smollm2-135m, a folder, a .gguf, a hub id."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Texts per forward pass."),
+    no_index: bool = typer.Option(False, "--no-index", help="Encode the entities here even when the entity index is fresh."),
+    generative: bool = typer.Option(False, "--generative", help="Generation-based evaluation instead: tail, head and relation prediction and triple classification (3-shot, greedy), the run beside its untrained base."),
+    device: str = device_option(),
+    as_json: bool = json_option("Print the result as JSON."),
+) -> None:
+    """Filtered link-prediction metrics (MR, MRR, Hits@1/3/10) for tail, head and both, as the paper does.
+
+    Every entity is ranked for every query by exact search; other known answers (train/valid/test)
+    are removed; ties count as the mean of the best and worst rank (PyKEEN's realistic rank); head
+    prediction is tail prediction of the inverse query. Entity vectors come from the index when it
+    is fresh (`kalmkg embed`), else they are encoded first. Writes eval-<split>.json and
+    predictions-<split>.jsonl into runs/<id>/ (for --base: <workspace>/evals/base-<name>/).
+
+    \b
+    Examples:
+      kalmkg evaluate
+      kalmkg evaluate --split valid --limit 500
+      kalmkg evaluate --base smollm2-135m --limit 500    # the untrained baseline
+      kalmkg evaluate --json | jq .metrics.both
+      kalmkg evaluate --generative --limit 100     # the run beside its base
+    """
+    from kalmkg.evaluation.link_prediction import evaluate_run
+
+    if limit < 0:
+        raise KalmkgError("--limit must be 0 (all) or a positive number of triples")
+    if generative:
+        if base is not None:
+            raise KalmkgError("--generative evaluates a run beside its own base; drop --base (use --run)")
+        _evaluate_generative(ctx.obj, run=run, split=split, limit=limit, seed=seed, device=device, as_json=as_json)
+        return
+    stderr = console(stderr=True)
+    with CountBar(stderr, quiet=as_json) as bar:
+        out = evaluate_run(ctx.obj, run=run, base=base, split=split, limit=limit, seed=seed, batch_size=batch_size,
+                           device=device, use_index=not no_index, progress=bar.stage)
+    for warning in out.get("warnings", []):
+        warn(stderr, warning)
+    if as_json:
+        print_json(out)
+        return
+    from rich.table import Table
+
+    m, t = out["metrics"], out["timing"]
+    sample = f", sample of {out['triples']:,} (seed {seed})" if limit else ""
+    table = Table(title=f"{out['model']} on {split}: {out['triples']:,} triples x 2 directions, "
+                        f"{out['entities']:,} entities{sample}", title_justify="left")
+    for col in ("", "MRR", "Hits@1", "Hits@3", "Hits@10", "MR", "queries"):
+        table.add_column(col, justify="left" if not col else "right")
+    for direction in ("tail", "head", "both"):
+        s = m[direction]
+        table.add_row(direction, f"{s['mrr']:.4f}", f"{s['hits@1']:.4f}", f"{s['hits@3']:.4f}", f"{s['hits@10']:.4f}",
+                      f"{s['mr']:.1f}", f"{s['count']:,}", style="bold" if direction == "both" else None)
+    vectors = "from the index" if t["entity_vectors"] == "index" else f"encoded in {t['entity_encoding_s']:.1f} s"
+    table.caption = (f"entity vectors {vectors}; queries encoded in {t['query_encoding_s']:.1f} s, "
+                     f"ranked in {t['ranking_s']:.2f} s -> {out['eval_path']}")
+    console().print(table)
+    if out.get("index_not_used") and not no_index and t["entity_vectors"] != "index":
+        stderr.print(f"note: entity index not used: {out['index_not_used']}", style="dim", soft_wrap=True)
+
+
+def _evaluate_generative(workspace: Workspace, *, run, split, limit, seed, device, as_json) -> None:
+    """`evaluate --generative`: the run beside its base on the four generation tasks."""
+    from kalmkg.evaluation.generative import TASKS, evaluate_generative
+
+    with CountBar(console(stderr=True), quiet=as_json) as bar:
+        out = evaluate_generative(workspace, run=run, split=split, limit=limit, seed=seed, device=device,
+                                  progress=bar.stage)
+    if as_json:
+        print_json(out)
+        return
+    from rich.table import Table
+
+    acc = out["accuracy"]
+    table = Table(title=f"{out['model']} on {split}: generative, {out['triples']:,} triples, {out['shots']}-shot, greedy",
+                  title_justify="left")
+    table.add_column("task")
+    for name in acc:
+        table.add_column("untrained base" if name == "base" else "run", justify="right")
+    names = {"tail": "tail prediction", "head": "head prediction", "relation": "relation prediction",
+             "classification": "triple classification"}
+    for task in TASKS:
+        table.add_row(names[task], *[f"{acc[name][task]['accuracy']:.1%}" for name in acc])
+    table.caption = f"accuracy; answers in {out['predictions_path']}"
+    console().print(table)

@@ -1,0 +1,108 @@
+"""Options several commands share (--run, --base, --device, --json), and `config_options`, which makes a
+command's options from a config dataclass's fields, so a setting is declared once, with its help, in the
+dataclass (kalmkg/training/config.py) and the command line follows it."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from typing import Any, Callable, Optional
+
+import typer
+
+DEVICE_HELP = "auto, cpu, cuda, cuda:1, mps."
+
+
+def json_option(help: str = "Print the result as JSON.") -> Any:
+    return typer.Option(False, "--json", help=help)
+
+
+def run_option(help: str = "Run id.") -> Any:
+    return typer.Option(None, "--run", "-r", help=help, show_default="the latest run")
+
+
+def base_option(help: str) -> Any:
+    return typer.Option(None, "--base", "-b", help=help)
+
+
+def device_option(default: str = "auto", help: str = DEVICE_HELP) -> Any:
+    return typer.Option(default, "--device", help=help)
+
+
+# ------------------------------------------------------------------ options from a config dataclass
+@dataclasses.dataclass(frozen=True)
+class FieldOption:
+    """How one config field appears on the command line: its parameter for typer, and the value back."""
+
+    name: str
+    annotation: Any  # what typer parses: the field's type, or str for a comma-separated tuple
+    option: Any  # the typer.Option
+    listed: bool  # a tuple of strings, given as one comma-separated value
+
+    def value(self, given):
+        return tuple(t.strip() for t in given.split(",") if t.strip()) if self.listed else given
+
+
+def option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def field_option(field: dataclasses.Field, field_type, short: Optional[str] = None) -> FieldOption:
+    """A dataclass field as an option: --kebab-case, its default, its metadata's help and group (the help
+    panel). A bool that defaults to False is a flag (--full); one that defaults to True gets --x/--no-x."""
+    name = option_name(field.name)
+    listed = typing.get_origin(field_type) is tuple
+    if listed:
+        if typing.get_args(field_type) != (str, ...):
+            raise TypeError(f"{field.name}: only tuple[str, ...] fields become options, not {field_type}")
+        annotation, default = str, ",".join(field.default)
+    elif field_type in (bool, int, float, str):
+        annotation, default = field_type, field.default
+    else:
+        raise TypeError(f"{field.name}: no command-line option for a field of type {field_type}")
+    if annotation is bool and default:
+        name = f"{name}/--no-{name[2:]}"
+    decls = (name,) if short is None else (name, short)
+    option = typer.Option(default, *decls, help=field.metadata.get("help"),
+                          rich_help_panel=field.metadata.get("group"))
+    return FieldOption(field.name, annotation, option, listed)
+
+
+def config_options(config_cls, *, param: str = "config", short: Optional[dict[str, str]] = None) -> Callable:
+    """Decorate a command that takes `param: config_cls`: typer then sees one option per field of
+    config_cls in that parameter's place, and the command gets them back as one config_cls, which checks
+    its values when it is made. The command's other parameters stay as they are."""
+
+    def decorate(command: Callable) -> Callable:
+        field_types = typing.get_type_hints(config_cls)
+        options = [field_option(f, field_types[f.name], (short or {}).get(f.name))
+                   for f in dataclasses.fields(config_cls)]
+        hints = typing.get_type_hints(command)
+        own = inspect.signature(command).parameters
+        if param not in own:
+            raise TypeError(f"{command.__name__} has no parameter '{param}' to fill from {config_cls.__name__}")
+        clash = sorted({o.name for o in options} & set(own))
+        if clash:
+            raise TypeError(f"{command.__name__}: parameters {clash} are also fields of {config_cls.__name__}")
+
+        parameters = []
+        for p in own.values():
+            if p.name == param:
+                parameters += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.option,
+                                                 annotation=o.annotation) for o in options]
+            else:
+                parameters.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY,
+                                            annotation=hints.get(p.name, p.annotation)))
+
+        def with_config(**given):
+            config = config_cls(**{o.name: o.value(given.pop(o.name)) for o in options})
+            return command(**given, **{param: config})
+
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            setattr(with_config, attr, getattr(command, attr))
+        with_config.__signature__ = inspect.Signature(parameters)
+        with_config.__annotations__ = {p.name: p.annotation for p in parameters}
+        return with_config
+
+    return decorate

@@ -1,0 +1,76 @@
+"""`kalmkg train`: its training options are TrainConfig's fields (kalmkg/training/config.py), made by
+`config_options`; the options about the run itself (name, resume, dry run, the index after) are here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import typer
+
+from kalmkg.cli.links import embed_after_training
+from kalmkg.cli.options import config_options
+from kalmkg.cli.output import console
+from kalmkg.cli.progress import TrainBar
+from kalmkg.runs import config_to_toml, find_run
+from kalmkg.training.config import TrainConfig
+
+RUN = "Run"  # the help panel of the run options, beside TrainConfig's checkpoint and validation fields
+
+
+@config_options(TrainConfig, short={"base": "-b"})
+def train(
+    ctx: typer.Context,
+    config: TrainConfig,
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="Run folder name under runs/.", show_default="time + base", rich_help_panel=RUN),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue a killed run (its id, or 'latest') exactly where it stopped.", rich_help_panel=RUN),
+    embed_after: bool = typer.Option(True, "--embed/--no-embed", help="Encode every entity into the index at the end (for predict).", rich_help_panel=RUN),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and the first batch's texts, then stop.", rich_help_panel=RUN),
+) -> None:
+    """Fine-tune a causal LLM on the graph with KaLM (contrastive views + triple completion, LoRA).
+
+    \b
+    Writes runs/<id>/ (config.toml, adapter/, tokenizer/, metrics.jsonl, training.png, checkpoint/),
+    validates on the valid split (filtered MRR) and keeps the best adapter.
+    Under torchrun / accelerate launch the same command trains data-parallel.
+
+    \b
+    Examples:
+      kalmkg train --max-steps 50
+      kalmkg train --epochs 3 --batch-size 32 --lr 2e-4 --learn-temperature
+      kalmkg train --base meta-llama/Llama-2-7b-hf --grad-checkpointing
+      kalmkg train --resume latest
+      torchrun --nproc-per-node 4 -m kalmkg train --batch-size 96
+    """
+    from kalmkg.training.loop import train as run_train
+
+    if dry_run:
+        run_train(ctx.obj, config, run_id=run_name, dry_run=print_dry_run)
+        return
+    with TrainBar(console(stderr=True)) as bar:
+        if resume is not None:
+            resume_id = find_run(ctx.obj, None if resume == "latest" else resume).name
+            result = run_train(ctx.obj, config, resume=resume_id, progress=bar)
+        else:
+            result = run_train(ctx.obj, config, run_id=run_name, progress=bar)
+    if result is None:
+        return
+    best = f"best valid MRR {result.best_metric:.4f}" if result.best_metric is not None else "no valid split"
+    console().print(f"run {result.run_id}: {result.steps} steps, {best}"
+                    f"{' (stopped early)' if result.stopped_early else ''} -> {result.run_dir}")
+    # The main process builds the entity index for predict (other torchrun processes just end).
+    if embed_after and (result.run_dir / "adapter").is_dir() and os.environ.get("RANK", "0") == "0":
+        embed_after_training(ctx.obj, result.run_id, config.device)
+
+
+def print_dry_run(info: dict) -> None:
+    """The resolved config as the run's config.toml would hold it, then the first batch's texts."""
+    out = [f"# base {info['base']} on {info['device']}: {info['train_examples']:,} training examples "
+           f"(both directions), {info['steps']:,} steps", config_to_toml({"train": info["config"]}),
+           "# first batch (8 examples shown)"]
+    for i, ex in enumerate(info["first_batch"]):
+        out.append(f"[{i}] hr view:   {ex['hr_view']}\n    tail view: {ex['tail_view']}")
+        if ex["lm_target"]:
+            out.append(f"    LM target: {ex['lm_target']}")
+    sys.stdout.write("\n".join(out) + "\n")

@@ -1,0 +1,188 @@
+"""One KaLM step, the fast way: the loss of a global batch as one process computes it.
+
+    batch -> token rows (hr views, completion sequences hr + target, tail views; identical rows once)
+          -> one backbone pass in length-grouped chunks: pooled last tokens, and the hidden states
+             of the completion rows at the positions that predict the target
+          -> L_exp: InfoNCE over the global batch (embeddings all-gathered with gradients)
+          -> L_imp: the LM head on those positions only
+          -> L_exp + lambda * L_imp                              (both in objective.py)
+
+The hr view is a token-identical prefix of its completion sequence, so under a causal model the
+completion row's hidden state at the prefix's last token is the hr view's embedding: one pass
+serves both losses. This module imports torch at the top: import it lazily from light modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kalmkg.encode import pad_rows
+from kalmkg.models import backbone
+from kalmkg.training import objective
+from kalmkg.training.config import TrainConfig
+from kalmkg.training.data import TokenizedExamples, lm_flags
+from kalmkg.training.distributed import World, gather
+
+
+@dataclass
+class StepContext:
+    """What every step of a run shares."""
+
+    model: Any
+    temperature: Any  # objective.LearnableTemperature
+    tokens: TokenizedExamples
+    known: Mapping[tuple[int, int], frozenset[int]]  # (query, relation) -> known answers of the train graph
+    cfg: TrainConfig
+    world: World = World()
+    device: str = "cpu"
+
+
+class StepOutput(NamedTuple):
+    loss: torch.Tensor
+    terms: dict  # loss, l_exp, l_imp (None without LM examples), tau, acc, as floats
+    tails: tuple  # (detached tail vectors [B, D], their entity ids [B]): the next steps' pre-batch
+
+
+@dataclass
+class StepInputs:
+    """What one process feeds the model for its slice of a global batch.
+
+    Identical rows (a tail entity twice in a batch, the same query twice) are encoded once;
+    `hr`, `tail` and `self` give each example's row.
+    """
+
+    rows: list[list[int]]
+    pool_at: list[int]
+    lm_spans: dict[int, tuple[int, int]]  # row -> hidden positions that predict the target
+    lm_labels: dict[int, list[int]]  # row -> target tokens
+    hr: list[int]
+    tail: list[int]
+    self: list[int]
+
+
+def build_inputs(tokens: TokenizedExamples, examples: np.ndarray, lm_mask: np.ndarray,
+                 self_negatives: bool) -> StepInputs:
+    """Token rows for a slice: hr views (or hr view + completion for LM examples), tail views,
+    and optionally the head's own tail view (self-negative)."""
+    inputs = StepInputs([], [], {}, {}, [], [], [])
+    seen: dict[tuple, int] = {}
+
+    def row(ids: list[int], pool: int, unique: bool = True) -> int:
+        key = tuple(ids)
+        if unique and key in seen:
+            return seen[key]
+        inputs.rows.append(ids)
+        inputs.pool_at.append(pool)
+        if unique:
+            seen[key] = len(inputs.rows) - 1
+        return len(inputs.rows) - 1
+
+    for i, ((_q, _, a), hr_row) in enumerate(zip(examples.tolist(), tokens.hr_index_of(examples))):
+        hr = tokens.hr_ids[hr_row]
+        if lm_mask[i]:
+            target = tokens.target_ids[a]
+            r = row(hr + target, len(hr) - 1, unique=False)
+            # position t predicts token t + 1: the prompt's last token predicts the target's first
+            inputs.lm_spans[r] = (len(hr) - 1, len(hr) + len(target) - 1)
+            inputs.lm_labels[r] = target
+        else:
+            r = row(hr, len(hr) - 1)
+        inputs.hr.append(r)
+    for q, _, a in examples.tolist():
+        inputs.tail.append(row(tokens.tail_ids[a], len(tokens.tail_ids[a]) - 1))
+        if self_negatives:
+            inputs.self.append(row(tokens.tail_ids[q], len(tokens.tail_ids[q]) - 1))
+    return inputs
+
+
+def run_backbone(decoder, inputs: StepInputs, pad_id: int, device, *, max_waste: float = 0.3,
+                 min_chunk: int = 8) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Encode the rows; returns (pooled [R, D], {row: hidden [span, D]} for the LM rows).
+
+    Rows are sorted by length and run in a few chunks of similar length instead of one forward padded
+    to the longest row: completion sequences are twice as long as views, and padding every view to
+    them would double the work.
+    """
+    rows = inputs.rows
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    chunks, current = [], []
+    for i in order:
+        if len(current) >= min_chunk and len(rows[i]) > (1 + max_waste) * len(rows[current[0]]):
+            chunks.append(current)
+            current = []
+        current.append(i)
+    if current:
+        chunks.append(current)
+    pooled: list = [None] * len(rows)
+    lm_hidden: dict = {}
+    for chunk in chunks:
+        ids, mask = pad_rows([rows[i] for i in chunk], pad_id)
+        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        for j, i in enumerate(chunk):
+            pooled[i] = hidden[j, inputs.pool_at[i]]
+            if i in inputs.lm_spans:
+                a, b = inputs.lm_spans[i]
+                lm_hidden[i] = hidden[j, a:b]
+    return torch.stack(pooled), lm_hidden
+
+
+def kalm_step(ctx: StepContext, examples: np.ndarray, prebatch: list | None = None) -> StepOutput:
+    """Loss of one global batch (an [B, 3] example array) as seen by this process: its slice goes
+    through the model, the whole batch is in the loss. `prebatch`: earlier steps' `tails`."""
+    cfg, world = ctx.cfg, ctx.world
+    mine = world.slice(len(examples))
+    inputs = build_inputs(ctx.tokens, examples[mine], lm_flags(len(examples), cfg)[mine], cfg.self_negatives)
+    pooled, lm_hidden = run_backbone(backbone(ctx.model), inputs, ctx.tokens.pad_id, ctx.device)
+
+    # L_exp: every process contrasts its queries against the tails of the whole global batch
+    pooled = F.normalize(pooled.float(), dim=-1)
+    hr = gather(pooled[inputs.hr], world)
+    tails = gather(pooled[inputs.tail], world)
+    selfs = gather(pooled[inputs.self], world) if cfg.self_negatives else None
+    masks = _known_answer_masks(examples, ctx.known, prebatch, cfg.self_negatives)
+    extra = torch.cat([v for v, _ in prebatch]).to(hr.device) if prebatch else None
+    tau = ctx.temperature()
+    out = objective.info_nce(hr, tails, margin=cfg.margin, temperature=tau, mask=masks.main.to(hr.device),
+                             extra_negatives=extra, extra_mask=_to(masks.extra, hr.device),
+                             self_negatives=selfs, self_negative_mask=_to(masks.self, hr.device))
+
+    # L_imp: the LM head only at the positions that predict each completion target
+    l_imp = None
+    if lm_hidden:
+        head = ctx.model.get_output_embeddings()
+        l_imp = objective.completion_loss([head(h) for h in lm_hidden.values()],
+                                          [torch.tensor(inputs.lm_labels[r], device=ctx.device) for r in lm_hidden])
+    loss = objective.kalm_loss(out["loss"], l_imp, cfg.lm_weight)
+    terms = {"loss": loss.item(), "l_exp": out["loss"].item(), "l_imp": l_imp.item() if l_imp is not None else None,
+             "tau": tau.item(), "acc": out["accuracy"].item()}
+    return StepOutput(loss, terms, (tails.detach(), torch.as_tensor(examples)[:, 2].clone()))
+
+
+class _Masks(NamedTuple):
+    main: torch.Tensor  # [B, B]
+    extra: torch.Tensor | None  # [B, pre-batch size]
+    self: torch.Tensor | None  # [B]
+
+
+def _known_answer_masks(examples: np.ndarray, known, prebatch: list | None, self_negatives: bool) -> _Masks:
+    """Which candidates are known true answers of a row's query (other than its positive): in-batch
+    tails, pre-batch tails, and the head itself as a self-negative."""
+    ex = torch.as_tensor(examples)
+    main = objective.false_negative_mask(ex[:, :2], ex[:, 2], ex[:, 2], known)
+    extra = None
+    if prebatch:
+        extra = objective.false_negative_mask(ex[:, :2], ex[:, 2], torch.cat([ids for _, ids in prebatch]), known,
+                                              positive_index=torch.full((len(ex),), -1))
+    selfs = None
+    if self_negatives:
+        selfs = torch.tensor([q == a or q in known.get((q, r), ()) for q, r, a in examples.tolist()])
+    return _Masks(main, extra, selfs)
+
+
+def _to(x: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if x is None else x.to(device)

@@ -1,0 +1,80 @@
+"""TrainConfig: every field carries its help, bad values are one clear error when the config is made, and
+saved configs read back as they were written."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from kalmkg.errors import KalmkgError
+from kalmkg.runs import as_dict, config_to_toml, read_config
+from kalmkg.training.config import TEMPERATURE_RANGE, TrainConfig, config_problem, saved_train_config
+
+
+def test_every_field_has_help_and_a_group():
+    for field in dataclasses.fields(TrainConfig):
+        assert field.metadata.get("help", "").strip(), field.name
+        assert field.metadata.get("group") in {"Model", "Objective", "Optimisation", "Data", "Run"}, field.name
+
+
+def test_the_defaults_are_valid():
+    assert config_problem(TrainConfig()) is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_size": 1}, "--batch-size must be at least 2 (in-batch negatives)"),
+    ({"temperature": 2.0}, "--temperature must be in [0.001, 1]"),
+    ({"temperature": 0.0}, "--temperature must be in [0.001, 1]"),
+    ({"lr": 0.0}, "--lr must be positive"),
+    ({"grad_accum": 0}, "--grad-accum must be at least 1"),
+    ({"epochs": 0.0}, "give --epochs > 0 or --max-steps > 0"),
+    ({"lm_examples": 25}, "--lm-examples must be between 0 and --batch-size"),
+    ({"lm_examples": -1}, "--lm-examples must be between 0 and --batch-size"),
+    ({"max_entity_tokens": 0}, "--max-entity-tokens must be at least 1"),
+    ({"log_every": 0}, "--log-every must be at least 1"),
+    ({"checkpoint_every": 0}, "--checkpoint-every must be at least 1"),
+    ({"precision": "fp16"}, "unknown precision 'fp16'; use auto, fp32 or bf16"),
+])
+def test_a_bad_value_is_one_clear_error_when_the_config_is_made(overrides, message):
+    with pytest.raises(KalmkgError) as info:
+        TrainConfig(**overrides)
+    assert str(info.value) == message
+
+
+def test_edges_that_train():
+    low, high = TEMPERATURE_RANGE
+    for cfg in (TrainConfig(temperature=low), TrainConfig(temperature=high), TrainConfig(epochs=0, max_steps=5),
+                TrainConfig(batch_size=2, lm_examples=0), TrainConfig(lm_examples=24), TrainConfig(precision="bf16")):
+        assert config_problem(cfg) is None
+
+
+def test_the_temperature_range_is_the_one_the_objective_clamps_to():
+    """TrainConfig accepts exactly the initial temperatures the learnable temperature accepts."""
+    pytest.importorskip("torch")
+    from kalmkg.training.objective import LearnableTemperature
+
+    low, high = TEMPERATURE_RANGE
+    for tau in (low, high):
+        LearnableTemperature(tau)
+        TrainConfig(temperature=tau)
+    for tau in (low / 2, high * 2):
+        with pytest.raises(ValueError):
+            LearnableTemperature(tau)
+        with pytest.raises(KalmkgError):
+            TrainConfig(temperature=tau)
+
+
+def test_saved_configs_read_back_as_written(tmp_path):
+    cfg = TrainConfig(base="some/model", lora_targets=("q_proj", "v_proj"), batch_size=8, lm_examples=2,
+                      bucket=False, epochs=2.5, precision="fp32")
+    (tmp_path / "config.toml").write_text(config_to_toml({"train": as_dict(cfg), "graph": {"fingerprint": "f"}}))
+    assert saved_train_config(read_config(tmp_path)) == cfg
+    # an older run: a key since dropped, fields added since missing
+    assert saved_train_config({"train": {"lr": 3e-4, "old_option": 1}}) == TrainConfig(lr=3e-4)
+    assert saved_train_config({}) == TrainConfig()
+
+
+def test_a_saved_config_with_a_bad_value_says_which():
+    with pytest.raises(KalmkgError, match="--temperature"):
+        saved_train_config({"train": {"temperature": 5.0}})
