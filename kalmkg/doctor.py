@@ -14,7 +14,11 @@ import shutil
 import sys
 from typing import Any, Callable
 
+from kalmkg import __version__
+from kalmkg.cache import cache_root
 from kalmkg.formatting import human_size
+from kalmkg.llamacpp import health
+from kalmkg.llamacpp.environment import converter_dir, cpu_model, library_files, read_build_record, simd_flags
 from kalmkg.system import folder_size, installed_version
 from kalmkg.workspace import Workspace
 
@@ -34,8 +38,6 @@ def _versions() -> dict[str, str]:
 
 
 def _cpu() -> dict[str, Any]:
-    from kalmkg.llamacpp.environment import cpu_model, simd_flags
-
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -58,9 +60,6 @@ def _torch() -> dict[str, Any]:
 
 
 def _llama_cpp(selftest: bool, retest: bool) -> dict[str, Any]:
-    from kalmkg.llamacpp import health
-    from kalmkg.llamacpp.environment import converter_dir, library_files, read_build_record
-
     files = library_files()
     record = read_build_record()
     info: dict[str, Any] = {
@@ -92,16 +91,12 @@ def _workspace(ws: Workspace) -> dict[str, Any]:
 
 
 def _caches() -> dict[str, Any]:
-    from kalmkg.cache import cache_root
-
     root = cache_root()
     parts = {p.name: folder_size(p) for p in sorted(root.iterdir()) if p.is_dir()} if root.is_dir() else {}
     return {"root": str(root), "bytes": parts}
 
 
 def _disk(ws: Workspace) -> dict[str, int]:
-    from kalmkg.cache import cache_root
-
     out = {}
     for label, path in (("workspace", ws.root), ("cache", cache_root())):
         while not path.exists() and path != path.parent:
@@ -112,8 +107,6 @@ def _disk(ws: Workspace) -> dict[str, int]:
 
 def report(workspace: Workspace, *, selftest: bool = True, retest: bool = False) -> dict[str, Any]:
     """Every section; `retest` runs llama.cpp's self-test even when a healthy verdict is cached."""
-    from kalmkg import __version__
-
     return {
         "kalmkg": __version__,
         "python": f"{platform.python_version()} ({sys.executable})",

@@ -7,6 +7,9 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from kalmkg.llamacpp import runtime
+from kalmkg.models import backbone
+
 
 def pad_rows(rows: list[list[int]], pad_id: int):
     """Right-padded [n, width] input ids and attention mask for token rows."""
@@ -45,7 +48,6 @@ class TorchEncoder:
         import torch
         import torch.nn.functional as F
 
-        from kalmkg.models import backbone
         from kalmkg.training.objective import last_token_pool
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -80,8 +82,6 @@ class GGUFEncoder:
 
     def __init__(self, path, tokenizer=None, *, n_ctx: int = 512, n_threads: int | None = None,
                  truncate: bool = False):
-        from kalmkg.llamacpp import runtime
-
         llama_cpp = runtime.load()
         self.path = str(path)
         self.tokenizer = tokenizer

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from kalmkg import runs
+from kalmkg.device import pick_device
+from kalmkg.encode import GGUFEncoder, TorchEncoder
 from kalmkg.errors import KalmkgError
+from kalmkg.export.registry import list_exports
+from kalmkg.models import embedded_gguf, load_base, load_tokenizer, merged_model, resolve_base
+from kalmkg.store import Store
+from kalmkg.text import GraphTexts, store_entity_texts, store_relation_texts, truncate_texts
+from kalmkg.training.config import TrainConfig, saved_train_config
 from kalmkg.workspace import Workspace
 
 # Hash the adapter's bytes below this size (LoRA adapters: a few MB); above it (full fine-tunes) the
@@ -67,8 +75,6 @@ class LoadedModel:
         computed on first use: a single prediction needs one entity's text, and cutting 41k texts
         takes seconds."""
         if self._texts is None:
-            from kalmkg.text import GraphTexts, truncate_texts
-
             cut = (truncate_texts(self.raw_texts, self.tokenizer, self.max_entity_tokens)
                    if self.tokenizer is not None and self.raw_texts else list(self.raw_texts))
             self._texts = GraphTexts(cut, list(self.relation_texts))
@@ -78,7 +84,6 @@ class LoadedModel:
         """The texts of entities `ids`, cut as in `texts` (the same function, on just those texts)."""
         if self._texts is not None or self.tokenizer is None:
             return [self.texts.entities[i] for i in ids]
-        from kalmkg.text import truncate_texts
 
         raw = [self.raw_texts[i] for i in ids]
         return truncate_texts(raw, self.tokenizer, self.max_entity_tokens) if raw else []
@@ -106,11 +111,6 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
 
     `tables` = (entity_table, relation_table, graph_fingerprint) saves reading the store again.
     """
-    from kalmkg.models import load_base, load_tokenizer, merged_model, resolve_base
-    from kalmkg.text import store_entity_texts, store_relation_texts
-    from kalmkg.device import pick_device
-    from kalmkg.training.config import TrainConfig, saved_train_config
-
     if run is not None and base is not None:
         raise KalmkgError("give --run or --base, not both")
     device = pick_device(device)
@@ -130,8 +130,6 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
         def loader():
             return load_base(resolved, device=device)[0]
     else:
-        from kalmkg import runs
-
         rdir = runs.find_run(workspace, run)
         latest = run is None or runs.latest_run(workspace).resolve() == rdir.resolve()
         config = runs.read_config(rdir)
@@ -168,8 +166,6 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
 
 def _base_gguf(resolved) -> Path | None:
     if resolved.source == "embedded":
-        from kalmkg.models import embedded_gguf
-
         return embedded_gguf(resolved.spec.lower())
     if resolved.source == "gguf":
         return Path(resolved.spec).expanduser()
@@ -178,8 +174,6 @@ def _base_gguf(resolved) -> Path | None:
 
 def read_tables(workspace: Workspace) -> tuple:
     """(entity_table, relation_table, graph fingerprint), read in one short store session."""
-    from kalmkg.store import Store
-
     with Store.open(workspace) as store:
         return store.entity_table(), store.relation_table(), store.fingerprint()
 
@@ -206,8 +200,6 @@ def safe_name(name: str) -> str:
 
 def torch_encoder(loaded: LoadedModel):
     """The torch backend of the Encoder interface for a loaded model."""
-    from kalmkg.encode import TorchEncoder
-
     return TorchEncoder(loaded.model, loaded.tokenizer, loaded.device)
 
 
@@ -225,8 +217,6 @@ def make_encoder(loaded: LoadedModel, backend: str = "torch", *, n_threads: int 
     if backend == "torch":
         return torch_encoder(loaded)
     if backend == "gguf":
-        from kalmkg.encode import GGUFEncoder
-
         path = loaded.gguf if loaded.is_base else find_export(loaded, gguf)
         if path is None:
             raise KalmkgError(f"the gguf backend needs a GGUF: the base {loaded.name} is not one; "
@@ -238,8 +228,6 @@ def make_encoder(loaded: LoadedModel, backend: str = "torch", *, n_threads: int 
 def find_export(loaded: LoadedModel, name: str | Path | None = None) -> Path:
     """The GGUF `kalmkg export` wrote for the run (models/<name>.gguf with models/<name>.json beside it):
     the one named, else the newest. Refused when the run's adapter is newer than the file (a resumed run)."""
-    from kalmkg.export.registry import list_exports
-
     models = loaded.run_dir.parent.parent / "models"
     if name is not None:
         path = Path(name)

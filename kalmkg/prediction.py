@@ -17,7 +17,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from kalmkg.errors import KalmkgError
-from kalmkg.names import EntityRef, RelationRef
+from kalmkg.index import EntityIndex
+from kalmkg.loaded import BACKENDS, load_model, make_encoder
+from kalmkg.names import EntityRef, RelationRef, resolve_entity, resolve_relation
+from kalmkg.store import Store
+from kalmkg.text import hr_view
 from kalmkg.workspace import Workspace
 
 WILDCARD = "?"
@@ -80,14 +84,9 @@ class Predictor:
              backend: str = "torch", device: str = "cpu", loaded=None, encoder=None,
              triples: np.ndarray | None = None, tables: tuple | None = None, gguf: str | None = None) -> "Predictor":
         """`gguf` picks one of a run's exports in models/ for the gguf backend (default: the newest)."""
-        from kalmkg.index import EntityIndex
-        from kalmkg.loaded import BACKENDS, load_model, make_encoder
-
         if backend not in BACKENDS:
             raise KalmkgError(f"unknown backend '{backend}'; use one of: {', '.join(BACKENDS)}")
         if triples is None or (loaded is None and tables is None):
-            from kalmkg.store import Store
-
             with Store.open(workspace) as store:
                 triples = store.triples_array() if triples is None else triples
                 if loaded is None and tables is None:
@@ -109,8 +108,6 @@ class Predictor:
         return np.unique(t[(t[:, 2] == entity_id) & (t[:, 1] == relation_id), 0])
 
     def query_text(self, entity_id: int, relation_id: int, direction: str) -> str:
-        from kalmkg.text import hr_view
-
         rel = relation_id if direction == "tail" else relation_id + self.num_relations
         return hr_view(self.loaded.entity_text(entity_id), self.loaded.relation_texts[rel])
 
@@ -148,11 +145,6 @@ def predict(workspace: Workspace, head: str, relation: str, tail: str, *, k: int
             gguf: str | None = None, predictor: Predictor | None = None) -> PredictionResult:
     """Resolve the names, then rank every entity for the open slot. Names are resolved before the model
     loads, so a typo fails in a fraction of a second."""
-    from kalmkg.names import resolve_entity, resolve_relation
-    from kalmkg.store import Store
-
-    from kalmkg.loaded import BACKENDS
-
     direction, entity_name, relation_name = parse_query(head, relation, tail)
     if backend not in BACKENDS:  # before any loading
         raise KalmkgError(f"unknown backend '{backend}'; use one of: {', '.join(BACKENDS)}")

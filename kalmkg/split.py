@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from kalmkg.errors import KalmkgError
+from kalmkg.store import SPLITS
+
 TRAIN, VALID, TEST = 0, 1, 2
 
 
@@ -48,9 +51,6 @@ def transductive_split(head: np.ndarray, relation: np.ndarray, tail: np.ndarray,
 def split_store(store, valid: float, test: float, seed: int, force: bool = False) -> dict[str, int]:
     """Re-split every triple of the store; refuses to overwrite a given split unless `force`."""
     import pyarrow as pa
-
-    from kalmkg.errors import KalmkgError
-    from kalmkg.store import SPLITS
 
     table = store.triples_by_key()
     n = table.num_rows

@@ -220,7 +220,7 @@ def test_prediction_json_is_plain_data(trained, predictor):
 
 
 def test_predict_loads_run_and_index_and_fails_on_names_before_loading(trained, tmp_path, monkeypatch):
-    from kalmkg import loaded as run_model
+    from kalmkg import prediction
     from kalmkg.prediction import predict
 
     ws = Workspace(trained)
@@ -230,7 +230,7 @@ def test_predict_loads_run_and_index_and_fails_on_names_before_loading(trained, 
     def no_model(*a, **k):
         raise AssertionError("the model must not load for a bad name")
 
-    monkeypatch.setattr(run_model, "load_model", no_model)
+    monkeypatch.setattr(prediction, "load_model", no_model)
     with pytest.raises(KalmkgError, match="no entity 'Berln'; did you mean: Berlin"):
         predict(ws, "Berln", "capital of", "?")
     with pytest.raises(KalmkgError, match="no relation 'capitl of'"):

@@ -21,6 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from kalmkg.errors import KalmkgError
+from kalmkg.evaluation.ranking import sample_triples
+from kalmkg.loaded import load_model
+from kalmkg.runs import atomic_write_text, read_config
+from kalmkg.store import SPLITS, Store
 from kalmkg.text import normalize_label
 
 TASKS = ("tail", "head", "relation", "classification")
@@ -137,11 +141,6 @@ def evaluate_generative(workspace, *, run: str | None = None, split: str = "test
                         with_base: bool = True, device: str = "cpu", progress=None) -> dict:
     """The four tasks for the run's model and (with `with_base`) its untrained base, side by side. Writes
     `eval-generative-<split>.json` and `predictions-generative-<split>.jsonl` into the run folder."""
-    from kalmkg.evaluation.ranking import sample_triples
-    from kalmkg.loaded import load_model
-    from kalmkg.runs import atomic_write_text, read_config
-    from kalmkg.store import SPLITS, Store
-
     if split not in SPLITS:
         raise KalmkgError(f"unknown split '{split}'; use one of: {', '.join(SPLITS)}")
     with Store.open(workspace) as store:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kalmkg import text as verbalize
+from kalmkg import text
 from kalmkg.evaluation.metrics import answer_mask, filtered_ranks, known_answers, summarize
 
 
@@ -42,7 +42,7 @@ def rank_with_vectors(encoder, texts, triples: np.ndarray, all_triples: np.ndarr
     queries = np.concatenate([triples[:, [0, 1]], np.stack([triples[:, 2], triples[:, 1] + R], 1)]).astype(np.int64)
     targets = np.concatenate([triples[:, 2], triples[:, 0]]).astype(np.int64)
     t0 = time.perf_counter()
-    qtexts = [verbalize.hr_view(texts.entities[q], texts.relations[r]) for q, r in queries.tolist()]
+    qtexts = [text.hr_view(texts.entities[q], texts.relations[r]) for q, r in queries.tolist()]
     qvecs = torch.as_tensor(encode_texts(encoder, qtexts, batch_size, progress, "queries")) if len(qtexts) \
         else torch.zeros((0, vectors.shape[1]))
     t1 = time.perf_counter()
@@ -97,7 +97,7 @@ def rank_queries(model, tokenizer, texts, triples: np.ndarray, all_triples: np.n
     from kalmkg.encode import TorchEncoder
 
     encoder = TorchEncoder(model, tokenizer, device)
-    vectors = encode_texts(encoder, [verbalize.tail_view(t) for t in texts.entities], batch_size)
+    vectors = encode_texts(encoder, [text.tail_view(t) for t in texts.entities], batch_size)
     ranks = rank_with_vectors(encoder, texts, triples, all_triples, vectors, batch_size=batch_size)["ranks"]
     return {**by_direction(ranks), "ranks": ranks}
 

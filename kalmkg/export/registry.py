@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kalmkg import __version__
-from kalmkg import text as verbalize
+from kalmkg import text
 from kalmkg.errors import KalmkgError
 from kalmkg.models import ResolvedBase
 from kalmkg.system import installed_version
@@ -87,8 +87,8 @@ class ExportSource:
     def embedding(self) -> dict[str, Any]:
         """How training embedded texts: what a consumer of the GGUF alone must repeat."""
         return {"pooling": "last", "normalize": True, "add_bos": False, "max_entity_tokens": self.max_entity_tokens,
-                "templates": {"hr": verbalize.HR_TEMPLATE, "tail": verbalize.TAIL_TEMPLATE,
-                              "inverse": verbalize.INVERSE_TEMPLATE}}
+                "templates": {"hr": text.HR_TEMPLATE, "tail": text.TAIL_TEMPLATE,
+                              "inverse": text.INVERSE_TEMPLATE}}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from kalmkg import text as verbalize
+from kalmkg import text
 from kalmkg.encode import TorchEncoder, embed_rows
 from kalmkg.errors import KalmkgError
 from kalmkg.export.convert import llama_log
@@ -89,20 +89,20 @@ def check_texts(workspace: Workspace, tokenizer, max_tokens: int) -> tuple[list[
     except KalmkgError:  # no store (a copied run) or another process writing it: fixed texts still check
         entities = None
     if entities is None or entities.num_rows == 0 or len(triples) == 0:
-        texts = [verbalize.tail_view(t) for t in _FALLBACK_TEXTS]
-        prompt = verbalize.hr_view(_FALLBACK_TEXTS[0], "capital of")
+        texts = [text.tail_view(t) for t in _FALLBACK_TEXTS]
+        prompt = text.hr_view(_FALLBACK_TEXTS[0], "capital of")
         return texts + [prompt], prompt
     labels, descriptions = entities["label"].to_pylist(), entities["description"].to_pylist()
     n = len(labels)
     picks = sorted({round(i * (n - 1) / max(1, CHECK_TEXTS - 1)) for i in range(min(n, CHECK_TEXTS))})
-    entity_texts = verbalize.truncate_texts([verbalize.entity_text(labels[i], descriptions[i]) for i in picks],
+    entity_texts = text.truncate_texts([text.entity_text(labels[i], descriptions[i]) for i in picks],
                                             tokenizer, max_tokens)
-    texts = [verbalize.tail_view(t) for t in entity_texts]
+    texts = [text.tail_view(t) for t in entity_texts]
     rel_labels = relations["label"].to_pylist()
     hr = []
     for h, r, _ in triples[: 2].tolist():
-        head = verbalize.truncate_texts([verbalize.entity_text(labels[h], descriptions[h])], tokenizer, max_tokens)[0]
-        hr.append(verbalize.hr_view(head, verbalize.relation_text(rel_labels[r])))
+        head = text.truncate_texts([text.entity_text(labels[h], descriptions[h])], tokenizer, max_tokens)[0]
+        hr.append(text.hr_view(head, text.relation_text(rel_labels[r])))
     return texts + hr, hr[0]
 
 

@@ -16,8 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
+from kalmkg.encode import GGUFEncoder
 from kalmkg.errors import KalmkgError
+from kalmkg.export.registry import list_exports
+from kalmkg.llamacpp import runtime
+from kalmkg.models import EMBEDDED, embedded_gguf
 from kalmkg.qa.retrieve import Fact, Link, Retrieval, retrieve
+from kalmkg.store import Store
 from kalmkg.workspace import Workspace
 
 SYSTEM = ("You answer questions about a knowledge graph. Use only the numbered facts below. "
@@ -161,9 +166,6 @@ class ModelChoice:
 def resolve_model(workspace: Workspace, model: str | None) -> ModelChoice:
     """`--model`: a .gguf path, a name under models/, the embedded base (`smollm2-135m`), or by default the
     newest `kalmkg export` of this workspace."""
-    from kalmkg.export.registry import list_exports
-    from kalmkg.models import EMBEDDED, embedded_gguf
-
     models = workspace.models_dir
     if model is None:
         exports = list_exports(models)
@@ -210,8 +212,6 @@ class LlamaChat:
     """Chat generation with llama.cpp and the chat template stored in the GGUF."""
 
     def __init__(self, path: Path, *, n_ctx: int = 4096, n_threads: int | None = None):
-        from kalmkg.llamacpp import runtime
-
         llama_cpp = runtime.load()
         n_threads = n_threads or default_threads()
         try:
@@ -237,8 +237,6 @@ class Asker:
 
     def __init__(self, workspace: Workspace, model: str | None = None, *, n_threads: int | None = None,
                  embed: bool = True):
-        from kalmkg.encode import GGUFEncoder
-
         self.workspace = workspace
         self.choice = resolve_model(workspace, model)
         n_threads = n_threads or default_threads()
@@ -246,8 +244,6 @@ class Asker:
         self.embedder = GGUFEncoder(self.choice.path, n_threads=n_threads, truncate=True) if embed else None
 
     def ask(self, question: str, config: AskConfig = AskConfig(), on_token=None) -> Answer:
-        from kalmkg.store import Store
-
         with Store.open(self.workspace) as store:
             answer = ask(store, question, self.generator, self.embedder, config, on_token)
         answer.model = self.choice.name

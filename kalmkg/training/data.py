@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kalmkg import text as verbalize
+from kalmkg import text
 from kalmkg.errors import KalmkgError
 from kalmkg.store import Store
 from kalmkg.text import GraphTexts
@@ -76,12 +76,12 @@ class TokenizedExamples:
 def tokenize_examples(texts: GraphTexts, examples: np.ndarray, tokenizer, max_seq_len: int = 256) -> TokenizedExamples:
     keys, hr_index = np.unique(examples[:, :2], axis=0, return_inverse=True) if len(examples) else \
         (np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64))
-    hr_texts = [verbalize.hr_view(texts.entities[q], texts.relations[r]) for q, r in keys.tolist()]
+    hr_texts = [text.hr_view(texts.entities[q], texts.relations[r]) for q, r in keys.tolist()]
     tok = lambda xs: tokenizer(xs, add_special_tokens=False)["input_ids"] if xs else []  # noqa: E731
     hr_ids = tok(hr_texts)
-    tail_ids = tok([verbalize.tail_view(t) for t in texts.entities])
+    tail_ids = tok([text.tail_view(t) for t in texts.entities])
     eos = tokenizer.eos_token_id
-    target_ids = [ids + [eos] for ids in tok([verbalize.completion_target(t) for t in texts.entities])]
+    target_ids = [ids + [eos] for ids in tok([text.completion_target(t) for t in texts.entities])]
     # The completion sequence is hr + target; keep it within max_seq_len by cutting the target.
     hr_len = np.array([len(x) for x in hr_ids], dtype=np.int64)
     tail_len = np.array([len(x) for x in tail_ids], dtype=np.int64)
