@@ -9,7 +9,9 @@ by the same converter from the same float32 weights training started from (so qu
 difference between them). Grading (`kalmkg.evaluation.answers.grade`): an answerable question is right
 when an expected name appears in the answer and it does not abstain; a question the graph cannot answer
 is right when the answer abstains ("I don't know", or the no-match message). Also reported: retrieval recall, the share
-of answerable questions whose supporting facts all reached the prompt. Answers go to
+of answerable questions whose supporting facts all reached the prompt (with an answer chosen from the graph,
+the prompt holds only the chosen path's facts), and how often the model's sentence around the chosen
+answer was kept (else kalmkg's plain "ANSWER [n]." replaced it). Answers go to
 bench/_work/ask-quality-*.jsonl.
 """
 
@@ -78,29 +80,33 @@ def main() -> None:
             for no_context in (False, True):
                 t0 = time.perf_counter()
                 right = {k: [] for k in KINDS}
-                recall = []
+                recall, by_model = [], []
                 for row in rows:
                     answer = asker.ask(row["question"], AskConfig(no_context=no_context))
                     ok = grade(answer.text, row["answers"])
                     right[row["kind"]].append(ok)
                     if row["answers"] and not no_context:
                         recall.append(supported(answer, row))
+                    if answer.chosen is not None:
+                        by_model.append(answer.sentence == "model")
                     out.write(json.dumps({"model": label, "no_context": no_context, "id": row["id"],
-                                          "question": row["question"], "answer": answer.text, "right": ok},
+                                          "question": row["question"], "answer": answer.text, "right": ok,
+                                          "sentence": answer.sentence if answer.chosen is not None else None},
                                          ensure_ascii=False) + "\n")
-                table.append((label, "--no-context" if no_context else "retrieval", right, recall,
+                table.append((label, "--no-context" if no_context else "retrieval", right, recall, by_model,
                               time.perf_counter() - t0))
                 print(f"{label} {'no-context' if no_context else 'retrieval'}: done", file=sys.stderr)
 
     def pct(xs) -> str:
         return f"{sum(xs)}/{len(xs)} ({100 * sum(xs) / len(xs):.0f} %)" if xs else "-"
 
-    print("\n| model | mode | one-hop | two-hop | no answer in graph | all | supporting facts in prompt | s/question |")
-    print("|---|---|---|---|---|---|---|---|")
-    for label, mode, right, recall, seconds in table:
+    print("\n| model | mode | one-hop | two-hop | no answer in graph | all | supporting facts in prompt "
+          "| sentence by the model | s/question |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, mode, right, recall, by_model, seconds in table:
         every = [x for k in KINDS for x in right[k]]
         print(f"| {label} | {mode} | {pct(right['one-hop'])} | {pct(right['two-hop'])} | {pct(right['no-answer'])} | "
-              f"{pct(every)} | {pct(recall)} | {seconds / len(every):.2f} |")
+              f"{pct(every)} | {pct(recall)} | {pct(by_model)} | {seconds / len(every):.2f} |")
     print(f"\nanswers: {log}")
 
 

@@ -3,7 +3,9 @@
 A head query is the tail query of the inverse relation (relation id + R, verbalised "inverse of ..."),
 as the model was trained and as evaluation ranks it. The query's head-relation view is encoded and
 searched against the entity index; every result is marked "known" when the triple is already in the
-graph (any split), and `filter_known` hides those to show only new links.
+graph (any split), and `filter_known` hides those to show only new links. The query's own entity is
+left out (a head-relation view is most similar to its own head's tail view, which says nothing), unless
+the relation has self-loops in the graph.
 
 `Predictor` keeps the model, encoder, index vectors and the graph's triples in memory, so repeated
 queries in one process (benchmarks, a REPL, a server) pay only query encoding and search.
@@ -48,6 +50,7 @@ class PredictionResult:
     encode_ms: float
     search_ms: float
     warnings: list[str] = field(default_factory=list)
+    excluded_self: bool = False  # the query's entity was left out (its relation has no self-loops)
 
     def to_json(self) -> dict:
         query = ([self.entity.label, self.relation.label, WILDCARD] if self.direction == "tail"
@@ -56,6 +59,7 @@ class PredictionResult:
             "query": query, "direction": self.direction, "entity": asdict(self.entity),
             "relation": asdict(self.relation), "model": self.model,
             "results": [asdict(c) for c in self.candidates], "hidden_known": self.hidden_known,
+            "excluded_self": self.excluded_self,
             "timing_ms": {"encode": round(self.encode_ms, 2), "search": round(self.search_ms, 2)},
         }
 
@@ -78,6 +82,8 @@ class Predictor:
         self.index = index
         self.triples = triples  # [n, 3] (head, relation, tail), every split
         self.num_relations = len(loaded.relation_keys)
+        self.self_loop_relations = set(np.unique(triples[triples[:, 0] == triples[:, 2], 1]).tolist()) \
+            if len(triples) else set()
 
     @classmethod
     def open(cls, workspace: Workspace, *, run: str | None = None, base: str | None = None,
@@ -123,7 +129,9 @@ class Predictor:
         qvec = self.encoder.encode([self.query_text(entity.id, relation.id, direction)], 1)
         t1 = time.perf_counter()
         known = self.known(entity.id, relation.id, direction)
-        ids, scores = self.index.search(qvec, k, exclude=[known.tolist()] if filter_known else None)
+        exclude_self = relation.id not in self.self_loop_relations
+        exclude = (known.tolist() if filter_known else []) + ([entity.id] if exclude_self else [])
+        ids, scores = self.index.search(qvec, k, exclude=[exclude])
         t2 = time.perf_counter()
         known_set = set(known.tolist())
         keys, labels = self.loaded.entity_keys, self.loaded.entity_labels
@@ -131,7 +139,7 @@ class Predictor:
                       for r, (i, s) in enumerate(zip(ids[0].tolist(), scores[0].tolist())) if i >= 0]
         return PredictionResult(direction, entity, relation, candidates, len(known_set) if filter_known else 0,
                                 self.loaded.fingerprint, 1000 * (t1 - t0), 1000 * (t2 - t1),
-                                list(self.loaded.warnings))
+                                list(self.loaded.warnings), exclude_self)
 
     def _entity(self, i: int) -> EntityRef:
         return EntityRef(int(i), self.loaded.entity_keys[i], self.loaded.entity_labels[i])

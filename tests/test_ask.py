@@ -19,8 +19,8 @@ from conftest import SAMPLE_TTL, TESTS
 from helpers_graph import require_installed
 from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.answers import grade, is_abstention, load_questions
-from kalmkg.qa.ask import (NO_MATCH, SYSTEM, SYSTEM_NO_CONTEXT, AskConfig, ask, build_messages, no_facts_message,
-                           resolve_model)
+from kalmkg.qa.ask import (NO_ANSWER, NO_MATCH, SYSTEM_ANSWER, SYSTEM_NO_CONTEXT, AskConfig, ask, build_messages,
+                           no_facts_message, resolve_model)
 from kalmkg.qa.retrieve import (Fact, Path as FactPath, choose_spans, link_entities, ngrams, overlap, path_lexical,
                                 retrieve, same_word, select_facts, standardize)
 from kalmkg.store import Store
@@ -218,18 +218,47 @@ def test_hops_outside_one_or_two_are_refused(store):
 
 
 # ------------------------------------------------------------------------------------------- ask
-def test_ask_puts_numbered_facts_in_the_chat_and_streams_the_answer(store):
-    gen, pieces = FakeGenerator("Pierre Curie [1]."), []
+def test_ask_chooses_the_answer_from_the_graph_and_the_model_writes_the_sentence(store):
+    gen, pieces = FakeGenerator("Her husband Pierre Curie was a citizen of France [2]."), []
     answer = ask(store, "What is the nationality of Marie Curie's spouse?", gen, on_token=pieces.append)
     system, user = gen.calls[0]
-    assert system == {"role": "system", "content": SYSTEM}
-    assert user["role"] == "user" and user["content"].endswith("Question: What is the nationality of Marie Curie's spouse?")
-    assert "[1] " in user["content"] and "Pierre Curie — nationality — France" in user["content"]
-    assert answer.matched and answer.text == "Pierre Curie [1]." and pieces == ["Pierre ", "Curie ", "[1]."]
+    assert system == {"role": "system", "content": SYSTEM_ANSWER}
+    assert user["content"].endswith("Question: What is the nationality of Marie Curie's spouse?\nAnswer: France")
+    # only the facts of the chosen path: the bridge, then the hop that gives the answer
+    assert {answer.facts[0].head_label, answer.facts[0].tail_label} == {"Pierre Curie", "Marie Curie"}
+    assert [f.text() for f in answer.facts[1:]] == ["Pierre Curie — nationality — France"]
+    assert "Marie Curie — nationality — Poland" not in user["content"]
+    assert answer.text == "Her husband Pierre Curie was a citizen of France [2]." and answer.sentence == "model"
+    assert pieces == [answer.text]  # streamed once checked
     assert "first_token" in answer.seconds
     data = answer.to_json()
+    assert data["chosen"]["entities"] == [{"key": "http://example.org/kg/France", "label": "France"}]
+    assert data["chosen"]["path"] == ["spouse", "nationality"] and data["chosen"]["from"] == "Marie Curie"
+    assert data["chosen"]["source"] == "graph" and data["chosen"]["sentence"] == "model"
     assert data["entities"][0]["label"] == "Marie Curie" and data["facts"][0]["n"] == 1
-    assert data["descriptions"][0]["entity"] == "Marie Curie"
+
+
+@pytest.mark.parametrize("generated", [
+    "Marie Curie's spouse is Poland.",   # the wrong entity (seen by retrieval, not in the chosen facts)
+    "Pierre Curie [1].",                 # no answer
+    "",                                  # nothing
+])
+def test_a_sentence_without_the_chosen_answer_is_replaced_by_the_plain_one(store, generated):
+    answer = ask(store, "What is the nationality of Marie Curie's spouse?", FakeGenerator(generated))
+    assert answer.text == f"France {''.join(f'[{i + 1}]' for i in range(len(answer.facts)))}."
+    assert answer.sentence == "template" and answer.to_json()["chosen"]["sentence"] == "template"
+
+
+def test_a_sentence_without_citations_gets_them(store):
+    answer = ask(store, "Who founded Microsoft?", FakeGenerator("Bill Gates and Paul Allen founded Microsoft."))
+    assert answer.text == "Bill Gates and Paul Allen founded Microsoft [1][2]." and answer.sentence == "model"
+
+
+def test_a_question_no_fact_answers_is_not_answered_by_the_model(store):
+    gen = FakeGenerator("Hamburg [1].")
+    answer = ask(store, "Who is the spouse of Angela Merkel?", gen)
+    assert gen.calls == [] and answer.matched and answer.chosen is None and is_abstention(answer.text)
+    assert answer.text == NO_ANSWER.format(names="Angela Merkel") and answer.to_json()["chosen"] is None
 
 
 def test_a_question_that_names_nothing_is_not_answered_by_the_model(store):

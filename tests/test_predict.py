@@ -137,7 +137,7 @@ def graph_answers(ws: Workspace, entity: str, relation: str, direction: str) -> 
     return {r[0] for r in rows}
 
 
-def test_tail_prediction_ranks_every_entity_by_the_hr_view(trained, predictor):
+def test_tail_prediction_ranks_every_other_entity_by_the_hr_view(trained, predictor):
     from kalmkg.prediction import predict
     from kalmkg.text import hr_view
 
@@ -145,7 +145,9 @@ def test_tail_prediction_ranks_every_entity_by_the_hr_view(trained, predictor):
     n = len(predictor.loaded.entity_keys)
     result = predict(ws, "Paris", "capital_of", "?", k=n, predictor=predictor)
     assert result.direction == "tail" and result.entity.key == KG + "Paris"
-    assert [c.rank for c in result.candidates] == list(range(1, n + 1))
+    # every entity but Paris itself (capital_of has no self-loops in the graph)
+    assert [c.rank for c in result.candidates] == list(range(1, n)) and result.excluded_self
+    assert KG + "Paris" not in {c.key for c in result.candidates}
     scores = [c.score for c in result.candidates]
     assert scores == sorted(scores, reverse=True)
 
@@ -155,7 +157,8 @@ def test_tail_prediction_ranks_every_entity_by_the_hr_view(trained, predictor):
     q = predictor.encoder.encode([hr_view(texts.entities[paris], "capital of")], 1)[0]
     expected = predictor.index.vectors() @ q
     got = {c.id: c.score for c in result.candidates}
-    np.testing.assert_allclose([got[i] for i in range(n)], expected, atol=1e-5)
+    others = [i for i in range(n) if i != paris]
+    np.testing.assert_allclose([got[i] for i in others], expected[others], atol=1e-5)
     assert {c.key for c in result.candidates if c.known} == graph_answers(ws, KG + "Paris", KG + "capital_of",
                                                                           "tail") == {KG + "France"}
 
@@ -170,7 +173,7 @@ def test_head_prediction_is_tail_prediction_of_the_inverse_relation(trained, pre
     assert predictor.query_text(result.entity.id, result.relation.id, "head") == \
         hr_view(predictor.loaded.texts.entities[result.entity.id], "inverse of member of")
     q = predictor.encoder.encode([predictor.query_text(result.entity.id, result.relation.id, "head")], 1)
-    ids, _ = predictor.index.search(q, 5)
+    ids, _ = predictor.index.search(q, 5, exclude=[[result.entity.id]])
     assert [c.id for c in result.candidates] == ids[0].tolist()
     known = graph_answers(ws, KG + "European_Union", KG + "member_of", "head")
     assert len(known) == 7
@@ -373,3 +376,31 @@ def test_gguf_backend_refuses_an_export_older_than_the_weights(exported, tmp_pat
     (ws.models_dir / "r-F16.json").unlink()
     with pytest.raises(KalmkgError, match=r"needs a GGUF of run r: run `kalmkg export --run r`"):
         make_encoder(loaded, "gguf")
+
+
+def test_the_query_entity_is_left_out_unless_its_relation_has_self_loops():
+    from types import SimpleNamespace
+
+    from kalmkg.prediction import Predictor
+
+    class Index:
+        def search(self, q, k, exclude=None):
+            self.exclude = exclude
+            order = [i for i in (0, 1, 2) if i not in exclude[0]][:k]
+            return np.array([order]), np.array([[0.9, 0.8, 0.7][:len(order)]])
+
+    class Encoder:
+        def encode(self, texts, batch_size):
+            return np.ones((len(texts), 2), dtype=np.float32)
+
+    loaded = SimpleNamespace(relation_keys=["r0", "r1"], relation_labels=["r0", "r1"], relation_texts=["r0", "r1", "inverse of r0", "inverse of r1"],
+                             entity_keys=["a", "b", "c"], entity_labels=["A", "B", "C"], fingerprint="f",
+                             warnings=[], entity_text=lambda i: "ABC"[i])
+    triples = np.array([[0, 0, 1], [2, 1, 2]])  # r1 has a self-loop (c r1 c)
+    index = Index()
+    predictor = Predictor(loaded, Encoder(), index, triples)
+    result = predictor.query(0, 0, "tail", k=3)
+    assert index.exclude == [[0]] and [c.key for c in result.candidates] == ["b", "c"] and result.excluded_self
+    result = predictor.query(0, 1, "tail", k=3)
+    assert index.exclude == [[]] and [c.key for c in result.candidates] == ["a", "b", "c"]
+    assert not result.excluded_self and result.to_json()["excluded_self"] is False

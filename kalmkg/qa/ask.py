@@ -21,6 +21,7 @@ from kalmkg.errors import KalmkgError
 from kalmkg.export.registry import list_exports
 from kalmkg.llamacpp import runtime
 from kalmkg.models import EMBEDDED, embedded_gguf
+from kalmkg.qa.answer import AnswerGroup, answer_names, choose_answer, plain_sentence, relation_words, usable_sentence
 from kalmkg.qa.retrieve import Fact, Link, Retrieval, retrieve
 from kalmkg.store import Store
 from kalmkg.workspace import Workspace
@@ -28,10 +29,13 @@ from kalmkg.workspace import Workspace
 SYSTEM = ("You answer questions about a knowledge graph. Use only the numbered facts below. "
           "Answer in one short sentence and cite the facts you used like [1]. "
           "If the facts do not answer the question, say: I don't know.")
+SYSTEM_ANSWER = ("You answer questions about a knowledge graph. The answer was found in the numbered facts "
+                 "below. Write one short sentence that gives the answer and cite the facts like [1].")
 SYSTEM_NO_CONTEXT = "Answer the question in one short sentence. If you do not know the answer, say: I don't know."
 NO_MATCH = ("Nothing in the graph matches this question: it names no entity of the graph "
             "(`kalmkg entities NAME` looks names up).")
 NO_FACTS = "The graph has no facts about {names} to answer from."
+NO_ANSWER = "I don't know: no fact of the graph about {names} answers this question."
 
 
 class Generator(Protocol):
@@ -69,10 +73,18 @@ class Answer:
     descriptions: list[tuple[str, str]] = field(default_factory=list)  # (label, description)
     model: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    chosen: AnswerGroup | None = None  # the answer taken from the graph (None: none, or --no-context)
+    sentence: str = "model"  # who wrote `text` around the chosen answer: "model", or "template" (kalmkg)
 
     def to_json(self) -> dict:
         return {
             "question": self.question, "answer": self.text, "matched": self.matched, "model": self.model,
+            "chosen": None if self.chosen is None else {
+                "entities": [{"key": k, "label": lbl} for _, k, lbl in self.chosen.answers],
+                "from": self.chosen.paths[0].facts[0].head_label if self.chosen.start ==
+                self.chosen.paths[0].facts[0].head else self.chosen.paths[0].facts[0].tail_label,
+                "path": [f.relation_label for f in self.chosen.paths[0].facts],
+                "score": round(self.chosen.score, 4), "source": "graph", "sentence": self.sentence},
             "entities": [{"key": lk.key, "label": lk.label, "mention": lk.mention, "match": lk.match,
                           "score": lk.score} for lk in self.links],
             "facts": [dict(n=i + 1, **f.as_dict()) for i, f in enumerate(self.facts)],
@@ -92,11 +104,14 @@ def context_lines(facts: Sequence[Fact], descriptions: Sequence[tuple[str, str]]
 
 
 def build_messages(question: str, facts: Sequence[Fact], descriptions: Sequence[tuple[str, str]] = (),
-                   no_context: bool = False) -> list[dict]:
-    """The chat: a system turn with the rules, a user turn with the numbered facts and the question."""
+                   no_context: bool = False, answer: str | None = None) -> list[dict]:
+    """The chat: a system turn with the rules, a user turn with the numbered facts and the question (and,
+    when the graph gave it, the answer the sentence must give)."""
     if no_context:
         return [{"role": "system", "content": SYSTEM_NO_CONTEXT}, {"role": "user", "content": question}]
     body = "Facts:\n" + "\n".join(context_lines(facts, descriptions)) + f"\n\nQuestion: {question}"
+    if answer is not None:
+        return [{"role": "system", "content": SYSTEM_ANSWER}, {"role": "user", "content": f"{body}\nAnswer: {answer}"}]
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": body}]
 
 
@@ -118,39 +133,64 @@ def no_facts_message(links: Sequence[Link]) -> str:
 
 def ask(store, question: str, generator: Generator, embedder=None, config: AskConfig = AskConfig(),
         on_token: Callable[[str], None] | None = None) -> Answer:
-    """Retrieve, prompt, generate (streamed to `on_token`). No generation when the question names nothing
-    in the graph, or names entities the graph has neither facts nor a description for."""
+    """Retrieve, choose the answer from the graph, let the model write the sentence around it (streamed to
+    `on_token` once checked). No generation when the question names nothing in the graph, or when no
+    fact of the graph answers it. `--no-context` asks the model alone."""
     question = " ".join(question.split())
     if not question:
         raise KalmkgError("an empty question")
-    t0 = time.perf_counter()
     if config.no_context:
-        found = Retrieval(question, [], [])
-    else:
-        found = retrieve(store, question, hops=config.hops, max_facts=config.max_facts, embedder=embedder)
-    seconds = {"retrieve": round(time.perf_counter() - t0, 4)}
-    if not config.no_context and not found.matched:
-        if on_token is not None:
-            on_token(NO_MATCH)
-        return Answer(question, NO_MATCH, False, [], [], seconds=seconds)
-    descriptions = linked_descriptions(found.links, config.descriptions)
-    if not config.no_context and not found.facts and not descriptions:
-        text = no_facts_message(found.links)
-        if on_token is not None:
-            on_token(text)
-        return Answer(question, text, True, found.links, [], seconds=seconds)
-    messages = build_messages(question, found.facts, descriptions, config.no_context)
+        return _generate(Answer(question, "", True, [], []), build_messages(question, [], no_context=True),
+                         generator, config, on_token)
+    t0 = time.perf_counter()
+    found = retrieve(store, question, hops=config.hops, max_facts=config.max_facts, embedder=embedder)
+    if not found.matched:
+        return _say(Answer(question, NO_MATCH, False, [], []), t0, on_token)
+    chosen = choose_answer(question, found.links, found.paths, relation_words(store.relation_labels()), embedder)
+    if chosen is None:
+        names = ", ".join(lk.label for lk in found.links)
+        text = NO_ANSWER.format(names=names) if found.facts else no_facts_message(found.links)
+        return _say(Answer(question, text, True, found.links, []), t0, on_token)
+    answer = Answer(question, "", True, found.links, chosen.facts, chosen=chosen)
+    answer.seconds["retrieve"] = round(time.perf_counter() - t0, 4)
+    messages = build_messages(question, chosen.facts, answer=answer_names(chosen))
+    answer = _generate(answer, messages, generator, config, None)
+    kept = usable_sentence(answer.text, chosen, _other_entities(found, chosen))
+    answer.text, answer.sentence = (kept, "model") if kept is not None else (plain_sentence(chosen), "template")
+    if on_token is not None:
+        on_token(answer.text)
+    return answer
+
+
+def _say(answer: Answer, t0: float, on_token) -> Answer:
+    """An answer kalmkg gives without the model (no match, nothing that answers)."""
+    answer.seconds["retrieve"] = round(time.perf_counter() - t0, 4)
+    if on_token is not None:
+        on_token(answer.text)
+    return answer
+
+
+def _generate(answer: Answer, messages: list[dict], generator: Generator, config: AskConfig, on_token) -> Answer:
     pieces: list[str] = []
     t1 = time.perf_counter()
     for piece in generator.stream(messages, max_tokens=config.max_tokens, temperature=config.temperature,
                                   seed=config.seed):
         if not pieces:
-            seconds["first_token"] = round(time.perf_counter() - t1, 4)
+            answer.seconds["first_token"] = round(time.perf_counter() - t1, 4)
         pieces.append(piece)
         if on_token is not None:
             on_token(piece)
-    seconds["generate"] = round(time.perf_counter() - t1, 4)
-    return Answer(question, "".join(pieces).strip(), True, found.links, found.facts, descriptions, seconds=seconds)
+    answer.seconds["generate"] = round(time.perf_counter() - t1, 4)
+    answer.text = "".join(pieces).strip()
+    return answer
+
+
+def _other_entities(found: Retrieval, chosen: AnswerGroup) -> list[str]:
+    """Names of the entities retrieval saw that the chosen facts do not hold: a sentence naming one is not
+    the chosen answer."""
+    inside = {x for f in chosen.facts for x in (f.head, f.tail)}
+    return sorted({label for p in found.paths for f in p.facts for x, label in ((f.head, f.head_label),
+                   (f.tail, f.tail_label)) if x not in inside})
 
 
 # --------------------------------------------------------------------------------------------- models

@@ -1,0 +1,235 @@
+"""The answer chosen from the graph: of every 1- and 2-hop path retrieval found from the entities a question
+names, the one whose relations the question asks about; its far entity is the answer.
+
+A language model of 135M parameters given the right facts still names the wrong entity ("Marie Curie's
+spouse is Poland"), so the entity is chosen here and the model only writes the sentence around it
+(`ask` checks that sentence and falls back to a plain one).
+
+Scoring, pure and testable without a model:
+- **Coverage.** Each content word of the question (the words naming the linked entities left out) counts
+  once, by its best match among the path's relations: 1.0 in a relation's label, 0.3 in its description
+  (descriptions name the answer's type: "The city where the subject person was born"). A path is as good
+  as the question words it explains, so "the nationality of Marie Curie's spouse" prefers
+  spouse -> nationality (2 words) to nationality alone (1 word).
+- **The last relation must be asked about**: in a 2-hop path it explains a question word the bridge does
+  not, or the path is no answer ("Which country did Angela Merkel lead?" must not walk on from Germany
+  through `country of origin` because "country" is in that label). A hop costs HOP_COST, and a bridge
+  that explains nothing of its own costs BRIDGE_COST ("the capital of the country Angela Merkel led":
+  through `nationality` to Germany, then `capital of`).
+- **Similarity breaks ties**, when an embedder is given: the question against a templated question of the
+  path ("nationality of spouse of Marie Curie"), standardised over the paths compared.
+- Paths with the same start and the same relations are one **answer group** (several founders, borders
+  in both directions): all their far entities are the answer.
+- The far entity must be new: never an entity the question names, never the path's start or bridge.
+- Below MIN_SCORE nothing is chosen: no relation of the graph is asked about, and `ask` says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from kalmkg.encode import Encoder
+from kalmkg.qa.retrieve import Fact, Link, Path, content_words, far_end, same_word, standardize, words
+from kalmkg.text import normalize
+
+LABEL_MATCH = 1.0        # a question word in a relation's label
+DESCRIPTION_MATCH = 0.3  # ... in its description only
+HOP_COST = 0.15          # what a second hop must earn to beat one
+BRIDGE_COST = 0.5        # ... when its bridge relation explains no question word of its own
+MIN_SCORE = 0.3          # at least one description word: below, the graph does not answer the question
+SIMILARITY_WEIGHT = 0.1  # standardised similarity: orders paths of equal coverage, rarely more
+SIMILARITY_PATHS = 24    # answer groups embedded per question (llama.cpp on a CPU: ~25 ms each)
+
+
+@dataclass(frozen=True)
+class RelationWords:
+    """A relation's label and description as words (from `Store.relation_labels`)."""
+
+    label: tuple[str, ...]
+    description: tuple[str, ...]
+
+
+@dataclass
+class AnswerGroup:
+    """Paths with one start and one relation sequence, and the entities they end at."""
+
+    start: int
+    relations: tuple[int, ...]
+    paths: list[Path] = field(default_factory=list)
+    answers: list[tuple[int, str, str]] = field(default_factory=list)  # (id, key, label), in path order
+    coverage: float = 0.0  # the question words the relations explain
+    lexical: float = 0.0  # coverage less the hops' cost
+    similarity: float | None = None
+    score: float = 0.0
+
+    @property
+    def hops(self) -> int:
+        return len(self.relations)
+
+    @property
+    def facts(self) -> list[Fact]:
+        """Every fact of the group's paths, each once (a symmetric pair such as two `spouse` edges counts
+        once), a bridge before its second hop."""
+        out: list[Fact] = []
+        seen: set[tuple[int, int, int]] = set()
+        for p in self.paths:
+            for f in p.facts:
+                if f.ids not in seen and (f.tail, f.relation, f.head) not in seen:
+                    out.append(f)
+                    seen.add(f.ids)
+        return out
+
+
+def relation_words(rows: Sequence[tuple[int, str, str | None]]) -> dict[int, RelationWords]:
+    """By relation id, from `Store.relation_labels()` rows (id, label, description)."""
+    return {rid: RelationWords(tuple(words(label)), tuple(words(description or ""))) for rid, label, description
+            in rows}
+
+
+def word_matches(question_words: Sequence[str], relation: RelationWords) -> dict[str, float]:
+    """The question words a relation explains, each with its match (label or description)."""
+    out = {}
+    for q in dict.fromkeys(question_words):
+        if any(same_word(q, w) for w in relation.label):
+            out[q] = LABEL_MATCH
+        elif any(same_word(q, w) for w in relation.description):
+            out[q] = DESCRIPTION_MATCH
+    return out
+
+
+def path_score(question_words: Sequence[str], relations: Sequence[RelationWords]) -> tuple[float, float]:
+    """(coverage, score) of a path's relations: each question word counts once, by its best match; the
+    score is the coverage less the cost of the hops beyond the first (-inf: the last relation explains
+    nothing the others do not)."""
+    matches = [word_matches(question_words, r) for r in relations]
+    best: dict[str, float] = {}
+    for m in matches:
+        for q, value in m.items():
+            best[q] = max(best.get(q, 0.0), value)
+    covered = sum(best.values())
+    if len(relations) == 1:
+        return covered, covered
+    own = [set(m) - set().union(*(o for j, o in enumerate(matches) if j != i)) for i, m in enumerate(matches)]
+    if not own[-1]:
+        return covered, float("-inf")
+    return covered, covered - (HOP_COST if all(own) else BRIDGE_COST) * (len(relations) - 1)
+
+
+def walk(path: Path, linked: set[int]) -> tuple[int, list[int]] | None:
+    """(start, [entities reached, in order]) of a path read from its linked entity; None when it cannot be
+    read that way (its first fact touches no linked entity)."""
+    first = path.facts[0]
+    start = first.head if first.head in linked else first.tail if first.tail in linked else None
+    if start is None:
+        return None
+    reached, at = [], start
+    for f in path.facts:
+        if at not in (f.head, f.tail):
+            return None
+        at = far_end(f, at)
+        reached.append(at)
+    return start, reached
+
+
+def answer_groups(paths: Sequence[Path], linked: set[int], question_words: Sequence[str],
+                  relations: Mapping[int, RelationWords]) -> list[AnswerGroup]:
+    """Every path whose far entity is new, grouped by (start, relations), scored by coverage less hop cost."""
+    groups: dict[tuple[int, tuple[int, ...]], AnswerGroup] = {}
+    for p in paths:
+        read = walk(p, linked)
+        if read is None:
+            continue
+        start, reached = read
+        answer = reached[-1]
+        if answer in linked or answer == start or answer in reached[:-1]:
+            continue
+        rels = tuple(f.relation for f in p.facts)
+        group = groups.setdefault((start, rels), AnswerGroup(start, rels))
+        group.paths.append(p)
+        last = p.facts[-1]
+        entry = (last.tail, last.tail_key, last.tail_label) if last.tail == answer else \
+            (last.head, last.head_key, last.head_label)
+        if entry not in group.answers:
+            group.answers.append(entry)
+    empty = RelationWords((), ())
+    for g in groups.values():
+        g.coverage, g.lexical = path_score(question_words, [relations.get(r, empty) for r in g.relations])
+        g.score = g.lexical
+    return sorted(groups.values(), key=_order)
+
+
+def path_question(group: AnswerGroup) -> str:
+    """The question a group answers, written from its relations: "nationality of spouse of Marie Curie"."""
+    p = group.paths[0]
+    label = {f.head: f.head_label for f in p.facts} | {f.tail: f.tail_label for f in p.facts}
+    return " of ".join([f.relation_label for f in reversed(p.facts)] + [label[group.start]])
+
+
+def add_similarity(groups: list[AnswerGroup], question: str, embedder: Encoder) -> list[AnswerGroup]:
+    """Re-score the best SIMILARITY_PATHS groups with the question's similarity to their path question."""
+    top = groups[:SIMILARITY_PATHS]
+    if len(top) < 2:
+        return groups
+    vecs = np.asarray(embedder.encode([question] + [path_question(g) for g in top]), dtype=np.float64)
+    vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    sims = vecs[1:] @ vecs[0]
+    for g, s, z in zip(top, sims, standardize(sims)):
+        g.similarity = float(s)
+        g.score = g.lexical + SIMILARITY_WEIGHT * float(z)
+    return sorted(top, key=_order) + groups[SIMILARITY_PATHS:]
+
+
+def choose_answer(question: str, links: Sequence[Link], paths: Sequence[Path],
+                  relations: Mapping[int, RelationWords], embedder: Encoder | None = None) -> AnswerGroup | None:
+    """The best answer group, or None when no path explains enough of the question (MIN_SCORE)."""
+    linked = {lk.id for lk in links}
+    named = {w for lk in links for w in lk.mention.split()}
+    qwords = [w for w in content_words(question) if w not in named]
+    groups = answer_groups(paths, linked, qwords, relations)
+    groups = [g for g in groups if g.coverage >= MIN_SCORE and g.lexical > float("-inf")]
+    if embedder is not None and groups:
+        groups = add_similarity(groups, question, embedder)
+    return groups[0] if groups else None
+
+
+def _order(g: AnswerGroup) -> tuple:
+    # best score, then fewer hops, then the path retrieval ranked higher
+    return (-round(g.score, 9), g.hops, -max(p.score for p in g.paths))
+
+
+# ------------------------------------------------------------------------------------------- the sentence
+
+
+def citations(group: AnswerGroup) -> str:
+    """[1][2]...: every fact of the group, numbered as the prompt numbers them."""
+    return "".join(f"[{i + 1}]" for i in range(len(group.facts)))
+
+
+def answer_names(group: AnswerGroup) -> str:
+    """"A", "A and B", "A, B and C"."""
+    labels = [label for _, _, label in group.answers]
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def plain_sentence(group: AnswerGroup) -> str:
+    """The answer when the model's sentence cannot be used: the names and their citations."""
+    return f"{answer_names(group)} {citations(group)}."
+
+
+def usable_sentence(text: str, group: AnswerGroup, others: Sequence[str]) -> str | None:
+    """The model's sentence with citations added when it has none; None when it misses an answer, names
+    one of `others` (entities of the graph the answer is not), or is not one short answer."""
+    said = f" {normalize(text)} "
+    if not text.strip() or len(text) > 400:
+        return None
+    if any(f" {normalize(label)} " not in said for _, _, label in group.answers):
+        return None
+    answers = {normalize(label) for _, _, label in group.answers}
+    if any(f" {normalize(o)} " in said for o in others if normalize(o) and normalize(o) not in answers
+           and not any(normalize(o) in a for a in answers)):
+        return None
+    text = text.strip()
+    return text if "[" in text else f"{text.rstrip('.')} {citations(group)}."
