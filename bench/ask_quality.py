@@ -59,6 +59,9 @@ def main() -> None:
     p.add_argument("--lm-weight", type=float, default=0.01)
     p.add_argument("--lm-examples", type=int, default=4)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--questions", type=Path, default=QUESTIONS,
+                   help="a question fixture (default: the 38 of tests/data/world_questions.jsonl; "
+                        "tests/data/world_questions_people.jsonl: 51 phrased as people ask)")
     args = p.parse_args()
 
     from world_run import prepare
@@ -69,10 +72,10 @@ def main() -> None:
 
     root = prepare(args.steps, args.lm_weight, args.lm_examples)
     ws = Workspace(root)
-    rows = load_questions(QUESTIONS)
+    rows = load_questions(args.questions)
     models = {"SmolLM2-135M, untrained": base_q8(root.parent),
               f"KaLM run ({args.steps} steps, lambda {args.lm_weight:g})": root / "models" / "world-Q8_0.gguf"}
-    log = root.parent / f"ask-quality-{root.name}.jsonl"
+    log = root.parent / f"ask-quality-{root.name}-{args.questions.stem}.jsonl"
     table = []
     with log.open("w") as out:
         for label, path in models.items():

@@ -20,10 +20,10 @@ from kalmkg.device import pick_device
 from kalmkg.encode import GGUFEncoder, TorchEncoder
 from kalmkg.errors import KalmkgError
 from kalmkg.export.registry import list_exports
-from kalmkg.models import embedded_gguf, load_base, load_tokenizer, merged_model, resolve_base
+from kalmkg.models import describe_base, embedded_gguf, load_base, load_tokenizer, merged_model, resolve_base
 from kalmkg.store import Store
 from kalmkg.text import GraphTexts, store_entity_texts, store_relation_texts, truncate_texts
-from kalmkg.training.config import TrainConfig, saved_train_config
+from kalmkg.training.config import saved_train_config, size_defaults
 from kalmkg.workspace import Workspace
 
 # Hash the adapter's bytes below this size (LoRA adapters: a few MB); above it (full fine-tunes) the
@@ -122,7 +122,8 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
     if base is not None:
         resolved = resolve_base(base)
         tokenizer = load_tokenizer(resolved.path, resolved.name)
-        max_tokens = TrainConfig.max_entity_tokens
+        # texts cut as a run of this base trains them by default
+        max_tokens = size_defaults(describe_base(resolved.path)[0]).max_entity_tokens
         fingerprint, weights, name, rdir = f"base:{resolved.fingerprint}", resolved.fingerprint, resolved.name, None
         latest = False
         gguf = _base_gguf(resolved)

@@ -340,6 +340,23 @@ def prepare_tokenizer(tokenizer: Any, name: str) -> None:
 # ------------------------------------------------------------------------------------------------- LoRA
 
 
+def num_layers(model: Any) -> int:
+    """Decoder layers of a transformers model (0 when its config does not say)."""
+    return int(getattr(model.config, "num_hidden_layers", 0) or 0)
+
+
+def describe_base(path: str | Path) -> tuple[int, str, int]:
+    """(parameters, architecture, layers) from a model folder's config alone: built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path)
+    architecture = (list(getattr(cfg, "architectures", None) or []) or [type(cfg).__name__])[0]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters()), architecture, num_layers(model)
+
+
 def apply_lora(model: Any, cfg: TrainConfig) -> Any:
     """Wrap ``model`` in LoRA adapters as ``cfg``'s lora_* fields say, or make every weight trainable
     (``cfg.full``). With ``lora_layers`` only the top N decoder layers are adapted: backward then stops
@@ -351,7 +368,7 @@ def apply_lora(model: Any, cfg: TrainConfig) -> Any:
     _check_targets(model, tuple(cfg.lora_targets))
     from peft import LoraConfig, get_peft_model
 
-    n_layers = getattr(model.config, "num_hidden_layers", None)
+    n_layers = num_layers(model)
     layers = None
     if cfg.lora_layers:
         if not n_layers or cfg.lora_layers > n_layers:

@@ -94,17 +94,16 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if v is None:
-        return '""'
     return json.dumps(str(v))  # a JSON string is a valid TOML basic string
 
 
 def config_to_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """Tables of scalars and lists; a dict value becomes a sub-table `[section.key]`."""
+    """Tables of scalars and lists; a dict value becomes a sub-table `[section.key]`. None is left out:
+    TOML has no null, and a missing key reads back as unset."""
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None and not isinstance(v, dict)]
         lines.append("")
         nested = {f"{name}.{k}": v for k, v in values.items() if isinstance(v, dict)}
         if nested:

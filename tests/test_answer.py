@@ -104,6 +104,16 @@ def group_of(*answers: str) -> AnswerGroup:
     return AnswerGroup(1, (0,), paths, [(10 + i, f"k{i}", a) for i, a in enumerate(answers)])
 
 
+def test_a_group_is_cut_to_the_prompts_fact_budget():
+    from kalmkg.qa.answer import within
+
+    group = group_of("Steve Jobs", "Steve Wozniak", "Ronald Wayne")
+    cut = within(group, 2)
+    assert [a[2] for a in cut.answers] == ["Steve Jobs", "Steve Wozniak"] and len(cut.facts) == 2
+    assert [a[2] for a in within(group, 0).answers] == ["Steve Jobs"]  # never less than one path
+    assert within(group, 8).answers == group.answers
+
+
 def test_the_plain_sentence_names_every_answer_and_cites_every_fact():
     assert plain_sentence(group_of("Steve Jobs", "Steve Wozniak", "Ronald Wayne")) == \
         "Steve Jobs, Steve Wozniak and Ronald Wayne [1][2][3]."
@@ -116,6 +126,9 @@ def test_the_plain_sentence_names_every_answer_and_cites_every_fact():
     ("Steve Jobs and Steve Wozniak, with Bill Gates [1][2].", ["Bill Gates"], None),  # another entity
     ("Steve Jobs and Steve Wozniak [1][2].", ["Steve"], "same"),    # a name inside an answer is no other entity
     ("", [], None),
+    ("Steve Jobs and Steve Wozniak [1][2]. Steve Jobs and Steve Wozniak [1][2]. Bill Gates.", ["Bill Gates"],
+     "Steve Jobs and Steve Wozniak [1][2]."),                      # cut after the sentence that answers
+    ("Steve Jobs and " + "very " * 80 + "Steve Wozniak.", [], None),  # rambling
 ])
 def test_the_models_sentence_is_used_only_when_it_gives_the_answer(text, others, expected):
     group = group_of("Steve Jobs", "Steve Wozniak")
@@ -135,3 +148,12 @@ def test_the_sample_graph_fixture_is_answered_by_path_choice_alone(store):
         if not (grade(names, row["answers"]) if row.get("answers") else chosen is None):
             wrong.append((row["id"], names))
     assert wrong == []
+
+
+def test_a_two_hop_sentence_must_name_the_bridge():
+    paths = [Path((Fact(1, 0, 2, "Marie Curie", "spouse", "Pierre Curie"),
+                   Fact(2, 1, 3, "Pierre Curie", "nationality", "France")))]
+    group = AnswerGroup(1, (0, 1), paths, [(3, "k3", "France")])
+    assert usable_sentence("Marie Curie's spouse is France.", group, []) is None
+    assert usable_sentence("Her husband Pierre Curie was a citizen of France.", group, []) == \
+        "Her husband Pierre Curie was a citizen of France [1][2]."

@@ -66,13 +66,34 @@ def test_the_temperature_range_is_the_one_the_objective_clamps_to():
 
 
 def test_saved_configs_read_back_as_written(tmp_path):
+    # what training writes: every size-chosen field filled in
     cfg = TrainConfig(base="some/model", lora_targets=("q_proj", "v_proj"), batch_size=8, lm_examples=2,
-                      bucket=False, epochs=2.5, precision="fp32")
+                      bucket=False, epochs=2.5, precision="fp32", lr=1e-3, lora_layers=8, max_entity_tokens=16)
     (tmp_path / "config.toml").write_text(config_to_toml({"train": as_dict(cfg), "graph": {"fingerprint": "f"}}))
     assert saved_train_config(read_config(tmp_path)) == cfg
-    # an older run: a key since dropped, fields added since missing
-    assert saved_train_config({"train": {"lr": 3e-4, "old_option": 1}}) == TrainConfig(lr=3e-4)
-    assert saved_train_config({}) == TrainConfig()
+    # an older run: a key since dropped, fields added since missing (size-chosen ones: the paper's values,
+    # which every run took before sizes chose)
+    paper = {"lora_layers": 0, "max_entity_tokens": 50}
+    assert saved_train_config({"train": {"lr": 3e-4, "old_option": 1}}) == TrainConfig(lr=3e-4, **paper)
+    assert saved_train_config({}) == TrainConfig(lr=1e-4, **paper)
+
+
+def test_unset_settings_take_the_defaults_for_the_base_size():
+    from kalmkg.training.config import PAPER, size_defaults, with_size_defaults
+
+    small = with_size_defaults(TrainConfig(), n_params=135_000_000, n_layers=30)
+    assert (small.lr, small.lora_layers, small.max_entity_tokens) == (1e-3, 8, 16)
+    seven_b = with_size_defaults(TrainConfig(), n_params=6_700_000_000, n_layers=32)
+    assert (seven_b.lr, seven_b.lora_layers, seven_b.max_entity_tokens) == (PAPER.lr, 0, 50) == (1e-4, 0, 50)
+    # given values win; the paper's settings are one flag away; a model of few layers adapts all of them
+    given = with_size_defaults(TrainConfig(lr=5e-4, max_entity_tokens=32), n_params=135_000_000, n_layers=30)
+    assert (given.lr, given.lora_layers, given.max_entity_tokens) == (5e-4, 8, 32)
+    paper = with_size_defaults(TrainConfig(preset="paper"), n_params=135_000_000, n_layers=30)
+    assert (paper.lr, paper.lora_layers, paper.max_entity_tokens) == (1e-4, 0, 50)
+    assert with_size_defaults(TrainConfig(), n_params=1_000_000, n_layers=2).lora_layers == 0
+    assert size_defaults(3_000_000_000).lr == 3e-4
+    with pytest.raises(KalmkgError, match="unknown preset 'huge'"):
+        TrainConfig(preset="huge")
 
 
 def test_a_saved_config_with_a_bad_value_says_which():

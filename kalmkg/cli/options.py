@@ -48,6 +48,14 @@ def option_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def _optional_of(field_type):
+    """X for a field typed `X | None`, else None."""
+    args = typing.get_args(field_type)
+    if len(args) == 2 and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
 def field_option(field: dataclasses.Field, field_type, short: Optional[str] = None) -> FieldOption:
     """A dataclass field as an option: --kebab-case, its default, its metadata's help and group (the help
     panel). A bool that defaults to False is a flag (--full); one that defaults to True gets --x/--no-x."""
@@ -59,6 +67,8 @@ def field_option(field: dataclasses.Field, field_type, short: Optional[str] = No
         annotation, default = str, ",".join(field.default)
     elif field_type in (bool, int, float, str):
         annotation, default = field_type, field.default
+    elif _optional_of(field_type) in (int, float, str) and field.default is None:
+        annotation, default = Optional[_optional_of(field_type)], None  # unset: the config fills it in
     else:
         raise TypeError(f"{field.name}: no command-line option for a field of type {field_type}")
     if annotation is bool and default:

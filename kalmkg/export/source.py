@@ -10,7 +10,7 @@ from typing import Any, Callable
 from kalmkg import runs
 from kalmkg.errors import KalmkgError
 from kalmkg.export.registry import ExportSource
-from kalmkg.models import ResolvedBase, load_tokenizer, merged_model, resolve_base
+from kalmkg.models import ResolvedBase, describe_base, load_tokenizer, merged_model, resolve_base
 from kalmkg.workspace import Workspace
 
 
@@ -27,7 +27,7 @@ def trained_run(workspace: Workspace, run: str | None) -> tuple[Path, dict]:
 def describe_run(rdir: Path, config: dict, warn: Callable[[str], None]) -> ExportSource:
     """The run with its base resolved and described; ``warn`` hears of a base that changed since training."""
     base = _resolve_run_base(config, warn)
-    n_params, architecture = _describe_base(base.path)
+    n_params, architecture, _ = describe_base(base.path)
     return ExportSource(rdir, config, base, n_params, architecture)
 
 
@@ -46,18 +46,6 @@ def _resolve_run_base(config: dict, warn: Callable[[str], None]) -> ResolvedBase
         warn(f"the base model {resolved.name} differs from the one the run was trained on "
              f"(fingerprint {resolved.fingerprint} vs {recorded['fingerprint']}); merging anyway")
     return resolved
-
-
-def _describe_base(path: str) -> tuple[int, str]:
-    """(parameter count, architecture) from the config alone: the model is built on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(path)
-    architecture = (list(getattr(cfg, "architectures", None) or []) or [type(cfg).__name__])[0]
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    return sum(p.numel() for p in model.parameters()), architecture
 
 
 def merge(run: ExportSource) -> tuple[Any, Any]:

@@ -26,6 +26,7 @@ Scoring, pure and testable without a model:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -42,6 +43,7 @@ BRIDGE_COST = 0.5        # ... when its bridge relation explains no question wor
 MIN_SCORE = 0.3          # at least one description word: below, the graph does not answer the question
 SIMILARITY_WEIGHT = 0.1  # standardised similarity: orders paths of equal coverage, rarely more
 SIMILARITY_PATHS = 24    # answer groups embedded per question (llama.cpp on a CPU: ~25 ms each)
+MAX_SENTENCE = 300       # characters: a longer "sentence" is the model rambling
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,27 @@ class AnswerGroup:
                     out.append(f)
                     seen.add(f.ids)
         return out
+
+
+def within(group: AnswerGroup, max_facts: int) -> AnswerGroup:
+    """The group cut to its first paths whose facts fit in `max_facts` (the prompt's budget), with the
+    answers those paths reach; at least one path."""
+    kept: list[Path] = []
+    for p in group.paths:
+        if kept and len(AnswerGroup(group.start, group.relations, kept + [p]).facts) > max_facts:
+            break
+        kept.append(p)
+    reached = {_far(group, p) for p in kept}
+    answers = [a for a in group.answers if a[0] in reached]
+    return AnswerGroup(group.start, group.relations, kept, answers, group.coverage, group.lexical,
+                       group.similarity, group.score)
+
+
+def _far(group: AnswerGroup, path: Path) -> int:
+    at = group.start
+    for f in path.facts:
+        at = far_end(f, at)
+    return at
 
 
 def relation_words(rows: Sequence[tuple[int, str, str | None]]) -> dict[int, RelationWords]:
@@ -165,7 +188,10 @@ def path_question(group: AnswerGroup) -> str:
     """The question a group answers, written from its relations: "nationality of spouse of Marie Curie"."""
     p = group.paths[0]
     label = {f.head: f.head_label for f in p.facts} | {f.tail: f.tail_label for f in p.facts}
-    return " of ".join([f.relation_label for f in reversed(p.facts)] + [label[group.start]])
+    text = label[group.start]
+    for f in p.facts:  # "capital of" + "France" -> "capital of France", not "capital of of France"
+        text = f"{f.relation_label} {text}" if f.relation_label.endswith(" of") else f"{f.relation_label} of {text}"
+    return text
 
 
 def add_similarity(groups: list[AnswerGroup], question: str, embedder: Encoder) -> list[AnswerGroup]:
@@ -220,16 +246,38 @@ def plain_sentence(group: AnswerGroup) -> str:
 
 
 def usable_sentence(text: str, group: AnswerGroup, others: Sequence[str]) -> str | None:
-    """The model's sentence with citations added when it has none; None when it misses an answer, names
-    one of `others` (entities of the graph the answer is not), or is not one short answer."""
-    said = f" {normalize(text)} "
-    if not text.strip() or len(text) > 400:
+    """The model's sentence, cut after the sentence that completes the answer and given citations when it
+    has none; None when it misses an answer, names one of `others` (entities of the graph the answer is
+    not), leaves out the bridge of a 2-hop answer, or runs long."""
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s.strip()]
+    names = [label for _, _, label in group.answers]
+    kept = ""
+    for s in sentences:
+        kept = f"{kept} {s}".strip()
+        if all(_says(kept, n) for n in names):
+            break
+    else:
         return None
-    if any(f" {normalize(label)} " not in said for _, _, label in group.answers):
+    if len(kept) > MAX_SENTENCE:
         return None
-    answers = {normalize(label) for _, _, label in group.answers}
-    if any(f" {normalize(o)} " in said for o in others if normalize(o) and normalize(o) not in answers
-           and not any(normalize(o) in a for a in answers)):
+    answers = {normalize(n) for n in names}
+    if any(_says(kept, o) for o in others if normalize(o) not in answers and not any(normalize(o) in a for a in answers)):
         return None
-    text = text.strip()
-    return text if "[" in text else f"{text.rstrip('.')} {citations(group)}."
+    if group.hops == 2 and not any(_says(kept, b) for b in _bridges(group)):
+        return None
+    return kept if "[" in kept else f"{kept.rstrip('.')} {citations(group)}."
+
+
+def _says(text: str, name: str) -> bool:
+    """Whether `name` is in `text` as whole words (case, accents and punctuation ignored)."""
+    name = normalize(name)
+    return bool(name) and f" {name} " in f" {normalize(text)} "
+
+
+def _bridges(group: AnswerGroup) -> list[str]:
+    """The labels of the entities a 2-hop group passes through."""
+    out = []
+    for p in group.paths:
+        f = p.facts[0]
+        out.append(f.tail_label if f.head == group.start else f.head_label)
+    return out

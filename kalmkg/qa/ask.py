@@ -21,7 +21,15 @@ from kalmkg.errors import KalmkgError
 from kalmkg.export.registry import list_exports
 from kalmkg.llamacpp import runtime
 from kalmkg.models import EMBEDDED, embedded_gguf
-from kalmkg.qa.answer import AnswerGroup, answer_names, choose_answer, plain_sentence, relation_words, usable_sentence
+from kalmkg.qa.answer import (
+    AnswerGroup,
+    answer_names,
+    choose_answer,
+    plain_sentence,
+    relation_words,
+    usable_sentence,
+    within,
+)
 from kalmkg.qa.retrieve import Fact, Link, Retrieval, retrieve
 from kalmkg.store import Store
 from kalmkg.workspace import Workspace
@@ -151,6 +159,7 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
         names = ", ".join(lk.label for lk in found.links)
         text = NO_ANSWER.format(names=names) if found.facts else no_facts_message(found.links)
         return _say(Answer(question, text, True, found.links, []), t0, on_token)
+    chosen = within(chosen, config.max_facts)
     answer = Answer(question, "", True, found.links, chosen.facts, chosen=chosen)
     answer.seconds["retrieve"] = round(time.perf_counter() - t0, 4)
     messages = build_messages(question, chosen.facts, answer=answer_names(chosen))

@@ -7,7 +7,8 @@ __post_init__ checks the values, so a bad option is one line before any model is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 from kalmkg.errors import KalmkgError
 from kalmkg.runs import dataclass_from
@@ -15,6 +16,29 @@ from kalmkg.runs import dataclass_from
 # Where tau may lie (the objective clamps it here): below, logits overflow bf16; above, no contrast.
 TEMPERATURE_RANGE = (1e-3, 1.0)
 PRECISIONS = ("auto", "fp32", "bf16")
+PRESETS = ("size", "paper")
+
+
+@dataclass(frozen=True)
+class SizeDefaults:
+    """What a field left unset trains with, for base models of up to `max_params` parameters."""
+
+    max_params: float
+    lr: float
+    lora_layers: int  # 0: all layers
+    max_entity_tokens: int
+
+
+# A 135M model needs ~10x the paper's learning rate to move in a few dozen steps (with 1e-4 it learns
+# nothing in 40 UMLS steps); adapting its top 8 layers and cutting entity texts to 16 tokens keeps a CPU
+# step at a few seconds. Models of a few billion parameters get the paper's settings (KaLM, Llama-2-7B).
+SIZE_DEFAULTS = (
+    SizeDefaults(1.5e9, lr=1e-3, lora_layers=8, max_entity_tokens=16),
+    SizeDefaults(4e9, lr=3e-4, lora_layers=0, max_entity_tokens=50),
+    SizeDefaults(math.inf, lr=1e-4, lora_layers=0, max_entity_tokens=50),
+)
+PAPER = SIZE_DEFAULTS[-1]
+SIZED = ("lr", "lora_layers", "max_entity_tokens")  # the fields SIZE_DEFAULTS fills
 
 
 def _option(default, help: str, group: str):
@@ -25,13 +49,18 @@ def _option(default, help: str, group: str):
 class TrainConfig:
     base: str = _option("smollm2-135m", "Base model: smollm2-135m (embedded), a local HF folder, a .gguf file, "
                         "or a hub id.", "Model")
+    preset: str = _option("size", "Where --lr, --lora-layers and --max-entity-tokens come from when not given: "
+                          "size (up to 1.5B parameters: 1e-3, top 8 layers, 16 tokens; up to 4B: 3e-4, all, 50; "
+                          "larger: the paper's 1e-4, all, 50) or paper (the paper's 7B settings for any base).",
+                          "Model")
     # LoRA (the paper: r 8, alpha 16, dropout 0.05 on the FFN projections)
     lora_r: int = _option(8, "LoRA rank r.", "Model")
     lora_alpha: int = _option(16, "LoRA scale alpha (updates are scaled by alpha / r).", "Model")
     lora_dropout: float = _option(0.05, "Dropout on the LoRA branch's input.", "Model")
     lora_targets: tuple[str, ...] = _option(("gate_proj", "up_proj", "down_proj"),
                                             "Comma-separated module names (default: the FFN projections).", "Model")
-    lora_layers: int = _option(0, "Adapt only the top N layers (0: all); much faster on a CPU.", "Model")
+    lora_layers: int | None = _option(None, "Adapt only the top N layers (0: all; faster on a CPU). "
+                                      "Default: by the base's size (see --preset).", "Model")
     full: bool = _option(False, "Full fine-tuning instead of LoRA (small models).", "Model")
     # objective
     margin: float = _option(0.02, "Additive margin gamma on the positive logit.", "Objective")
@@ -45,14 +74,16 @@ class TrainConfig:
     batch_size: int = _option(24, "Triples per step (the global batch: in-batch negatives).", "Optimisation")
     epochs: float = _option(1.0, "Passes over the training triples (both directions).", "Optimisation")
     max_steps: int = _option(0, "Stop after this many optimizer steps (overrides --epochs).", "Optimisation")
-    lr: float = _option(1e-4, "Peak learning rate (AdamW, warm-up then cosine).", "Optimisation")
+    lr: float | None = _option(None, "Peak learning rate (AdamW, warm-up then cosine). "
+                               "Default: by the base's size (see --preset).", "Optimisation")
     weight_decay: float = _option(0.001, "AdamW weight decay (not on biases, norms or tau).", "Optimisation")
     warmup: float = _option(0.05, "Warm-up as a fraction of the steps.", "Optimisation")
     grad_clip: float = _option(1.0, "Clip the gradient norm (0: off).", "Optimisation")
     grad_accum: int = _option(1, "Batches per optimizer step.", "Optimisation")
     grad_checkpointing: bool = _option(False, "Recompute activations to save memory.", "Optimisation")
     # data
-    max_entity_tokens: int = _option(50, "Cut entity text (name, description) to this many tokens.", "Data")
+    max_entity_tokens: int | None = _option(None, "Cut entity text (name, description) to this many tokens. "
+                                            "Default: by the base's size (see --preset).", "Data")
     max_seq_len: int = _option(256, "Longest token sequence; completion targets are cut to fit.", "Data")
     bucket: bool = _option(True, "Batch examples of similar length together.", "Data")
     # bookkeeping
@@ -79,11 +110,13 @@ def config_problem(cfg: TrainConfig) -> str | None:
     checks = [
         (cfg.batch_size >= 2, "--batch-size must be at least 2 (in-batch negatives)"),
         (low <= cfg.temperature <= high, f"--temperature must be in [{low:g}, {high:g}]"),
-        (cfg.lr > 0, "--lr must be positive"),
+        (cfg.preset in PRESETS, f"unknown preset '{cfg.preset}'; use size or paper"),
+        (cfg.lr is None or cfg.lr > 0, "--lr must be positive"),
+        (cfg.lora_layers is None or cfg.lora_layers >= 0, "--lora-layers must be 0 (all) or more"),
         (cfg.grad_accum >= 1, "--grad-accum must be at least 1"),
         (cfg.epochs > 0 or cfg.max_steps > 0, "give --epochs > 0 or --max-steps > 0"),
         (0 <= cfg.lm_examples <= cfg.batch_size, "--lm-examples must be between 0 and --batch-size"),
-        (cfg.max_entity_tokens >= 1, "--max-entity-tokens must be at least 1"),
+        (cfg.max_entity_tokens is None or cfg.max_entity_tokens >= 1, "--max-entity-tokens must be at least 1"),
         (cfg.log_every >= 1, "--log-every must be at least 1"),
         (cfg.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
         (cfg.precision in PRECISIONS, f"unknown precision '{cfg.precision}'; use auto, fp32 or bf16"),
@@ -91,7 +124,27 @@ def config_problem(cfg: TrainConfig) -> str | None:
     return next((message for ok, message in checks if not ok), None)
 
 
+def size_defaults(n_params: int, preset: str = "size") -> SizeDefaults:
+    """The defaults for a base of `n_params` parameters (`preset` "paper": the paper's, whatever the size)."""
+    if preset == "paper":
+        return PAPER
+    return next(d for d in SIZE_DEFAULTS if n_params <= d.max_params)
+
+
+def with_size_defaults(cfg: TrainConfig, n_params: int, n_layers: int) -> TrainConfig:
+    """`cfg` with every unset SIZED field filled for its base; a model of no more layers than the default
+    adapts all of them."""
+    chosen = size_defaults(n_params, cfg.preset)
+    values = {name: getattr(chosen, name) for name in SIZED if getattr(cfg, name) is None}
+    if values.get("lora_layers", 0) >= n_layers:
+        values["lora_layers"] = 0
+    return replace(cfg, **values)
+
+
 def saved_train_config(config: dict) -> TrainConfig:
     """The [train] table of a run's config.toml as a TrainConfig (unknown keys ignored, missing ones at
-    their defaults): how export, prediction and resume read what a run was trained with."""
-    return dataclass_from(TrainConfig, config.get("train", {}))
+    their defaults): how export, prediction and resume read what a run was trained with. Runs record
+    the values they trained with; a SIZED field missing from an older run is the paper's value, which
+    every run took before sizes chose."""
+    cfg = dataclass_from(TrainConfig, config.get("train", {}))
+    return replace(cfg, **{name: getattr(PAPER, name) for name in SIZED if getattr(cfg, name) is None})

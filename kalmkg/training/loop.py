@@ -23,10 +23,10 @@ from kalmkg.device import pick_device
 from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.metrics import known_answers
 from kalmkg.evaluation.ranking import rank_queries, sample_triples
-from kalmkg.models import load_base, resolve_base
+from kalmkg.models import load_base, num_layers, resolve_base
 from kalmkg.text import graph_texts
 from kalmkg.training.checkpoint import load_checkpoint, save_adapter, save_checkpoint
-from kalmkg.training.config import TrainConfig
+from kalmkg.training.config import TrainConfig, with_size_defaults
 from kalmkg.training.data import batch_groups, describe_batch, epoch_batches, load_tokens, read_graph
 from kalmkg.training.distributed import World, barrier, init_world
 from kalmkg.training.learner import build_learner
@@ -94,6 +94,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     graph = read_graph(workspace)
     resolved = resolve_base(cfg.base)
     model, tokenizer = load_base(resolved, device=device)
+    # settings left unset take the defaults for the base's size (what config.toml then records)
+    cfg = run.cfg = with_size_defaults(cfg, sum(p.numel() for p in model.parameters()), num_layers(model))
     texts = graph_texts(graph.entity_table, graph.relation_table, tokenizer, cfg.max_entity_tokens)
     if writes:
         run.path.mkdir(parents=True, exist_ok=True)
