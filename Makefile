@@ -34,8 +34,7 @@ demo: install
 	$(BIN)/kalmkg -w $(DEMO_WS) stats --top 5
 	$(BIN)/kalmkg -w $(DEMO_WS) entities "Marie Cury"
 	$(BIN)/kalmkg -w $(DEMO_WS) split --valid 0.1 --test 0.1 --seed 0
-	$(BIN)/kalmkg -w $(DEMO_WS) train --max-steps 40 --batch-size 16 --lr 1e-3 --max-entity-tokens 16 \
-		--lora-layers 8 --self-negatives --eval-every 20 --eval-limit 30 --run-name demo
+	$(BIN)/kalmkg -w $(DEMO_WS) train --max-steps 40 --eval-every 20 --eval-limit 30 --run-name demo
 	$(BIN)/kalmkg -w $(DEMO_WS) predict Paris capital_of '?' -k 5
 	$(BIN)/kalmkg -w $(DEMO_WS) predict '?' founded_by "Bill Gates" -k 5
 	$(BIN)/kalmkg -w $(DEMO_WS) export --quant Q8_0

@@ -373,3 +373,17 @@ def test_early_stopper_keeps_the_best_and_stops_when_patience_runs_out():
     never = EarlyStopper(validate=lambda: {"mrr": 0.0, "hits@1": 0.0, "hits@10": 0.0, "count": 1},
                          keep_best=lambda: None, log=lambda r: None, say=lambda s: None, patience=0)
     assert not any(never.should_stop(TrainState(step=s)) for s in range(5))
+
+
+def test_unset_settings_are_chosen_for_the_base_size_and_recorded(sample_ws, tiny_model):
+    seen = []
+    train(sample_ws, TrainConfig(base=str(tiny_model), batch_size=8, max_steps=1), run_id="d", dry_run=seen.append)
+    info = seen[0]
+    assert info["by_size"] == ["lr", "lora_layers", "max_entity_tokens"] and info["parameters"] < 1e7
+    # the tiny model: a small base's lr and entity texts; all of its 2 layers adapted
+    assert (info["config"]["lr"], info["config"]["lora_layers"], info["config"]["max_entity_tokens"]) == (1e-3, 0, 16)
+    given = []
+    train(sample_ws, TrainConfig(base=str(tiny_model), batch_size=8, max_steps=1, lr=2e-4, preset="paper"),
+          run_id="d", dry_run=given.append)
+    assert given[0]["by_size"] == ["lora_layers", "max_entity_tokens"]
+    assert (given[0]["config"]["lr"], given[0]["config"]["max_entity_tokens"]) == (2e-4, 50)

@@ -67,7 +67,11 @@ def train(
 def print_dry_run(info: dict) -> None:
     """The resolved config as the run's config.toml would hold it, then the first batch's texts."""
     out = [f"# base {info['base']} on {info['device']}: {info['train_examples']:,} training examples "
-           f"(both directions), {info['steps']:,} steps", config_to_toml({"train": info["config"]}),
+           f"(both directions), {info['steps']:,} steps"]
+    if info.get("by_size"):
+        out.append(f"# {', '.join(info['by_size'])}: the defaults for a base of {info['parameters'] / 1e6:,.0f}M "
+                   f"parameters (--preset {info['config']['preset']})")
+    out += [config_to_toml({"train": info["config"]}),
            "# first batch (8 examples shown)"]
     for i, ex in enumerate(info["first_batch"]):
         out.append(f"[{i}] hr view:   {ex['hr_view']}\n    tail view: {ex['tail_view']}")

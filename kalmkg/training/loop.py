@@ -26,7 +26,7 @@ from kalmkg.evaluation.ranking import rank_queries, sample_triples
 from kalmkg.models import load_base, num_layers, resolve_base
 from kalmkg.text import graph_texts
 from kalmkg.training.checkpoint import load_checkpoint, save_adapter, save_checkpoint
-from kalmkg.training.config import TrainConfig, with_size_defaults
+from kalmkg.training.config import SIZED, TrainConfig, with_size_defaults
 from kalmkg.training.data import batch_groups, describe_batch, epoch_batches, load_tokens, read_graph
 from kalmkg.training.distributed import World, barrier, init_world
 from kalmkg.training.learner import build_learner
@@ -95,7 +95,9 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     resolved = resolve_base(cfg.base)
     model, tokenizer = load_base(resolved, device=device)
     # settings left unset take the defaults for the base's size (what config.toml then records)
-    cfg = run.cfg = with_size_defaults(cfg, sum(p.numel() for p in model.parameters()), num_layers(model))
+    n_params = sum(p.numel() for p in model.parameters())
+    by_size = [name for name in SIZED if getattr(cfg, name) is None]
+    cfg = run.cfg = with_size_defaults(cfg, n_params, num_layers(model))
     texts = graph_texts(graph.entity_table, graph.relation_table, tokenizer, cfg.max_entity_tokens)
     if writes:
         run.path.mkdir(parents=True, exist_ok=True)
@@ -106,7 +108,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
     if dry_run is not None:
         first = epoch_batches(len(tokens.examples), cfg.batch_size, cfg.seed, 0, tokens.lengths, cfg.bucket)[0]
-        dry_run({"config": runs.as_dict(cfg), "base": resolved.name, "device": device,
+        dry_run({"config": runs.as_dict(cfg), "base": resolved.name, "device": device, "parameters": n_params,
+                 "by_size": by_size,
                  "train_examples": len(tokens.examples), "steps": total_steps,
                  "first_batch": describe_batch(tokens, first, tokenizer, cfg)})
         return None
