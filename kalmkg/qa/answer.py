@@ -72,6 +72,11 @@ class AnswerGroup:
         return len(self.relations)
 
     @property
+    def start_label(self) -> str:
+        first = self.paths[0].facts[0]
+        return first.head_label if first.head == self.start else first.tail_label
+
+    @property
     def facts(self) -> list[Fact]:
         """Every fact of the group's paths, each once (a symmetric pair such as two `spouse` edges counts
         once), a bridge before its second hop."""

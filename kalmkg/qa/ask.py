@@ -89,8 +89,7 @@ class Answer:
             "question": self.question, "answer": self.text, "matched": self.matched, "model": self.model,
             "chosen": None if self.chosen is None else {
                 "entities": [{"key": k, "label": lbl} for _, k, lbl in self.chosen.answers],
-                "from": self.chosen.paths[0].facts[0].head_label if self.chosen.start ==
-                self.chosen.paths[0].facts[0].head else self.chosen.paths[0].facts[0].tail_label,
+                "from": self.chosen.start_label,
                 "path": [f.relation_label for f in self.chosen.paths[0].facts],
                 "score": round(self.chosen.score, 4), "source": "graph", "sentence": self.sentence},
             "entities": [{"key": lk.key, "label": lk.label, "mention": lk.mention, "match": lk.match,
