@@ -58,7 +58,6 @@ class AskConfig:
     temperature: float = 0.0
     max_tokens: int = 96
     seed: int = 0
-    descriptions: int = 1  # descriptions of linked entities added to the facts
 
     def __post_init__(self) -> None:
         if self.hops not in (1, 2):
