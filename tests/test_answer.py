@@ -76,6 +76,15 @@ def test_answer_groups_join_the_paths_of_one_relation_and_never_answer_a_named_e
     assert [(g.relations, [a[0] for a in g.answers]) for g in groups] == [((0,), [2, 3])]
 
 
+def test_the_children_of_an_entity_and_its_parents_are_not_one_answer():
+    rels = {0: rel("child")}
+    marie, irene, bronislawa = 1, 2, 3
+    paths = [Path((Fact(marie, 0, irene, "Marie", "child", "Irene"),)),
+             Path((Fact(bronislawa, 0, marie, "Bronislawa", "child", "Marie"),))]
+    groups = answer_groups(paths, {marie}, ["child"], rels)
+    assert sorted([a[2] for a in g.answers] for g in groups) == [["Bronislawa"], ["Irene"]]
+
+
 def test_similarity_orders_groups_of_equal_coverage():
     class Embedder:  # "married" and "spouse" point one way, the rest another
         def encode(self, texts, batch_size=64):
@@ -129,6 +138,10 @@ def test_the_plain_sentence_names_every_answer_and_cites_every_fact():
     ("Steve Jobs and Steve Wozniak [1][2]. Steve Jobs and Steve Wozniak [1][2]. Bill Gates.", ["Bill Gates"],
      "Steve Jobs and Steve Wozniak [1][2]."),                      # cut after the sentence that answers
     ("Steve Jobs and " + "very " * 80 + "Steve Wozniak.", [], None),  # rambling
+    ("Steve Jobs and Steve Wozniak did not found Apple.", [], None),  # a denial
+    ("I don't know. Steve Jobs and Steve Wozniak.", [], None),
+    ("Steve Jobs and Steve Wozniak, with Steven [1][2].", ["Steve"], "same"),
+    ("Steve Jobs and Steve Wozniak, with Ste [1][2].", ["Ste"], None),  # "Ste" is not a word of an answer
 ])
 def test_the_models_sentence_is_used_only_when_it_gives_the_answer(text, others, expected):
     group = group_of("Steve Jobs", "Steve Wozniak")

@@ -18,8 +18,8 @@ Scoring, pure and testable without a model:
   through `nationality` to Germany, then `capital of`).
 - **Similarity breaks ties**, when an embedder is given: the question against a templated question of the
   path ("nationality of spouse of Marie Curie"), standardised over the paths compared.
-- Paths with the same start and the same relations are one **answer group** (several founders, borders
-  in both directions): all their far entities are the answer.
+- Paths with the same start and the same relations, walked in the same directions, are one **answer
+  group** (several founders): all their far entities are the answer.
 - The far entity must be new: never an entity the question names, never the path's start or bridge.
 - Below MIN_SCORE nothing is chosen: no relation of the graph is asked about, and `ask` says so.
 """
@@ -44,6 +44,8 @@ MIN_SCORE = 0.3          # at least one description word: below, the graph does 
 SIMILARITY_WEIGHT = 0.1  # standardised similarity: orders paths of equal coverage, rarely more
 SIMILARITY_PATHS = 24    # answer groups embedded per question (llama.cpp on a CPU: ~25 ms each)
 MAX_SENTENCE = 300       # characters: a longer "sentence" is the model rambling
+# a sentence that denies or doubts is not the chosen answer said ("Paris is not the capital of France")
+_DENIES = re.compile(r"\b(not|no|never|none|neither|nor|unknown|cannot)\b|n't\b|don'?t know")
 
 
 @dataclass(frozen=True)
@@ -164,8 +166,9 @@ def walk(path: Path, linked: set[int]) -> tuple[int, list[int]] | None:
 
 def answer_groups(paths: Sequence[Path], linked: set[int], question_words: Sequence[str],
                   relations: Mapping[int, RelationWords]) -> list[AnswerGroup]:
-    """Every path whose far entity is new, grouped by (start, relations), scored by coverage less hop cost."""
-    groups: dict[tuple[int, tuple[int, ...]], AnswerGroup] = {}
+    """Every path whose far entity is new, grouped by (start, relations, the direction of each hop), scored
+    by coverage less hop cost."""
+    groups: dict[tuple[int, tuple[int, ...], tuple[bool, ...]], AnswerGroup] = {}
     for p in paths:
         read = walk(p, linked)
         if read is None:
@@ -175,7 +178,9 @@ def answer_groups(paths: Sequence[Path], linked: set[int], question_words: Seque
         if answer in linked or answer == start or answer in reached[:-1]:
             continue
         rels = tuple(f.relation for f in p.facts)
-        group = groups.setdefault((start, rels), AnswerGroup(start, rels))
+        # each hop's direction too: the children of X and the parents of X are not one answer
+        ways = tuple(f.head == at for f, at in zip(p.facts, [start] + reached[:-1]))
+        group = groups.setdefault((start, rels, ways), AnswerGroup(start, rels))
         group.paths.append(p)
         last = p.facts[-1]
         entry = (last.tail, last.tail_key, last.tail_label) if last.tail == answer else \
@@ -263,10 +268,9 @@ def usable_sentence(text: str, group: AnswerGroup, others: Sequence[str]) -> str
             break
     else:
         return None
-    if len(kept) > MAX_SENTENCE:
+    if len(kept) > MAX_SENTENCE or _DENIES.search(kept.lower().replace("’", "'")):
         return None
-    answers = {normalize(n) for n in names}
-    if any(_says(kept, o) for o in others if normalize(o) not in answers and not any(normalize(o) in a for a in answers)):
+    if any(_says(kept, o) for o in others if not any(_says(n, o) for n in names)):
         return None
     if group.hops == 2 and not any(_says(kept, b) for b in _bridges(group)):
         return None

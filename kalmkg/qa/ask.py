@@ -146,8 +146,8 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
     if not question:
         raise KalmkgError("an empty question")
     if config.no_context:
-        return _generate(Answer(question, "", True, [], []), build_messages(question, [], no_context=True),
-                         generator, config, on_token)
+        answer = Answer(question, "", True, [], [], seconds={"retrieve": 0.0})
+        return _generate(answer, build_messages(question, [], no_context=True), generator, config, on_token)
     t0 = time.perf_counter()
     found = retrieve(store, question, hops=config.hops, max_facts=config.max_facts, embedder=embedder)
     if not found.matched:

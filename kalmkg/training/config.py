@@ -136,7 +136,7 @@ def with_size_defaults(cfg: TrainConfig, n_params: int, n_layers: int) -> TrainC
     adapts all of them."""
     chosen = size_defaults(n_params, cfg.preset)
     values = {name: getattr(chosen, name) for name in SIZED if getattr(cfg, name) is None}
-    if values.get("lora_layers", 0) >= n_layers:
+    if "lora_layers" in values and values["lora_layers"] >= n_layers:
         values["lora_layers"] = 0
     return replace(cfg, **values)
 
