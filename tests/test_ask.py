@@ -254,6 +254,15 @@ def test_a_sentence_without_citations_gets_them(store):
     assert answer.text == "Bill Gates and Paul Allen founded Microsoft [1][2]." and answer.sentence == "model"
 
 
+@pytest.mark.parametrize("question", ["Who is Marie Curie?", "Marie Curie?", "Tell me about Marie Curie."])
+def test_a_question_about_an_entity_itself_gets_its_description(store, question):
+    gen = FakeGenerator("Hamburg [1].")
+    answer = ask(store, question, gen)
+    assert gen.calls == [] and answer.chosen is None
+    assert answer.text.startswith("Marie Curie: Marie Curie was a Polish") and answer.text.endswith(" [1].")
+    assert answer.to_json()["descriptions"][0]["entity"] == "Marie Curie"
+
+
 def test_a_question_no_fact_answers_is_not_answered_by_the_model(store):
     gen = FakeGenerator("Hamburg [1].")
     answer = ask(store, "Who is the spouse of Angela Merkel?", gen)

@@ -218,13 +218,17 @@ def add_similarity(groups: list[AnswerGroup], question: str, embedder: Encoder) 
     return sorted(top, key=_order) + groups[SIMILARITY_PATHS:]
 
 
+def asked_words(question: str, links: Sequence[Link]) -> list[str]:
+    """The question's content words less those naming its linked entities: what it asks about them."""
+    named = {w for lk in links for w in lk.mention.split()}
+    return [w for w in content_words(question) if w not in named]
+
+
 def choose_answer(question: str, links: Sequence[Link], paths: Sequence[Path],
                   relations: Mapping[int, RelationWords], embedder: Encoder | None = None) -> AnswerGroup | None:
     """The best answer group, or None when no path explains enough of the question (MIN_SCORE)."""
     linked = {lk.id for lk in links}
-    named = {w for lk in links for w in lk.mention.split()}
-    qwords = [w for w in content_words(question) if w not in named]
-    groups = answer_groups(paths, linked, qwords, relations)
+    groups = answer_groups(paths, linked, asked_words(question, links), relations)
     groups = [g for g in groups if g.coverage >= MIN_SCORE and g.lexical > float("-inf")]
     if embedder is not None and groups:
         groups = add_similarity(groups, question, embedder)

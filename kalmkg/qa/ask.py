@@ -24,6 +24,7 @@ from kalmkg.models import EMBEDDED, embedded_gguf
 from kalmkg.qa.answer import (
     AnswerGroup,
     answer_names,
+    asked_words,
     choose_answer,
     plain_sentence,
     relation_words,
@@ -153,6 +154,12 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
     if not found.matched:
         return _say(Answer(question, NO_MATCH, False, [], []), t0, on_token)
     chosen = choose_answer(question, found.links, found.paths, relation_words(store.relation_labels()), embedder)
+    if chosen is None and not asked_words(question, found.links) and found.links[0].description:
+        # "Who is Marie Curie?", "Paris?": nothing asked but the entity itself: the graph's description
+        first = found.links[0]
+        described = Answer(question, "", True, found.links, [], [(first.label, " ".join(first.description.split()))])
+        described.text = f"{first.label}: {described.descriptions[0][1].rstrip('.')} [1]."
+        return _say(described, t0, on_token)
     if chosen is None:
         names = ", ".join(lk.label for lk in found.links)
         text = NO_ANSWER.format(names=names) if found.facts else no_facts_message(found.links)
