@@ -170,3 +170,24 @@ def test_a_two_hop_sentence_must_name_the_bridge():
     assert usable_sentence("Marie Curie's spouse is France.", group, []) is None
     assert usable_sentence("Her husband Pierre Curie was a citizen of France.", group, []) == \
         "Her husband Pierre Curie was a citizen of France [1][2]."
+
+
+def test_the_question_names_its_answers_type_and_relations_give_theirs():
+    from kalmkg.qa.answer import answer_type, asked_type, type_fits
+
+    assert asked_type("Which continent is Brazil part of?") == "continent"
+    assert asked_type("In which city was Alan Turing born?") == "city"
+    assert asked_type("What is the capital of France?") is None and asked_type("Who founded Apple?") is None
+    located = rel("located in", "the country in which the subject city is located")
+    assert answer_type(located, forward=True) == {"country"} and answer_type(located, forward=False) == {"city"}
+    assert answer_type(rel("spouse"), forward=True) == set()  # no description: any type fits
+    assert type_fits("country", located, True) and not type_fits("continent", located, False)
+    assert type_fits(None, located, False) and type_fits("anything", rel("spouse"), True)
+
+
+def test_a_path_ending_in_another_type_than_asked_loses(store):
+    relations = relation_words(store.relation_labels())
+    question = "Which continent is Germany located in?"
+    found = retrieve(store, question)
+    chosen = choose_answer(question, found.links, found.paths, relations)
+    assert [label for _, _, label in chosen.answers] == ["Europe"]  # not the cities located in Germany

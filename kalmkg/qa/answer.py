@@ -20,6 +20,10 @@ Scoring, pure and testable without a model:
   path ("nationality of spouse of Marie Curie"), standardised over the paths compared.
 - Paths with the same start and the same relations, walked in the same directions, are one **answer
   group** (several founders): all their far entities are the answer.
+- **The answer's type must fit** a question that names it ("Which continent ...", "In which city ..."):
+  a relation's description names its head's type after "subject" and its tail's type before it ("The
+  city where the subject person was born"), so a path whose last hop, in the direction walked, ends in
+  another type costs TYPE_MISMATCH.
 - The far entity must be new: never an entity the question names, never the path's start or bridge.
 - Below MIN_SCORE nothing is chosen: no relation of the graph is asked about, and `ask` says so.
 """
@@ -33,13 +37,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from kalmkg.encode import Encoder
-from kalmkg.qa.retrieve import Fact, Link, Path, content_words, far_end, same_word, standardize, words
+from kalmkg.qa.retrieve import STOPWORDS, Fact, Link, Path, content_words, far_end, same_word, standardize, words
 from kalmkg.text import normalize
 
 LABEL_MATCH = 1.0        # a question word in a relation's label
 DESCRIPTION_MATCH = 0.3  # ... in its description only
 HOP_COST = 0.15          # what a second hop must earn to beat one
 BRIDGE_COST = 0.5        # ... when its bridge relation explains no question word of its own
+TYPE_MISMATCH = 1.0      # "Which continent ...?" answered by a relation whose answers are cities
 MIN_SCORE = 0.3          # at least one description word: below, the graph does not answer the question
 SIMILARITY_WEIGHT = 0.1  # standardised similarity: orders paths of equal coverage, rarely more
 SIMILARITY_PATHS = 24    # answer groups embedded per question (llama.cpp on a CPU: ~25 ms each)
@@ -64,6 +69,7 @@ class AnswerGroup:
     relations: tuple[int, ...]
     paths: list[Path] = field(default_factory=list)
     answers: list[tuple[int, str, str]] = field(default_factory=list)  # (id, key, label), in path order
+    ways: tuple[bool, ...] = ()  # per hop: walked from head to tail
     coverage: float = 0.0  # the question words the relations explain
     lexical: float = 0.0  # coverage less the hops' cost
     similarity: float | None = None
@@ -102,7 +108,7 @@ def within(group: AnswerGroup, max_facts: int) -> AnswerGroup:
         kept.append(p)
     reached = {_far(group, p) for p in kept}
     answers = [a for a in group.answers if a[0] in reached]
-    return AnswerGroup(group.start, group.relations, kept, answers, group.coverage, group.lexical,
+    return AnswerGroup(group.start, group.relations, kept, answers, group.ways, group.coverage, group.lexical,
                        group.similarity, group.score)
 
 
@@ -164,8 +170,35 @@ def walk(path: Path, linked: set[int]) -> tuple[int, list[int]] | None:
     return start, reached
 
 
+def asked_type(question: str) -> str | None:
+    """The word a question names its answer's type with: "continent" in "Which continent is Brazil part
+    of?", "city" in "In which city ..."; None for "What is ...", "Who ...", "Where ..."."""
+    tokens = words(question)
+    for i, w in enumerate(tokens[:-1]):
+        if w in ("which", "what"):
+            return tokens[i + 1] if tokens[i + 1] not in STOPWORDS else None
+    return None
+
+
+def answer_type(relation: RelationWords, forward: bool) -> set[str]:
+    """The words a relation's description gives the type of its tail (forward) or head with; empty when
+    the description does not say ("subject" marks the head)."""
+    d = relation.description
+    if "subject" not in d:
+        return set()
+    at = d.index("subject")
+    if forward:
+        return {w for w in d[:at] if w not in STOPWORDS}
+    return {d[at + 1]} if at + 1 < len(d) else set()
+
+
+def type_fits(asked: str | None, relation: RelationWords, forward: bool) -> bool:
+    types = answer_type(relation, forward)
+    return asked is None or not types or any(same_word(asked, w) for w in types)
+
+
 def answer_groups(paths: Sequence[Path], linked: set[int], question_words: Sequence[str],
-                  relations: Mapping[int, RelationWords]) -> list[AnswerGroup]:
+                  relations: Mapping[int, RelationWords], asked: str | None = None) -> list[AnswerGroup]:
     """Every path whose far entity is new, grouped by (start, relations, the direction of each hop), scored
     by coverage less hop cost."""
     groups: dict[tuple[int, tuple[int, ...], tuple[bool, ...]], AnswerGroup] = {}
@@ -180,7 +213,7 @@ def answer_groups(paths: Sequence[Path], linked: set[int], question_words: Seque
         rels = tuple(f.relation for f in p.facts)
         # each hop's direction too: the children of X and the parents of X are not one answer
         ways = tuple(f.head == at for f, at in zip(p.facts, [start] + reached[:-1]))
-        group = groups.setdefault((start, rels, ways), AnswerGroup(start, rels))
+        group = groups.setdefault((start, rels, ways), AnswerGroup(start, rels, ways=ways))
         group.paths.append(p)
         last = p.facts[-1]
         entry = (last.tail, last.tail_key, last.tail_label) if last.tail == answer else \
@@ -190,6 +223,8 @@ def answer_groups(paths: Sequence[Path], linked: set[int], question_words: Seque
     empty = RelationWords((), ())
     for g in groups.values():
         g.coverage, g.lexical = path_score(question_words, [relations.get(r, empty) for r in g.relations])
+        if not type_fits(asked, relations.get(g.relations[-1], empty), g.ways[-1]):
+            g.lexical -= TYPE_MISMATCH
         g.score = g.lexical
     return sorted(groups.values(), key=_order)
 
@@ -228,7 +263,7 @@ def choose_answer(question: str, links: Sequence[Link], paths: Sequence[Path],
                   relations: Mapping[int, RelationWords], embedder: Encoder | None = None) -> AnswerGroup | None:
     """The best answer group, or None when no path explains enough of the question (MIN_SCORE)."""
     linked = {lk.id for lk in links}
-    groups = answer_groups(paths, linked, asked_words(question, links), relations)
+    groups = answer_groups(paths, linked, asked_words(question, links), relations, asked_type(question))
     groups = [g for g in groups if g.coverage >= MIN_SCORE and g.lexical > float("-inf")]
     if embedder is not None and groups:
         groups = add_similarity(groups, question, embedder)
