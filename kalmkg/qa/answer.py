@@ -37,7 +37,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from kalmkg.encode import Encoder
-from kalmkg.qa.retrieve import STOPWORDS, Fact, Link, Path, content_words, far_end, same_word, standardize, words
+from kalmkg.qa.retrieve import STOPWORDS, Fact, Link, Path, content_words, far_end, same_word, select_facts, standardize, words
 from kalmkg.text import normalize
 
 LABEL_MATCH = 1.0        # a question word in a relation's label
@@ -87,15 +87,8 @@ class AnswerGroup:
     @property
     def facts(self) -> list[Fact]:
         """Every fact of the group's paths, each once (a symmetric pair such as two `spouse` edges counts
-        once), a bridge before its second hop."""
-        out: list[Fact] = []
-        seen: set[tuple[int, int, int]] = set()
-        for p in self.paths:
-            for f in p.facts:
-                if f.ids not in seen and (f.tail, f.relation, f.head) not in seen:
-                    out.append(f)
-                    seen.add(f.ids)
-        return out
+        once), a bridge before its second hop: retrieval's `select_facts` with room for all of them."""
+        return select_facts(self.paths, max_facts=2 * len(self.paths))
 
 
 def within(group: AnswerGroup, max_facts: int) -> AnswerGroup:
@@ -106,17 +99,10 @@ def within(group: AnswerGroup, max_facts: int) -> AnswerGroup:
         if kept and len(AnswerGroup(group.start, group.relations, kept + [p]).facts) > max_facts:
             break
         kept.append(p)
-    reached = {_far(group, p) for p in kept}
+    reached = {walk(p, {group.start})[1][-1] for p in kept}
     answers = [a for a in group.answers if a[0] in reached]
     return AnswerGroup(group.start, group.relations, kept, answers, group.ways, group.coverage, group.lexical,
                        group.similarity, group.score)
-
-
-def _far(group: AnswerGroup, path: Path) -> int:
-    at = group.start
-    for f in path.facts:
-        at = far_end(f, at)
-    return at
 
 
 def relation_words(rows: Sequence[tuple[int, str, str | None]]) -> dict[int, RelationWords]:
