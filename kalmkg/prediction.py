@@ -73,6 +73,43 @@ def parse_query(head: str, relation: str, tail: str) -> tuple[str, str, str]:
     return ("head", tail, relation) if head == WILDCARD else ("tail", head, relation)
 
 
+def role_profile(triples: np.ndarray, entities: np.ndarray, skip_relation: int) -> dict[tuple[int, str], float]:
+    """For a set of entities: the share of them that is the head ("out") or the tail ("in") of each
+    relation, `skip_relation` left out."""
+    entities = np.unique(entities)
+    if len(entities) == 0:
+        return {}
+    out: dict[tuple[int, str], float] = {}
+    keep = triples[:, 1] != skip_relation
+    for column, role in ((0, "out"), (2, "in")):
+        rows = triples[keep & np.isin(triples[:, column], entities)]
+        pairs = np.unique(rows[:, [column, 1]], axis=0)  # (entity, relation) once each
+        rels, counts = np.unique(pairs[:, 1], return_counts=True)
+        out.update({(int(r), role): float(c) / len(entities) for r, c in zip(rels.tolist(), counts.tolist())})
+    return out
+
+
+def likely_direction(triples: np.ndarray, entity: int, relation: int, margin: float = 0.1) -> str | None:
+    """Which slot of `relation` an entity with no fact of it would fill, from the graph alone: "tail"
+    (the entity is a head: ENTITY RELATION ?) when the relations it has are those the relation's heads
+    have, "head" when they are those of its tails; None when the graph does not tell (the entity has no
+    other facts, or both sides fit within `margin`, unless the relation is symmetric). A country asked about `capital of` is a tail (its
+    facts are continent, currency, ... like the other countries'), so the capital is a head query."""
+    rel = triples[triples[:, 1] == relation]
+    own = set(role_profile(triples, np.array([entity]), relation))
+    if len(rel) == 0 or not own:
+        return None
+    fit = {side: sum(profile.get(key, 0.0) for key in own) / len(own)
+           for side, profile in (("tail", role_profile(triples, rel[:, 0], relation)),
+                                 ("head", role_profile(triples, rel[:, 2], relation)))}
+    if abs(fit["tail"] - fit["head"]) >= margin:
+        return max(fit, key=fit.get)
+    # a symmetric relation (spouse, borders): either slot is the same question; ask for the tail
+    pairs = set(map(tuple, rel[:, [0, 2]].tolist()))
+    mirrored = sum((t, h) in pairs for h, t in pairs) / len(pairs)
+    return "tail" if mirrored >= 0.5 else None
+
+
 class Predictor:
     """One model, its encoder and its fresh entity index, ready for many queries."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -23,15 +24,42 @@ def load_for_command(workspace: Workspace, run: Optional[str], base: Optional[st
     return loaded
 
 
-def embed_after_training(workspace: Workspace, run_id: str, device: str) -> None:
-    """What `kalmkg train` ends with: the new run's entity index, for predict."""
+def embed_after_training(workspace: Workspace, run_id: str, device: str, calibrate_on: int | None = None) -> None:
+    """What `kalmkg train` ends with: the new run's entity index, for predict; with `calibrate_on` (a
+    number of valid triples, 0: all) the precision of its predictions on held-out triples, for ask."""
+    from kalmkg.evaluation.link_prediction import evaluate_run
     from kalmkg.index import embed as run_embed
+    from kalmkg.store import Store
 
     stderr = console(stderr=True)
     loaded = load_for_command(workspace, run_id, None, device, stderr)
     with CountBar(stderr) as bar:
         result = run_embed(workspace, loaded, progress=lambda d, t: bar.stage("embedding", d, t))
     console().print(f"entity index: {result.total:,} entities ({result.encoded:,} encoded) -> {workspace.vectors_dir}")
+    if calibrate_on is None:
+        return
+    with Store.open(workspace) as store:
+        has_valid = len(store.triples_array(("valid",))) > 0
+    if has_valid:
+        with CountBar(stderr) as bar:
+            out = evaluate_run(workspace, split="valid", limit=calibrate_on, loaded=loaded, progress=bar.stage)
+        print_calibration(out)
+
+
+def print_calibration(out: dict, min_precision: float = 0.5) -> None:
+    """One line: from which score `ask` says a prediction, as measured on held-out triples."""
+    from kalmkg.evaluation.calibration import read_calibration
+
+    path = out.get("calibration_path")
+    calibration = read_calibration(Path(path).parent) if path else None
+    if calibration is None:
+        return
+    threshold = calibration.threshold(min_precision)
+    said = (f"said from score {threshold:.3f} (held-out predictions there right "
+            f"{calibration.precision_at(threshold).precision:.0%} of the time)" if threshold is not None
+            else f"never said (no score reaches {min_precision:.0%} precision)")
+    console().print(f"calibration: first predictions right on {calibration.hit_rate:.0%} of {calibration.queries:,} "
+                    f"held-out queries; ask's predictions {said} -> {path}")
 
 
 def embed(
@@ -196,6 +224,7 @@ def evaluate(
     table.caption = (f"entity vectors {vectors}; queries encoded in {t['query_encoding_s']:.1f} s, "
                      f"ranked in {t['ranking_s']:.2f} s -> {out['eval_path']}")
     console().print(table)
+    print_calibration(out)
     if out.get("index_not_used") and not no_index and t["entity_vectors"] != "index":
         stderr.print(f"note: entity index not used: {out['index_not_used']}", style="dim", soft_wrap=True)
 

@@ -77,6 +77,8 @@ def ask(
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 is greedy (the same answer every time)."),
     max_tokens: int = typer.Option(96, "--max-tokens", help="Longest answer, in tokens."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (with --temperature > 0)."),
+    predict: bool = typer.Option(True, "--predict/--no-predict", help="When no fact answers a clear question, let the run's link predictor answer, said as a prediction."),
+    min_precision: float = typer.Option(0.5, "--min-precision", help="Say a prediction only where held-out predictions scoring as high were right this often (0-1]."),
     threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads.", show_default="every core this process may use"),
     as_json: bool = json_option("Print answer, facts, linked entities and timings as JSON."),
 ) -> None:
@@ -87,7 +89,11 @@ def ask(
     question, and the best ones go into the model's chat template as numbered
     facts. The answer streams, then the facts it was given are listed as citations.
     A question that names nothing in the graph gets "Nothing in the graph
-    matches" instead of an invented answer. No torch is imported.
+    matches" instead of an invented answer. When no fact answers a question
+    that names one entity and one relation clearly, the run's link predictor may
+    answer, said as "Not in the graph; predicted: X" with the precision such
+    predictions had on held-out triples (`kalmkg train` calibrates it). No torch
+    is imported unless a prediction is needed.
 
     \b
     Examples:
@@ -96,11 +102,12 @@ def ask(
       kalmkg ask "Who was Marie Curie married to?" --no-context      # the model alone
       kalmkg ask "Where was Bill Gates born?" --model smollm2-135m   # the untrained base
       kalmkg ask "Which countries border Germany?" --json | jq .facts
+      kalmkg ask "What is the currency of Peru?" --min-precision 0.8   # predictions said more rarely
     """
     from kalmkg.qa.ask import AskConfig, Asker, context_lines
 
     config = AskConfig(hops=hops, max_facts=max_facts, no_context=no_context, temperature=temperature,
-                       max_tokens=max_tokens, seed=seed)  # checks the options before a model is loaded
+                       max_tokens=max_tokens, seed=seed, predict=predict, min_precision=min_precision)  # checks the options before a model is loaded
     if threads is not None and threads < 1:
         raise KalmkgError("--threads must be at least 1")
     if not question.strip():
@@ -131,6 +138,8 @@ def ask(
     timing = f"; load {load_s:.1f} s, retrieve {answer.seconds['retrieve']:.2f} s"
     timing += f", first token {ttft:.2f} s" if ttft is not None else ""
     mode = "no context" if no_context else f"linked: {links}"
+    for note in answer.notes:
+        console(stderr=True).print(note, style="dim", markup=False, soft_wrap=True)
     console(stderr=True).print(f"{mode}; model {answer.model}{timing}", style="dim", markup=False, soft_wrap=True)
 
 

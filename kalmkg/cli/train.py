@@ -61,7 +61,7 @@ def train(
                     f"{' (stopped early)' if result.stopped_early else ''} -> {result.run_dir}")
     # The main process builds the entity index for predict (other torchrun processes just end).
     if embed_after and (result.run_dir / "adapter").is_dir() and os.environ.get("RANK", "0") == "0":
-        embed_after_training(ctx.obj, result.run_id, config.device)
+        embed_after_training(ctx.obj, result.run_id, config.device, calibrate_on=config.eval_limit)
 
 
 def print_dry_run(info: dict) -> None:

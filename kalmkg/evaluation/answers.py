@@ -19,7 +19,7 @@ from kalmkg.qa.ask import NO_FACTS, NO_MATCH
 from kalmkg.text import normalize, normalize_sentence
 
 # read on `normalize_sentence` text: apostrophes kept
-_ABSTAIN = re.compile(r"\b(i don'?t know|i do not know|not (?:mentioned|stated|given|provided|in the facts)|"
+_ABSTAIN = re.compile(r"\b(i don'?t know|i do not know|not (?:mentioned|stated|given|provided|in the (?:facts|graph))|"
                       r"no information|cannot (?:answer|determine)|can'?t (?:answer|determine)|unknown)\b")
 _NO_FACTS_START, _NO_FACTS_END = NO_FACTS.split("{names}")
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from kalmkg import text
 from kalmkg.errors import KalmkgError
+from kalmkg.evaluation.calibration import Calibration, calibrate, first_answers, write_calibration
 from kalmkg.evaluation.ranking import by_direction, encode_texts, rank_with_vectors, sample_triples
 from kalmkg.loaded import LoadedModel, load_model, safe_name, torch_encoder
 from kalmkg.runs import atomic_write_text
@@ -83,7 +84,17 @@ def evaluate_run(workspace: Workspace, *, run: str | None = None, base: str | No
     atomic_write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                          for r in _prediction_records(loaded, ranked)))
     atomic_write_text(eval_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    if split == "valid" and loaded.run_dir is not None:  # held-out triples: how far to trust a prediction
+        summary["calibration_path"] = str(write_calibration(out_dir, _calibration(loaded, ranked, all_triples)))
     return {**summary, "eval_path": str(eval_path), "predictions_path": str(pred_path)}
+
+
+def _calibration(loaded: LoadedModel, ranked: dict, all_triples: np.ndarray) -> Calibration:
+    """The precision curve of the first answers `predict` would give for the ranked queries."""
+    self_loops = set(np.unique(all_triples[all_triples[:, 0] == all_triples[:, 2], 1]).tolist())
+    scores, right = first_answers(ranked["queries"], ranked["targets"], ranked["top_ids"], ranked["top_scores"],
+                                  self_loops, len(loaded.relation_keys))
+    return calibrate(loaded.fingerprint, loaded.weights, "valid", scores, right)
 
 
 def _read_triples(workspace: Workspace, split: str, need_tables: bool) -> tuple:

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 from kalmkg.encode import GGUFEncoder
 from kalmkg.errors import KalmkgError
+from kalmkg.evaluation.calibration import Calibration, read_calibration
 from kalmkg.export.registry import list_exports
 from kalmkg.llamacpp import runtime
 from kalmkg.models import EMBEDDED, embedded_gguf
@@ -31,6 +32,8 @@ from kalmkg.qa.answer import (
     usable_sentence,
     within,
 )
+from kalmkg.runs import run_dir
+from kalmkg.qa.predicted import LinkPredictor, Prediction, asked_slot, predict_slot
 from kalmkg.qa.retrieve import Fact, Link, Retrieval, retrieve
 from kalmkg.store import Store
 from kalmkg.workspace import Workspace
@@ -59,6 +62,8 @@ class AskConfig:
     temperature: float = 0.0
     max_tokens: int = 96
     seed: int = 0
+    predict: bool = True  # no fact answers a clear question: the link predictor may, said as a prediction
+    min_precision: float = 0.5  # ... when its held-out predictions scoring as high were right this often
 
     def __post_init__(self) -> None:
         if self.hops not in (1, 2):
@@ -69,6 +74,8 @@ class AskConfig:
             raise KalmkgError("--max-tokens must be at least 1")
         if self.temperature < 0:
             raise KalmkgError("--temperature must be 0 (greedy) or more")
+        if not 0 < self.min_precision <= 1:
+            raise KalmkgError("--min-precision must be above 0 and at most 1")
 
 
 @dataclass
@@ -83,6 +90,8 @@ class Answer:
     seconds: dict[str, float] = field(default_factory=dict)
     chosen: AnswerGroup | None = None  # the answer taken from the graph (None: none, or --no-context)
     sentence: str = "model"  # who wrote `text` around the chosen answer: "model", or "template" (kalmkg)
+    predicted: Prediction | None = None  # the link predictor's answer, when no fact answered (said or not)
+    notes: list[str] = field(default_factory=list)  # why a prediction could not be made, for stderr
 
     def to_json(self) -> dict:
         return {
@@ -97,6 +106,8 @@ class Answer:
             "facts": [dict(n=i + 1, **f.as_dict()) for i, f in enumerate(self.facts)],
             "descriptions": [{"n": len(self.facts) + i + 1, "entity": lbl, "description": d}
                              for i, (lbl, d) in enumerate(self.descriptions)],
+            "predicted": None if self.predicted is None else self.predicted.to_json(),
+            "notes": self.notes,
             "seconds": self.seconds,
         }
 
@@ -138,11 +149,19 @@ def no_facts_message(links: Sequence[Link]) -> str:
 # --------------------------------------------------------------------------------------------- ask
 
 
+class Beyond(Protocol):
+    """Opens the link predictor and its calibration when a question needs them (they load a tokenizer and
+    the entity index: seconds, paid only by a question no fact answers)."""
+
+    def __call__(self) -> tuple[LinkPredictor, Calibration] | str: ...  # or why they cannot be had
+
+
 def ask(store, question: str, generator: Generator, embedder=None, config: AskConfig = AskConfig(),
-        on_token: Callable[[str], None] | None = None) -> Answer:
+        on_token: Callable[[str], None] | None = None, beyond: Beyond | None = None) -> Answer:
     """Retrieve, choose the answer from the graph, let the model write the sentence around it (streamed to
     `on_token` once checked). No generation when the question names nothing in the graph, or when no
-    fact of the graph answers it. `--no-context` asks the model alone."""
+    fact of the graph answers it; then, for a clear question, the link predictor of `beyond` may answer,
+    said as a prediction. `--no-context` asks the model alone."""
     question = " ".join(question.split())
     if not question:
         raise KalmkgError("an empty question")
@@ -153,7 +172,8 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
     found = retrieve(store, question, hops=config.hops, max_facts=config.max_facts, embedder=embedder)
     if not found.matched:
         return _say(Answer(question, NO_MATCH, False, [], []), t0, on_token)
-    chosen = choose_answer(question, found.links, found.paths, relation_words(store.relation_labels()), embedder)
+    relations = relation_words(store.relation_labels())
+    chosen = choose_answer(question, found.links, found.paths, relations, embedder)
     if chosen is None and not asked_words(question, found.links) and found.links[0].description:
         # "Who is Marie Curie?", "Paris?": nothing asked but the entity itself: the graph's description
         first = found.links[0]
@@ -163,7 +183,10 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
     if chosen is None:
         names = ", ".join(lk.label for lk in found.links)
         text = NO_ANSWER.format(names=names) if found.facts else no_facts_message(found.links)
-        return _say(Answer(question, text, True, found.links, []), t0, on_token)
+        answer = Answer(question, text, True, found.links, [])
+        if config.predict and beyond is not None:
+            _predict(answer, store, relations, beyond, config.min_precision)
+        return _say(answer, t0, on_token)
     chosen = within(chosen, config.max_facts)
     answer = Answer(question, "", True, found.links, chosen.facts, chosen=chosen)
     answer.seconds["retrieve"] = round(time.perf_counter() - t0, 4)
@@ -174,6 +197,26 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
     if on_token is not None:
         on_token(answer.text)
     return answer
+
+
+def _predict(answer: Answer, store, relations, beyond: Beyond, min_precision: float) -> None:
+    """The link predictor's answer to a clear question no fact answers: said when reliable enough."""
+    asked = asked_slot(answer.question, asked_words(answer.question, answer.links), answer.links, relations,
+                       store.triples_array())
+    if asked is None:
+        return
+    opened = beyond()
+    if isinstance(opened, str):
+        answer.notes.append(f"no prediction beyond the graph: {opened}")
+        return
+    predictor, calibration = opened
+    answer.predicted = guess = predict_slot(asked, predictor, calibration, min_precision)
+    if guess is not None and guess.said:
+        answer.text = guess.text()
+    elif guess is not None:
+        bar = "no score" if guess.threshold is None else f"the score {guess.threshold:.2f}"
+        answer.notes.append(f"not said: the link predictor's first answer, {guess.label} (score {guess.score:.2f}), "
+                            f"is below {bar} at which held-out predictions were right {min_precision:.0%} of the time")
 
 
 def _say(answer: Answer, t0: float, on_token) -> Answer:
@@ -296,9 +339,36 @@ class Asker:
         n_threads = n_threads or default_threads()
         self.generator = LlamaChat(self.choice.path, n_threads=n_threads)
         self.embedder = GGUFEncoder(self.choice.path, n_threads=n_threads, truncate=True) if embed else None
+        self._beyond: tuple | str | None = None
 
     def ask(self, question: str, config: AskConfig = AskConfig(), on_token=None) -> Answer:
         with Store.open(self.workspace) as store:
-            answer = ask(store, question, self.generator, self.embedder, config, on_token)
+            answer = ask(store, question, self.generator, self.embedder, config, on_token, self.beyond)
         answer.model = self.choice.name
         return answer
+
+    def beyond(self) -> tuple | str:
+        """The run's link predictor (its entity index, queries encoded by this GGUF) and its calibration,
+        opened once; or why there is none."""
+        if self._beyond is None:
+            self._beyond = open_beyond(self.workspace, self.choice, self.embedder)
+        return self._beyond
+
+
+def open_beyond(workspace: Workspace, choice: ModelChoice, embedder=None) -> tuple | str:
+    """(Predictor, Calibration) for the run `choice` was exported from, or why they cannot be had."""
+    from kalmkg.prediction import Predictor
+
+    if choice.run_id is None:
+        return f"{choice.name} is not exported from a run of this workspace"
+    calibration = read_calibration(run_dir(workspace, choice.run_id))
+    if calibration is None:
+        return f"run {choice.run_id} is not calibrated; `kalmkg evaluate --split valid --run {choice.run_id}` does it"
+    try:
+        predictor = Predictor.open(workspace, run=choice.run_id, backend="gguf", encoder=embedder, gguf=str(choice.path))
+    except KalmkgError as exc:
+        return str(exc)
+    if (calibration.model, calibration.weights) != (predictor.loaded.fingerprint, predictor.loaded.weights):
+        return (f"the weights of run {choice.run_id} changed since it was calibrated; "
+                f"`kalmkg evaluate --split valid --run {choice.run_id}` calibrates it again")
+    return predictor, calibration

@@ -1,0 +1,118 @@
+"""How far to trust the link predictor's first answer: a precision curve measured on held-out triples.
+
+`ask` answers from the graph when a path explains the question. When none does but the question names an
+entity and a relation clearly, the link predictor can answer instead, said as a prediction. Whether it
+should depends on the score: `kalmkg evaluate --split valid` (which `kalmkg train` runs at its end) ranks
+held-out triples the model never trained on, and for each query keeps the score of the first answer the
+predictor would give (known answers and the query's own entity left out, as `predict` leaves them out)
+and whether it was the held-out one. Sorted by score, that is a precision curve: of the held-out
+queries whose first answer scored at least s, the share that was right. `ask` says a prediction only
+where the curve stays above the precision it is asked for (`--min-precision`), and says that precision.
+
+Pure functions over arrays, and the run folder's `calibration.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kalmkg.runs import atomic_write_text
+
+FILE = "calibration.json"
+MIN_SUPPORT = 10  # held-out queries at or above a threshold before its precision means anything
+MAX_POINTS = 200  # curve points kept in the file (quantiles of the scores)
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    score: float  # a threshold: first answers scoring at least this ...
+    precision: float  # ... were right this often ...
+    support: int  # ... over this many held-out queries
+
+
+@dataclass
+class Calibration:
+    """The precision curve of a model's first answers on held-out queries, best scores first."""
+
+    model: str  # the model fingerprint ("run:<id>")
+    weights: str  # the weight hash it was measured with (a resumed run makes it stale)
+    split: str
+    queries: int
+    hit_rate: float  # share of held-out queries whose first answer was right (Hits@1 as predict sees it)
+    curve: list[CurvePoint] = field(default_factory=list)
+
+    def threshold(self, min_precision: float) -> float | None:
+        """The lowest score whose first answers were right at least `min_precision` of the time, over at
+        least MIN_SUPPORT queries; None when no score is that reliable."""
+        ok = [p.score for p in self.curve if p.support >= MIN_SUPPORT and p.precision >= min_precision]
+        return min(ok) if ok else None
+
+    def precision_at(self, score: float) -> CurvePoint | None:
+        """The point a first answer of `score` falls in: the highest threshold it reaches (None: below all)."""
+        reached = [p for p in self.curve if p.score <= score]
+        return max(reached, key=lambda p: p.score) if reached else None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Calibration":
+        curve = [CurvePoint(float(p["score"]), float(p["precision"]), int(p["support"])) for p in data.get("curve", [])]
+        return cls(str(data["model"]), str(data["weights"]), str(data["split"]), int(data["queries"]),
+                   float(data["hit_rate"]), curve)
+
+
+def first_answers(queries: np.ndarray, targets: np.ndarray, top_ids: np.ndarray, top_scores: np.ndarray,
+                  self_loop_relations: set[int], num_relations: int) -> tuple[np.ndarray, np.ndarray]:
+    """(score, right) of the first answer `predict` gives for each ranked query: the filtered top list
+    less the query's own entity (unless its relation has self-loops). Queries [n, 2] (entity, relation;
+    >= num_relations: inverse), targets [n], top_ids / top_scores [n, k] best first."""
+    scores = np.full(len(queries), -np.inf, dtype=np.float64)
+    right = np.zeros(len(queries), dtype=bool)
+    for i, ((q, r), target) in enumerate(zip(queries.tolist(), targets.tolist())):
+        keep_self = r % num_relations in self_loop_relations
+        for j, s in zip(top_ids[i].tolist(), top_scores[i].tolist()):
+            if np.isfinite(s) and (keep_self or j != q):
+                scores[i], right[i] = s, j == target
+                break
+    return scores, right
+
+
+def precision_curve(scores: np.ndarray, right: np.ndarray, max_points: int = MAX_POINTS) -> list[CurvePoint]:
+    """Precision of the first answers scoring at least s, for s at (at most `max_points`) of the scores,
+    best first. Ties share one point (a threshold cannot split them)."""
+    ok = np.isfinite(scores)
+    scores, right = scores[ok], right[ok]
+    if len(scores) == 0:
+        return []
+    order = np.argsort(-scores, kind="stable")
+    s, hits = scores[order], np.cumsum(right[order])
+    # the last position of each distinct score: a threshold at s takes every query scoring s
+    last = np.flatnonzero(np.append(s[1:] != s[:-1], True))
+    if len(last) > max_points:
+        last = last[np.unique(np.linspace(0, len(last) - 1, max_points).round().astype(int))]
+    return [CurvePoint(round(float(s[i]), 6), round(float(hits[i] / (i + 1)), 4), int(i + 1)) for i in last]
+
+
+def calibrate(model: str, weights: str, split: str, scores: np.ndarray, right: np.ndarray) -> Calibration:
+    n = int(np.isfinite(scores).sum())
+    hit_rate = float(right[np.isfinite(scores)].mean()) if n else 0.0
+    return Calibration(model, weights, split, n, round(hit_rate, 4), precision_curve(scores, right))
+
+
+def write_calibration(folder: Path, calibration: Calibration) -> Path:
+    path = folder / FILE
+    atomic_write_text(path, json.dumps(calibration.to_json(), indent=1) + "\n")
+    return path
+
+
+def read_calibration(folder: Path) -> Calibration | None:
+    """The folder's calibration, or None when there is none or it cannot be read."""
+    try:
+        return Calibration.from_json(json.loads((folder / FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
