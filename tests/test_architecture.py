@@ -85,13 +85,13 @@ def test_training_sees_ranking_not_evaluation():
 LAYERS = [
     # foundation: no knowledge of graphs or models
     ["kalmkg.errors", "kalmkg.workspace", "kalmkg.cache", "kalmkg.formatting", "kalmkg.system", "kalmkg.device",
-     "kalmkg.text", "kalmkg.llamacpp.environment", "kalmkg.llamacpp.build"],
+     "kalmkg.text", "kalmkg.prompts", "kalmkg.llamacpp.environment", "kalmkg.llamacpp.build"],
     # storage, configuration and the raw model: the graph store, runs on disk, base models, llama.cpp
     ["kalmkg.store", "kalmkg.split", "kalmkg.names", "kalmkg.ingestion", "kalmkg.runs", "kalmkg.models",
      "kalmkg.llamacpp", "kalmkg.training.config", "kalmkg.evaluation.metrics"],
     # model-free pieces the stages share: encoders, training data and losses, ranking, export files
     ["kalmkg.encode", "kalmkg.training.data", "kalmkg.training.objective", "kalmkg.evaluation.ranking",
-     "kalmkg.evaluation.calibration",
+     "kalmkg.evaluation.calibration", "kalmkg.training.questions",
      "kalmkg.export.registry", "kalmkg.export.gguf_meta"],
     # a run's model and its entity index
     ["kalmkg.loaded", "kalmkg.index"],

@@ -19,7 +19,8 @@ from conftest import SAMPLE_TTL, TESTS
 from helpers_graph import require_installed
 from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.answers import grade, is_abstention, load_questions
-from kalmkg.qa.ask import (NO_ANSWER, NO_MATCH, SYSTEM_ANSWER, SYSTEM_NO_CONTEXT, AskConfig, ask, build_messages,
+from kalmkg.prompts import SYSTEM_ANSWER, SYSTEM_NO_CONTEXT
+from kalmkg.qa.ask import (NO_ANSWER, NO_MATCH, AskConfig, ask, build_messages,
                            no_facts_message, resolve_model)
 from kalmkg.qa.retrieve import (Fact, Path as FactPath, choose_spans, link_entities, ngrams, overlap, path_lexical,
                                 retrieve, same_word, select_facts, standardize)
@@ -376,6 +377,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     (["ask", "Where was Bill Gates born?", "--max-tokens", "0"], "--max-tokens must be at least 1"),
     (["ask", "Where was Bill Gates born?", "--temperature", "-1"], "--temperature must be 0"),
     (["ask", "Where was Bill Gates born?", "--threads", "0"], "--threads must be at least 1"),
+    (["ask", "Where was Bill Gates born?", "--min-precision", "0"], "--min-precision must be above 0"),
     (["ask", "Where was Bill Gates born?", "--model", "nope.gguf"], "no model 'nope.gguf'"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_1(world, args, message):

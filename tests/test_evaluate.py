@@ -196,23 +196,38 @@ def test_answers_are_compared_after_normalisation():
     yes, no = Case("classification", "", YES, (0, 0, 0)), Case("classification", "", NO, (0, 0, 0))
     assert is_correct(yes, "Yes, this is true") and not is_correct(yes, "No, this is not true")
     assert is_correct(no, "no") and not is_correct(no, "maybe") and not is_correct(no, "not sure")
+    view = Case("tail-completion", "", "Paris", (0, 0, 0))
+    assert is_correct(view, "{ Paris, the capital of France }") and is_correct(view, "{ paris }")
+    assert is_correct(view, "{ Paris")  # cut by the token budget after the name
+    assert not is_correct(view, "{ Paris Saint-Germain, a club }") and not is_correct(view, "Paris, the capital")
+    assert not is_correct(view, "{ Lyon, Paris }")
 
 
 def test_generative_cases_have_fixed_shots_and_honest_corruptions(ws):
-    from kalmkg.evaluation.generative import NO, SHOTS, TASKS, YES, build_cases
+    from kalmkg.evaluation.generative import COMPLETION, NO, SHOTS, TASKS, YES, build_cases
+    from kalmkg.text import GraphTexts, hr_view, store_entity_texts, store_relation_texts
 
     with Store.open(ws) as store:
         test, train, everything = (store.triples_array(("test",)), store.triples_array(("train",)),
                                    store.triples_array())
         labels = store.entity_table()["label"].to_pylist()
         rels = store.relation_table()["label"].to_pylist()
+        texts = GraphTexts(store_entity_texts(store.entity_table()), store_relation_texts(store.relation_table()))
     known = set(map(tuple, everything.tolist()))
-    cases = build_cases(test[:6], train, known, labels, rels, seed=0)
+    cases = build_cases(test[:6], train, known, labels, rels, seed=0, texts=texts)
     assert [c.task for c in cases] == [t for t in TASKS for _ in range(6)]
     for task in TASKS:
         prompts = [c.prompt for c in cases if c.task == task]
-        prefix = prompts[0][: prompts[0].rindex("\n\n")]
-        assert all(p.startswith(prefix) for p in prompts) and prefix.count("\n\n") == SHOTS  # same 3 shots
+        cut = "\n" if task in COMPLETION else "\n\n"
+        prefix = prompts[0][: prompts[0].rindex(cut)]
+        assert all(p.startswith(prefix) for p in prompts) and prefix.count(cut) == SHOTS - (task in COMPLETION)
+    # the completion tasks are the training format: the hr view (head prediction: the inverse relation)
+    h, r, t = test[0].tolist()
+    first = {c.task: c for c in cases if c.triple == (h, r, t)}
+    assert first["tail-completion"].prompt.endswith("\n" + hr_view(texts.entities[h], texts.relations[r]))
+    assert first["head-completion"].prompt.endswith("\n" + hr_view(texts.entities[t], "inverse of " + rels[r]))
+    assert (first["tail-completion"].target, first["head-completion"].target) == (labels[t], labels[h])
+    assert len(build_cases(test[:6], train, known, labels, rels, seed=0)) == 6 * (len(TASKS) - len(COMPLETION))
     tails = [c for c in cases if c.task == "tail"]
     assert [c.target for c in tails] == [labels[t] for _, _, t in test[:6].tolist()]
     assert tails[0].prompt.endswith(f"Head: {labels[test[0, 0]]}\nRelation: {rels[test[0, 1]]}\nTail:")
@@ -231,7 +246,7 @@ def test_generative_evaluation_of_the_tiny_run_and_its_base(ws, monkeypatch):
         assert {t: a["count"] for t, a in out["accuracy"][name].items()} == dict.fromkeys(generative.TASKS, 4)
         assert all(0 <= a["accuracy"] <= 1 for a in out["accuracy"][name].values())
     records = [json.loads(line) for line in Path(out["predictions_path"]).read_text().splitlines()]
-    assert len(records) == 16 and set(records[0]) == {"task", "triple", "target", "run", "base"}
+    assert len(records) == 4 * len(generative.TASKS) and set(records[0]) == {"task", "triple", "target", "run", "base"}
     assert Path(out["eval_path"]) == ws.runs_dir / "r" / "eval-generative-test.json"
 
     # the scoring, with answers chosen: the "run" answers every case right, the "base" every case wrong
@@ -240,7 +255,8 @@ def test_generative_evaluation_of_the_tiny_run_and_its_base(ws, monkeypatch):
     def scripted(model, tokenizer, prompts, max_new_tokens):
         calls.append(len(calls))
         right = len(calls) <= len(generative.TASKS)
-        return [targets[p] if right else "zzz" for p in prompts]
+        return [(f"{{ {targets[p]}, a description }}" if "=>" in p else targets[p]) if right else "zzz"
+                for p in prompts]
 
     with Store.open(ws) as store:
         test, train, everything = (store.triples_array(("test",)), store.triples_array(("train",)),
@@ -248,8 +264,10 @@ def test_generative_evaluation_of_the_tiny_run_and_its_base(ws, monkeypatch):
         labels, rels = store.entity_table()["label"].to_pylist(), store.relation_table()["label"].to_pylist()
     from kalmkg.evaluation.ranking import sample_triples
 
+    from kalmkg.loaded import load_model
+
     cases = generative.build_cases(sample_triples(test, 4, 0), train, set(map(tuple, everything.tolist())),
-                                   labels, rels, seed=0)
+                                   labels, rels, seed=0, texts=load_model(ws).texts)
     targets = {c.prompt: c.target for c in cases}
     monkeypatch.setattr(generative, "generate", scripted)
     out = generative.evaluate_generative(ws, limit=4, seed=0)

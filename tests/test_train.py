@@ -59,7 +59,8 @@ def test_run_folder_has_everything_to_reproduce_and_use_the_run(sample_ws, tiny_
 def test_resume_continues_exactly_where_a_killed_run_stopped(sample_ws, tiny_model):
     import torch
 
-    cfg = tiny_config(tiny_model, lora_dropout=0.1, self_negatives=True, prebatch=1, learn_temperature=True)
+    cfg = tiny_config(tiny_model, lora_dropout=0.1, self_negatives=True, prebatch=1, learn_temperature=True,
+                      question_weight=0.5, question_examples=3)
     straight = train(sample_ws, cfg, run_id="straight")
     killed = train(sample_ws, cfg, run_id="killed", stop_after=3)
     assert killed.steps == 3
@@ -74,9 +75,9 @@ def test_resume_continues_exactly_where_a_killed_run_stopped(sample_ws, tiny_mod
     assert a["trainable"].keys() == b["trainable"].keys()
     for name, value in a["trainable"].items():
         assert torch.equal(value, b["trainable"][name]), name
-    steps_a = [(m["step"], m["loss"]) for m in metrics(straight.run_dir) if "loss" in m]
-    steps_b = [(m["step"], m["loss"]) for m in metrics(resumed.run_dir) if "loss" in m]
-    assert steps_a == steps_b
+    steps_a = [(m["step"], m["loss"], m["l_qa"]) for m in metrics(straight.run_dir) if "loss" in m]
+    steps_b = [(m["step"], m["loss"], m["l_qa"]) for m in metrics(resumed.run_dir) if "loss" in m]
+    assert steps_a == steps_b and all(qa > 0 for _, _, qa in steps_a)
 
 
 def test_dry_run_shows_config_and_first_batch_without_writing(sample_ws, tiny_model):
@@ -85,7 +86,11 @@ def test_dry_run_shows_config_and_first_batch_without_writing(sample_ws, tiny_mo
     assert seen["config"]["batch_size"] == 8
     first = seen["first_batch"][0]
     assert first["hr_view"].startswith("Complete the triple: [") and first["tail_view"].startswith("{ ")
+    assert seen["questions"] is None  # no question-answer loss by default
     assert not (sample_ws.runs_dir / "dry").exists()
+    train(sample_ws, tiny_config(tiny_model, question_weight=1.0), run_id="dry", dry_run=seen.update)
+    assert seen["questions"]["queries"] > 100 and len(seen["questions"]["first_batch"]) == 8
+    assert all(q.endswith("?") and a.endswith(".") for q, a in seen["questions"]["first_batch"])
 
 
 def test_errors_are_clear(tmp_path, sample_ws, tiny_model):
@@ -314,32 +319,42 @@ def grads(model, temperature) -> dict:
     return out
 
 
-@pytest.mark.parametrize("self_negatives", [False, True])
-def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_model, self_negatives):
+@pytest.mark.parametrize("self_negatives, questions", [(False, False), (True, False), (False, True)])
+def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_model, self_negatives, questions):
     """The fast step shares the hr view with the completion row, encodes identical rows once, runs
     length-grouped padded chunks and the LM head only on the target positions; none of that may
-    change the loss terms or a single gradient."""
+    change the loss terms or a single gradient. Question-answer rows (L_qa) ride in the same pass."""
     import torch
 
+    from kalmkg.models import load_tokenizer
+    from kalmkg.training.data import chat_example
     from kalmkg.training.objective import LearnableTemperature
     from kalmkg.training.step import StepContext, kalm_step
 
     cfg = TrainConfig(batch_size=12, lm_examples=3, lm_weight=0.5, lora_dropout=0.0, max_entity_tokens=24,
-                      self_negatives=self_negatives)
+                      self_negatives=self_negatives, question_weight=0.7 if questions else 0.0)
     model, tokens, known = tiny_lora(sample_ws, tiny_model, cfg)
     temperature = LearnableTemperature(0.05, learnable=True)
     batch = batch_for_the_step(tokens, cfg)
+    tokenizer = load_tokenizer(str(tiny_model), "tiny")
+    asked = [chat_example(tokenizer, "What is the capital of France?", "Paris."),
+             chat_example(tokenizer, "Which country is Berlin located in?", "Germany and Europe.")] if questions else None
     model.train()
 
-    fast = kalm_step(StepContext(model, temperature, tokens, known, cfg), batch)
+    fast = kalm_step(StepContext(model, temperature, tokens, known, cfg), batch, questions=asked)
     assert len(fast.tails[0]) == cfg.batch_size
     fast.loss.backward()
     fast_grads = grads(model, temperature)
     plain = plain_step(model, tokens, batch, cfg, temperature, known)
+    if questions:
+        plain["l_qa"] = torch.stack([model(input_ids=torch.tensor([p + r]),
+                                           labels=torch.tensor([[-100] * len(p) + r])).loss for p, r in asked]).mean()
+        plain["loss"] = plain["loss"] + cfg.question_weight * plain["l_qa"]
     plain["loss"].backward()
     plain_grads = grads(model, temperature)
 
-    for term in ("loss", "l_exp", "l_imp"):
+    assert ("l_qa" in fast.terms) == questions
+    for term in ("loss", "l_exp", "l_imp") + (("l_qa",) if questions else ()):
         assert fast.terms[term] == pytest.approx(plain[term].item(), rel=1e-5, abs=1e-6), term
     assert fast.terms["l_imp"] > 0.1 and cfg.lm_weight * fast.terms["l_imp"] > 1e-3  # the LM part counts
     assert fast_grads.keys() == plain_grads.keys()

@@ -77,4 +77,8 @@ def print_dry_run(info: dict) -> None:
         out.append(f"[{i}] hr view:   {ex['hr_view']}\n    tail view: {ex['tail_view']}")
         if ex["lm_target"]:
             out.append(f"    LM target: {ex['lm_target']}")
+    if info.get("questions"):
+        out.append(f"# questions: {info['questions']['queries']:,} train queries asked (both directions); "
+                   "first batch:")
+        out += [f"  Q: {q}\n  A: {a}" for q, a in info["questions"]["first_batch"]]
     sys.stdout.write("\n".join(out) + "\n")

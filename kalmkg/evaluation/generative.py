@@ -10,6 +10,12 @@ answer read up to the end of its line:
 Labels are compared after normalisation (case, punctuation, spacing, a leading article). The instructions
 follow the paper's intent; its exact wording is not published with the numbers, so absolute accuracies
 are comparable between models evaluated here (base vs run, side by side), not to the paper's.
+
+Two more tasks ask tail and head prediction in the format the run was trained on (KaLM's triple
+completion, `kalmkg.text`): the head-relation view `Complete the triple: [ <head text>, <relation> ] =>`
+continued by the answer's tail view `{ <name>, <description> }` (head prediction through the inverse
+relation, as training asks it), with the same 3 shots in that format, so the base sees the format too;
+correct when the generated view starts with the answer's name.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from kalmkg.evaluation.ranking import sample_triples
 from kalmkg.loaded import load_model
 from kalmkg.runs import atomic_write_text, read_config
 from kalmkg.store import SPLITS, Store
-from kalmkg.text import normalize_label
+from kalmkg import text
+from kalmkg.text import GraphTexts, normalize_label
 
-TASKS = ("tail", "head", "relation", "classification")
+TASKS = ("tail", "head", "relation", "classification", "tail-completion", "head-completion")
+COMPLETION = ("tail-completion", "head-completion")
 SHOTS = 3
 YES, NO = "Yes, this is true", "No, this is not true"
 INSTRUCTIONS = {
@@ -36,7 +44,8 @@ INSTRUCTIONS = {
     "relation": "Given the head and tail entity, choose the relation between them from: {relations}.",
     "classification": f'Is this triple true? Answer "{YES}" or "{NO}".',
 }
-MAX_NEW_TOKENS = {"tail": 24, "head": 24, "relation": 16, "classification": 8}
+MAX_NEW_TOKENS = {"tail": 24, "head": 24, "relation": 16, "classification": 8, "tail-completion": 24,
+                  "head-completion": 24}
 
 
 @dataclass
@@ -57,10 +66,18 @@ def _line(task: str, h: str, r: str, t: str, answer: bool = True) -> str:
     return f"Is this true: {h} {r} {t}?\nAnswer:"
 
 
+def _completion(texts: GraphTexts, task: str, h: int, r: int, t: int, answer: bool = True) -> str:
+    """A triple-completion line as training writes it: hr view, then (with `answer`) the answer's tail view."""
+    query, rel, target = (h, r, t) if task == "tail-completion" else (t, r + texts.num_relations, h)
+    view = text.hr_view(texts.entities[query], texts.relations[rel])
+    return view + (text.completion_target(texts.entities[target]) if answer else "")
+
+
 def build_cases(triples: np.ndarray, train: np.ndarray, known: set[tuple[int, int, int]], entity_labels: list[str],
-                relation_labels: list[str], *, seed: int = 0) -> list[Case]:
+                relation_labels: list[str], *, seed: int = 0, texts: GraphTexts | None = None) -> list[Case]:
     """Every task's prompt for every triple (classification: the even-indexed triples true, the odd ones
-    corrupted), with the same fixed-seed shots in every prompt of a task."""
+    corrupted), with the same fixed-seed shots in every prompt of a task. The completion tasks need the
+    run's entity texts (`texts`: cut as training cut them); without them they are left out."""
     rng = np.random.default_rng(seed)
     if len(train) < SHOTS:
         raise KalmkgError(f"generative evaluation needs at least {SHOTS} train triples for its examples")
@@ -77,6 +94,12 @@ def build_cases(triples: np.ndarray, train: np.ndarray, known: set[tuple[int, in
 
     cases: list[Case] = []
     for task in TASKS:
+        if task in COMPLETION:
+            if texts is not None:
+                prefix = "\n".join(_completion(texts, task, *shot) for shot in shots.tolist()) + "\n"
+                cases += [Case(task, prefix + _completion(texts, task, h, r, t, answer=False),
+                               L[t] if task == "tail-completion" else L[h], (h, r, t)) for h, r, t in triples.tolist()]
+            continue
         head = INSTRUCTIONS[task].format(relations=", ".join(sorted(set(RL))))
         if task == "classification":
             examples = []
@@ -98,7 +121,21 @@ def build_cases(triples: np.ndarray, train: np.ndarray, known: set[tuple[int, in
     return cases
 
 
+def names_first(view: str, name: str) -> bool:
+    """Whether a generated tail view `{ Paris, the capital ... }` names `name` before anything else."""
+    inner = view.strip()
+    if not inner.startswith("{"):
+        return False
+    inner = inner[1:].lstrip()
+    if not inner.casefold().startswith(name.casefold()):
+        return False
+    rest = inner[len(name):].lstrip()
+    return rest == "" or rest[0] in ",}"
+
+
 def is_correct(case: Case, answer: str) -> bool:
+    if case.task in COMPLETION:
+        return names_first(answer, case.target)
     got = normalize_label(answer)
     if case.task == "classification":  # the first word decides ("not sure" is no answer)
         return got.split(" ", 1)[0] == ("yes" if case.target == YES else "no")
@@ -127,12 +164,14 @@ def run_cases(model, tokenizer, cases: list[Case], progress=None, label: str = "
     answers: list[str] = []
     for k, task in enumerate(TASKS):
         mine = [c for c in cases if c.task == task]
-        answers += generate(model, tokenizer, [c.prompt for c in mine], MAX_NEW_TOKENS[task])
+        answers += generate(model, tokenizer, [c.prompt for c in mine], MAX_NEW_TOKENS[task]) if mine else []
         if progress:
             progress(f"{label} generate".strip(), k + 1, len(TASKS))
     acc = {}
     for task in TASKS:
         hits = [is_correct(c, a) for c, a in zip(cases, answers) if c.task == task]
+        if not hits and task in COMPLETION:
+            continue
         acc[task] = {"accuracy": float(np.mean(hits)) if hits else float("nan"), "count": len(hits)}
     return acc, answers
 
@@ -153,7 +192,8 @@ def evaluate_generative(workspace, *, run: str | None = None, split: str = "test
     sample = sample_triples(triples, limit, seed)
     loaded = load_model(workspace, run=run, device=device, tables=tables)
     known = set(map(tuple, everything.tolist()))
-    cases = build_cases(sample, train, known, loaded.entity_labels, loaded.relation_labels, seed=seed)
+    cases = build_cases(sample, train, known, loaded.entity_labels, loaded.relation_labels, seed=seed,
+                        texts=loaded.texts)
 
     t0 = time.perf_counter()
     results = {"run": run_cases(loaded.model, loaded.tokenizer, cases, progress, "run")}

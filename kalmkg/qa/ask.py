@@ -22,6 +22,7 @@ from kalmkg.evaluation.calibration import Calibration, read_calibration
 from kalmkg.export.registry import list_exports
 from kalmkg.llamacpp import runtime
 from kalmkg.models import EMBEDDED, embedded_gguf
+from kalmkg.prompts import SYSTEM, SYSTEM_ANSWER, no_context_messages
 from kalmkg.qa.answer import (
     AnswerGroup,
     answer_names,
@@ -38,12 +39,6 @@ from kalmkg.qa.retrieve import Fact, Link, Retrieval, retrieve
 from kalmkg.store import Store
 from kalmkg.workspace import Workspace
 
-SYSTEM = ("You answer questions about a knowledge graph. Use only the numbered facts below. "
-          "Answer in one short sentence and cite the facts you used like [1]. "
-          "If the facts do not answer the question, say: I don't know.")
-SYSTEM_ANSWER = ("You answer questions about a knowledge graph. The answer was found in the numbered facts "
-                 "below. Write one short sentence that gives the answer and cite the facts like [1].")
-SYSTEM_NO_CONTEXT = "Answer the question in one short sentence. If you do not know the answer, say: I don't know."
 NO_MATCH = ("Nothing in the graph matches this question: it names no entity of the graph "
             "(`kalmkg entities NAME` looks names up).")
 NO_FACTS = "The graph has no facts about {names} to answer from."
@@ -126,7 +121,7 @@ def build_messages(question: str, facts: Sequence[Fact], descriptions: Sequence[
     """The chat: a system turn with the rules, a user turn with the numbered facts and the question (and,
     when the graph gave it, the answer the sentence must give)."""
     if no_context:
-        return [{"role": "system", "content": SYSTEM_NO_CONTEXT}, {"role": "user", "content": question}]
+        return no_context_messages(question)
     body = "Facts:\n" + "\n".join(context_lines(facts, descriptions)) + f"\n\nQuestion: {question}"
     if answer is not None:
         return [{"role": "system", "content": SYSTEM_ANSWER}, {"role": "user", "content": f"{body}\nAnswer: {answer}"}]

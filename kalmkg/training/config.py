@@ -68,6 +68,11 @@ class TrainConfig:
     learn_temperature: bool = _option(False, "Train tau as a parameter.", "Objective")
     lm_weight: float = _option(0.01, "Weight lambda of the triple-completion LM loss.", "Objective")
     lm_examples: int = _option(4, "Examples per batch that also get the LM loss.", "Objective")
+    question_weight: float = _option(0.0, "Weight of the question-answer LM loss: questions written from the train "
+                                     "graph's relations in both directions, answered in `ask --no-context`'s "
+                                     "chat format (0: off).", "Objective")
+    question_examples: int = _option(8, "Question-answer examples per batch (with --question-weight > 0).",
+                                     "Objective")
     self_negatives: bool = _option(False, "Use each head as a negative for its own query.", "Objective")
     prebatch: int = _option(0, "Also contrast against the tails of the previous K batches.", "Objective")
     # optimisation
@@ -116,6 +121,8 @@ def config_problem(cfg: TrainConfig) -> str | None:
         (cfg.grad_accum >= 1, "--grad-accum must be at least 1"),
         (cfg.epochs > 0 or cfg.max_steps > 0, "give --epochs > 0 or --max-steps > 0"),
         (0 <= cfg.lm_examples <= cfg.batch_size, "--lm-examples must be between 0 and --batch-size"),
+        (cfg.question_weight >= 0, "--question-weight must be 0 (off) or more"),
+        (cfg.question_examples >= 0, "--question-examples must be 0 or more"),
         (cfg.max_entity_tokens is None or cfg.max_entity_tokens >= 1, "--max-entity-tokens must be at least 1"),
         (cfg.log_every >= 1, "--log-every must be at least 1"),
         (cfg.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),

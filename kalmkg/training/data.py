@@ -17,9 +17,11 @@ import numpy as np
 
 from kalmkg import text
 from kalmkg.errors import KalmkgError
+from kalmkg.prompts import no_context_messages
 from kalmkg.store import Store
 from kalmkg.text import GraphTexts
 from kalmkg.training.config import TrainConfig
+from kalmkg.training.questions import QuestionQuery, QuestionWriter, question_queries, sample_questions
 from kalmkg.workspace import Workspace
 
 
@@ -180,3 +182,46 @@ def describe_batch(tokens: TokenizedExamples, batch: np.ndarray, tokenizer, cfg:
         out.append({"hr_view": tokenizer.decode(hr), "tail_view": tokenizer.decode(tokens.tail_ids[a]),
                     "lm_target": tokenizer.decode(tokens.target_ids[a]) if lm[pos] else None})
     return out
+
+
+# ------------------------------------------------------------------ question-answer examples
+def chat_example(tokenizer, question: str, reply: str) -> tuple[list[int], list[int]]:
+    """Token ids of `ask --no-context`'s prompt for `question` (through the start of the model's turn) and
+    of `reply` (through the end of its turn), by the tokenizer's own chat template. The two are tokenized
+    apart, as at answer time: the prompt is tokenized alone and the reply is generated after it."""
+    messages = no_context_messages(question)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}], tokenize=False)
+    if not full.startswith(prompt) or len(full) == len(prompt):
+        raise KalmkgError("the base model's chat template does not extend its prompt with the reply; "
+                          "train without --question-weight")
+    ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return ids(prompt), ids(full[len(prompt):])
+
+
+@dataclass
+class QuestionData:
+    """The train graph's queries as questions, tokenized when a batch draws them."""
+
+    queries: list[QuestionQuery]
+    writer: QuestionWriter
+    tokenizer: Any
+
+    @classmethod
+    def build(cls, graph: TrainingGraph, tokenizer) -> "QuestionData":
+        entities, relations = graph.entity_table, graph.relation_table
+        R = relations.num_rows
+        writer = QuestionWriter(entities["label"].to_pylist(), relations["label"].to_pylist(),
+                                relations["description"].to_pylist())
+        return cls(question_queries(graph.train, R), writer, tokenizer)
+
+    def describe(self, k: int, seed: int) -> dict:
+        """What a dry run shows: how many queries are asked, and the first batch's questions and replies."""
+        drawn = sample_questions(len(self.queries), k, seed, 0)
+        return {"queries": len(self.queries),
+                "first_batch": [self.writer.pair(self.queries[i], pick) for i, pick in drawn[:8]]}
+
+    def batch(self, k: int, seed: int, index: int) -> list[tuple[list[int], list[int]]]:
+        """The `k` (prompt, reply) token pairs of batch `index` of the run (see `sample_questions`)."""
+        drawn = sample_questions(len(self.queries), k, seed, index)
+        return [chat_example(self.tokenizer, *self.writer.pair(self.queries[i], pick)) for i, pick in drawn]

@@ -27,7 +27,7 @@ from kalmkg.models import load_base, num_layers, resolve_base
 from kalmkg.text import graph_texts
 from kalmkg.training.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from kalmkg.training.config import SIZED, TrainConfig, with_size_defaults
-from kalmkg.training.data import batch_groups, describe_batch, epoch_batches, load_tokens, read_graph
+from kalmkg.training.data import QuestionData, batch_groups, describe_batch, epoch_batches, load_tokens, read_graph
 from kalmkg.training.distributed import World, barrier, init_world
 from kalmkg.training.learner import build_learner
 from kalmkg.training.plot import plot_metrics
@@ -106,12 +106,14 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     known = {k: frozenset(v) for k, v in known_answers(graph.train, texts.num_relations).items()}
     steps_per_epoch = len(tokens.examples) // cfg.batch_size // cfg.grad_accum
     total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
+    questions = QuestionData.build(graph, tokenizer) if cfg.question_weight > 0 and cfg.question_examples else None
     if dry_run is not None:
         first = epoch_batches(len(tokens.examples), cfg.batch_size, cfg.seed, 0, tokens.lengths, cfg.bucket)[0]
         dry_run({"config": runs.as_dict(cfg), "base": resolved.name, "device": device, "parameters": n_params,
                  "by_size": by_size,
                  "train_examples": len(tokens.examples), "steps": total_steps,
-                 "first_batch": describe_batch(tokens, first, tokenizer, cfg)})
+                 "first_batch": describe_batch(tokens, first, tokenizer, cfg),
+                 "questions": None if questions is None else questions.describe(cfg.question_examples, cfg.seed)})
         return None
 
     # build the model: LoRA on the base, the temperature, AdamW and its schedule
@@ -154,9 +156,11 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
         # the step: gradients of every batch of the group, averaged over processes, one update
         learner.optimizer.zero_grad(set_to_none=True)
         batch_terms = []
-        for examples in group:
+        for j, examples in enumerate(group):
+            asked = questions.batch(cfg.question_examples, cfg.seed, state.step * cfg.grad_accum + j) \
+                if questions is not None else None
             with autocast:
-                out = kalm_step(step_context, examples, prebatch)
+                out = kalm_step(step_context, examples, prebatch, asked)
             (out.loss / cfg.grad_accum).backward()
             batch_terms.append(out.terms)
             if cfg.prebatch:
@@ -214,7 +218,7 @@ def _due(step: int, every: int, total_steps: int) -> bool:
 def _mean_terms(terms: list[dict]) -> dict:
     out = {}
     for k in terms[0]:
-        vals = [t[k] for t in terms if t[k] is not None]
+        vals = [t[k] for t in terms if t.get(k) is not None]
         out[k] = round(sum(vals) / len(vals), 6) if vals else None
     return out
 

@@ -63,6 +63,20 @@ class StepInputs:
     hr: list[int]
     tail: list[int]
     self: list[int]
+    questions: list[int] = None  # rows of question-answer examples (LM loss only, kept apart as L_qa)
+
+    def __post_init__(self) -> None:
+        self.questions = self.questions or []
+
+    def add_questions(self, pairs) -> None:
+        """Question-answer rows (prompt + reply), the LM loss on the reply."""
+        for prompt, reply in pairs:
+            self.rows.append(prompt + reply)
+            self.pool_at.append(len(prompt) - 1)
+            r = len(self.rows) - 1
+            self.lm_spans[r] = (len(prompt) - 1, len(prompt) + len(reply) - 1)
+            self.lm_labels[r] = reply
+            self.questions.append(r)
 
 
 def build_inputs(tokens: TokenizedExamples, examples: np.ndarray, lm_mask: np.ndarray,
@@ -131,12 +145,16 @@ def run_backbone(decoder, inputs: StepInputs, pad_id: int, device, *, max_waste:
     return torch.stack(pooled), lm_hidden
 
 
-def kalm_step(ctx: StepContext, examples: np.ndarray, prebatch: list | None = None) -> StepOutput:
+def kalm_step(ctx: StepContext, examples: np.ndarray, prebatch: list | None = None,
+              questions: list | None = None) -> StepOutput:
     """Loss of one global batch (an [B, 3] example array) as seen by this process: its slice goes
-    through the model, the whole batch is in the loss. `prebatch`: earlier steps' `tails`."""
+    through the model, the whole batch is in the loss. `prebatch`: earlier steps' `tails`;
+    `questions`: the batch's (prompt, reply) token pairs for L_qa (this process takes its share)."""
     cfg, world = ctx.cfg, ctx.world
     mine = world.slice(len(examples))
     inputs = build_inputs(ctx.tokens, examples[mine], lm_flags(len(examples), cfg)[mine], cfg.self_negatives)
+    if questions:
+        inputs.add_questions(questions[world.slice(len(questions))])
     pooled, lm_hidden = run_backbone(backbone(ctx.model), inputs, ctx.tokens.pad_id, ctx.device)
 
     # L_exp: every process contrasts its queries against the tails of the whole global batch
@@ -151,16 +169,26 @@ def kalm_step(ctx: StepContext, examples: np.ndarray, prebatch: list | None = No
                              extra_negatives=extra, extra_mask=_to(masks.extra, hr.device),
                              self_negatives=selfs, self_negative_mask=_to(masks.self, hr.device))
 
-    # L_imp: the LM head only at the positions that predict each completion target
-    l_imp = None
-    if lm_hidden:
-        head = ctx.model.get_output_embeddings()
-        l_imp = objective.completion_loss([head(h) for h in lm_hidden.values()],
-                                          [torch.tensor(inputs.lm_labels[r], device=ctx.device) for r in lm_hidden])
+    # L_imp: the LM head only at the positions that predict each completion target; L_qa likewise on replies
+    head = ctx.model.get_output_embeddings()
+    asked = set(inputs.questions)
+    l_imp = _lm_loss(head, lm_hidden, inputs.lm_labels, [r for r in lm_hidden if r not in asked], ctx.device)
+    l_qa = _lm_loss(head, lm_hidden, inputs.lm_labels, [r for r in lm_hidden if r in asked], ctx.device)
     loss = objective.kalm_loss(out["loss"], l_imp, cfg.lm_weight)
+    if l_qa is not None:
+        loss = loss + cfg.question_weight * l_qa
     terms = {"loss": loss.item(), "l_exp": out["loss"].item(), "l_imp": l_imp.item() if l_imp is not None else None,
              "tau": tau.item(), "acc": out["accuracy"].item()}
+    if l_qa is not None:
+        terms["l_qa"] = l_qa.item()
     return StepOutput(loss, terms, (tails.detach(), torch.as_tensor(examples)[:, 2].clone()))
+
+
+def _lm_loss(head, hidden: dict, labels: dict, rows: list[int], device) -> torch.Tensor | None:
+    if not rows:
+        return None
+    return objective.completion_loss([head(hidden[r]) for r in rows],
+                                     [torch.tensor(labels[r], device=device) for r in rows])
 
 
 class _Masks(NamedTuple):
