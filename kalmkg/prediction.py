@@ -37,6 +37,7 @@ class Candidate:
     label: str
     score: float
     known: bool
+    probability: float | None = None  # the model's, over the candidates left (with `temperature`)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class PredictionResult:
         return {
             "query": query, "direction": self.direction, "entity": asdict(self.entity),
             "relation": asdict(self.relation), "model": self.model,
-            "results": [asdict(c) for c in self.candidates], "hidden_known": self.hidden_known,
+            "results": [{k: v for k, v in asdict(c).items() if v is not None} for c in self.candidates], "hidden_known": self.hidden_known,
             "excluded_self": self.excluded_self,
             "timing_ms": {"encode": round(self.encode_ms, 2), "search": round(self.search_ms, 2)},
         }
@@ -155,7 +156,9 @@ class Predictor:
         return hr_view(self.loaded.entity_text(entity_id), self.loaded.relation_texts[rel])
 
     def query(self, entity: EntityRef | int, relation: RelationRef | int, direction: str = "tail", k: int = 10,
-              filter_known: bool = False) -> PredictionResult:
+              filter_known: bool = False, temperature: float | None = None) -> PredictionResult:
+        """The top `k` candidates; with `temperature`, each with the model's probability: softmax of the
+        scores over every candidate left (exact search; with an ANN index, over the best 256)."""
         if direction not in ("tail", "head"):
             raise KalmkgError(f"unknown direction '{direction}'; use tail or head")
         if k < 1:
@@ -174,9 +177,25 @@ class Predictor:
         keys, labels = self.loaded.entity_keys, self.loaded.entity_labels
         candidates = [Candidate(r + 1, int(i), keys[i], labels[i], float(s), int(i) in known_set)
                       for r, (i, s) in enumerate(zip(ids[0].tolist(), scores[0].tolist())) if i >= 0]
+        if temperature is not None and candidates:
+            self._add_probabilities(candidates, qvec, exclude, temperature)
         return PredictionResult(direction, entity, relation, candidates, len(known_set) if filter_known else 0,
                                 self.loaded.fingerprint, 1000 * (t1 - t0), 1000 * (t2 - t1),
                                 list(self.loaded.warnings), exclude_self)
+
+    def _add_probabilities(self, candidates: list[Candidate], qvec: np.ndarray, exclude: list[int],
+                           temperature: float) -> None:
+        q = np.asarray(qvec, dtype=np.float32).reshape(-1)
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        if self.index.ann is None:
+            scores = self.index.vectors() @ q
+            scores[exclude] = -np.inf
+        else:
+            scores = self.index.search(q[None], 256, exclude=[exclude])[1][0]
+        best = float(np.max(scores))
+        total = float(np.exp((scores[np.isfinite(scores)] - best) / temperature).sum())
+        for c in candidates:
+            c.probability = float(np.exp((c.score - best) / temperature) / total)
 
     def _entity(self, i: int) -> EntityRef:
         return EntityRef(int(i), self.loaded.entity_keys[i], self.loaded.entity_labels[i])

@@ -169,6 +169,34 @@ def test_limit_is_a_fixed_seed_sample(ws):
         assert full["triples"] == len(store.triples_array(("valid",)))
 
 
+def test_the_valid_split_calibrates_the_runs_predictions(ws):
+    """evaluate --split valid writes calibration.json: the precision curve of the first answers `predict`
+    gives, by the model's probability, which the predictor computes the same way."""
+    from kalmkg.evaluation.calibration import read_calibration
+    from kalmkg.evaluation.link_prediction import evaluate_run
+    from kalmkg.index import embed
+    from kalmkg.loaded import load_model
+    from kalmkg.prediction import Predictor
+
+    loaded = load_model(ws)
+    embed(ws, loaded)
+    out = evaluate_run(ws, split="test", loaded=loaded)
+    assert "calibration_path" not in out and read_calibration(loaded.run_dir) is None  # test stays unseen
+    out = evaluate_run(ws, split="valid", loaded=loaded)
+    cal = read_calibration(loaded.run_dir)
+    assert Path(out["calibration_path"]) == loaded.run_dir / "calibration.json"
+    assert (cal.model, cal.weights, cal.split, cal.temperature) == (loaded.fingerprint, loaded.weights, "valid", 0.05)
+    assert cal.queries == out["queries"] and 0 <= cal.hit_rate <= 1
+    scores = [p.score for p in cal.curve]
+    assert scores == sorted(scores, reverse=True) and cal.curve[-1].support == cal.queries
+    assert cal.curve[-1].precision == pytest.approx(cal.hit_rate, abs=1e-4)
+    assert all(0 < p.score <= 1 for p in cal.curve)
+    # the predictor's probabilities: a distribution over the candidates left
+    result = Predictor.open(ws, loaded=loaded).query(0, 0, "tail", k=200, filter_known=True, temperature=0.05)
+    probs = [c.probability for c in result.candidates]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-4)
+
+
 def test_untrained_base_is_evaluated_into_its_own_folder(ws, tiny_model):
     from kalmkg.evaluation.link_prediction import evaluate_run
     from kalmkg.index import embed

@@ -12,7 +12,7 @@ import pytest
 from conftest import SAMPLE_TTL
 from kalmkg.evaluation.answers import grade, is_abstention
 from kalmkg.evaluation.calibration import (MIN_SUPPORT, Calibration, CurvePoint, calibrate, first_answers,
-                                           precision_curve, read_calibration, write_calibration)
+                                           first_probability, precision_curve, read_calibration, write_calibration)
 from kalmkg.prediction import Candidate, likely_direction, role_profile
 from kalmkg.qa.answer import relation_words
 from kalmkg.qa.ask import NO_ANSWER, AskConfig, ask
@@ -34,7 +34,7 @@ def test_the_precision_curve_counts_first_answers_at_or_above_each_score():
 def test_a_threshold_needs_enough_support_and_precision():
     # 30 queries, best first: the top 5 right, then alternating
     right = np.array([True] * 5 + [i % 2 == 0 for i in range(25)])
-    cal = calibrate("run:x", "w", "valid", np.linspace(1.0, 0.1, 30), right)
+    cal = calibrate("run:x", "w", "valid", np.linspace(1.0, 0.1, 30), right, 0.05)
     assert cal.queries == 30 and cal.hit_rate == pytest.approx(right.mean(), abs=1e-4)
     t = cal.threshold(0.7)
     point = cal.precision_at(t)
@@ -46,17 +46,27 @@ def test_a_threshold_needs_enough_support_and_precision():
     assert cal.precision_at(0.0) is None
 
 
-def test_first_answers_skip_the_query_entity_unless_its_relation_has_self_loops():
-    queries = np.array([[0, 0], [0, 1], [3, 2]])  # relation 1 has self-loops; 2 = inverse of relation 0
-    targets = np.array([5, 0, 4])
-    top_ids = np.array([[0, 5, 6], [0, 5, 6], [3, 7, 4]])
-    top_scores = np.array([[0.9, 0.8, 0.1], [0.9, 0.8, 0.1], [0.9, 0.7, 0.6]], dtype=np.float32)
-    scores, right = first_answers(queries, targets, top_ids, top_scores, {1}, num_relations=2)
-    assert scores.tolist() == pytest.approx([0.8, 0.9, 0.7]) and right.tolist() == [True, True, False]
+def test_the_first_probability_is_the_softmax_at_the_best_score():
+    assert first_probability(np.array([0.5, 0.5, -np.inf]), 0.05) == pytest.approx(0.5)
+    assert first_probability(np.array([0.9, 0.5]), 0.1) == pytest.approx(1 / (1 + np.exp(-4)))
+    assert first_probability(np.array([-np.inf]), 0.05) == 0.0
+
+
+def test_first_answers_leave_out_known_answers_and_the_query_entity_unless_it_loops():
+    entities = np.eye(4, dtype=np.float32)
+    # query 0: (entity 0, relation 0), target 2; entity 1 a known answer, entity 0 itself the closest
+    # query 1: (entity 0, relation 1) with self-loops: entity 0 may answer; target 0
+    queries, targets = np.array([[0, 0], [0, 1]]), np.array([2, 0])
+    qvecs = np.array([[0.9, 0.8, 0.5, 0.0], [0.9, 0.8, 0.5, 0.0]], dtype=np.float32)
+    known = {(0, 0): {1, 2}}
+    prob, right = first_answers(qvecs, entities, queries, targets, known, {1}, num_relations=2, temperature=0.1)
+    assert right.tolist() == [True, True]
+    assert prob[0] == pytest.approx(first_probability(np.array([0.5, 0.0]), 0.1))
+    assert prob[1] == pytest.approx(first_probability(np.array([0.9, 0.8, 0.5, 0.0]), 0.1))
 
 
 def test_a_calibration_is_kept_in_the_run_folder(tmp_path):
-    cal = Calibration("run:x", "w", "valid", 3, 0.5, [CurvePoint(0.9, 1.0, 1)])
+    cal = Calibration("run:x", "w", "valid", 3, 0.5, 0.05, [CurvePoint(0.9, 1.0, 1)])
     write_calibration(tmp_path, cal)
     assert read_calibration(tmp_path) == cal
     (tmp_path / "calibration.json").write_text("{broken")
@@ -164,9 +174,9 @@ class FakePredictor:
     def __init__(self, label="Joachim Sauer", score=0.8):
         self.label, self.score, self.calls = label, score, []
 
-    def query(self, entity, relation, direction="tail", k=10, filter_known=False):
-        self.calls.append((entity, relation, direction, k, filter_known))
-        return _Result([Candidate(1, 999, f"ex:{self.label}", self.label, self.score, False)], _Rel("spouse"))
+    def query(self, entity, relation, direction="tail", k=10, filter_known=False, temperature=None):
+        self.calls.append((entity, relation, direction, k, filter_known, temperature))
+        return _Result([Candidate(1, 999, f"ex:{self.label}", self.label, 0.91, False, self.score)], _Rel("spouse"))
 
 
 class NoModel:
@@ -174,7 +184,7 @@ class NoModel:
         raise AssertionError("no generation for an answer the graph does not hold")
 
 
-CALIBRATION = Calibration("run:x", "w", "valid", 40, 0.4, [CurvePoint(0.9, 0.9, 10), CurvePoint(0.7, 0.6, 20),
+CALIBRATION = Calibration("run:x", "w", "valid", 40, 0.4, 0.05, [CurvePoint(0.9, 0.9, 10), CurvePoint(0.7, 0.6, 20),
                                                             CurvePoint(0.2, 0.4, 40)])
 QUESTION = "Who is the spouse of Angela Merkel?"  # the graph has no spouse of hers
 
@@ -183,9 +193,9 @@ def test_a_clear_question_no_fact_answers_gets_a_prediction_said_as_such(store):
     predictor = FakePredictor(score=0.75)
     answer = ask(store, QUESTION, NoModel(), beyond=lambda: (predictor, CALIBRATION))
     merkel = ids(store, "Angela_Merkel")[0]
-    assert predictor.calls == [(merkel, rel_id(store, "spouse"), "tail", 1, True)]
-    assert answer.text == ("Not in the graph; predicted: Joachim Sauer (score 0.75: 60% of held-out predictions "
-                           "scoring this high were right).")
+    assert predictor.calls == [(merkel, rel_id(store, "spouse"), "tail", 1, True, 0.05)]
+    assert answer.text == ("Not in the graph; predicted: Joachim Sauer (probability 0.75: 60% of held-out "
+                           "predictions this probable were right).")
     out = answer.to_json()
     assert out["chosen"] is None and out["predicted"]["said"] and out["predicted"]["source"] == "prediction"
     assert out["predicted"]["held_out_precision"] == 0.6 and out["predicted"]["threshold"] == 0.7
@@ -198,10 +208,10 @@ def test_a_prediction_below_the_threshold_is_not_said(store):
     answer = ask(store, QUESTION, NoModel(), beyond=lambda: (FakePredictor(score=0.5), CALIBRATION))
     assert answer.text == NO_ANSWER.format(names="Angela Merkel")
     assert answer.predicted is not None and not answer.predicted.said
-    assert "below the score 0.70" in answer.notes[0]
+    assert "(probability 0.50); below 0.70, where held-out predictions were right 50%" in answer.notes[0]
     stricter = ask(store, QUESTION, NoModel(), config=AskConfig(min_precision=0.95),
                    beyond=lambda: (FakePredictor(score=0.95), CALIBRATION))
-    assert not stricter.predicted.said and "below no score" in stricter.notes[0]
+    assert not stricter.predicted.said and "no probability reached 95% precision" in stricter.notes[0]
 
 
 def test_no_prediction_without_a_clear_question_a_predictor_or_the_wish(store):

@@ -55,9 +55,9 @@ def print_calibration(out: dict, min_precision: float = 0.5) -> None:
     if calibration is None:
         return
     threshold = calibration.threshold(min_precision)
-    said = (f"said from score {threshold:.3f} (held-out predictions there right "
+    said = (f"said from probability {threshold:.3f} (held-out predictions there right "
             f"{calibration.precision_at(threshold).precision:.0%} of the time)" if threshold is not None
-            else f"never said (no score reaches {min_precision:.0%} precision)")
+            else f"never said (no probability reaches {min_precision:.0%} precision)")
     console().print(f"calibration: first predictions right on {calibration.hit_rate:.0%} of {calibration.queries:,} "
                     f"held-out queries; ask's predictions {said} -> {path}")
 

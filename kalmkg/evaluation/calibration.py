@@ -2,12 +2,17 @@
 
 `ask` answers from the graph when a path explains the question. When none does but the question names an
 entity and a relation clearly, the link predictor can answer instead, said as a prediction. Whether it
-should depends on the score: `kalmkg evaluate --split valid` (which `kalmkg train` runs at its end) ranks
-held-out triples the model never trained on, and for each query keeps the score of the first answer the
-predictor would give (known answers and the query's own entity left out, as `predict` leaves them out)
-and whether it was the held-out one. Sorted by score, that is a precision curve: of the held-out
-queries whose first answer scored at least s, the share that was right. `ask` says a prediction only
-where the curve stays above the precision it is asked for (`--min-precision`), and says that precision.
+should depends on how sure the model is: `kalmkg evaluate --split valid` (which `kalmkg train` runs at
+its end) ranks held-out triples the model never trained on, and for each query keeps the model's
+probability of the first answer the predictor would give (known answers and the query's own entity left
+out, as `predict` leaves them out) and whether it was the held-out one. Sorted by probability, that is
+a precision curve: of the held-out queries whose first answer was at least that probable, the share
+that was right. `ask` says a prediction only where the curve stays above the precision it is asked for
+(`--min-precision`), and says that precision.
+
+The probability (softmax over the candidates at the run's temperature), not the cosine: on UMLS (a
+135-step run, 1,304 valid queries) it orders right first answers before wrong ones with an AUROC of .70
+against the cosine's .57.
 
 Pure functions over arrays, and the run folder's `calibration.json`.
 """
@@ -29,20 +34,21 @@ MAX_POINTS = 200  # curve points kept in the file (quantiles of the scores)
 
 @dataclass(frozen=True)
 class CurvePoint:
-    score: float  # a threshold: first answers scoring at least this ...
+    score: float  # a threshold: first answers of at least this probability ...
     precision: float  # ... were right this often ...
     support: int  # ... over this many held-out queries
 
 
 @dataclass
 class Calibration:
-    """The precision curve of a model's first answers on held-out queries, best scores first."""
+    """The precision curve of a model's first answers on held-out queries, most probable first."""
 
     model: str  # the model fingerprint ("run:<id>")
     weights: str  # the weight hash it was measured with (a resumed run makes it stale)
     split: str
     queries: int
     hit_rate: float  # share of held-out queries whose first answer was right (Hits@1 as predict sees it)
+    temperature: float  # the softmax temperature of the probabilities (the run's tau)
     curve: list[CurvePoint] = field(default_factory=list)
 
     def threshold(self, min_precision: float) -> float | None:
@@ -63,23 +69,41 @@ class Calibration:
     def from_json(cls, data: dict) -> "Calibration":
         curve = [CurvePoint(float(p["score"]), float(p["precision"]), int(p["support"])) for p in data.get("curve", [])]
         return cls(str(data["model"]), str(data["weights"]), str(data["split"]), int(data["queries"]),
-                   float(data["hit_rate"]), curve)
+                   float(data["hit_rate"]), float(data["temperature"]), curve)
 
 
-def first_answers(queries: np.ndarray, targets: np.ndarray, top_ids: np.ndarray, top_scores: np.ndarray,
-                  self_loop_relations: set[int], num_relations: int) -> tuple[np.ndarray, np.ndarray]:
-    """(score, right) of the first answer `predict` gives for each ranked query: the filtered top list
-    less the query's own entity (unless its relation has self-loops). Queries [n, 2] (entity, relation;
-    >= num_relations: inverse), targets [n], top_ids / top_scores [n, k] best first."""
-    scores = np.full(len(queries), -np.inf, dtype=np.float64)
+def first_probability(scores: np.ndarray, temperature: float) -> float:
+    """The model's probability of its first answer: softmax(scores / temperature) at the best score, over
+    the candidates left (excluded ones at -inf). KaLM trains exactly this distribution (InfoNCE over
+    entities at temperature tau), and it tells a confident answer from a guess far better than the
+    cosine does: a first answer at .93 among many at .92 is a guess."""
+    finite = scores[np.isfinite(scores)]
+    if len(finite) == 0:
+        return 0.0
+    return float(1.0 / np.exp((finite - finite.max()) / temperature).sum())
+
+
+def first_answers(query_vectors: np.ndarray, entity_vectors: np.ndarray, queries: np.ndarray, targets: np.ndarray,
+                  known: dict, self_loop_relations: set[int], num_relations: int, temperature: float,
+                  chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(probability, right) of the first answer `predict` gives for each held-out query: every known answer
+    but the target left out (the held-out fact is unknown to `ask`), and the query's own entity unless
+    its relation has self-loops. Queries [n, 2] (entity, relation; >= num_relations: inverse), targets
+    [n], vectors L2-normalised; `known`: (entity, relation) -> known answers (metrics.known_answers)."""
+    confidence = np.zeros(len(queries), dtype=np.float64)
     right = np.zeros(len(queries), dtype=bool)
-    for i, ((q, r), target) in enumerate(zip(queries.tolist(), targets.tolist())):
-        keep_self = r % num_relations in self_loop_relations
-        for j, s in zip(top_ids[i].tolist(), top_scores[i].tolist()):
-            if np.isfinite(s) and (keep_self or j != q):
-                scores[i], right[i] = s, j == target
-                break
-    return scores, right
+    for start in range(0, len(queries), chunk):
+        scores = np.asarray(query_vectors[start:start + chunk], dtype=np.float32) @ entity_vectors.T
+        for j, row in enumerate(scores):
+            i = start + j
+            (q, r), target = queries[i].tolist(), int(targets[i])
+            out = [a for a in known.get((q, r), ()) if a != target]
+            if r % num_relations not in self_loop_relations:
+                out.append(q)
+            row[out] = -np.inf
+            first = int(np.argmax(row))
+            confidence[i], right[i] = first_probability(row, temperature), first == target
+    return confidence, right
 
 
 def precision_curve(scores: np.ndarray, right: np.ndarray, max_points: int = MAX_POINTS) -> list[CurvePoint]:
@@ -98,10 +122,11 @@ def precision_curve(scores: np.ndarray, right: np.ndarray, max_points: int = MAX
     return [CurvePoint(round(float(s[i]), 6), round(float(hits[i] / (i + 1)), 4), int(i + 1)) for i in last]
 
 
-def calibrate(model: str, weights: str, split: str, scores: np.ndarray, right: np.ndarray) -> Calibration:
+def calibrate(model: str, weights: str, split: str, scores: np.ndarray, right: np.ndarray,
+              temperature: float) -> Calibration:
     n = int(np.isfinite(scores).sum())
     hit_rate = float(right[np.isfinite(scores)].mean()) if n else 0.0
-    return Calibration(model, weights, split, n, round(hit_rate, 4), precision_curve(scores, right))
+    return Calibration(model, weights, split, n, round(hit_rate, 4), temperature, precision_curve(scores, right))
 
 
 def write_calibration(folder: Path, calibration: Calibration) -> Path:

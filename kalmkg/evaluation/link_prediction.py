@@ -15,7 +15,9 @@ from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.calibration import Calibration, calibrate, first_answers, write_calibration
 from kalmkg.evaluation.ranking import by_direction, encode_texts, rank_with_vectors, sample_triples
 from kalmkg.loaded import LoadedModel, load_model, safe_name, torch_encoder
-from kalmkg.runs import atomic_write_text
+from kalmkg.evaluation.metrics import known_answers
+from kalmkg.runs import atomic_write_text, read_config
+from kalmkg.training.config import saved_train_config
 from kalmkg.store import SPLITS, Store
 from kalmkg.workspace import Workspace
 
@@ -85,16 +87,28 @@ def evaluate_run(workspace: Workspace, *, run: str | None = None, base: str | No
                                          for r in _prediction_records(loaded, ranked)))
     atomic_write_text(eval_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if split == "valid" and loaded.run_dir is not None:  # held-out triples: how far to trust a prediction
-        summary["calibration_path"] = str(write_calibration(out_dir, _calibration(loaded, ranked, all_triples)))
+        calibration = _calibration(loaded, ranked, all_triples, entities.vectors)
+        summary["calibration_path"] = str(write_calibration(out_dir, calibration))
     return {**summary, "eval_path": str(eval_path), "predictions_path": str(pred_path)}
 
 
-def _calibration(loaded: LoadedModel, ranked: dict, all_triples: np.ndarray) -> Calibration:
-    """The precision curve of the first answers `predict` would give for the ranked queries."""
+def first_answer_confidence(loaded: LoadedModel, ranked: dict, all_triples: np.ndarray,
+                            entity_vectors) -> tuple[np.ndarray, np.ndarray, float]:
+    """(probability, right, temperature) of the first answer `predict` would give for each ranked query,
+    at the run's temperature (`calibration.first_answers`)."""
+    R = len(loaded.relation_keys)
     self_loops = set(np.unique(all_triples[all_triples[:, 0] == all_triples[:, 2], 1]).tolist())
-    scores, right = first_answers(ranked["queries"], ranked["targets"], ranked["top_ids"], ranked["top_scores"],
-                                  self_loops, len(loaded.relation_keys))
-    return calibrate(loaded.fingerprint, loaded.weights, "valid", scores, right)
+    tau = saved_train_config(read_config(loaded.run_dir)).temperature
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    confidence, right = first_answers(unit(ranked["query_vectors"]), unit(np.asarray(entity_vectors, dtype=np.float32)),
+                                      ranked["queries"], ranked["targets"], known_answers(all_triples, R), self_loops,
+                                      R, tau)
+    return confidence, right, tau
+
+
+def _calibration(loaded: LoadedModel, ranked: dict, all_triples: np.ndarray, entity_vectors) -> Calibration:
+    confidence, right, tau = first_answer_confidence(loaded, ranked, all_triples, entity_vectors)
+    return calibrate(loaded.fingerprint, loaded.weights, "valid", confidence, right, tau)
 
 
 def _read_triples(workspace: Workspace, split: str, need_tables: bool) -> tuple:

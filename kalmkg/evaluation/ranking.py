@@ -68,7 +68,7 @@ def rank_with_vectors(encoder, texts, triples: np.ndarray, all_triples: np.ndarr
             progress("rank", min(start + chunk, len(queries)), len(queries))
     t2 = time.perf_counter()
     return {"ranks": ranks, "queries": queries, "targets": targets, "top_ids": top_ids, "top_scores": top_scores,
-            "query_encoding_s": t1 - t0, "ranking_s": t2 - t1}
+            "query_vectors": qvecs.numpy(), "query_encoding_s": t1 - t0, "ranking_s": t2 - t1}
 
 
 def encode_texts(encoder, texts: list[str], batch_size: int, progress=None, stage: str = "encode") -> np.ndarray:

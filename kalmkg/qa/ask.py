@@ -209,9 +209,10 @@ def _predict(answer: Answer, store, relations, beyond: Beyond, min_precision: fl
     if guess is not None and guess.said:
         answer.text = guess.text()
     elif guess is not None:
-        bar = "no score" if guess.threshold is None else f"the score {guess.threshold:.2f}"
-        answer.notes.append(f"not said: the link predictor's first answer, {guess.label} (score {guess.score:.2f}), "
-                            f"is below {bar} at which held-out predictions were right {min_precision:.0%} of the time")
+        why = (f"no probability reached {min_precision:.0%} precision on held-out facts" if guess.threshold is None
+               else f"below {guess.threshold:.2f}, where held-out predictions were right {min_precision:.0%} of the time")
+        answer.notes.append(f"not said: the link predictor's first answer, {guess.label} (probability "
+                            f"{guess.score:.2f}); {why}")
 
 
 def _say(answer: Answer, t0: float, on_token) -> Answer:

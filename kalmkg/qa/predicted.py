@@ -25,15 +25,15 @@ from kalmkg.prediction import likely_direction
 from kalmkg.qa.answer import LABEL_MATCH, RelationWords, answer_type, asked_type, type_fits, word_matches
 from kalmkg.qa.retrieve import Link, same_word, words
 
-PREDICTED = "Not in the graph; predicted: {name} (score {score:.2f}: {precision:.0%} of held-out predictions " \
-            "scoring this high were right)."
+PREDICTED = "Not in the graph; predicted: {name} (probability {score:.2f}: {precision:.0%} of held-out " \
+            "predictions this probable were right)."
 
 
 class LinkPredictor(Protocol):
     """What `ask` needs of `kalmkg.prediction.Predictor`."""
 
     def query(self, entity: int, relation: int, direction: str = "tail", k: int = 10,
-              filter_known: bool = False): ...
+              filter_known: bool = False, temperature: float | None = None): ...
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,11 @@ class Prediction:
     relation_label: str
     key: str
     label: str
-    score: float
-    point: CurvePoint | None  # the held-out precision at this score (None: below every measured score)
-    threshold: float | None  # the lowest score said at the precision asked for (None: none is)
+    score: float  # the model's probability of this answer (what the calibration is measured on)
+    point: CurvePoint | None  # the held-out precision at this probability (None: below every measured one)
+    threshold: float | None  # the lowest probability said at the precision asked for (None: none is)
     said: bool
+    cosine: float = 0.0
 
     def text(self) -> str:
         return PREDICTED.format(name=self.label, score=self.score, precision=self.point.precision)
@@ -64,7 +65,7 @@ class Prediction:
     def to_json(self) -> dict:
         return {"entity": {"key": self.key, "label": self.label}, "from": self.asked.entity.label,
                 "relation": self.relation_label, "direction": self.asked.direction,
-                "score": round(self.score, 4), "threshold": None if self.threshold is None else round(self.threshold, 4),
+                "probability": round(self.score, 4), "cosine": round(self.cosine, 4), "threshold": None if self.threshold is None else round(self.threshold, 4),
                 "held_out_precision": None if self.point is None else self.point.precision,
                 "held_out_support": None if self.point is None else self.point.support,
                 "said": self.said, "source": "prediction"}
@@ -113,13 +114,14 @@ def asked_slot(question: str, question_words: Sequence[str], links: Sequence[Lin
 
 def predict_slot(asked: Asked, predictor: LinkPredictor, calibration: Calibration,
                  min_precision: float) -> Prediction | None:
-    """The predictor's first new answer for the slot, said when its score reaches the calibrated
-    threshold for `min_precision`; None when it has no answer to give."""
-    result = predictor.query(asked.entity.id, asked.relation, asked.direction, k=1, filter_known=True)
+    """The predictor's first new answer for the slot, said when the model's probability of it reaches the
+    calibrated threshold for `min_precision`; None when it has no answer to give."""
+    result = predictor.query(asked.entity.id, asked.relation, asked.direction, k=1, filter_known=True,
+                             temperature=calibration.temperature)
     if not result.candidates:
         return None
     best = result.candidates[0]
     threshold = calibration.threshold(min_precision)
-    said = threshold is not None and best.score >= threshold
-    return Prediction(asked, result.relation.label, best.key, best.label, best.score,
-                      calibration.precision_at(best.score), threshold, said)
+    said = threshold is not None and best.probability >= threshold
+    return Prediction(asked, result.relation.label, best.key, best.label, best.probability,
+                      calibration.precision_at(best.probability), threshold, said, best.score)
