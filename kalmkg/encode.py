@@ -113,8 +113,48 @@ class GGUFEncoder:
     def encode_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         return embed_rows(self.llm, rows)
 
+    def text_tokenizer(self) -> "LlamaTokenizer":
+        """This GGUF's own tokenizer in the shape `text.truncate_texts` takes (cutting entity texts
+        without transformers)."""
+        return LlamaTokenizer(self.llm)
+
     def close(self) -> None:
         self.llm.close()
+
+
+class LlamaTokenizer:
+    """llama.cpp's tokenizer of a loaded GGUF behind the small part of the Hugging Face tokenizer call that
+    kalmkg uses to cut texts (`text.Tokenizer`): ids without BOS and character offsets. A GGUF carries the
+    vocabulary and pre-tokenizer of the model it was converted from, so the ids are the same."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def __call__(self, texts, add_special_tokens: bool = False, return_offsets_mapping: bool = False) -> dict:
+        rows = [self.llm.tokenize(t.encode("utf-8"), add_bos=add_special_tokens, special=False) for t in texts]
+        out = {"input_ids": rows}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [char_offsets(t, [self.llm.detokenize([i]) for i in row])
+                                     for t, row in zip(texts, rows)]
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+
+def char_offsets(text: str, pieces: Sequence[bytes]) -> list[tuple[int, int]]:
+    """(start, end) character offsets of consecutive byte pieces of `text`'s UTF-8 encoding; a character
+    split over pieces belongs whole to each of them (as Hugging Face's offsets have it)."""
+    char_at = [i for i, ch in enumerate(text) for _ in ch.encode("utf-8")]
+    out, at = [], 0
+    for piece in pieces:
+        if not piece or at >= len(char_at):
+            out.append((len(text), len(text)) if at >= len(char_at) else (char_at[at], char_at[at]))
+            continue
+        end = min(at + len(piece), len(char_at))
+        out.append((char_at[at], char_at[end - 1] + 1))
+        at = end
+    return out
 
 
 def embed_rows(llm, rows: Sequence[Sequence[int]]) -> np.ndarray:

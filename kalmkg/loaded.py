@@ -106,10 +106,12 @@ class LoadedModel:
 
 
 def load_model(workspace: Workspace, *, run: str | None = None, base: str | None = None, device: str = "cpu",
-               tables: tuple | None = None) -> LoadedModel:
+               tables: tuple | None = None, tokenizer=None) -> LoadedModel:
     """The run's model (default: the latest run), or the untrained `base` when given.
 
     `tables` = (entity_table, relation_table, graph_fingerprint) saves reading the store again.
+    `tokenizer` cuts the entity texts instead of the run's own (`ask` passes its GGUF's, so no
+    transformers is loaded; the torch model then cannot be used).
     """
     if run is not None and base is not None:
         raise KalmkgError("give --run or --base, not both")
@@ -121,7 +123,7 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
 
     if base is not None:
         resolved = resolve_base(base)
-        tokenizer = load_tokenizer(resolved.path, resolved.name)
+        tokenizer = tokenizer or load_tokenizer(resolved.path, resolved.name)
         # texts cut as a run of this base trains them by default
         max_tokens = size_defaults(describe_base(resolved.path)[0]).max_entity_tokens
         fingerprint, weights, name, rdir = f"base:{resolved.fingerprint}", resolved.fingerprint, resolved.name, None
@@ -139,7 +141,7 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
         if not adapter.is_dir():
             raise KalmkgError(f"run {rdir.name} has no trained weights yet (no adapter/: it stopped before its "
                               f"first validation); `kalmkg train --resume {rdir.name}` finishes it")
-        resolved = resolve_base(cfg.base)
+        resolved = resolve_base(cfg.base, check=False)  # checked when the run was trained
         trained_on = config.get("base", {}).get("fingerprint")
         if trained_on and trained_on != resolved.fingerprint:
             warnings.append(f"the base model {cfg.base!r} changed since run {rdir.name} was trained "
@@ -149,7 +151,7 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
                             "never seen in training")
         # the tokenizer exactly as training saved it (pad token set); the base's for older runs
         saved = rdir / "tokenizer"
-        tokenizer = load_tokenizer(str(saved) if saved.is_dir() else resolved.path, rdir.name)
+        tokenizer = tokenizer or load_tokenizer(str(saved) if saved.is_dir() else resolved.path, rdir.name)
         max_tokens = cfg.max_entity_tokens
         fingerprint, weights, name = f"run:{rdir.name}", files_fingerprint(adapter), rdir.name
         gguf = None  # a run's GGUF is what `kalmkg export` writes (see make_encoder)

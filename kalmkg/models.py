@@ -60,14 +60,16 @@ class ResolvedBase:
 # --------------------------------------------------------------------------------------------- resolving
 
 
-def resolve_base(spec: str = DEFAULT_BASE, cache_dir: Path | None = None) -> ResolvedBase:
-    """Find the base model named by ``spec``; a GGUF is converted (once) into ``cache_dir``."""
+def resolve_base(spec: str = DEFAULT_BASE, cache_dir: Path | None = None, *, check: bool = True) -> ResolvedBase:
+    """Find the base model named by ``spec``; a GGUF is converted (once) into ``cache_dir``. ``check``
+    False skips asking transformers whether a local folder holds a causal LM (a run's base was checked
+    when the run was trained; `ask` does not load transformers)."""
     spec = spec.strip()
     if spec.lower() in EMBEDDED:
         return _resolve_gguf(embedded_gguf(spec.lower()), spec, "embedded", cache_dir)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _resolve_local(path, spec)
+        return _resolve_local(path, spec, check)
     if path.suffix.lower() == ".gguf" or path.is_file():
         if not path.is_file():
             raise KalmkgError(f"GGUF file not found: {path}")
@@ -98,10 +100,11 @@ def embedded_gguf(key: str) -> Path:
     return path
 
 
-def _resolve_local(folder: Path, spec: str) -> ResolvedBase:
+def _resolve_local(folder: Path, spec: str, check: bool = True) -> ResolvedBase:
     if not (folder / "config.json").is_file():
         raise KalmkgError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    _check_decoder(folder, spec)
+    if check:
+        _check_decoder(folder, spec)
     weights = _weight_files(folder)
     if not weights:
         raise KalmkgError(f"{folder} has a config.json but no weights (*.safetensors or *.bin)")

@@ -144,3 +144,15 @@ def require_installed(module: str, reason: str | None = None) -> None:
 
     if importlib.util.find_spec(module) is None:
         pytest.skip(reason or f"{module} is not installed")
+
+
+# `python -c NO_TORCH -w WS ask ...`: the CLI, then whether torch was imported, on stderr
+NO_TORCH = """
+import sys
+from kalmkg.cli.app import main
+sys.argv = ["kalmkg", *sys.argv[1:]]
+try:
+    main()
+finally:
+    sys.stderr.write("TORCH_LOADED=%s\\n" % ("torch" in sys.modules))
+"""

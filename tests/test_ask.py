@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE_TTL, TESTS
-from helpers_graph import require_installed
+from helpers_graph import NO_TORCH, require_installed
 from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.answers import grade, is_abstention, load_questions
 from kalmkg.prompts import SYSTEM_ANSWER, SYSTEM_NO_CONTEXT
@@ -389,17 +389,6 @@ def test_cli_bad_input_is_one_line_and_exit_1(world, args, message):
 def test_cli_without_a_graph_says_to_ingest(tmp_path):
     out = run_cli("-w", str(tmp_path / "none"), "ask", "Where was Bill Gates born?")
     assert out.returncode == 1 and "kalmkg ingest" in out.stderr
-
-
-NO_TORCH = """
-import sys
-from kalmkg.cli.app import main
-sys.argv = ["kalmkg", *sys.argv[1:]]
-try:
-    main()
-finally:
-    sys.stderr.write("TORCH_LOADED=%s\\n" % ("torch" in sys.modules))
-"""
 
 
 @pytest.mark.slow

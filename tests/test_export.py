@@ -124,6 +124,57 @@ def test_f16_export_round_trips_through_llama_cpp(trained_ws, gguf_tiny):
     assert info["verification"]["min_cosine"] >= 0.99 and set(info["seconds"]) == set(STAGES)
 
 
+@pytest.mark.slow
+def test_ask_says_a_calibrated_prediction_for_a_fact_the_graph_lacks_without_torch(trained_ws, tmp_path):
+    """The real chain: export, entity index, calibration on valid, then `ask` about a fact the graph does not
+    hold, through llama.cpp with the run's link predictor; torch is never imported."""
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers_graph import NO_TORCH
+    from kalmkg.evaluation.calibration import Calibration, CurvePoint, read_calibration, write_calibration
+    from kalmkg.evaluation.link_prediction import evaluate_run
+    from kalmkg.index import embed
+    from kalmkg.loaded import load_model
+
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(trained_ws.root, ws.root)
+    for old in ws.models_dir.glob("*") if ws.models_dir.exists() else []:
+        old.unlink()
+    export_run(ws, None, "F16", None, False, Recorder())
+    loaded = load_model(ws)
+    embed(ws, loaded)
+    evaluate_run(ws, split="valid", loaded=loaded)
+    measured = read_calibration(loaded.run_dir)
+    assert measured.model == "run:r" and measured.queries > 0
+
+    def ask(*extra):
+        cmd = [sys.executable, "-c", NO_TORCH, "-w", str(ws.root), "ask", "Who is the spouse of Angela Merkel?",
+               "--json", *extra]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        assert "TORCH_LOADED=False" in out.stderr
+        return json.loads(out.stdout)
+
+    # a calibration that trusts every prediction: the predictor's first answer is said, as a prediction
+    write_calibration(loaded.run_dir, Calibration(measured.model, measured.weights, "valid", 10, 1.0, 0.05,
+                                                  [CurvePoint(0.0, 1.0, 10)]))
+    data = ask()
+    said = data["predicted"]
+    assert said["said"] and said["source"] == "prediction" and said["from"] == "Angela Merkel"
+    assert said["relation"] == "spouse" and 0 < said["probability"] <= 1 and data["chosen"] is None
+    assert data["answer"].startswith(f"Not in the graph; predicted: {said['entity']['label']} (probability ")
+    assert said["entity"]["label"] != "Angela Merkel" and data["seconds"]["predict"] > 0
+    # one it never trusts: "I don't know", the prediction kept in the JSON and noted
+    write_calibration(loaded.run_dir, Calibration(measured.model, measured.weights, "valid", 10, 0.0, 0.05,
+                                                  [CurvePoint(0.0, 0.0, 10)]))
+    data = ask()
+    assert data["answer"].startswith("I don't know") and not data["predicted"]["said"]
+    assert data["notes"] and "not said" in data["notes"][0]
+    assert ask("--no-predict")["predicted"] is None
+
+
 def test_default_quant_is_q8_0_below_1b_and_ollama_writes_a_modelfile(trained_ws):
     result = export_run(trained_ws, "r", None, None, True)
 

@@ -93,7 +93,7 @@ def ask(
     that names one entity and one relation clearly, the run's link predictor may
     answer, said as "Not in the graph; predicted: X" with the precision such
     predictions had on held-out triples (`kalmkg train` calibrates it). No torch
-    is imported unless a prediction is needed.
+    is imported.
 
     \b
     Examples:
@@ -137,6 +137,7 @@ def ask(
     ttft = answer.seconds.get("first_token")
     timing = f"; load {load_s:.1f} s, retrieve {answer.seconds['retrieve']:.2f} s"
     timing += f", first token {ttft:.2f} s" if ttft is not None else ""
+    timing += f", predict {answer.seconds['predict']:.2f} s" if "predict" in answer.seconds else ""
     mode = "no context" if no_context else f"linked: {links}"
     for note in answer.notes:
         console(stderr=True).print(note, style="dim", markup=False, soft_wrap=True)

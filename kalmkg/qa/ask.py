@@ -33,9 +33,9 @@ from kalmkg.qa.answer import (
     usable_sentence,
     within,
 )
-from kalmkg.runs import run_dir
 from kalmkg.qa.predicted import LinkPredictor, Prediction, asked_slot, predict_slot
 from kalmkg.qa.retrieve import Fact, Link, Retrieval, retrieve
+from kalmkg.runs import run_dir
 from kalmkg.store import Store
 from kalmkg.workspace import Workspace
 
@@ -58,7 +58,7 @@ class AskConfig:
     max_tokens: int = 96
     seed: int = 0
     predict: bool = True  # no fact answers a clear question: the link predictor may, said as a prediction
-    min_precision: float = 0.5  # ... when its held-out predictions scoring as high were right this often
+    min_precision: float = 0.5  # ... when its held-out predictions this probable were right this often
 
     def __post_init__(self) -> None:
         if self.hops not in (1, 2):
@@ -200,6 +200,14 @@ def _predict(answer: Answer, store, relations, beyond: Beyond, min_precision: fl
                        store.triples_array())
     if asked is None:
         return
+    t0 = time.perf_counter()
+    try:
+        _predict_slot(answer, asked, beyond, min_precision)
+    finally:
+        answer.seconds["predict"] = round(time.perf_counter() - t0, 4)
+
+
+def _predict_slot(answer: Answer, asked, beyond: Beyond, min_precision: float) -> None:
     opened = beyond()
     if isinstance(opened, str):
         answer.notes.append(f"no prediction beyond the graph: {opened}")
@@ -216,8 +224,8 @@ def _predict(answer: Answer, store, relations, beyond: Beyond, min_precision: fl
 
 
 def _say(answer: Answer, t0: float, on_token) -> Answer:
-    """An answer kalmkg gives without the model (no match, nothing that answers)."""
-    answer.seconds["retrieve"] = round(time.perf_counter() - t0, 4)
+    """An answer kalmkg gives without the model (no match, nothing that answers, a prediction)."""
+    answer.seconds["retrieve"] = round(time.perf_counter() - t0 - answer.seconds.get("predict", 0.0), 4)
     if on_token is not None:
         on_token(answer.text)
     return answer
@@ -353,6 +361,7 @@ class Asker:
 
 def open_beyond(workspace: Workspace, choice: ModelChoice, embedder=None) -> tuple | str:
     """(Predictor, Calibration) for the run `choice` was exported from, or why they cannot be had."""
+    from kalmkg.loaded import load_model
     from kalmkg.prediction import Predictor
 
     if choice.run_id is None:
@@ -361,7 +370,11 @@ def open_beyond(workspace: Workspace, choice: ModelChoice, embedder=None) -> tup
     if calibration is None:
         return f"run {choice.run_id} is not calibrated; `kalmkg evaluate --split valid --run {choice.run_id}` does it"
     try:
-        predictor = Predictor.open(workspace, run=choice.run_id, backend="gguf", encoder=embedder, gguf=str(choice.path))
+        if embedder is None:
+            embedder = GGUFEncoder(choice.path, truncate=True)
+        # the entity texts cut by the GGUF's own tokenizer: no transformers, no torch on this path
+        loaded = load_model(workspace, run=choice.run_id, tokenizer=embedder.text_tokenizer())
+        predictor = Predictor.open(workspace, loaded=loaded, backend="gguf", encoder=embedder)
     except KalmkgError as exc:
         return str(exc)
     if (calibration.model, calibration.weights) != (predictor.loaded.fingerprint, predictor.loaded.weights):
