@@ -42,6 +42,7 @@ demo: install
 	$(BIN)/kalmkg -w $(DEMO_WS) ask "What is the nationality of Marie Curie's spouse?"
 	$(BIN)/kalmkg -w $(DEMO_WS) ask "Who founded Apple?" --hops 1 --max-facts 4
 	$(BIN)/kalmkg -w $(DEMO_WS) ask "Who won the 1998 FIFA World Cup?"
+	$(BIN)/kalmkg -w $(DEMO_WS) ask "Who is the spouse of Angela Merkel?"
 
 test: install
 	$(BIN)/ruff check kalmkg tests bench
