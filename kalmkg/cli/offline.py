@@ -102,7 +102,7 @@ def ask(
       kalmkg ask "Who was Marie Curie married to?" --no-context      # the model alone
       kalmkg ask "Where was Bill Gates born?" --model smollm2-135m   # the untrained base
       kalmkg ask "Which countries border Germany?" --json | jq .facts
-      kalmkg ask "What is the currency of Peru?" --min-precision 0.8   # predictions said more rarely
+      kalmkg ask "Who is the spouse of Angela Merkel?" --min-precision 0.8   # predictions said more rarely
     """
     from kalmkg.qa.ask import AskConfig, Asker, context_lines
 
