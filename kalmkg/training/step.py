@@ -14,7 +14,7 @@ serves both losses. This module imports torch at the top: import it lazily from 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 
 import numpy as np
@@ -63,10 +63,7 @@ class StepInputs:
     hr: list[int]
     tail: list[int]
     self: list[int]
-    questions: list[int] = None  # rows of question-answer examples (LM loss only, kept apart as L_qa)
-
-    def __post_init__(self) -> None:
-        self.questions = self.questions or []
+    questions: list[int] = field(default_factory=list)  # rows of question-answer examples (their LM loss: L_qa)
 
     def add_questions(self, pairs) -> None:
         """Question-answer rows (prompt + reply), the LM loss on the reply."""
