@@ -365,6 +365,19 @@ def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_
 
 
 # ------------------------------------------------------------------ early stopping
+def test_a_split_batch_must_divide_evenly_between_processes():
+    from kalmkg.training.distributed import World
+    from kalmkg.training.loop import _check_batch_size
+
+    two = World(rank=0, size=2)
+    _check_batch_size(TrainConfig(batch_size=8, question_weight=1.0, question_examples=4), 100, two)
+    with pytest.raises(KalmkgError, match="--batch-size 9 must be divisible by the 2 processes"):
+        _check_batch_size(TrainConfig(batch_size=9), 100, two)
+    with pytest.raises(KalmkgError, match="--question-examples 3 must be divisible by the 2 processes"):
+        _check_batch_size(TrainConfig(batch_size=8, question_weight=1.0, question_examples=3), 100, two)
+    _check_batch_size(TrainConfig(batch_size=8, question_examples=3), 100, two)  # no questions: no matter
+
+
 def test_early_stopper_keeps_the_best_and_stops_when_patience_runs_out():
     from kalmkg.training.loop import TrainState
     from kalmkg.training.stopping import EarlyStopper

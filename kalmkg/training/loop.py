@@ -208,6 +208,9 @@ def _check_batch_size(cfg: TrainConfig, n_examples: int, world: World) -> None:
                           f"{n_examples} training examples")
     if cfg.batch_size % world.size:
         raise KalmkgError(f"--batch-size {cfg.batch_size} must be divisible by the {world.size} processes")
+    if cfg.question_weight > 0 and cfg.question_examples % world.size:  # each process takes an equal share
+        raise KalmkgError(f"--question-examples {cfg.question_examples} must be divisible by the {world.size} "
+                          "processes")
 
 
 def _due(step: int, every: int, total_steps: int) -> bool:
