@@ -19,13 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kalmkg.evaluation.calibration import calibrate  # noqa: E402
 from kalmkg.evaluation.link_prediction import first_answer_confidence  # noqa: E402
-from kalmkg.evaluation.metrics import known_answers  # noqa: E402
 from kalmkg.evaluation.ranking import rank_with_vectors  # noqa: E402
 from kalmkg.index import EntityIndex  # noqa: E402
 from kalmkg.loaded import load_model, torch_encoder  # noqa: E402
@@ -39,24 +36,8 @@ def first_answers_of(split: str, ws: Workspace, loaded, encoder, vectors, all_tr
     with Store.open(ws) as store:
         triples = store.triples_array((split,))
     ranked = rank_with_vectors(encoder, loaded.texts, triples, all_triples, vectors)
-    probability, right, tau = first_answer_confidence(loaded, ranked, all_triples, vectors)
-    q = ranked["query_vectors"] / np.linalg.norm(ranked["query_vectors"], axis=1, keepdims=True)
-    cosine = _first_cosines(q, vectors, ranked, loaded, all_triples)
-    return {"probability": probability, "cosine": cosine, "right": right, "tau": tau}
-
-
-def _first_cosines(q, vectors, ranked, loaded, all_triples) -> np.ndarray:
-    """The cosine of the same first answers (the baseline confidence)."""
-    R = len(loaded.relation_keys)
-    known = known_answers(all_triples, R)
-    self_loops = set(np.unique(all_triples[all_triples[:, 0] == all_triples[:, 2], 1]).tolist())
-    v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    out = np.zeros(len(q))
-    for i, ((e, r), target) in enumerate(zip(ranked["queries"].tolist(), ranked["targets"].tolist())):
-        s = v @ q[i]
-        s[[a for a in known.get((e, r), ()) if a != target] + ([] if r % R in self_loops else [e])] = -np.inf
-        out[i] = s.max()
-    return out
+    first, tau = first_answer_confidence(loaded, ranked, all_triples, vectors)
+    return {"probability": first.probability, "cosine": first.cosine, "right": first.right, "tau": tau}
 
 
 def main() -> None:

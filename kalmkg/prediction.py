@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from kalmkg.errors import KalmkgError
+from kalmkg.evaluation.calibration import probabilities
+from kalmkg.evaluation.metrics import self_loop_relations
 from kalmkg.index import EntityIndex
 from kalmkg.loaded import BACKENDS, load_model, make_encoder
 from kalmkg.names import EntityRef, RelationRef, resolve_entity, resolve_relation
@@ -120,8 +122,7 @@ class Predictor:
         self.index = index
         self.triples = triples  # [n, 3] (head, relation, tail), every split
         self.num_relations = len(loaded.relation_keys)
-        self.self_loop_relations = set(np.unique(triples[triples[:, 0] == triples[:, 2], 1]).tolist()) \
-            if len(triples) else set()
+        self.self_loop_relations = self_loop_relations(triples)
 
     @classmethod
     def open(cls, workspace: Workspace, *, run: str | None = None, base: str | None = None,
@@ -192,10 +193,8 @@ class Predictor:
             scores[exclude] = -np.inf
         else:
             scores = self.index.search(q[None], 256, exclude=[exclude])[1][0]
-        best = float(np.max(scores))
-        total = float(np.exp((scores[np.isfinite(scores)] - best) / temperature).sum())
-        for c in candidates:
-            c.probability = float(np.exp((c.score - best) / temperature) / total)
+        for c, p in zip(candidates, probabilities(scores, np.array([c.score for c in candidates]), temperature)):
+            c.probability = float(p)
 
     def _entity(self, i: int) -> EntityRef:
         return EntityRef(int(i), self.loaded.entity_keys[i], self.loaded.entity_labels[i])

@@ -94,3 +94,25 @@ def tiny_run_ws(tiny_run, tmp_path):
 
     shutil.copytree(tiny_run, tmp_path / "ws")
     return Workspace(tmp_path / "ws")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A workspace with the sample graph ingested (unsplit), one per test module; tests read it only."""
+    from kalmkg.ingestion import ingest, resolve_sources
+    from kalmkg.store import Store
+    from kalmkg.workspace import Workspace
+
+    ws = Workspace(tmp_path_factory.mktemp("world") / "ws")
+    with Store.open(ws, create=True) as store:
+        ingest(store, resolve_sources([SAMPLE_TTL]))
+    return ws
+
+
+@pytest.fixture()
+def store(world):
+    """The sample graph's store, open for one test."""
+    from kalmkg.store import Store
+
+    with Store.open(world) as s:
+        yield s

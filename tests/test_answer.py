@@ -6,27 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import SAMPLE_TTL, TESTS
+from conftest import TESTS
 from kalmkg.evaluation.answers import grade, load_questions
 from kalmkg.qa.answer import (BRIDGE_COST, DESCRIPTION_MATCH, HOP_COST, AnswerGroup, RelationWords, answer_groups,
                               choose_answer, path_question, path_score, plain_sentence, relation_words,
                               usable_sentence, walk)
 from kalmkg.qa.retrieve import Fact, Link, Path, retrieve
-from kalmkg.store import Store
-from kalmkg.workspace import Workspace
 
 QUESTIONS = TESTS / "data" / "world_questions.jsonl"
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from kalmkg.ingestion import ingest, resolve_sources
-
-    ws = Workspace(tmp_path_factory.mktemp("answer") / "ws")
-    with Store.open(ws, create=True) as s:
-        ingest(s, resolve_sources([SAMPLE_TTL]))
-    with Store.open(ws) as s:
-        yield s
 
 
 def rel(label: str, description: str = "") -> RelationWords:

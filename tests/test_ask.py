@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SAMPLE_TTL, TESTS
+from conftest import TESTS
 from helpers_graph import NO_TORCH, require_installed
 from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.answers import grade, is_abstention, load_questions
@@ -29,22 +29,6 @@ from kalmkg.text import normalize
 from kalmkg.workspace import Workspace
 
 QUESTIONS = TESTS / "data" / "world_questions.jsonl"
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Workspace:
-    from kalmkg.ingestion import ingest, resolve_sources
-
-    ws = Workspace(tmp_path_factory.mktemp("ask") / "ws")
-    with Store.open(ws, create=True) as store:
-        ingest(store, resolve_sources([SAMPLE_TTL]))
-    return ws
-
-
-@pytest.fixture()
-def store(world):
-    with Store.open(world) as s:
-        yield s
 
 
 def local(key: str) -> str:

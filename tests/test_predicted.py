@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from conftest import SAMPLE_TTL
 from kalmkg.evaluation.answers import grade, is_abstention
 from kalmkg.evaluation.calibration import (MIN_SUPPORT, Calibration, CurvePoint, calibrate, first_answers,
                                            first_probability, precision_curve, read_calibration, write_calibration)
@@ -18,8 +17,6 @@ from kalmkg.qa.answer import relation_words
 from kalmkg.qa.ask import NO_ANSWER, AskConfig, ask
 from kalmkg.qa.predicted import asked_relation, asked_slot, direction_from_types
 from kalmkg.qa.retrieve import link_entities
-from kalmkg.store import Store
-from kalmkg.workspace import Workspace
 
 
 # --------------------------------------------------------------------------------------------- calibration
@@ -59,8 +56,9 @@ def test_first_answers_leave_out_known_answers_and_the_query_entity_unless_it_lo
     queries, targets = np.array([[0, 0], [0, 1]]), np.array([2, 0])
     qvecs = np.array([[0.9, 0.8, 0.5, 0.0], [0.9, 0.8, 0.5, 0.0]], dtype=np.float32)
     known = {(0, 0): {1, 2}}
-    prob, right = first_answers(qvecs, entities, queries, targets, known, {1}, num_relations=2, temperature=0.1)
-    assert right.tolist() == [True, True]
+    prob, cosine, right = first_answers(qvecs, entities, queries, targets, known, {1}, num_relations=2,
+                                        temperature=0.1)
+    assert right.tolist() == [True, True] and cosine.tolist() == pytest.approx([0.5, 0.9])
     assert prob[0] == pytest.approx(first_probability(np.array([0.5, 0.0]), 0.1))
     assert prob[1] == pytest.approx(first_probability(np.array([0.9, 0.8, 0.5, 0.0]), 0.1))
 
@@ -74,22 +72,7 @@ def test_a_calibration_is_kept_in_the_run_folder(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- the slot
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Workspace:
-    from kalmkg.ingestion import ingest, resolve_sources
-
-    ws = Workspace(tmp_path_factory.mktemp("predicted") / "ws")
-    with Store.open(ws, create=True) as store:
-        ingest(store, resolve_sources([SAMPLE_TTL]))
-    return ws
-
-
-@pytest.fixture()
-def store(world):
-    with Store.open(world) as s:
-        yield s
-
-
+# `store`: the sample graph (conftest)
 def ids(store, *keys):
     table = store.entity_table()
     by_key = {k.rsplit("/", 1)[-1]: i for i, k in enumerate(table["key"].to_pylist())}

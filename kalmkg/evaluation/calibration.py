@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -72,25 +73,41 @@ class Calibration:
                    float(data["hit_rate"]), float(data["temperature"]), curve)
 
 
-def first_probability(scores: np.ndarray, temperature: float) -> float:
-    """The model's probability of its first answer: softmax(scores / temperature) at the best score, over
-    the candidates left (excluded ones at -inf). KaLM trains exactly this distribution (InfoNCE over
+def probabilities(scores: np.ndarray, of: np.ndarray, temperature: float) -> np.ndarray:
+    """The model's probabilities of the candidates scoring `of`: softmax(scores / temperature) over the
+    candidates left (excluded ones at -inf). KaLM trains exactly this distribution (InfoNCE over
     entities at temperature tau), and it tells a confident answer from a guess far better than the
     cosine does: a first answer at .93 among many at .92 is a guess."""
     finite = scores[np.isfinite(scores)]
     if len(finite) == 0:
-        return 0.0
-    return float(1.0 / np.exp((finite - finite.max()) / temperature).sum())
+        return np.zeros(len(of))
+    best = finite.max()
+    return np.exp((np.asarray(of, dtype=np.float64) - best) / temperature) / np.exp((finite - best) / temperature).sum()
+
+
+def first_probability(scores: np.ndarray, temperature: float) -> float:
+    """The probability of the best-scoring candidate (0 when none is left)."""
+    finite = scores[np.isfinite(scores)]
+    return float(probabilities(scores, finite.max(keepdims=True), temperature)[0]) if len(finite) else 0.0
+
+
+class FirstAnswers(NamedTuple):
+    """Per held-out query, the first answer `predict` gives: its probability, its cosine, whether right."""
+
+    probability: np.ndarray
+    cosine: np.ndarray
+    right: np.ndarray
 
 
 def first_answers(query_vectors: np.ndarray, entity_vectors: np.ndarray, queries: np.ndarray, targets: np.ndarray,
                   known: dict, self_loop_relations: set[int], num_relations: int, temperature: float,
-                  chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """(probability, right) of the first answer `predict` gives for each held-out query: every known answer
+                  chunk: int = 1024) -> FirstAnswers:
+    """The probability, cosine and rightness of the first answer `predict` gives for each held-out query: every known answer
     but the target left out (the held-out fact is unknown to `ask`), and the query's own entity unless
     its relation has self-loops. Queries [n, 2] (entity, relation; >= num_relations: inverse), targets
     [n], vectors L2-normalised; `known`: (entity, relation) -> known answers (metrics.known_answers)."""
     confidence = np.zeros(len(queries), dtype=np.float64)
+    cosine = np.zeros(len(queries), dtype=np.float64)
     right = np.zeros(len(queries), dtype=bool)
     for start in range(0, len(queries), chunk):
         scores = np.asarray(query_vectors[start:start + chunk], dtype=np.float32) @ entity_vectors.T
@@ -102,8 +119,8 @@ def first_answers(query_vectors: np.ndarray, entity_vectors: np.ndarray, queries
                 out.append(q)
             row[out] = -np.inf
             first = int(np.argmax(row))
-            confidence[i], right[i] = first_probability(row, temperature), first == target
-    return confidence, right
+            confidence[i], cosine[i], right[i] = first_probability(row, temperature), row[first], first == target
+    return FirstAnswers(confidence, cosine, right)
 
 
 def precision_curve(scores: np.ndarray, right: np.ndarray, max_points: int = MAX_POINTS) -> list[CurvePoint]:

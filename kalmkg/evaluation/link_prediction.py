@@ -12,10 +12,10 @@ import numpy as np
 
 from kalmkg import text
 from kalmkg.errors import KalmkgError
-from kalmkg.evaluation.calibration import Calibration, calibrate, first_answers, write_calibration
+from kalmkg.evaluation.calibration import Calibration, FirstAnswers, calibrate, first_answers, write_calibration
 from kalmkg.evaluation.ranking import by_direction, encode_texts, rank_with_vectors, sample_triples
 from kalmkg.loaded import LoadedModel, load_model, safe_name, torch_encoder
-from kalmkg.evaluation.metrics import known_answers
+from kalmkg.evaluation.metrics import known_answers, self_loop_relations
 from kalmkg.runs import atomic_write_text, read_config
 from kalmkg.training.config import saved_train_config
 from kalmkg.store import SPLITS, Store
@@ -93,22 +93,21 @@ def evaluate_run(workspace: Workspace, *, run: str | None = None, base: str | No
 
 
 def first_answer_confidence(loaded: LoadedModel, ranked: dict, all_triples: np.ndarray,
-                            entity_vectors) -> tuple[np.ndarray, np.ndarray, float]:
-    """(probability, right, temperature) of the first answer `predict` would give for each ranked query,
-    at the run's temperature (`calibration.first_answers`)."""
+                            entity_vectors) -> tuple[FirstAnswers, float]:
+    """The first answer `predict` would give for each ranked query (`calibration.first_answers`), and the
+    run's temperature its probabilities are taken at."""
     R = len(loaded.relation_keys)
-    self_loops = set(np.unique(all_triples[all_triples[:, 0] == all_triples[:, 2], 1]).tolist())
     tau = saved_train_config(read_config(loaded.run_dir)).temperature
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    confidence, right = first_answers(unit(ranked["query_vectors"]), unit(np.asarray(entity_vectors, dtype=np.float32)),
-                                      ranked["queries"], ranked["targets"], known_answers(all_triples, R), self_loops,
-                                      R, tau)
-    return confidence, right, tau
+    first = first_answers(unit(ranked["query_vectors"]), unit(np.asarray(entity_vectors, dtype=np.float32)),
+                          ranked["queries"], ranked["targets"], known_answers(all_triples, R),
+                          self_loop_relations(all_triples), R, tau)
+    return first, tau
 
 
 def _calibration(loaded: LoadedModel, ranked: dict, all_triples: np.ndarray, entity_vectors) -> Calibration:
-    confidence, right, tau = first_answer_confidence(loaded, ranked, all_triples, entity_vectors)
-    return calibrate(loaded.fingerprint, loaded.weights, "valid", confidence, right, tau)
+    first, tau = first_answer_confidence(loaded, ranked, all_triples, entity_vectors)
+    return calibrate(loaded.fingerprint, loaded.weights, "valid", first.probability, first.right, tau)
 
 
 def _read_triples(workspace: Workspace, split: str, need_tables: bool) -> tuple:

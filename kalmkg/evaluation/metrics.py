@@ -54,6 +54,11 @@ def known_answers(triples: np.ndarray, num_relations: int) -> dict[tuple[int, in
     return answers
 
 
+def self_loop_relations(triples: np.ndarray) -> set[int]:
+    """The relations with at least one triple (x, r, x): for them an entity may answer its own query."""
+    return set(np.unique(triples[triples[:, 0] == triples[:, 2], 1]).tolist()) if len(triples) else set()
+
+
 def answer_mask(queries: Sequence[tuple[int, int]], answers: Mapping[tuple[int, int], set[int]], n: int):
     """[B, n] bool mask of the known answers of each (entity, relation) query."""
     import torch

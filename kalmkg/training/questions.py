@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kalmkg.evaluation.metrics import known_answers
+
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 _LINKING = {"of", "in", "where", "which", "who", "whom", "with", "to", "by", "that", "from", "for", "on", "at",
             "whose"}
@@ -125,11 +127,8 @@ class QuestionQuery:
 def question_queries(train: np.ndarray, num_relations: int) -> list[QuestionQuery]:
     """Every (entity, relation) query of the train triples, both directions, with at most MAX_ANSWERS
     answers, in a stable order."""
-    by_query: dict[tuple[int, int], set[int]] = {}
-    for h, r, t in train.tolist():
-        by_query.setdefault((h, r), set()).add(t)
-        by_query.setdefault((t, r + num_relations), set()).add(h)
-    return [QuestionQuery(q, r, tuple(sorted(a))) for (q, r), a in sorted(by_query.items()) if len(a) <= MAX_ANSWERS]
+    return [QuestionQuery(q, r, tuple(sorted(a))) for (q, r), a in sorted(known_answers(train, num_relations).items())
+            if len(a) <= MAX_ANSWERS]
 
 
 @dataclass(frozen=True)
