@@ -41,6 +41,7 @@ demo: install
 	$(BIN)/kalmkg -w $(DEMO_WS) predict Paris capital_of '?' -k 5 --backend gguf
 	$(BIN)/kalmkg -w $(DEMO_WS) ask "What is the nationality of Marie Curie's spouse?"
 	$(BIN)/kalmkg -w $(DEMO_WS) ask "Who founded Apple?" --hops 1 --max-facts 4
+	$(BIN)/kalmkg -w $(DEMO_WS) ask "What money do people use in India?"
 	$(BIN)/kalmkg -w $(DEMO_WS) ask "Who won the 1998 FIFA World Cup?"
 	$(BIN)/kalmkg -w $(DEMO_WS) ask "Who is the spouse of Angela Merkel?"
 

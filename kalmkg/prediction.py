@@ -92,22 +92,33 @@ def role_profile(triples: np.ndarray, entities: np.ndarray, skip_relation: int) 
     return out
 
 
+def slot_fit(triples: np.ndarray, entity: int, relation: int) -> dict[str, float] | None:
+    """How well an entity fits each slot of `relation`, from the relations it has (`relation` left out):
+    "tail" (it is like the relation's heads: ENTITY RELATION ?) and "head" (like its tails), each the mean
+    share of the relation's heads (tails) that have each of the entity's relations in the same role.
+    None when the graph does not tell (the relation has no facts, or the entity no other ones)."""
+    rel = triples[triples[:, 1] == relation]
+    own = set(role_profile(triples, np.array([entity]), relation))
+    if len(rel) == 0 or not own:
+        return None
+    return {side: sum(profile.get(key, 0.0) for key in own) / len(own)
+            for side, profile in (("tail", role_profile(triples, rel[:, 0], relation)),
+                                  ("head", role_profile(triples, rel[:, 2], relation)))}
+
+
 def likely_direction(triples: np.ndarray, entity: int, relation: int, margin: float = 0.1) -> str | None:
     """Which slot of `relation` an entity with no fact of it would fill, from the graph alone: "tail"
     (the entity is a head: ENTITY RELATION ?) when the relations it has are those the relation's heads
     have, "head" when they are those of its tails; None when the graph does not tell (the entity has no
     other facts, or both sides fit within `margin`, unless the relation is symmetric). A country asked about `capital of` is a tail (its
     facts are continent, currency, ... like the other countries'), so the capital is a head query."""
-    rel = triples[triples[:, 1] == relation]
-    own = set(role_profile(triples, np.array([entity]), relation))
-    if len(rel) == 0 or not own:
+    fit = slot_fit(triples, entity, relation)
+    if fit is None:
         return None
-    fit = {side: sum(profile.get(key, 0.0) for key in own) / len(own)
-           for side, profile in (("tail", role_profile(triples, rel[:, 0], relation)),
-                                 ("head", role_profile(triples, rel[:, 2], relation)))}
     if abs(fit["tail"] - fit["head"]) >= margin:
         return max(fit, key=fit.get)
     # a symmetric relation (spouse, borders): either slot is the same question; ask for the tail
+    rel = triples[triples[:, 1] == relation]
     pairs = set(map(tuple, rel[:, [0, 2]].tolist()))
     mirrored = sum((t, h) in pairs for h, t in pairs) / len(pairs)
     return "tail" if mirrored >= 0.5 else None

@@ -79,6 +79,7 @@ def ask(
     seed: int = typer.Option(0, "--seed", help="Sampling seed (with --temperature > 0)."),
     predict: bool = typer.Option(True, "--predict/--no-predict", help="When no fact answers a clear question, let the run's link predictor answer, said as a prediction."),
     min_precision: float = typer.Option(0.5, "--min-precision", help="Say a prediction only where held-out predictions scoring as high were right this often (0-1]."),
+    paraphrase: bool = typer.Option(True, "--paraphrase/--no-paraphrase", help="When the question's words name no relation (\"money\" for currency), let the model read which one it asks (about a second on 2 cores)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads.", show_default="every core this process may use"),
     as_json: bool = json_option("Print answer, facts, linked entities and timings as JSON."),
 ) -> None:
@@ -107,7 +108,8 @@ def ask(
     from kalmkg.qa.ask import AskConfig, Asker, context_lines
 
     config = AskConfig(hops=hops, max_facts=max_facts, no_context=no_context, temperature=temperature,
-                       max_tokens=max_tokens, seed=seed, predict=predict, min_precision=min_precision)  # checks the options before a model is loaded
+                       max_tokens=max_tokens, seed=seed, predict=predict, min_precision=min_precision,
+                       paraphrase=paraphrase)  # checks the options before a model is loaded
     if threads is not None and threads < 1:
         raise KalmkgError("--threads must be at least 1")
     if not question.strip():

@@ -74,6 +74,7 @@ class AnswerGroup:
     lexical: float = 0.0  # coverage less the hops' cost
     similarity: float | None = None
     score: float = 0.0
+    chosen_by: str = "words"  # the question's words matched the relations, or "model": the model read it
 
     @property
     def hops(self) -> int:
@@ -102,7 +103,7 @@ def within(group: AnswerGroup, max_facts: int) -> AnswerGroup:
     reached = {walk(p, {group.start})[1][-1] for p in kept}
     answers = [a for a in group.answers if a[0] in reached]
     return AnswerGroup(group.start, group.relations, kept, answers, group.ways, group.coverage, group.lexical,
-                       group.similarity, group.score)
+                       group.similarity, group.score, group.chosen_by)
 
 
 def relation_words(rows: Sequence[tuple[int, str, str | None]]) -> dict[int, RelationWords]:

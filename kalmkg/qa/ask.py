@@ -21,6 +21,7 @@ from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.calibration import Calibration, read_calibration
 from kalmkg.export.registry import list_exports
 from kalmkg.llamacpp import runtime
+from kalmkg.llamacpp.likelihood import LikelihoodScorer
 from kalmkg.models import EMBEDDED, embedded_gguf
 from kalmkg.prompts import SYSTEM, SYSTEM_ANSWER, no_context_messages
 from kalmkg.qa.answer import (
@@ -33,7 +34,8 @@ from kalmkg.qa.answer import (
     usable_sentence,
     within,
 )
-from kalmkg.qa.predicted import LinkPredictor, Prediction, asked_slot, predict_slot
+from kalmkg.qa.paraphrase import Scorer, Slot, asks_something, names_a_relation, read_slot, slot_group
+from kalmkg.qa.predicted import Asked, LinkPredictor, Prediction, asked_slot, predict_slot
 from kalmkg.qa.retrieve import Fact, Link, Retrieval, retrieve
 from kalmkg.runs import run_dir
 from kalmkg.store import Store
@@ -59,6 +61,7 @@ class AskConfig:
     seed: int = 0
     predict: bool = True  # no fact answers a clear question: the link predictor may, said as a prediction
     min_precision: float = 0.5  # ... when its held-out predictions this probable were right this often
+    paraphrase: bool = True  # no relation's words in the question: the model reads which one it asks
 
     def __post_init__(self) -> None:
         if self.hops not in (1, 2):
@@ -86,6 +89,7 @@ class Answer:
     chosen: AnswerGroup | None = None  # the answer taken from the graph (None: none, or --no-context)
     sentence: str = "model"  # who wrote `text` around the chosen answer: "model", or "template" (kalmkg)
     predicted: Prediction | None = None  # the link predictor's answer, when no fact answered (said or not)
+    read: Slot | None = None  # the slot the model read the question to ask, when its words named none
     notes: list[str] = field(default_factory=list)  # why a prediction could not be made, for stderr
 
     def to_json(self) -> dict:
@@ -95,7 +99,12 @@ class Answer:
                 "entities": [{"key": k, "label": lbl} for _, k, lbl in self.chosen.answers],
                 "from": self.chosen.start_label,
                 "path": [f.relation_label for f in self.chosen.paths[0].facts],
-                "score": round(self.chosen.score, 4), "source": "graph", "sentence": self.sentence},
+                "score": round(self.chosen.score, 4), "source": "graph", "chosen_by": self.chosen.chosen_by,
+                "sentence": self.sentence},
+            "read": None if self.read is None else {
+                "entity": self.read.entity.label, "relation": self.read.relation_label,
+                "direction": "tail" if self.read.forward else "head", "in_graph": self.read.present,
+                "score": round(self.read.score, 4), "form": self.read.form},
             "entities": [{"key": lk.key, "label": lk.label, "mention": lk.mention, "match": lk.match,
                           "score": lk.score} for lk in self.links],
             "facts": [dict(n=i + 1, **f.as_dict()) for i, f in enumerate(self.facts)],
@@ -152,11 +161,13 @@ class Beyond(Protocol):
 
 
 def ask(store, question: str, generator: Generator, embedder=None, config: AskConfig = AskConfig(),
-        on_token: Callable[[str], None] | None = None, beyond: Beyond | None = None) -> Answer:
-    """Retrieve, choose the answer from the graph, let the model write the sentence around it (streamed to
-    `on_token` once checked). No generation when the question names nothing in the graph, or when no
-    fact of the graph answers it; then, for a clear question, the link predictor of `beyond` may answer,
-    said as a prediction. `--no-context` asks the model alone."""
+        on_token: Callable[[str], None] | None = None, beyond: Beyond | None = None,
+        scorer: Scorer | None = None) -> Answer:
+    """Retrieve, choose the answer from the graph (by the question's words, else by the `scorer` model
+    reading which relation it asks), let the model write the sentence around it (streamed to `on_token`
+    once checked). No generation when the question names nothing in the graph, or when no fact of the
+    graph answers it; then, for a clear question, the link predictor of `beyond` may answer, said as a
+    prediction. `--no-context` asks the model alone."""
     question = " ".join(question.split())
     if not question:
         raise KalmkgError("an empty question")
@@ -167,9 +178,20 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
     found = retrieve(store, question, hops=config.hops, max_facts=config.max_facts, embedder=embedder)
     if not found.matched:
         return _say(Answer(question, NO_MATCH, False, [], []), t0, on_token)
-    relations = relation_words(store.relation_labels())
+    rows = store.relation_labels()
+    relations = relation_words(rows)
     chosen = choose_answer(question, found.links, found.paths, relations, embedder)
-    if chosen is None and not asked_words(question, found.links) and found.links[0].description:
+    asking = asks_something(question, found.links)
+    read = None
+    if chosen is None and asking and config.paraphrase and scorer is not None and \
+            not names_a_relation(asked_words(question, found.links), relations):
+        # no relation's label is in the question: the model reads which one it asks
+        t1 = time.perf_counter()
+        read = read_slot(question, found.links, store.triples_array(), rows, scorer)
+        if read is not None and read.present:
+            chosen = slot_group(read, found.paths, {lk.id for lk in found.links}, relations)
+        read_s = round(time.perf_counter() - t1, 4)
+    if chosen is None and not asking and found.links[0].description:
         # "Who is Marie Curie?", "Paris?": nothing asked but the entity itself: the graph's description
         first = found.links[0]
         described = Answer(question, "", True, found.links, [], [(first.label, " ".join(first.description.split()))])
@@ -178,12 +200,16 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
     if chosen is None:
         names = ", ".join(lk.label for lk in found.links)
         text = NO_ANSWER.format(names=names) if found.facts else no_facts_message(found.links)
-        answer = Answer(question, text, True, found.links, [])
+        answer = Answer(question, text, True, found.links, [], read=read)
+        if read is not None:
+            answer.seconds["read"] = read_s
         if config.predict and beyond is not None:
             _predict(answer, store, relations, beyond, config.min_precision)
         return _say(answer, t0, on_token)
     chosen = within(chosen, config.max_facts)
-    answer = Answer(question, "", True, found.links, chosen.facts, chosen=chosen)
+    answer = Answer(question, "", True, found.links, chosen.facts, chosen=chosen, read=read)
+    if read is not None:
+        answer.seconds["read"] = read_s
     answer.seconds["retrieve"] = round(time.perf_counter() - t0, 4)
     messages = build_messages(question, chosen.facts, answer=answer_names(chosen))
     answer = _generate(answer, messages, generator, config, None)
@@ -195,9 +221,14 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
 
 
 def _predict(answer: Answer, store, relations, beyond: Beyond, min_precision: float) -> None:
-    """The link predictor's answer to a clear question no fact answers: said when reliable enough."""
+    """The link predictor's answer to a clear question no fact answers: said when reliable enough. The
+    slot is the one the question's words name, else the one the model read (which the graph has no
+    facts of)."""
     asked = asked_slot(answer.question, asked_words(answer.question, answer.links), answer.links, relations,
                        store.triples_array())
+    if asked is None and answer.read is not None and not answer.read.present:
+        read = answer.read
+        asked = Asked(read.entity, read.relation, "tail" if read.forward else "head")
     if asked is None:
         return
     t0 = time.perf_counter()
@@ -343,11 +374,13 @@ class Asker:
         n_threads = n_threads or default_threads()
         self.generator = LlamaChat(self.choice.path, n_threads=n_threads)
         self.embedder = GGUFEncoder(self.choice.path, n_threads=n_threads, truncate=True) if embed else None
+        # the embedding context scores too (switched to logits per call): no second KV cache
+        self.scorer = LikelihoodScorer(self.embedder.llm) if self.embedder is not None else None
         self._beyond: tuple | str | None = None
 
     def ask(self, question: str, config: AskConfig = AskConfig(), on_token=None) -> Answer:
         with Store.open(self.workspace) as store:
-            answer = ask(store, question, self.generator, self.embedder, config, on_token, self.beyond)
+            answer = ask(store, question, self.generator, self.embedder, config, on_token, self.beyond, self.scorer)
         answer.model = self.choice.name
         return answer
 
