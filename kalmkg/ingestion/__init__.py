@@ -93,7 +93,7 @@ def _read(source: Source, on_bytes: Callable[[int], None]):
 
     for f in source.files:
         if f.kind == "rdf":
-            yield from read_rdf(f.path, f.format, source.sha256[:12], on_bytes)
+            yield from read_rdf(f.path, f.format, source.sha256[:12], on_bytes, f.compression)
         elif f.kind == "triples":
             yield from read_triples(f, on_bytes)
         else:

@@ -6,12 +6,12 @@ re-reads the file line by line to name the offending line.
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 from typing import Callable, Iterator
 
 from kalmkg.errors import KalmkgError
 from kalmkg.ingestion.batches import BATCH_ROWS, Batch
-from kalmkg.ingestion.sources import CountingReader, SourceFile
+from kalmkg.ingestion.sources import SourceFile, open_source
 
 _HEADERS = ({"head", "relation", "tail"}, {"subject", "predicate", "object"}, {"h", "r", "t"})
 
@@ -29,8 +29,13 @@ def _split_line(line: str, delimiter: str) -> list[str]:
     return next(csv.reader([line]), [])
 
 
-def _has_header(path: Path, delimiter: str) -> bool:
-    with open(path, encoding="utf-8") as fh:
+def _lines(f: SourceFile):
+    """The file's text, decompressed when it is compressed."""
+    return io.TextIOWrapper(io.BufferedReader(open_source(f.path, f.compression), 1 << 20), encoding="utf-8")
+
+
+def _has_header(f: SourceFile, delimiter: str) -> bool:
+    with _lines(f) as fh:
         first = _split_line(fh.readline().rstrip("\r\n"), delimiter)
     return {c.strip().lower() for c in first} in _HEADERS and len(first) == 3
 
@@ -43,11 +48,11 @@ def read_triples(f: SourceFile, on_bytes: Callable[[int], None] | None = None) -
     delimiter = _delimiter(f)
     names = ["h", "r", "t"]
     read = csv.ReadOptions(column_names=names, block_size=16 << 20,
-                           skip_rows=1 if _has_header(f.path, delimiter) else 0)
+                           skip_rows=1 if _has_header(f, delimiter) else 0)
     parse = csv.ParseOptions(delimiter=delimiter, quote_char='"' if f.format == "csv" else False)
     convert = csv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False,
                                  quoted_strings_can_be_null=False)
-    stream = CountingReader(f.path, on_bytes)
+    stream = open_source(f.path, f.compression, on_bytes)
     try:
         reader = csv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert)
         split = pa.scalar(f.split)
@@ -59,19 +64,20 @@ def read_triples(f: SourceFile, on_bytes: Callable[[int], None] | None = None) -
             table = pa.Table.from_batches([record_batch])
             empty = pc.or_(pc.or_(pc.equal(table["h"], ""), pc.equal(table["r"], "")), pc.equal(table["t"], ""))
             if pc.any(empty).as_py():
-                _raise_bad_line(f.path, delimiter)
+                _raise_bad_line(f, delimiter)
             yield "stage_edges", table.append_column("split", pa.repeat(split, table.num_rows))
     except pa.ArrowInvalid:
-        _raise_bad_line(f.path, delimiter)
+        _raise_bad_line(f, delimiter)
         raise
     finally:
         stream.close()
 
 
-def _raise_bad_line(path: Path, delimiter: str) -> None:
+def _raise_bad_line(f: SourceFile, delimiter: str) -> None:
     """Find the first malformed triple line and raise an error naming it."""
     sep = "tab" if delimiter == "\t" else "comma"
-    with open(path, encoding="utf-8") as fh:
+    path = f.path
+    with _lines(f) as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.rstrip("\r\n")
             if not line:
@@ -88,7 +94,7 @@ def _raise_bad_line(path: Path, delimiter: str) -> None:
 
 def _text_rows(f: SourceFile) -> Iterator[tuple[str, ...]]:
     delimiter = _delimiter(f)
-    with open(f.path, encoding="utf-8") as fh:
+    with _lines(f) as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.rstrip("\r\n")
             if not line.strip():

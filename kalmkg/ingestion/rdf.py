@@ -1,7 +1,9 @@
 """RDF readers: triples become edges, labels and descriptions become texts, other literals attributes.
 
-N-Triples and N-Quads (the formats of large dumps) stream through oxigraph's Rust parser; the other
-formats go through rdflib, which holds a whole document in memory.
+N-Triples, N-Quads, Turtle and TriG stream through oxigraph's Rust parser (the W3C grammars, strictly;
+memory independent of the file's size). RDF/XML and JSON-LD go through rdflib, which holds a whole
+document in memory: oxigraph 0.5 reads a truncated RDF/XML document without an error and names no line
+for XML errors, and its JSON-LD reader is new; rdflib's are the proven ones for these rarer formats.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Callable, Iterator
 
 from kalmkg.errors import KalmkgError
 from kalmkg.ingestion.batches import Batch, Batcher
-from kalmkg.ingestion.sources import CountingReader
+from kalmkg.ingestion.sources import DECOMPRESSION_ERRORS, open_source
 
 RDFS = "http://www.w3.org/2000/01/rdf-schema#"
 SKOS = "http://www.w3.org/2004/02/skos/core#"
@@ -71,49 +73,81 @@ class _Router:
         self.b.rows += 1
 
 
-def read_rdf(path: Path, fmt: str, source_tag: str, on_bytes: Callable[[int], None] | None = None) -> Iterator[Batch]:
-    """Yield staging batches for one RDF file. Blank nodes get keys `_:<source_tag>:<id>`."""
-    if fmt in ("ntriples", "nquads"):
-        yield from _read_oxigraph(path, fmt, source_tag, on_bytes)
+OXIGRAPH_FORMATS = ("ntriples", "nquads", "turtle", "trig")
+
+
+def read_rdf(path: Path, fmt: str, source_tag: str, on_bytes: Callable[[int], None] | None = None,
+             compression: str | None = None) -> Iterator[Batch]:
+    """Yield staging batches for one RDF file (`compression`: 'gz', 'bz2', 'xz', streamed). Blank nodes
+    get keys `_:<source_tag>:<id>`."""
+    if fmt in OXIGRAPH_FORMATS:
+        yield from _read_oxigraph(path, fmt, source_tag, on_bytes, compression)
     else:
-        yield from _read_rdflib(path, fmt, source_tag, on_bytes)
+        yield from _read_rdflib(path, fmt, source_tag, on_bytes, compression)
 
 
-def _read_oxigraph(path: Path, fmt: str, source_tag: str, on_bytes) -> Iterator[Batch]:
+class _BlankNodes:
+    """Keys for blank nodes, stable for a given file. N-Triples and N-Quads labels are the document's own
+    (`_:b1` stays `b1`); Turtle and TriG parsers invent a random id for every `[ ... ]`, so there every
+    blank node is numbered in the order it first appears."""
+
+    def __init__(self, prefix: str, keep_labels: bool):
+        self.prefix = prefix
+        self.keep_labels = keep_labels
+        self.numbers: dict[str, str] = {}
+
+    def key(self, label: str) -> str:
+        if self.keep_labels:
+            return self.prefix + label
+        key = self.numbers.get(label)
+        if key is None:
+            key = self.numbers[label] = f"{self.prefix}n{len(self.numbers) + 1}"
+        return key
+
+
+def _read_oxigraph(path: Path, fmt: str, source_tag: str, on_bytes, compression: str | None) -> Iterator[Batch]:
     import pyoxigraph as ox
 
     batcher = Batcher()
     route = _Router(batcher)
-    bnode_prefix = f"_:{source_tag}:"
+    blank_key = _BlankNodes(f"_:{source_tag}:", keep_labels=fmt in ("ntriples", "nquads")).key
     named, blank, literal = ox.NamedNode, ox.BlankNode, ox.Literal
-    rdf_format = ox.RdfFormat.N_TRIPLES if fmt == "ntriples" else ox.RdfFormat.N_QUADS
-    reader = CountingReader(path, on_bytes)
+    rdf_format = {"ntriples": ox.RdfFormat.N_TRIPLES, "nquads": ox.RdfFormat.N_QUADS,
+                  "turtle": ox.RdfFormat.TURTLE, "trig": ox.RdfFormat.TRIG}[fmt]
+    # the edge columns' appends bound once: this loop runs once per triple of a dump
+    heads, relations, tails, splits = (column.append for column in batcher.columns["stage_edges"])
+    reader = open_source(path, compression, on_bytes)
     try:
-        # Document-scoped blank node labels are kept by this parser, so keys are stable per source.
-        for quad in ox.parse(reader, format=rdf_format):
-            s, o = quad.subject, quad.object
-            skey = s.value if type(s) is named else (bnode_prefix + s.value if type(s) is blank else None)
+        # relative IRIs resolve against the file itself, as rdflib resolved them
+        for s, p, o, _ in ox.parse(reader, format=rdf_format, base_iri=path.resolve().as_uri()):
+            kind = type(s)
+            skey = s.value if kind is named else (blank_key(s.value) if kind is blank else None)
             if skey is None:
                 raise KalmkgError(f"{path}: RDF-star quoted triples are not supported")
-            if type(o) is literal:
+            kind = type(o)
+            if kind is named or kind is blank:
+                heads(skey)
+                relations(p.value)
+                tails(o.value if kind is named else blank_key(o.value))
+                splits("train")
+                batcher.rows += 1
+            elif kind is literal:
                 lang = o.language
-                route.literal(skey, quad.predicate.value, o.value, "" if lang else o.datatype.value, lang or "")
-            elif type(o) is named:
-                route.edge(skey, quad.predicate.value, o.value)
-            elif type(o) is blank:
-                route.edge(skey, quad.predicate.value, bnode_prefix + o.value)
+                route.literal(skey, p.value, o.value, "" if lang else o.datatype.value, lang or "")
             else:
                 raise KalmkgError(f"{path}: RDF-star quoted triples are not supported")
             if batcher.rows >= batcher.batch_rows:
                 yield from batcher.flush()
     except SyntaxError as exc:
-        raise KalmkgError(f"{path}: syntax error: {_one_line(exc)}") from None
+        raise KalmkgError(f"{path}: syntax error: {_oxigraph_message(exc)}") from None
+    except DECOMPRESSION_ERRORS as exc:  # a corrupt or truncated compressed file
+        raise KalmkgError(f"{path}: cannot decompress: {_one_line(exc)}") from None
     finally:
         reader.close()
     yield from batcher.flush()
 
 
-def _read_rdflib(path: Path, fmt: str, source_tag: str, on_bytes) -> Iterator[Batch]:
+def _read_rdflib(path: Path, fmt: str, source_tag: str, on_bytes, compression: str | None) -> Iterator[Batch]:
     import rdflib
 
     graph = rdflib.Dataset(default_union=True) if fmt == "trig" else rdflib.Graph()
@@ -122,7 +156,13 @@ def _read_rdflib(path: Path, fmt: str, source_tag: str, on_bytes) -> Iterator[Ba
     normalize = rdflib.NORMALIZE_LITERALS
     rdflib.NORMALIZE_LITERALS = False
     try:
-        graph.parse(str(path), format=_RDFLIB_FORMATS[fmt])
+        if compression is None:
+            graph.parse(str(path), format=_RDFLIB_FORMATS[fmt])
+        else:
+            with open_source(path, compression, None) as stream:
+                graph.parse(source=stream, format=_RDFLIB_FORMATS[fmt], publicID=path.resolve().as_uri())
+    except DECOMPRESSION_ERRORS as exc:
+        raise KalmkgError(f"{path}: cannot decompress: {_one_line(exc)}") from None
     except Exception as exc:  # rdflib raises a different type per parser
         raise KalmkgError(f"{path}: syntax error: {_syntax_message(exc)}") from None
     finally:
@@ -183,6 +223,14 @@ def _blank_node_keys(graph, prefix: str) -> dict:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+def _oxigraph_message(exc: SyntaxError) -> str:
+    """"Parser error at line 3 column 11: . is not a valid RDF object (line 3)" -> "line 3 column 11: . is
+    not a valid RDF object"."""
+    text = _one_line(exc)
+    text = re.sub(r"^Parser error at ", "", text)
+    return re.sub(r" \(line \d+\)$", "", text)
 
 
 def _syntax_message(exc: BaseException) -> str:

@@ -1,14 +1,21 @@
 """What a path on the command line is: its format, its files, and a content fingerprint.
 
 One pre-pass per file hashes the bytes (for idempotent re-ingest) and checks they are UTF-8, so that
-every reader can assume valid text and every encoding error names the file and the line.
+every reader can assume valid text and every encoding error names the file and the line. A file ending in
+`.gz`, `.bz2` or `.xz` (the usual form of RDF dumps) is read through the standard library's decompressor,
+streamed, never written out uncompressed; its fingerprint is that of the content, so `world.ttl` and
+`world.ttl.gz` are one source.
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import gzip
 import hashlib
 import io
+import lzma
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,7 +33,12 @@ RDF_FORMATS = {
 }
 DELIMITED_FORMATS = {"tsv": "tsv", "csv": "csv", "txt": "tsv"}
 SUPPORTED = "turtle (.ttl), ntriples (.nt), nquads (.nq), trig (.trig), rdfxml (.rdf/.owl/.xml), " \
-            "jsonld (.jsonld), tsv (.tsv/.txt), csv (.csv), or a folder of TSV files"
+            "jsonld (.jsonld), tsv (.tsv/.txt), csv (.csv), or a folder of TSV files; any file may be " \
+            "compressed (.gz, .bz2, .xz)"
+COMPRESSIONS = {".gz": "gz", ".bz2": "bz2", ".xz": "xz"}
+_UNSUPPORTED_COMPRESSIONS = (".zst", ".zip", ".7z", ".lz4", ".br")
+# what the decompressors raise on corrupt or truncated data (gzip: zlib.error, EOFError; bz2: OSError)
+DECOMPRESSION_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 
 _EXTENSIONS = {
     ".ttl": "turtle", ".turtle": "turtle", ".nt": "ntriples", ".ntriples": "ntriples", ".nq": "nquads",
@@ -51,7 +63,8 @@ class SourceFile:
     split: str = "train"
     target: str = "entity"  # text files: 'entity' or 'relation'
     role: str = "text"
-    size: int = 0
+    size: int = 0  # bytes on disk (compressed, for a compressed file)
+    compression: str | None = None  # 'gz', 'bz2', 'xz'
 
 
 @dataclass
@@ -79,46 +92,58 @@ def _text_role(name: str) -> tuple[str, str] | None:
     return None
 
 
+def split_compression(path: Path) -> tuple[str | None, str]:
+    """(compression, the suffix under it): `world.ttl.gz` -> ('gz', '.ttl'); raises KalmkgError for a
+    compression that is not streamed."""
+    suffix = path.suffix.lower()
+    if suffix in _UNSUPPORTED_COMPRESSIONS:
+        raise KalmkgError(f"{path}: {suffix} files are not read; decompress it, or compress it as .gz, .bz2 or .xz")
+    if suffix in COMPRESSIONS:
+        return COMPRESSIONS[suffix], Path(path.stem).suffix.lower()
+    return None, suffix
+
+
 def resolve_source(path: Path, fmt: str | None = None, split: str = "train") -> Source:
     """Classify a path; raises KalmkgError for a missing path or an unknown format."""
     if not path.exists():
         raise KalmkgError(f"{path}: no such file or folder")
     if path.is_dir():
         return _folder_source(path)
+    compression, suffix = split_compression(path)
     if fmt is not None:
         canonical = RDF_FORMATS.get(fmt.lower()) or DELIMITED_FORMATS.get(fmt.lower())
         if canonical is None:
             raise KalmkgError(f"unknown format '{fmt}'; supported: {SUPPORTED}")
     else:
-        if path.suffix.lower() in (".gz", ".bz2", ".xz", ".zst", ".zip"):
-            raise KalmkgError(f"{path}: compressed files are not read directly; decompress it first")
-        canonical = _EXTENSIONS.get(path.suffix.lower())
+        canonical = _EXTENSIONS.get(suffix)
         if canonical is None:
             raise KalmkgError(
-                f"{path}: cannot tell the format from the extension '{path.suffix}'; "
+                f"{path}: cannot tell the format from the extension '{suffix or path.suffix}'; "
                 f"pass --format, one of: {SUPPORTED}"
             )
+    name = path.name[: -len(path.suffix)] if compression else path.name
     if canonical in ("tsv", "csv"):
-        role = _text_role(path.name)
+        role = _text_role(name)
         if role is not None:
-            file = SourceFile(path, "text", canonical, target=role[0], role=role[1])
+            file = SourceFile(path, "text", canonical, target=role[0], role=role[1], compression=compression)
         else:
-            file = SourceFile(path, "triples", canonical, split=split)
+            file = SourceFile(path, "triples", canonical, split=split, compression=compression)
     else:
-        file = SourceFile(path, "rdf", canonical)
+        file = SourceFile(path, "rdf", canonical, compression=compression)
     return Source(str(path), canonical, [file])
 
 
 def _folder_source(path: Path) -> Source:
     files: list[SourceFile] = []
     for child in sorted(path.iterdir()):
-        name = child.name.lower()
         if not child.is_file():
             continue
+        compression, _ = split_compression(child) if child.suffix.lower() in COMPRESSIONS else (None, "")
+        name = (child.name[: -len(child.suffix)] if compression else child.name).lower()
         if name in SPLIT_FILES:
-            files.append(SourceFile(child, "triples", "tsv", split=SPLIT_FILES[name]))
-        elif (role := _text_role(child.name)) is not None:
-            files.append(SourceFile(child, "text", "tsv", target=role[0], role=role[1]))
+            files.append(SourceFile(child, "triples", "tsv", split=SPLIT_FILES[name], compression=compression))
+        elif (role := _text_role(name)) is not None:
+            files.append(SourceFile(child, "text", "tsv", target=role[0], role=role[1], compression=compression))
     if not any(f.kind == "triples" for f in files):
         raise KalmkgError(
             f"{path}: a folder must hold train.tsv (and optionally dev.tsv, test.tsv, entity2text.txt, "
@@ -131,38 +156,39 @@ def fingerprint(source: Source, on_bytes: Callable[[int], None] | None = None) -
     """Hash the source's files and check they are non-empty UTF-8; fills `sha256` and sizes."""
     total = hashlib.sha256()
     for f in source.files:
-        digest, f.size = _check_file(f.path, on_bytes)
+        digest, f.size = _check_file(f.path, on_bytes, f.compression)
         # Content and role only: a renamed copy of a file is the same source.
         total.update(f"{f.kind}\0{f.split}\0{f.target}\0{f.role}\0{digest}\n".encode())
     source.sha256 = total.hexdigest()
 
 
-def _check_file(path: Path, on_bytes: Callable[[int], None] | None) -> tuple[str, int]:
+def _check_file(path: Path, on_bytes: Callable[[int], None] | None,
+                compression: str | None = None) -> tuple[str, int]:
+    """(sha256 of the content, bytes on disk); the content is checked to be non-blank UTF-8."""
     h = hashlib.sha256()
     decoder = codecs.getincrementaldecoder("utf-8")()
-    size = 0
     nonblank = False
     lines_before = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as exc:
-                line = lines_before + chunk.count(b"\n", 0, exc.start) + 1
-                raise KalmkgError(f"{path}:{line}: not valid UTF-8 (byte 0x{chunk[exc.start]:02x})") from None
-            lines_before += chunk.count(b"\n")
-            nonblank = nonblank or bool(chunk.strip())
-            size += len(chunk)
-            if on_bytes:
-                on_bytes(len(chunk))
+    with open_source(path, compression, on_bytes) as fh:
+        try:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    line = lines_before + chunk.count(b"\n", 0, exc.start) + 1
+                    raise KalmkgError(f"{path}:{line}: not valid UTF-8 (byte 0x{chunk[exc.start]:02x})") from None
+                lines_before += chunk.count(b"\n")
+                nonblank = nonblank or bool(chunk.strip())
+        except DECOMPRESSION_ERRORS as exc:
+            raise KalmkgError(f"{path}: cannot decompress: {' '.join(str(exc).split())}") from None
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
             raise KalmkgError(f"{path}:{lines_before + 1}: not valid UTF-8 (truncated character at the end)") from None
     if not nonblank:
         raise KalmkgError(f"{path}: file is empty")
-    return h.hexdigest(), size
+    return h.hexdigest(), path.stat().st_size
 
 
 class CountingReader(io.RawIOBase):
@@ -184,3 +210,36 @@ class CountingReader(io.RawIOBase):
     def close(self) -> None:
         self._fh.close()
         super().close()
+
+
+class _Decompressed(io.RawIOBase):
+    """A decompressing reader that also closes the file under it (the standard library's leave it open)."""
+
+    def __init__(self, inner, raw: io.RawIOBase):
+        self._inner, self._raw = inner, raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return self._inner.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._inner.close()
+            self._raw.close()
+        super().close()
+
+
+_OPENERS = {"gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), "bz2": lambda f: bz2.BZ2File(f, "rb"),
+            "xz": lambda f: lzma.LZMAFile(f, "rb")}
+
+
+def open_source(path: Path, compression: str | None, on_bytes: Callable[[int], None] | None = None) -> io.RawIOBase:
+    """A binary reader of a file's content, decompressed as it is read; `on_bytes` counts the bytes read
+    from disk (the progress bar's total is the size on disk)."""
+    raw = CountingReader(path, on_bytes)
+    if compression is None:
+        return raw
+    # a large buffer under the decompressor: the parsers above read in small pieces
+    return _Decompressed(_OPENERS[compression](io.BufferedReader(raw, 1 << 20)), raw)
