@@ -165,19 +165,9 @@ def embed_rows(llm, rows: Sequence[Sequence[int]]) -> np.ndarray:
 
     n_embd, n_batch = llm.n_embd(), llm.n_batch
     n_seq = max(1, int(llm.context_params.n_seq_max))
-    for row in rows:
-        if not row:
-            raise ValueError("cannot embed an empty token row")
-        if len(row) > n_batch:
-            raise ValueError(f"a row of {len(row)} tokens exceeds the batch size {n_batch}")
-    groups: list[list[int]] = []  # consecutive rows that fit one batch
-    used = n_batch
-    for i, row in enumerate(rows):
-        if used + len(row) > n_batch or len(groups[-1]) >= n_seq:
-            groups.append([])
-            used = 0
-        groups[-1].append(i)
-        used += len(row)
+    if any(not row for row in rows):
+        raise ValueError("cannot embed an empty token row")
+    groups = runtime.sequence_batches([len(r) for r in rows], n_batch, n_seq)
     out = np.zeros((len(rows), n_embd), dtype=np.float32)
     memory = llama_cpp.llama_get_memory(llm.ctx)
     batch = llama_cpp.llama_batch_init(n_batch, 0, 1)

@@ -19,12 +19,16 @@ table that reads as stale, and the next embed picks up where it stopped.
 Search: exact (one matrix product over the vectors held in memory) below `ANN_THRESHOLD` rows, where it
 is both exact and faster than LanceDB's flat scan (about 10 ms against 100 ms for 41k x 576 on 2 cores);
 above it an IVF_HNSW_SQ index (cosine) built at the end of `embed`, queried with a re-ranking step on
-the full vectors, so scores stay exact cosines.
+the full vectors, so scores stay exact cosines. For exact search `embed` also leaves a snapshot beside
+the table (the vectors as `entities.exact.npy`, the table's metadata as `entities.exact.json`, written
+after the table, its metadata last): `open` reads it without importing LanceDB when its metadata passes
+the same freshness checks, and falls back to the table otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -36,6 +40,7 @@ import numpy as np
 from kalmkg.encode import Encoder
 from kalmkg.errors import KalmkgError
 from kalmkg.loaded import torch_encoder
+from kalmkg.runs import atomic_write_text
 from kalmkg.text import tail_view
 from kalmkg.workspace import Workspace
 
@@ -164,6 +169,8 @@ def embed(workspace: Workspace, loaded, encoder: Encoder | None = None, *, batch
         removed = _drop_removed(table, stored, n)
         if not (todo or removed) and meta.get("graph") == graph_hash(hashes) and \
                 (n < ann_threshold or _has_ann(table)):  # up to date: no new table version
+            if _open_snapshot(workspace, loaded) is None:  # a table written before snapshots existed
+                _write_snapshot(workspace, None if _has_ann(table) else table)
             return EmbedResult(0, n, 0, n, False, _has_ann(table), int(meta.get("dim", 0)),
                                time.perf_counter() - t_start, 0.0)
 
@@ -187,6 +194,7 @@ def embed(workspace: Workspace, loaded, encoder: Encoder | None = None, *, batch
     # Old versions hold whole copies after a rebuild, and every merge adds small files: compact, and
     # drop versions older than an hour (a reader that opened one just now keeps its files).
     table.optimize(cleanup_older_than=timedelta(hours=1))
+    _write_snapshot(workspace, table if ann is None else None)
     return EmbedResult(len(todo), n - len(todo), removed, n, rebuild, ann, writer.dim,
                        time.perf_counter() - t_start, encode_s)
 
@@ -315,15 +323,64 @@ def _build_ann(table, rows: int) -> None:
     table.create_index("vector", config=HnswSq(distance_type="cosine", num_partitions=partitions))
 
 
+# ------------------------------------------------------------------ the exact-search snapshot
+# Below the ANN threshold search is exact over every vector, so a query needs the vectors and the
+# table's metadata, nothing else: `embed` also writes them as a plain array and a JSON file, and `open`
+# reads those without importing LanceDB (1.2 s of a cold `kalmkg predict`). The snapshot carries the
+# same metadata the table does and is checked the same way, so a snapshot that does not fit the model
+# and graph of the moment is never read; LanceDB stays the store of record.
+SNAPSHOT_VECTORS = "entities.exact.npy"
+SNAPSHOT_META = "entities.exact.json"
+
+
+def _write_snapshot(workspace: Workspace, table) -> None:
+    """The snapshot of an exact-search table (`table` None: an ANN index; any snapshot is removed)."""
+    vectors_path, meta_path = workspace.vectors_dir / SNAPSHOT_VECTORS, workspace.vectors_dir / SNAPSHOT_META
+    meta_path.unlink(missing_ok=True)  # the metadata goes first and comes last: it is what says "valid"
+    if table is None:
+        vectors_path.unlink(missing_ok=True)
+        return
+    meta = _read_meta(table)
+    vectors = EntityIndex(table, meta, None).vectors()
+    tmp = vectors_path.with_suffix(".tmp.npy")
+    np.save(tmp, vectors)
+    os.replace(tmp, vectors_path)
+    atomic_write_text(meta_path, json.dumps({**meta, "snapshot_rows": len(vectors)}, sort_keys=True))
+
+
+def _open_snapshot(workspace: Workspace, loaded) -> "EntityIndex | None":
+    """The index from its snapshot when one fits `loaded` and the current graph; else None."""
+    meta_path = workspace.vectors_dir / SNAPSHOT_META
+    try:
+        meta = json.loads(meta_path.read_text())
+        vectors = np.load(workspace.vectors_dir / SNAPSHOT_VECTORS, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if _staleness(meta, loaded) or meta.get("graph") != graph_hash(_current(loaded)[1]) or \
+            vectors.shape != (int(meta.get("rows", -1)), int(meta.get("dim", -1))) or \
+            int(meta.get("snapshot_rows", -1)) != len(vectors):
+        return None
+    index = EntityIndex(None, meta, None, workspace)
+    index._vectors = vectors
+    return index
+
+
 # ------------------------------------------------------------------ open and search
 class EntityIndex:
     """A fresh entity table for one model; `search` ranks entities by cosine similarity."""
 
-    def __init__(self, table, meta: dict[str, str], ann: str | None):
-        self.table = table
+    def __init__(self, table, meta: dict[str, str], ann: str | None, workspace: Workspace | None = None):
+        self._table = table  # None: opened from the snapshot; LanceDB is opened when first needed
+        self._workspace = workspace
         self.meta = meta
         self.ann = ann
         self._vectors: np.ndarray | None = None
+
+    @property
+    def table(self):
+        if self._table is None and self._workspace is not None:
+            self._table = _open_table(self._workspace)
+        return self._table
 
     @property
     def rows(self) -> int:
@@ -336,6 +393,9 @@ class EntityIndex:
     @classmethod
     def open(cls, workspace: Workspace, loaded) -> "EntityIndex":
         """The index built for `loaded` over the current graph; KalmkgError when missing or stale."""
+        snapshot = _open_snapshot(workspace, loaded)
+        if snapshot is not None:
+            return snapshot
         table = _open_table(workspace)
         if table is None:
             raise KalmkgError(f"no entity index in {workspace.root}; run `{loaded.embed_command()}` first")

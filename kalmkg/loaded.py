@@ -20,7 +20,7 @@ from kalmkg.device import pick_device
 from kalmkg.encode import GGUFEncoder, TorchEncoder
 from kalmkg.errors import KalmkgError
 from kalmkg.export.registry import list_exports
-from kalmkg.models import describe_base, embedded_gguf, load_base, load_tokenizer, merged_model, resolve_base
+from kalmkg.models import EMBEDDED, describe_base, embedded_gguf, load_base, load_tokenizer, merged_model, resolve_base
 from kalmkg.store import Store
 from kalmkg.text import GraphTexts, store_entity_texts, store_relation_texts, truncate_texts
 from kalmkg.training.config import saved_train_config, size_defaults
@@ -125,7 +125,7 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
         resolved = resolve_base(base)
         tokenizer = tokenizer or load_tokenizer(resolved.path, resolved.name)
         # texts cut as a run of this base trains them by default
-        max_tokens = size_defaults(describe_base(resolved.path)[0]).max_entity_tokens
+        max_tokens = size_defaults(describe_base(resolved.path, resolved.fingerprint)[0]).max_entity_tokens
         fingerprint, weights, name, rdir = f"base:{resolved.fingerprint}", resolved.fingerprint, resolved.name, None
         latest = False
         gguf = _base_gguf(resolved)
@@ -220,7 +220,7 @@ def make_encoder(loaded: LoadedModel, backend: str = "torch", *, n_threads: int 
     if backend == "torch":
         return torch_encoder(loaded)
     if backend == "gguf":
-        path = loaded.gguf if loaded.is_base else find_export(loaded, gguf)
+        path = loaded.gguf if loaded.is_base else find_export(loaded.run_dir, gguf)
         if path is None:
             raise KalmkgError(f"the gguf backend needs a GGUF: the base {loaded.name} is not one; "
                               "use --backend torch")
@@ -228,10 +228,24 @@ def make_encoder(loaded: LoadedModel, backend: str = "torch", *, n_threads: int 
     raise KalmkgError(f"unknown backend '{backend}'; use one of: {', '.join(BACKENDS)}")
 
 
-def find_export(loaded: LoadedModel, name: str | Path | None = None) -> Path:
+def gguf_first_encoder(workspace: Workspace, *, run: str | None = None, base: str | None = None,
+                       gguf: str | Path | None = None, n_threads: int | None = None) -> GGUFEncoder | None:
+    """The GGUF encoder of a run's export (or of a base that is a GGUF file), opened before the model is
+    loaded: `load_model(tokenizer=encoder.text_tokenizer())` then cuts the texts with the GGUF's own
+    tokenizer, and neither torch nor transformers is imported (a cold `kalmkg predict --backend gguf`).
+    None for a base that is no GGUF (a Hugging Face folder or hub id)."""
+    if base is None:
+        return GGUFEncoder(find_export(runs.find_run(workspace, run), gguf), n_threads=n_threads)
+    spec = base.strip()
+    path = embedded_gguf(spec.lower()) if spec.lower() in EMBEDDED else Path(spec).expanduser()
+    return GGUFEncoder(path, n_threads=n_threads) if path.suffix.lower() == ".gguf" and path.is_file() else None
+
+
+def find_export(run_dir: Path, name: str | Path | None = None) -> Path:
     """The GGUF `kalmkg export` wrote for the run (models/<name>.gguf with models/<name>.json beside it):
     the one named, else the newest. Refused when the run's adapter is newer than the file (a resumed run)."""
-    models = loaded.run_dir.parent.parent / "models"
+    run_id = run_dir.name
+    models = run_dir.parent.parent / "models"
     if name is not None:
         path = Path(name)
         if not path.is_file():
@@ -240,14 +254,14 @@ def find_export(loaded: LoadedModel, name: str | Path | None = None) -> Path:
             raise KalmkgError(f"no GGUF '{name}' in {models}")
         candidates = [path]
     else:
-        candidates = [gguf for gguf, info in list_exports(models) if info.get("run_id") == loaded.name]
+        candidates = [gguf for gguf, info in list_exports(models) if info.get("run_id") == run_id]
         if not candidates:
-            raise KalmkgError(f"the gguf backend needs a GGUF of run {loaded.name}: run "
-                              f"`kalmkg export --run {loaded.name}` (or use --backend torch)")
+            raise KalmkgError(f"the gguf backend needs a GGUF of run {run_id}: run "
+                              f"`kalmkg export --run {run_id}` (or use --backend torch)")
     path = max(candidates, key=lambda p: p.stat().st_mtime)
-    adapter = loaded.run_dir / "adapter"
+    adapter = run_dir / "adapter"
     newest = max((p.stat().st_mtime for p in adapter.rglob("*") if p.is_file()), default=0.0)
     if newest > path.stat().st_mtime:
-        raise KalmkgError(f"run {loaded.name}'s weights changed after {path.name} was exported; run "
-                          f"`kalmkg export --run {loaded.name}` again")
+        raise KalmkgError(f"run {run_id}'s weights changed after {path.name} was exported; run "
+                          f"`kalmkg export --run {run_id}` again")
     return path

@@ -348,8 +348,19 @@ def num_layers(model: Any) -> int:
     return int(getattr(model.config, "num_hidden_layers", 0) or 0)
 
 
-def describe_base(path: str | Path) -> tuple[int, str, int]:
-    """(parameters, architecture, layers) from a model folder's config alone: built on the meta device."""
+def describe_base(path: str | Path, fingerprint: str | None = None) -> tuple[int, str, int]:
+    """(parameters, architecture, layers) from a model folder's config alone: built on the meta device.
+    With the base's `fingerprint`, remembered in the user cache (the answer needs torch and transformers,
+    ~3 s of imports that a GGUF-only `predict` otherwise never pays)."""
+    from kalmkg.cache import cache_root
+
+    memo = cache_root() / "described" / f"{fingerprint}.json" if fingerprint else None
+    if memo is not None:
+        try:
+            known = json.loads(memo.read_text())
+            return int(known["parameters"]), str(known["architecture"]), int(known["layers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -357,7 +368,16 @@ def describe_base(path: str | Path) -> tuple[int, str, int]:
     architecture = (list(getattr(cfg, "architectures", None) or []) or [type(cfg).__name__])[0]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
-    return sum(p.numel() for p in model.parameters()), architecture, num_layers(model)
+    described = sum(p.numel() for p in model.parameters()), architecture, num_layers(model)
+    if memo is not None:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(dict(zip(("parameters", "architecture", "layers"), described))))
+            os.replace(tmp, memo)
+        except OSError:  # a read-only cache costs time, not correctness
+            pass
+    return described
 
 
 def apply_lora(model: Any, cfg: TrainConfig) -> Any:

@@ -22,7 +22,7 @@ from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.calibration import probabilities
 from kalmkg.evaluation.metrics import self_loop_relations
 from kalmkg.index import EntityIndex
-from kalmkg.loaded import BACKENDS, load_model, make_encoder
+from kalmkg.loaded import BACKENDS, gguf_first_encoder, load_model, make_encoder
 from kalmkg.names import EntityRef, RelationRef, resolve_entity, resolve_relation
 from kalmkg.store import Store
 from kalmkg.text import hr_view
@@ -147,6 +147,12 @@ class Predictor:
                 triples = store.triples_array() if triples is None else triples
                 if loaded is None and tables is None:
                     tables = (store.entity_table(), store.relation_table(), store.fingerprint())
+        if loaded is None and encoder is None and backend == "gguf":
+            # the GGUF's own tokenizer cuts the texts: no torch, no transformers
+            encoder = gguf_first_encoder(workspace, run=run, base=base, gguf=gguf)
+            if encoder is not None:
+                loaded = load_model(workspace, run=run, base=base, device=device, tables=tables,
+                                    tokenizer=encoder.text_tokenizer())
         if loaded is None:
             loaded = load_model(workspace, run=run, base=base, device=device, tables=tables)
         index = EntityIndex.open(workspace, loaded)  # raises when missing or stale: never search stale vectors

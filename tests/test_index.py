@@ -205,6 +205,47 @@ def test_ann_index_above_the_threshold_finds_what_exact_search_finds(ws, tmp_pat
     assert index.ann and ids[0, 0] == lyon and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
 
 
+def test_exact_search_opens_from_the_snapshot_without_lancedb_and_never_from_a_stale_one(ws, tmp_path, monkeypatch):
+    import kalmkg.index as index_module
+    from kalmkg.index import SNAPSHOT_META, SNAPSHOT_VECTORS, EntityIndex, embed
+
+    loaded = load(ws)
+    embed(ws, loaded)
+    assert (ws.vectors_dir / SNAPSHOT_VECTORS).is_file() and (ws.vectors_dir / SNAPSHOT_META).is_file()
+    from_table = EntityIndex(index_module._open_table(ws), index_module._read_meta(index_module._open_table(ws)), None)
+    expected = from_table.vectors().copy()
+
+    def no_lancedb(*a, **k):
+        raise AssertionError("LanceDB opened although the snapshot fits")
+
+    with monkeypatch.context() as m:
+        m.setattr(index_module, "_open_table", no_lancedb)
+        fresh = EntityIndex.open(ws, loaded)
+        np.testing.assert_array_equal(np.asarray(fresh.vectors()), expected)
+        q = expected[:3] + 0.01
+        np.testing.assert_array_equal(fresh.search(q, 5)[0], from_table.search(q, 5)[0])
+    assert fresh.table is not None  # LanceDB opens when a caller asks for the table itself
+
+    # a snapshot that does not fit the graph of the moment is not read: the table's own check speaks
+    ingest_into(ws.root, [write(tmp_path / "more.ttl", PREFIXES + 'ex:Newcomer rdfs:label "Newcomer"@en ; ex:p ex:Paris .\n')])
+    with pytest.raises(KalmkgError, match="kalmkg embed"):
+        EntityIndex.open(ws, load(ws))
+    embed(ws, load(ws))  # the snapshot follows the table
+    assert EntityIndex.open(ws, load(ws)).rows == len(load(ws).entity_keys)
+    # a damaged snapshot is ignored, the table answers
+    (ws.vectors_dir / SNAPSHOT_VECTORS).write_bytes(b"not an array")
+    assert EntityIndex.open(ws, load(ws)).table is not None and EntityIndex.open(ws, load(ws)).vectors().shape[0] > 0
+
+
+def test_an_ann_index_leaves_no_snapshot(ws):
+    from kalmkg.index import SNAPSHOT_META, SNAPSHOT_VECTORS, embed
+
+    loaded = load(ws)
+    embed(ws, loaded)
+    embed(ws, loaded, full=True, ann_threshold=50)
+    assert not (ws.vectors_dir / SNAPSHOT_META).exists() and not (ws.vectors_dir / SNAPSHOT_VECTORS).exists()
+
+
 def test_exact_search_orders_ties_by_id_and_pads_short_results():
     from kalmkg.index import _exact_topk
 

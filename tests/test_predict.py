@@ -356,6 +356,50 @@ def test_gguf_backend_predicts_like_torch_on_the_exported_run(exported):
 
 
 @pytest.mark.slow
+def test_a_cold_gguf_predict_imports_no_torch_transformers_peft_or_lancedb(exported):
+    """`kalmkg predict --backend gguf`: the export's own tokenizer cuts the texts and the exact-search
+    snapshot holds the vectors, so none of the heavy libraries loads (a cold call in about a second)."""
+    import json
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom kalmkg.cli.app import main\nsys.argv = ['kalmkg', *sys.argv[1:]]\ntry:\n    main()\n"
+              "finally:\n    sys.stderr.write('LOADED=' + ','.join(m for m in ('torch', 'transformers', 'peft', 'lancedb') "
+              "if m in sys.modules) + '\\n')\n")
+    out = subprocess.run([sys.executable, "-c", script, "-w", str(exported.root), "predict", "Paris", "capital_of", "?",
+                          "--backend", "gguf", "--json", "-k", "3"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "LOADED=\n" in out.stderr
+    data = json.loads(out.stdout)
+    assert len(data["results"]) == 3 and data["model"] == "run:r"
+
+
+@pytest.mark.slow
+def test_embed_and_evaluate_encode_through_the_export_with_backend_gguf(exported, tmp_path):
+    import json
+
+    from helpers_graph import run_kalmkg
+
+    copy = tmp_path / "ws"
+    shutil.copytree(exported.root, copy)
+    out = run_kalmkg("-w", str(copy), "embed", "--backend", "gguf", "--full", "--json", cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["rebuilt"] and summary["encoded"] == summary["entities"] > 0
+    from kalmkg.index import EntityIndex
+    from kalmkg.loaded import load_model
+
+    index = EntityIndex.open(Workspace(copy), load_model(Workspace(copy)))
+    assert index.meta["backend"] == "gguf"
+    out = run_kalmkg("-w", str(copy), "evaluate", "--backend", "gguf", "--limit", "5", "--json", cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["triples"] == 5 and result["timing"]["entity_vectors"] == "index"
+    bad = run_kalmkg("-w", str(copy), "embed", "--backend", "onnx", cwd=tmp_path)
+    assert bad.returncode == 1 and "unknown backend 'onnx'" in bad.stderr
+
+
+@pytest.mark.slow
 def test_gguf_backend_refuses_an_export_older_than_the_weights(exported, tmp_path):
     import os
 

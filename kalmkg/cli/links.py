@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from kalmkg.cli.options import base_option, device_option, json_option, run_option
+from kalmkg.cli.options import backend_option, base_option, device_option, gguf_option, json_option, run_option
 from kalmkg.cli.output import console, print_json, warn
 from kalmkg.cli.progress import CountBar
 from kalmkg.errors import KalmkgError
@@ -69,6 +69,8 @@ def embed(
     batch_size: int = typer.Option(64, "--batch-size", help="Entities per forward pass."),
     full: bool = typer.Option(False, "--full", help="Re-encode every entity, not only new or changed ones."),
     ann_threshold: int = typer.Option(100_000, "--ann-threshold", help="Build an ANN index (IVF-HNSW-SQ, cosine) from this many entities; exact search below."),
+    backend: str = backend_option("torch, or gguf: encode through the run's `kalmkg export` with llama.cpp (the vectors `predict --backend gguf` queries are made by; not faster than torch on a CPU)."),
+    gguf: Optional[str] = gguf_option(),
     device: str = device_option(),
     as_json: bool = json_option("Print the summary as JSON."),
 ) -> None:
@@ -84,16 +86,20 @@ def embed(
       kalmkg embed --run 20250101-120000-smollm2-135m --batch-size 128
       kalmkg embed --full
       kalmkg embed --base smollm2-135m        # the untrained baseline's vectors
+      kalmkg embed --backend gguf             # through the run's export (llama.cpp)
     """
     from kalmkg.index import embed as run_embed
+    from kalmkg.loaded import make_encoder
 
     if batch_size < 1:
         raise KalmkgError("--batch-size must be at least 1")
     stderr = console(stderr=True)
     loaded = load_for_command(ctx.obj, run, base, device, stderr)
+    # torch: None, so that an index already up to date never loads the weights
+    encoder = make_encoder(loaded, backend, gguf=gguf) if backend != "torch" else None
     with CountBar(stderr, quiet=as_json) as bar:
-        result = run_embed(ctx.obj, loaded, batch_size=batch_size, full=full, ann_threshold=ann_threshold,
-                           progress=lambda d, t: bar.stage("embedding", d, t))
+        result = run_embed(ctx.obj, loaded, encoder, batch_size=batch_size, full=full, ann_threshold=ann_threshold,
+                           progress=lambda d, t: bar.stage("embedding", d, t), backend=backend)
     summary = {"model": loaded.fingerprint, "encoded": result.encoded, "unchanged": result.unchanged,
                "removed": result.removed, "entities": result.total, "rebuilt": result.rebuilt, "ann": result.ann,
                "dim": result.dim, "seconds": round(result.seconds, 3),
@@ -117,8 +123,8 @@ def predict(
     filter_known: bool = typer.Option(False, "--filter-known", help="Hide answers the graph already has (show only new links)."),
     run: Optional[str] = run_option(),
     base: Optional[str] = base_option("Use an untrained base model (needs `kalmkg embed --base` first)."),
-    backend: str = typer.Option("torch", "--backend", help="torch, or gguf (the run's `kalmkg export` through llama.cpp)."),
-    gguf: Optional[str] = typer.Option(None, "--gguf", help="With --backend gguf: which export (models/<name>.gguf).", show_default="the run's newest"),
+    backend: str = backend_option(),
+    gguf: Optional[str] = gguf_option(),
     device: str = device_option("cpu", "cpu, cuda, mps (one query: the CPU is usually fastest to start)."),
     as_json: bool = json_option("Print the results as JSON."),
 ) -> None:
@@ -170,6 +176,8 @@ def evaluate(
     base: Optional[str] = base_option("Evaluate an untrained base model (the baseline): smollm2-135m, a folder, a .gguf, a hub id."),
     batch_size: int = typer.Option(64, "--batch-size", help="Texts per forward pass."),
     no_index: bool = typer.Option(False, "--no-index", help="Encode the entities here even when the entity index is fresh."),
+    backend: str = backend_option("torch, or gguf: encode through the run's `kalmkg export` with llama.cpp (the vectors `predict --backend gguf` queries are made by; not faster than torch on a CPU)."),
+    gguf: Optional[str] = gguf_option(),
     generative: bool = typer.Option(False, "--generative", help="Generation-based evaluation instead: tail, head and relation prediction and triple classification (3-shot, greedy), the run beside its untrained base."),
     device: str = device_option(),
     as_json: bool = json_option("Print the result as JSON."),
@@ -189,8 +197,10 @@ def evaluate(
       kalmkg evaluate --base smollm2-135m --limit 500    # the untrained baseline
       kalmkg evaluate --json | jq .metrics.both
       kalmkg evaluate --generative --limit 100     # the run beside its base
+      kalmkg evaluate --backend gguf               # queries through the run's export (llama.cpp)
     """
     from kalmkg.evaluation.link_prediction import evaluate_run
+    from kalmkg.loaded import load_model, make_encoder
 
     if limit < 0:
         raise KalmkgError("--limit must be 0 (all) or a positive number of triples")
@@ -200,9 +210,11 @@ def evaluate(
         _evaluate_generative(ctx.obj, run=run, split=split, limit=limit, seed=seed, device=device, as_json=as_json)
         return
     stderr = console(stderr=True)
+    loaded = load_model(ctx.obj, run=run, base=base, device=device)  # its warnings come back in `out`
+    encoder = make_encoder(loaded, backend, gguf=gguf) if backend != "torch" else None
     with CountBar(stderr, quiet=as_json) as bar:
-        out = evaluate_run(ctx.obj, run=run, base=base, split=split, limit=limit, seed=seed, batch_size=batch_size,
-                           device=device, use_index=not no_index, progress=bar.stage)
+        out = evaluate_run(ctx.obj, split=split, limit=limit, seed=seed, batch_size=batch_size, device=device,
+                           use_index=not no_index, loaded=loaded, encoder=encoder, progress=bar.stage)
     for warning in out.get("warnings", []):
         warn(stderr, warning)
     if as_json:

@@ -30,6 +30,15 @@ def device_option(default: str = "auto", help: str = DEVICE_HELP) -> Any:
     return typer.Option(default, "--device", help=help)
 
 
+def backend_option(help: str = "torch, or gguf (the run's `kalmkg export` through llama.cpp).") -> Any:
+    return typer.Option("torch", "--backend", help=help)
+
+
+def gguf_option() -> Any:
+    return typer.Option(None, "--gguf", help="With --backend gguf: which export (models/<name>.gguf).",
+                        show_default="the run's newest")
+
+
 # ------------------------------------------------------------------ options from a config dataclass
 @dataclasses.dataclass(frozen=True)
 class FieldOption:

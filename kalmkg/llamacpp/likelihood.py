@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from kalmkg.llamacpp.runtime import sequence_batches
+
 
 class LikelihoodScorer:
     """Mean log-probabilities of a target text after prefixes, with the model of a multi-sequence
@@ -41,19 +43,9 @@ def mean_logprobs(llm, prefixes: Sequence[Sequence[int]], target: Sequence[int])
     n_batch = llm.n_batch
     n_seq = max(1, int(llm.context_params.n_seq_max))
     rows = [list(p) + list(target) for p in prefixes]
-    for p, row in zip(prefixes, rows):
-        if not p:
-            raise ValueError("an empty prefix")
-        if len(row) > n_batch:
-            raise ValueError(f"a row of {len(row)} tokens exceeds the batch size {n_batch}")
-    groups: list[list[int]] = []
-    used = n_batch
-    for i, row in enumerate(rows):
-        if used + len(row) > n_batch or len(groups[-1]) >= n_seq:
-            groups.append([])
-            used = 0
-        groups[-1].append(i)
-        used += len(row)
+    if any(not p for p in prefixes):
+        raise ValueError("an empty prefix")
+    groups = sequence_batches([len(r) for r in rows], n_batch, n_seq)
     n_vocab = llm.n_vocab()
     goal = np.asarray(target, dtype=np.int64)
     out = [0.0] * len(rows)

@@ -28,3 +28,19 @@ def quiet(llama_cpp) -> None:
 def gpu_layers(llama_cpp) -> int:
     """Every layer on the GPU when the library was built with one (CUDA), none otherwise."""
     return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+
+
+def sequence_batches(lengths, n_batch: int, n_seq: int) -> list[list[int]]:
+    """Consecutive rows packed into llama.cpp batches (one sequence id per row): at most `n_batch`
+    tokens and `n_seq` sequences each; indices into `lengths`. ValueError for a row that fits none."""
+    groups: list[list[int]] = []
+    used = n_batch
+    for i, n in enumerate(lengths):
+        if n > n_batch:
+            raise ValueError(f"a row of {n} tokens exceeds the batch size {n_batch}")
+        if used + n > n_batch or len(groups[-1]) >= n_seq:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n
+    return groups
