@@ -159,7 +159,9 @@ def embed(workspace: Workspace, loaded, encoder: Encoder | None = None, *, batch
         raise KalmkgError("the graph has no entities to embed (run `kalmkg ingest FILE` first)")
     table = _open_table(workspace)
     meta = _read_meta(table) if table is not None else {}
-    rebuild = full or table is None or _staleness(meta, loaded) is not None
+    # vectors of another backend (torch vs a GGUF) are near, not equal: one table holds one backend's
+    rebuild = full or table is None or _staleness(meta, loaded) is not None or \
+        meta.get("backend", "torch") != backend
 
     # which rows to (re)write
     todo, removed = list(range(n)), 0
@@ -174,7 +176,8 @@ def embed(workspace: Workspace, loaded, encoder: Encoder | None = None, *, batch
             return EmbedResult(0, n, 0, n, False, _has_ann(table), int(meta.get("dim", 0)),
                                time.perf_counter() - t_start, 0.0)
 
-    # encode them, writing as it goes
+    # encode them, writing as it goes; the snapshot stops claiming to be valid before the table changes
+    (workspace.vectors_dir / SNAPSHOT_META).unlink(missing_ok=True)
     if encoder is None and todo:  # nothing to encode: the weights never load
         encoder = torch_encoder(loaded)
     base_meta = {"format": FORMAT, "model": loaded.fingerprint, "weights": loaded.weights, "name": loaded.name,
@@ -353,12 +356,12 @@ def _open_snapshot(workspace: Workspace, loaded) -> "EntityIndex | None":
     meta_path = workspace.vectors_dir / SNAPSHOT_META
     try:
         meta = json.loads(meta_path.read_text())
-        vectors = np.load(workspace.vectors_dir / SNAPSHOT_VECTORS, mmap_mode="r")
-    except (OSError, ValueError):
-        return None
-    if _staleness(meta, loaded) or meta.get("graph") != graph_hash(_current(loaded)[1]) or \
-            vectors.shape != (int(meta.get("rows", -1)), int(meta.get("dim", -1))) or \
-            int(meta.get("snapshot_rows", -1)) != len(vectors):
+        if _staleness(meta, loaded) or meta.get("graph") != graph_hash(_current(loaded)[1]):
+            return None
+        vectors = np.load(workspace.vectors_dir / SNAPSHOT_VECTORS)  # in memory, writable, as the table's
+        if vectors.shape != (int(meta["rows"]), int(meta["dim"])) or int(meta["snapshot_rows"]) != len(vectors):
+            return None
+    except Exception:  # a missing, partial or damaged snapshot: the table is the store of record
         return None
     index = EntityIndex(None, meta, None, workspace)
     index._vectors = vectors

@@ -233,8 +233,37 @@ def test_exact_search_opens_from_the_snapshot_without_lancedb_and_never_from_a_s
     embed(ws, load(ws))  # the snapshot follows the table
     assert EntityIndex.open(ws, load(ws)).rows == len(load(ws).entity_keys)
     # a damaged snapshot is ignored, the table answers
-    (ws.vectors_dir / SNAPSHOT_VECTORS).write_bytes(b"not an array")
-    assert EntityIndex.open(ws, load(ws)).table is not None and EntityIndex.open(ws, load(ws)).vectors().shape[0] > 0
+    for damage in (b"not an array", b""):
+        (ws.vectors_dir / SNAPSHOT_VECTORS).write_bytes(damage)
+        assert EntityIndex.open(ws, load(ws)).vectors().shape[0] == len(load(ws).entity_keys)
+    (ws.vectors_dir / SNAPSHOT_META).write_text("[1, 2]")
+    assert EntityIndex.open(ws, load(ws)).rows == len(load(ws).entity_keys)
+
+
+def test_an_embed_that_stops_midway_leaves_no_snapshot_claiming_to_be_valid(ws, monkeypatch):
+    import kalmkg.index as index_module
+    from kalmkg.index import SNAPSHOT_META, embed
+
+    loaded = load(ws)
+    embed(ws, loaded)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(index_module._TableWriter, "flush", killed)
+    with pytest.raises(KeyboardInterrupt):
+        embed(ws, loaded, full=True)
+    assert not (ws.vectors_dir / SNAPSHOT_META).exists()
+
+
+def test_another_backend_rebuilds_the_index(ws):
+    from kalmkg.index import embed
+
+    loaded = load(ws)
+    embed(ws, loaded)
+    again = embed(ws, loaded, counting(loaded), backend="gguf")  # any encoder stands in for the GGUF here
+    assert again.rebuilt and again.encoded == len(loaded.entity_keys)
+    assert not embed(ws, loaded, backend="gguf").rebuilt
 
 
 def test_an_ann_index_leaves_no_snapshot(ws):

@@ -933,3 +933,24 @@ def test_turtle_blank_nodes_are_numbered_in_the_order_they_appear(tmp_path):
     (tag,) = tags
     by_label = {label: key for key, (label, _) in _bnodes(got).items()}
     assert by_label["Nobel Prize in Physics"] == f"_:{tag}:n1" and by_label["Nobel Prize in Chemistry"] == f"_:{tag}:n2"
+
+
+def test_relative_iris_of_a_compressed_file_resolve_as_the_uncompressed_ones(tmp_path):
+    plain = write(tmp_path / "rel.ttl", "<a> <p> <#b> .\n")
+    _, one = ingest_read(tmp_path / "ws1", [plain])
+    _, two = ingest_read(tmp_path / "ws2", [_compress(plain, "gz")])
+    assert one["triples"] == two["triples"]
+
+
+def test_an_oserror_of_a_plain_file_is_not_called_a_decompression_error(tmp_path, monkeypatch):
+    import kalmkg.ingestion.rdf as rdf
+
+    def unreachable(self, *a, **k):
+        raise OSError("remote context unreachable")
+
+    monkeypatch.setattr(rdflib.Graph, "parse", unreachable)
+    path = write(tmp_path / "x.jsonld", '{"@id": "http://x.org/a", "http://x.org/p": {"@id": "http://x.org/b"}}')
+    with pytest.raises(KalmkgError) as info:
+        ingest_into(tmp_path / "ws", [path])
+    assert "cannot decompress" not in str(info.value) and "x.jsonld" in str(info.value)
+    assert rdf.base_iri(Path("/d/dump.ttl.gz"), "gz") == "file:///d/dump.ttl"

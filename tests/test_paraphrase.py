@@ -130,6 +130,16 @@ def test_the_link_predictor_answers_the_slot_the_model_read(store):
     assert answer.text.startswith("Not in the graph; predicted: Winnie Madikizela-Mandela")
 
 
+def test_a_question_too_long_to_read_is_left_to_the_words(store):
+    class Refusing(KeywordScorer):
+        def mean_logprobs(self, prefixes, target):
+            raise ValueError("a row of 617 tokens exceeds the batch size 512")
+
+    answer = ask(store, "What money do people use in India? " + "Please answer. " * 50, NoModel(),
+                 scorer=Refusing("currency"))
+    assert answer.chosen is None and answer.read is None and answer.text == NO_ANSWER.format(names="India")
+
+
 def test_a_question_about_the_entity_itself_still_gets_its_description(store):
     scorer = KeywordScorer("spouse")
     answer = ask(store, "Who is Marie Curie?", NoModel(), scorer=scorer)

@@ -138,6 +138,7 @@ def ask(
     links = ", ".join(f"{lk.label} ({lk.match})" for lk in answer.links) or "none"
     ttft = answer.seconds.get("first_token")
     timing = f"; load {load_s:.1f} s, retrieve {answer.seconds['retrieve']:.2f} s"
+    timing += f", read the relation {answer.seconds['read']:.2f} s" if "read" in answer.seconds else ""
     timing += f", first token {ttft:.2f} s" if ttft is not None else ""
     timing += f", predict {answer.seconds['predict']:.2f} s" if "predict" in answer.seconds else ""
     mode = "no context" if no_context else f"linked: {links}"

@@ -1,7 +1,7 @@
 """RDF readers: triples become edges, labels and descriptions become texts, other literals attributes.
 
 N-Triples, N-Quads, Turtle and TriG stream through oxigraph's Rust parser (the W3C grammars, strictly;
-memory independent of the file's size). RDF/XML and JSON-LD go through rdflib, which holds a whole
+memory independent of the file's size, but for one key per blank node of a Turtle or TriG file). RDF/XML and JSON-LD go through rdflib, which holds a whole
 document in memory: oxigraph 0.5 reads a truncated RDF/XML document without an error and names no line
 for XML errors, and its JSON-LD reader is new; rdflib's are the proven ones for these rarer formats.
 """
@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 from kalmkg.errors import KalmkgError
 from kalmkg.ingestion.batches import Batch, Batcher
-from kalmkg.ingestion.sources import DECOMPRESSION_ERRORS, open_source
+from kalmkg.ingestion.sources import broken_archive, open_source
 
 RDFS = "http://www.w3.org/2000/01/rdf-schema#"
 SKOS = "http://www.w3.org/2004/02/skos/core#"
@@ -86,6 +86,13 @@ def read_rdf(path: Path, fmt: str, source_tag: str, on_bytes: Callable[[int], No
         yield from _read_rdflib(path, fmt, source_tag, on_bytes, compression)
 
 
+def base_iri(path: Path, compression: str | None) -> str:
+    """The file's own URI, against which relative IRIs resolve; `dump.ttl.gz` resolves as `dump.ttl` does
+    (one content, one graph)."""
+    path = path.resolve()
+    return (path.with_name(path.stem) if compression else path).as_uri()
+
+
 class _BlankNodes:
     """Keys for blank nodes, stable for a given file. N-Triples and N-Quads labels are the document's own
     (`_:b1` stays `b1`); Turtle and TriG parsers invent a random id for every `[ ... ]`, so there every
@@ -119,7 +126,7 @@ def _read_oxigraph(path: Path, fmt: str, source_tag: str, on_bytes, compression:
     reader = open_source(path, compression, on_bytes)
     try:
         # relative IRIs resolve against the file itself, as rdflib resolved them
-        for s, p, o, _ in ox.parse(reader, format=rdf_format, base_iri=path.resolve().as_uri()):
+        for s, p, o, _ in ox.parse(reader, format=rdf_format, base_iri=base_iri(path, compression)):
             kind = type(s)
             skey = s.value if kind is named else (blank_key(s.value) if kind is blank else None)
             if skey is None:
@@ -140,7 +147,7 @@ def _read_oxigraph(path: Path, fmt: str, source_tag: str, on_bytes, compression:
                 yield from batcher.flush()
     except SyntaxError as exc:
         raise KalmkgError(f"{path}: syntax error: {_oxigraph_message(exc)}") from None
-    except DECOMPRESSION_ERRORS as exc:  # a corrupt or truncated compressed file
+    except broken_archive(compression) as exc:
         raise KalmkgError(f"{path}: cannot decompress: {_one_line(exc)}") from None
     finally:
         reader.close()
@@ -160,8 +167,8 @@ def _read_rdflib(path: Path, fmt: str, source_tag: str, on_bytes, compression: s
             graph.parse(str(path), format=_RDFLIB_FORMATS[fmt])
         else:
             with open_source(path, compression, None) as stream:
-                graph.parse(source=stream, format=_RDFLIB_FORMATS[fmt], publicID=path.resolve().as_uri())
-    except DECOMPRESSION_ERRORS as exc:
+                graph.parse(source=stream, format=_RDFLIB_FORMATS[fmt], publicID=base_iri(path, compression))
+    except broken_archive(compression) as exc:
         raise KalmkgError(f"{path}: cannot decompress: {_one_line(exc)}") from None
     except Exception as exc:  # rdflib raises a different type per parser
         raise KalmkgError(f"{path}: syntax error: {_syntax_message(exc)}") from None

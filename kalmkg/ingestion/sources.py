@@ -40,6 +40,12 @@ _UNSUPPORTED_COMPRESSIONS = (".zst", ".zip", ".7z", ".lz4", ".br")
 # what the decompressors raise on corrupt or truncated data (gzip: zlib.error, EOFError; bz2: OSError)
 DECOMPRESSION_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 
+
+def broken_archive(compression: str | None) -> tuple:
+    """The exceptions that mean a corrupt compressed file, for `except`; none for a plain file (whose
+    OSError is something else: a remote JSON-LD context, a permission)."""
+    return DECOMPRESSION_ERRORS if compression else ()
+
 _EXTENSIONS = {
     ".ttl": "turtle", ".turtle": "turtle", ".nt": "ntriples", ".ntriples": "ntriples", ".nq": "nquads",
     ".nquads": "nquads", ".trig": "trig", ".rdf": "rdfxml", ".owl": "rdfxml", ".xml": "rdfxml",
@@ -180,7 +186,7 @@ def _check_file(path: Path, on_bytes: Callable[[int], None] | None,
                     raise KalmkgError(f"{path}:{line}: not valid UTF-8 (byte 0x{chunk[exc.start]:02x})") from None
                 lines_before += chunk.count(b"\n")
                 nonblank = nonblank or bool(chunk.strip())
-        except DECOMPRESSION_ERRORS as exc:
+        except broken_archive(compression) as exc:
             raise KalmkgError(f"{path}: cannot decompress: {' '.join(str(exc).split())}") from None
         try:
             decoder.decode(b"", final=True)

@@ -1,5 +1,5 @@
 """How likely a model finds a text after each of several prefixes, through llama.cpp: the mean log-probability
-of the text's tokens, every prefix a sequence of its own in one batch.
+of the text's tokens, every prefix a sequence of its own, packed into as few llama.cpp batches as fit.
 
 `ask` uses it to read which relation a question asks (`kalmkg.qa.paraphrase`). It shares the context the
 embeddings use (made with several sequences and one unified KV cache): the context is switched to logits

@@ -38,7 +38,7 @@ def sequence_batches(lengths, n_batch: int, n_seq: int) -> list[list[int]]:
     for i, n in enumerate(lengths):
         if n > n_batch:
             raise ValueError(f"a row of {n} tokens exceeds the batch size {n_batch}")
-        if used + n > n_batch or len(groups[-1]) >= n_seq:
+        if not groups or used + n > n_batch or len(groups[-1]) >= n_seq:
             groups.append([])
             used = 0
         groups[-1].append(i)

@@ -187,7 +187,10 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
             not names_a_relation(asked_words(question, found.links), relations):
         # no relation's label is in the question: the model reads which one it asks
         t1 = time.perf_counter()
-        read = read_slot(question, found.links, store.triples_array(), rows, scorer)
+        try:
+            read = read_slot(question, found.links, store.triples_array(), rows, scorer)
+        except ValueError:  # a question longer than the scoring context: the words alone decide
+            read = None
         if read is not None and read.present:
             chosen = slot_group(read, found.paths, {lk.id for lk in found.links}, relations)
         read_s = round(time.perf_counter() - t1, 4)
@@ -208,9 +211,10 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
         return _say(answer, t0, on_token)
     chosen = within(chosen, config.max_facts)
     answer = Answer(question, "", True, found.links, chosen.facts, chosen=chosen, read=read)
-    if read is not None:
-        answer.seconds["read"] = read_s
     answer.seconds["retrieve"] = round(time.perf_counter() - t0, 4)
+    if read is not None:  # reported apart, as `_say` does with the prediction
+        answer.seconds["read"] = read_s
+        answer.seconds["retrieve"] = round(answer.seconds["retrieve"] - read_s, 4)
     messages = build_messages(question, chosen.facts, answer=answer_names(chosen))
     answer = _generate(answer, messages, generator, config, None)
     kept = usable_sentence(answer.text, chosen, _other_entities(found, chosen))
@@ -256,7 +260,8 @@ def _predict_slot(answer: Answer, asked, beyond: Beyond, min_precision: float) -
 
 def _say(answer: Answer, t0: float, on_token) -> Answer:
     """An answer kalmkg gives without the model (no match, nothing that answers, a prediction)."""
-    answer.seconds["retrieve"] = round(time.perf_counter() - t0 - answer.seconds.get("predict", 0.0), 4)
+    spent_apart = answer.seconds.get("predict", 0.0) + answer.seconds.get("read", 0.0)
+    answer.seconds["retrieve"] = round(time.perf_counter() - t0 - spent_apart, 4)
     if on_token is not None:
         on_token(answer.text)
     return answer

@@ -45,6 +45,10 @@ from kalmkg.qa.retrieve import STOPWORDS, Link, Path, same_word, words
 from kalmkg.training.questions import question_forms
 
 FIT_MIN = 0.5      # an entity with no fact of a slot is a candidate when it fits this well (a share, 0-1)
+# slots without facts are weighed (three scans of the triples each) only for graphs with at most this
+# many relations; above, only the entity's own slots are candidates (an "I don't know" then rests on
+# the words alone)
+MAX_FIT_RELATIONS = 64
 MAX_SLOTS = 24     # candidates per question, the entity's own slots first (each costs ~3 scored rows)
 PROMPT = "Question: {form}\nThe same question in other words:"
 # "Where is SAP from?" asks something although every word is a stopword; "Who is Marie Curie?" does not
@@ -89,6 +93,7 @@ def candidate_slots(triples: np.ndarray, links: Sequence[Link], relations: Mappi
                     asked: str | None = None) -> list[Slot]:
     """The slots the linked entities could fill, the ones with facts first, then by fit; at most MAX_SLOTS."""
     out: list[Slot] = []
+    weigh_absent = len(relations) <= MAX_FIT_RELATIONS
     for link in links:
         heads = set(triples[triples[:, 0] == link.id, 1].tolist())
         tails = set(triples[triples[:, 2] == link.id, 1].tolist())
@@ -99,6 +104,8 @@ def candidate_slots(triples: np.ndarray, links: Sequence[Link], relations: Mappi
                     continue
                 if has:
                     out.append(Slot(link, rid, forward, True))
+                    continue
+                if not weigh_absent:
                     continue
                 fit = slot_fit(triples, link.id, rid) if fit is None else fit
                 share = 0.0 if fit is None else fit["tail" if forward else "head"]
