@@ -83,7 +83,9 @@ def _local_name_sql(key: str) -> str:
 def _fallback_label_sql(key: str) -> str:
     """`text.local_name`: a readable label from a key, the local name (or the TSV id) percent-decoded,
     '_' as spaces; the key itself when that leaves nothing."""
-    return f"coalesce(nullif(trim(replace(url_decode({_local_name_sql(key)}), '_', ' ')), ''), {key})"
+    name = _local_name_sql(key)
+    # a name whose percent-escapes are no UTF-8 ("%AA", valid in a Turtle local name) stays as written
+    return f"coalesce(nullif(trim(replace(coalesce(try(url_decode({name})), {name}), '_', ' ')), ''), {key})"
 
 
 def _normalized_sql(text: str) -> str:

@@ -124,8 +124,16 @@ LOCAL_NAME_PATTERN = r"([^/#:]+)[/#]*$"
 def local_name(key: str) -> str:
     """An IRI's last segment, percent-decoded, '_' as spaces (what ingest makes a fallback label of)."""
     m = re.search(LOCAL_NAME_PATTERN, key)
-    name = unquote(m.group(1)).replace("_", " ").strip() if m else ""
+    name = _percent_decoded(m.group(1)).replace("_", " ").strip() if m else ""
     return name or key
+
+
+def _percent_decoded(name: str) -> str:
+    """`Caf%C3%A9` -> `Café`; a name whose escapes are no UTF-8 (`%AA`) as written."""
+    try:
+        return unquote(name, errors="strict")
+    except UnicodeDecodeError:
+        return name
 
 
 def strip_accents(text: str) -> str:

@@ -41,7 +41,7 @@ BAD_FILES = {
     "ntriples_syntax": ("bad.nt", "<http://x.org/a> <http://x.org/p> <http://x.org/b> .\n<http://x.org/a> .\n",
                         ["bad.nt", "line 2", "syntax error"]),
     "non_utf8": ("latin1.tsv", b"a\tr\tb\nc\tr\td\n\xe9t\xe9\tr\tb\n", ["latin1.tsv:3", "not valid UTF-8"]),
-    "empty": ("empty.ttl", b"", ["empty.ttl", "empty"]),
+    "empty": ("empty.tsv", b"", ["empty.tsv", "empty"]),  # an empty RDF file is a valid, empty graph
     "four_columns": ("four.tsv", "a\tr\tb\nc\tr\td\te\n", ["four.tsv:2", "expected 3", "found 4"]),
     "unknown_extension": ("graph.dat", "a\tr\tb\n", ["graph.dat", "--format", "turtle", "ntriples", "jsonld"]),
 }
@@ -56,7 +56,7 @@ def test_bad_file_is_one_line_error(tmp_path, case):
 
 
 def test_ingest_error_stderr_is_exactly_one_line(tmp_path):
-    path = write(tmp_path / "empty.ttl", b"")
+    path = write(tmp_path / "empty.tsv", b"")
     proc = run_kalmkg("-w", tmp_path / "ws", "ingest", path, cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr == f"error: {path}: file is empty\n"

@@ -3,6 +3,7 @@ and the benchmark folders (WN18RR, UMLS)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -577,10 +578,7 @@ def shared_ws(tmp_path_factory):
     ("bad.jsonld", '{"@id": ', None, ["bad.jsonld", "syntax error", "line 1"]),
     ("latin1.ttl", PREFIXES.encode() + b'ex:a ex:p "caf\xe9" .\n', None, ["latin1.ttl:8", "not valid UTF-8"]),
     ("latin1.tsv", b"a\tr\tb\nc\tr\t\xe9t\xe9\n", None, ["latin1.tsv:2", "not valid UTF-8"]),
-    ("empty.ttl", "", None, ["empty.ttl", "empty"]),
-    ("blank.nt", "\n  \n\t\n", None, ["blank.nt", "empty"]),
     ("empty.tsv", "", None, ["empty.tsv", "empty"]),
-    ("prefixes_only.ttl", PREFIXES, None, ["prefixes_only.ttl", "no triples"]),
     ("four.tsv", "a\tr\tb\nc\tr\td\te\nf\tr\tg\n", None, ["four.tsv:2", "3", "found 4"]),
     ("two.tsv", "a\tr\tb\nc\tr\td\nf\tr\n", None, ["two.tsv:3", "found 2"]),
     ("hole.tsv", "a\tr\tb\nc\t\td\n", None, ["hole.tsv:2", "empty"]),
@@ -954,3 +952,38 @@ def test_an_oserror_of_a_plain_file_is_not_called_a_decompression_error(tmp_path
         ingest_into(tmp_path / "ws", [path])
     assert "cannot decompress" not in str(info.value) and "x.jsonld" in str(info.value)
     assert rdf.base_iri(Path("/d/dump.ttl.gz"), "gz") == "file:///d/dump.ttl"
+
+
+@pytest.mark.parametrize("name, content", [
+    ("empty.ttl", ""), ("blank.nt", "\n  \n\t\n"), ("prefixes_only.ttl", PREFIXES), ("base_only.trig", "@base <http://x.org/> ."),
+    ("comment.nq", "# nothing here\n"),
+])
+def test_valid_rdf_without_triples_ingests_nothing_and_is_no_error(shared_ws, tmp_path, name, content):
+    """The W3C suites' positive tests include such files: valid, empty graphs (issue 14)."""
+    (result,) = ingest_into(shared_ws, [write(tmp_path / name, content)])
+    assert result.empty and not result.skipped and result.counts.triples == 0
+
+
+def test_the_cli_warns_about_rdf_without_triples_and_exits_0(tmp_path):
+    from helpers_graph import run_kalmkg
+
+    out = run_kalmkg("-w", str(tmp_path / "ws"), "ingest", write(tmp_path / "p.ttl", PREFIXES), "--json", cwd=tmp_path)
+    assert out.returncode == 0 and "valid turtle without a single triple; nothing ingested" in out.stderr
+    assert json.loads(out.stdout)[0]["empty"] is True
+
+
+def test_a_percent_escape_that_is_no_utf8_keeps_its_local_name_as_written(tmp_path):
+    """`:\\%AA` is a valid Turtle local name; its escape decodes to no UTF-8 (used to crash the merge)."""
+    path = write(tmp_path / "esc.ttl", "@prefix : <http://a.example/> .\n:s :p :\\@\\_\\%AA .\n")
+    _, got = ingest_read(tmp_path / "ws", [path])
+    assert got["entities"]["http://a.example/@_%AA"] == ("@ %AA", None)
+
+
+def test_a_literal_not_of_its_datatype_is_kept_as_written_without_rdflibs_traceback(tmp_path, caplog):
+    """Valid RDF/XML ("flargh"^^xsd:integer): rdflib logs a traceback for it; kalmkg keeps the lexical form."""
+    rdf = write(tmp_path / "d.rdf", '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#" '
+                'xmlns:ex="http://x.org/"><rdf:Description rdf:about="http://x.org/a"><ex:n '
+                'rdf:datatype="http://www.w3.org/2001/XMLSchema#integer">flargh</ex:n></rdf:Description></rdf:RDF>')
+    _, got = ingest_read(tmp_path / "ws", [rdf])
+    assert ("http://x.org/a", "http://x.org/n", "flargh", XSD + "integer", "") in got["attributes"]
+    assert not [r for r in caplog.records if r.name.startswith("rdflib")]  # its log would print a traceback

@@ -291,7 +291,7 @@ def test_the_sql_twins_of_local_name_and_normalize_agree_with_python():
     from kalmkg.text import local_name, normalize
 
     keys = ["http://x.org/New_York", "http://x.org/ns#Caf%C3%A9", "http://x.org/things/Paris/", "urn:isbn:0451450523",
-            "Q42", "http://x.org/_"]
+            "Q42", "http://x.org/_", "http://a.example/@_%AA", "http://x.org/50%25_off"]
     con = duckdb.connect()
     got = [r[0] for r in con.execute(f"SELECT {_fallback_label_sql('k')} FROM unnest($keys) WITH ORDINALITY AS u(k, i) "
                                      "ORDER BY i", {"keys": keys}).fetchall()]

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from kalmkg.cli.options import json_option
-from kalmkg.cli.output import console, print_json
+from kalmkg.cli.output import console, print_json, warn
 from kalmkg.cli.progress import IngestBar
 from kalmkg.errors import KalmkgError
 from kalmkg.store import SPLITS, Store
@@ -53,9 +53,12 @@ def ingest(
     sources = resolve_sources(paths, format, split)
     with Store.open(workspace, create=True) as store, IngestBar(console(stderr=True), quiet=as_json) as bar:
         results = run_ingest(store, sources, lang=lang, progress=bar)
+    for r in results:
+        if r.empty:
+            warn(console(stderr=True), f"{r.source}: valid {r.format} without a single triple; nothing ingested")
     if as_json:
         print_json([{**r.counts.__dict__, "source": r.source, "format": r.format, "skipped": r.skipped,
-                     "rows_read": r.rows_read, "seconds": round(r.seconds, 3)} for r in results])
+                     "empty": r.empty, "rows_read": r.rows_read, "seconds": round(r.seconds, 3)} for r in results])
         return
     from rich.table import Table
 
@@ -64,8 +67,9 @@ def ingest(
         table.add_column(col, justify="left" if col == "source" else "right", overflow="fold")
     for r in results:
         name = f"{Path(r.source).name} ({r.format})"
-        if r.skipped:
-            table.add_row(name, "[dim]same content ingested before: skipped[/dim]", *[""] * 5)
+        if r.skipped or r.empty:
+            why = "no triples: nothing ingested" if r.empty else "same content ingested before: skipped"
+            table.add_row(name, f"[dim]{why}[/dim]", *[""] * 5)
             continue
         c = r.counts
         rate = f"{r.rows_read / r.seconds:,.0f}" if r.seconds > 0 else ""

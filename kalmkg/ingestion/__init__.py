@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from kalmkg.errors import KalmkgError
-from kalmkg.ingestion.sources import Source, fingerprint, resolve_source
+from kalmkg.ingestion.sources import RDF_FORMATS, Source, fingerprint, resolve_source
 from kalmkg.store import MergeCounts, Store
 
 __all__ = ["IngestResult", "IngestProgress", "ingest", "resolve_sources"]
@@ -25,6 +25,7 @@ class IngestResult:
     format: str
     skipped: bool  # same content ingested before
     counts: MergeCounts = field(default_factory=MergeCounts)
+    empty: bool = False  # valid RDF that states no triple (only prefixes, a base, comments): nothing to ingest
     rows_read: int = 0
     seconds: float = 0.0
 
@@ -70,6 +71,10 @@ def ingest(store: Store, sources: list[Source], *, lang: str = "en",
             result.rows_read += batch.num_rows
             progress.advance(rows=batch.num_rows)
         if result.rows_read == 0:
+            if source.format in RDF_FORMATS.values():  # valid RDF with nothing in it: said, not refused
+                result.empty, result.skipped = True, False
+                progress.done(result)
+                continue
             raise KalmkgError(f"{source.name}: no triples found")
         result.skipped = False
         result.seconds = time.time() - started

@@ -9,6 +9,7 @@ for XML errors, and its JSON-LD reader is new; rdflib's are the proven ones for 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from pathlib import Path
 from typing import Callable, Iterator
@@ -162,6 +163,11 @@ def _read_rdflib(path: Path, fmt: str, source_tag: str, on_bytes, compression: s
     # rdflib reads this module flag when it creates each literal, so restore it right after.
     normalize = rdflib.NORMALIZE_LITERALS
     rdflib.NORMALIZE_LITERALS = False
+    # rdflib logs a traceback for a literal whose lexical form is not of its datatype ("flargh"^^xsd:integer,
+    # valid RDF): kalmkg keeps the lexical form as written and prints one line per problem, so quiet it
+    term_log = logging.getLogger("rdflib.term")
+    level = term_log.level
+    term_log.setLevel(logging.CRITICAL)
     try:
         if compression is None:
             graph.parse(str(path), format=_RDFLIB_FORMATS[fmt])
@@ -174,6 +180,7 @@ def _read_rdflib(path: Path, fmt: str, source_tag: str, on_bytes, compression: s
         raise KalmkgError(f"{path}: syntax error: {_syntax_message(exc)}") from None
     finally:
         rdflib.NORMALIZE_LITERALS = normalize
+        term_log.setLevel(level)
     if on_bytes:
         on_bytes(path.stat().st_size)
     keys = _blank_node_keys(graph, f"_:{source_tag}:")

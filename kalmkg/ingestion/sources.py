@@ -162,14 +162,15 @@ def fingerprint(source: Source, on_bytes: Callable[[int], None] | None = None) -
     """Hash the source's files and check they are non-empty UTF-8; fills `sha256` and sizes."""
     total = hashlib.sha256()
     for f in source.files:
-        digest, f.size = _check_file(f.path, on_bytes, f.compression)
+        # an RDF file of nothing but whitespace is a valid, empty graph; an empty TSV file is a mistake
+        digest, f.size = _check_file(f.path, on_bytes, f.compression, blank_ok=f.kind == "rdf")
         # Content and role only: a renamed copy of a file is the same source.
         total.update(f"{f.kind}\0{f.split}\0{f.target}\0{f.role}\0{digest}\n".encode())
     source.sha256 = total.hexdigest()
 
 
 def _check_file(path: Path, on_bytes: Callable[[int], None] | None,
-                compression: str | None = None) -> tuple[str, int]:
+                compression: str | None = None, blank_ok: bool = False) -> tuple[str, int]:
     """(sha256 of the content, bytes on disk); the content is checked to be non-blank UTF-8."""
     h = hashlib.sha256()
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -192,7 +193,7 @@ def _check_file(path: Path, on_bytes: Callable[[int], None] | None,
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
             raise KalmkgError(f"{path}:{lines_before + 1}: not valid UTF-8 (truncated character at the end)") from None
-    if not nonblank:
+    if not nonblank and not blank_ok:
         raise KalmkgError(f"{path}: file is empty")
     return h.hexdigest(), path.stat().st_size
 
