@@ -351,13 +351,22 @@ def _write_snapshot(workspace: Workspace, table) -> None:
     atomic_write_text(meta_path, json.dumps({**meta, "snapshot_rows": len(vectors)}, sort_keys=True))
 
 
+def _snapshot_meta(workspace: Workspace, loaded) -> dict | None:
+    """The snapshot's metadata when it fits `loaded` and the current graph; else None."""
+    try:
+        meta = json.loads((workspace.vectors_dir / SNAPSHOT_META).read_text())
+        fresh = not _staleness(meta, loaded) and meta.get("graph") == graph_hash(_current(loaded)[1])
+    except Exception:  # a missing, partial or damaged snapshot
+        return None
+    return meta if fresh else None
+
+
 def _open_snapshot(workspace: Workspace, loaded) -> "EntityIndex | None":
     """The index from its snapshot when one fits `loaded` and the current graph; else None."""
-    meta_path = workspace.vectors_dir / SNAPSHOT_META
+    meta = _snapshot_meta(workspace, loaded)
+    if meta is None:
+        return None
     try:
-        meta = json.loads(meta_path.read_text())
-        if _staleness(meta, loaded) or meta.get("graph") != graph_hash(_current(loaded)[1]):
-            return None
         vectors = np.load(workspace.vectors_dir / SNAPSHOT_VECTORS)  # in memory, writable, as the table's
         if vectors.shape != (int(meta["rows"]), int(meta["dim"])) or int(meta["snapshot_rows"]) != len(vectors):
             return None

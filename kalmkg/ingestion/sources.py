@@ -99,14 +99,14 @@ def _text_role(name: str) -> tuple[str, str] | None:
 
 
 def split_compression(path: Path) -> tuple[str | None, str]:
-    """(compression, the suffix under it): `world.ttl.gz` -> ('gz', '.ttl'); raises KalmkgError for a
-    compression that is not streamed."""
+    """(compression, the file's name under it): `world.ttl.gz` -> ('gz', 'world.ttl'), `world.ttl` ->
+    (None, 'world.ttl'); raises KalmkgError for a compression that is not streamed."""
     suffix = path.suffix.lower()
     if suffix in _UNSUPPORTED_COMPRESSIONS:
         raise KalmkgError(f"{path}: {suffix} files are not read; decompress it, or compress it as .gz, .bz2 or .xz")
     if suffix in COMPRESSIONS:
-        return COMPRESSIONS[suffix], Path(path.stem).suffix.lower()
-    return None, suffix
+        return COMPRESSIONS[suffix], path.stem
+    return None, path.name
 
 
 def resolve_source(path: Path, fmt: str | None = None, split: str = "train") -> Source:
@@ -115,7 +115,8 @@ def resolve_source(path: Path, fmt: str | None = None, split: str = "train") -> 
         raise KalmkgError(f"{path}: no such file or folder")
     if path.is_dir():
         return _folder_source(path)
-    compression, suffix = split_compression(path)
+    compression, name = split_compression(path)
+    suffix = Path(name).suffix.lower()
     if fmt is not None:
         canonical = RDF_FORMATS.get(fmt.lower()) or DELIMITED_FORMATS.get(fmt.lower())
         if canonical is None:
@@ -127,7 +128,6 @@ def resolve_source(path: Path, fmt: str | None = None, split: str = "train") -> 
                 f"{path}: cannot tell the format from the extension '{suffix or path.suffix}'; "
                 f"pass --format, one of: {SUPPORTED}"
             )
-    name = path.name[: -len(path.suffix)] if compression else path.name
     if canonical in ("tsv", "csv"):
         role = _text_role(name)
         if role is not None:
@@ -144,8 +144,10 @@ def _folder_source(path: Path) -> Source:
     for child in sorted(path.iterdir()):
         if not child.is_file():
             continue
-        compression, _ = split_compression(child) if child.suffix.lower() in COMPRESSIONS else (None, "")
-        name = (child.name[: -len(child.suffix)] if compression else child.name).lower()
+        if child.suffix.lower() in _UNSUPPORTED_COMPRESSIONS:
+            continue  # a folder's other files (a .zip of something) are not the graph's
+        compression, name = split_compression(child)
+        name = name.lower()
         if name in SPLIT_FILES:
             files.append(SourceFile(child, "triples", "tsv", split=SPLIT_FILES[name], compression=compression))
         elif (role := _text_role(name)) is not None:

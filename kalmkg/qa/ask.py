@@ -9,6 +9,7 @@ embedding context (last-token pooling, as KaLM trained it).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -180,20 +181,21 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
         return _say(Answer(question, NO_MATCH, False, [], []), t0, on_token)
     rows = store.relation_labels()
     relations = relation_words(rows)
+    triples = functools.cache(store.triples_array)  # read once, and only by a question no word answers
     chosen = choose_answer(question, found.links, found.paths, relations, embedder)
     asking = asks_something(question, found.links)
-    read = None
+    read, seconds = None, {}
     if chosen is None and asking and config.paraphrase and scorer is not None and \
             not names_a_relation(asked_words(question, found.links), relations):
         # no relation's label is in the question: the model reads which one it asks
         t1 = time.perf_counter()
         try:
-            read = read_slot(question, found.links, store.triples_array(), rows, scorer)
+            read = read_slot(question, found.links, triples(), rows, scorer)
         except ValueError:  # a question longer than the scoring context: the words alone decide
             read = None
         if read is not None and read.present:
             chosen = slot_group(read, found.paths, {lk.id for lk in found.links}, relations)
-        read_s = round(time.perf_counter() - t1, 4)
+        seconds["read"] = round(time.perf_counter() - t1, 4)
     if chosen is None and not asking and found.links[0].description:
         # "Who is Marie Curie?", "Paris?": nothing asked but the entity itself: the graph's description
         first = found.links[0]
@@ -203,18 +205,13 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
     if chosen is None:
         names = ", ".join(lk.label for lk in found.links)
         text = NO_ANSWER.format(names=names) if found.facts else no_facts_message(found.links)
-        answer = Answer(question, text, True, found.links, [], read=read)
-        if read is not None:
-            answer.seconds["read"] = read_s
+        answer = Answer(question, text, True, found.links, [], seconds=seconds, read=read)
         if config.predict and beyond is not None:
-            _predict(answer, store, relations, beyond, config.min_precision)
+            _predict(answer, relations, triples(), beyond, config.min_precision)
         return _say(answer, t0, on_token)
     chosen = within(chosen, config.max_facts)
-    answer = Answer(question, "", True, found.links, chosen.facts, chosen=chosen, read=read)
-    answer.seconds["retrieve"] = round(time.perf_counter() - t0, 4)
-    if read is not None:  # reported apart, as `_say` does with the prediction
-        answer.seconds["read"] = read_s
-        answer.seconds["retrieve"] = round(answer.seconds["retrieve"] - read_s, 4)
+    answer = Answer(question, "", True, found.links, chosen.facts, seconds=seconds, chosen=chosen, read=read)
+    _retrieve_seconds(answer, t0)
     messages = build_messages(question, chosen.facts, answer=answer_names(chosen))
     answer = _generate(answer, messages, generator, config, None)
     kept = usable_sentence(answer.text, chosen, _other_entities(found, chosen))
@@ -224,12 +221,12 @@ def ask(store, question: str, generator: Generator, embedder=None, config: AskCo
     return answer
 
 
-def _predict(answer: Answer, store, relations, beyond: Beyond, min_precision: float) -> None:
+def _predict(answer: Answer, relations, triples, beyond: Beyond, min_precision: float) -> None:
     """The link predictor's answer to a clear question no fact answers: said when reliable enough. The
     slot is the one the question's words name, else the one the model read (which the graph has no
     facts of)."""
     asked = asked_slot(answer.question, asked_words(answer.question, answer.links), answer.links, relations,
-                       store.triples_array())
+                       triples)
     if asked is None and answer.read is not None and not answer.read.present:
         read = answer.read
         asked = Asked(read.entity, read.relation, "tail" if read.forward else "head")
@@ -260,11 +257,16 @@ def _predict_slot(answer: Answer, asked, beyond: Beyond, min_precision: float) -
 
 def _say(answer: Answer, t0: float, on_token) -> Answer:
     """An answer kalmkg gives without the model (no match, nothing that answers, a prediction)."""
-    spent_apart = answer.seconds.get("predict", 0.0) + answer.seconds.get("read", 0.0)
-    answer.seconds["retrieve"] = round(time.perf_counter() - t0 - spent_apart, 4)
+    _retrieve_seconds(answer, t0)
     if on_token is not None:
         on_token(answer.text)
     return answer
+
+
+def _retrieve_seconds(answer: Answer, t0: float) -> None:
+    """The time since `t0` less what is reported apart (reading the relation, the prediction)."""
+    apart = answer.seconds.get("predict", 0.0) + answer.seconds.get("read", 0.0)
+    answer.seconds["retrieve"] = round(time.perf_counter() - t0 - apart, 4)
 
 
 def _generate(answer: Answer, messages: list[dict], generator: Generator, config: AskConfig, on_token) -> Answer:
