@@ -80,6 +80,24 @@ def test_resume_continues_exactly_where_a_killed_run_stopped(sample_ws, tiny_mod
     assert steps_a == steps_b and all(qa > 0 for _, _, qa in steps_a)
 
 
+def test_keeping_the_frozen_layers_outputs_trains_the_same_run(sample_ws, tiny_model):
+    """With only the top layer adapted, the bottom layer's outputs are kept and reused from step to
+    step (dropout on): the losses and the trained weights are those of running the whole model."""
+    import torch
+
+    kept = train(sample_ws, tiny_config(tiny_model, lora_layers=1, lora_dropout=0.1), run_id="kept")
+    whole = train(sample_ws, tiny_config(tiny_model, lora_layers=1, lora_dropout=0.1, frozen_cache_mb=0),
+                  run_id="whole")
+    losses = [[m["loss"] for m in metrics(r.run_dir) if "loss" in m] for r in (kept, whole)]
+    assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+    a = torch.load(kept.run_dir / "checkpoint" / "state.pt", weights_only=False)["trainable"]
+    b = torch.load(whole.run_dir / "checkpoint" / "state.pt", weights_only=False)["trainable"]
+    a.pop("__temperature__"), b.pop("__temperature__")
+    assert a.keys() == b.keys() and all(".layers.1." in name for name in a)
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_dry_run_shows_config_and_first_batch_without_writing(sample_ws, tiny_model):
     seen = {}
     assert train(sample_ws, tiny_config(tiny_model), run_id="dry", dry_run=seen.update) is None
@@ -319,20 +337,26 @@ def grads(model, temperature) -> dict:
     return out
 
 
-@pytest.mark.parametrize("self_negatives, questions", [(False, False), (True, False), (False, True)])
-def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_model, self_negatives, questions):
+@pytest.mark.parametrize("self_negatives, questions, kept", [(False, False, False), (True, False, False),
+                                                             (False, True, False), (False, True, True)])
+def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_model, self_negatives, questions,
+                                                                kept):
     """The fast step shares the hr view with the completion row, encodes identical rows once, runs
     length-grouped padded chunks and the LM head only on the target positions; none of that may
-    change the loss terms or a single gradient. Question-answer rows (L_qa) ride in the same pass."""
+    change the loss terms or a single gradient. Question-answer rows (L_qa) ride in the same pass.
+    `kept`: only the top layer is adapted, and the bottom layer's outputs come from the frozen-layer
+    cache (the second step finds every row kept)."""
     import torch
 
     from kalmkg.models import load_tokenizer
     from kalmkg.training.data import chat_example
     from kalmkg.training.objective import LearnableTemperature
+    from kalmkg.training.prefix import prefix_for
     from kalmkg.training.step import StepContext, kalm_step
 
     cfg = TrainConfig(batch_size=12, lm_examples=3, lm_weight=0.5, lora_dropout=0.0, max_entity_tokens=24,
-                      self_negatives=self_negatives, question_weight=0.7 if questions else 0.0)
+                      self_negatives=self_negatives, question_weight=0.7 if questions else 0.0,
+                      lora_layers=1 if kept else 0)
     model, tokens, known = tiny_lora(sample_ws, tiny_model, cfg)
     temperature = LearnableTemperature(0.05, learnable=True)
     batch = batch_for_the_step(tokens, cfg)
@@ -340,11 +364,19 @@ def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_
     asked = [chat_example(tokenizer, "What is the capital of France?", "Paris."),
              chat_example(tokenizer, "Which country is Berlin located in?", "Germany and Europe.")] if questions else None
     model.train()
+    prefix = prefix_for(model, 64) if kept else None
+    assert (prefix is not None) == kept
 
-    fast = kalm_step(StepContext(model, temperature, tokens, known, cfg), batch, questions=asked)
-    assert len(fast.tails[0]) == cfg.batch_size
-    fast.loss.backward()
-    fast_grads = grads(model, temperature)
+    steps = []
+    for repeat in range(2 if kept else 1):
+        fast = kalm_step(StepContext(model, temperature, tokens, known, cfg, prefix=prefix), batch, questions=asked)
+        assert len(fast.tails[0]) == cfg.batch_size
+        fast.loss.backward()
+        steps.append((fast, grads(model, temperature)))
+        if kept:
+            stats = prefix.stats()
+            assert not stats["off"] and stats["layers"] == 1
+            assert (stats["hits"] > 0) == (repeat == 1) and stats["rows"] == stats["misses"] > 10
     plain = plain_step(model, tokens, batch, cfg, temperature, known)
     if questions:
         plain["l_qa"] = torch.stack([model(input_ids=torch.tensor([p + r]),
@@ -353,15 +385,16 @@ def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_
     plain["loss"].backward()
     plain_grads = grads(model, temperature)
 
-    assert ("l_qa" in fast.terms) == questions
-    for term in ("loss", "l_exp", "l_imp") + (("l_qa",) if questions else ()):
-        assert fast.terms[term] == pytest.approx(plain[term].item(), rel=1e-5, abs=1e-6), term
-    assert fast.terms["l_imp"] > 0.1 and cfg.lm_weight * fast.terms["l_imp"] > 1e-3  # the LM part counts
-    assert fast_grads.keys() == plain_grads.keys()
-    assert sum(".lora_A" in n for n in fast_grads) == sum(".lora_B" in n for n in fast_grads) > 0
-    for name, g in plain_grads.items():
-        assert g.abs().max() > 0, name  # every LoRA weight takes part
-        torch.testing.assert_close(fast_grads[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=name)
+    for fast, fast_grads in steps:
+        assert ("l_qa" in fast.terms) == questions
+        for term in ("loss", "l_exp", "l_imp") + (("l_qa",) if questions else ()):
+            assert fast.terms[term] == pytest.approx(plain[term].item(), rel=1e-5, abs=1e-6), term
+        assert fast.terms["l_imp"] > 0.1 and cfg.lm_weight * fast.terms["l_imp"] > 1e-3  # the LM part counts
+        assert fast_grads.keys() == plain_grads.keys()
+        assert sum(".lora_A" in n for n in fast_grads) == sum(".lora_B" in n for n in fast_grads) > 0
+        for name, g in plain_grads.items():
+            assert g.abs().max() > 0, name  # every LoRA weight takes part
+            torch.testing.assert_close(fast_grads[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=name)
 
 
 # ------------------------------------------------------------------ early stopping

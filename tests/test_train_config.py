@@ -34,6 +34,7 @@ def test_the_defaults_are_valid():
     ({"max_entity_tokens": 0}, "--max-entity-tokens must be at least 1"),
     ({"log_every": 0}, "--log-every must be at least 1"),
     ({"checkpoint_every": 0}, "--checkpoint-every must be at least 1"),
+    ({"frozen_cache_mb": -1}, "--frozen-cache-mb must be 0 (off) or more"),
     ({"precision": "fp16"}, "unknown precision 'fp16'; use auto, fp32 or bf16"),
 ])
 def test_a_bad_value_is_one_clear_error_when_the_config_is_made(overrides, message):

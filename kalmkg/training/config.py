@@ -86,6 +86,9 @@ class TrainConfig:
     grad_clip: float = _option(1.0, "Clip the gradient norm (0: off).", "Optimisation")
     grad_accum: int = _option(1, "Batches per optimizer step.", "Optimisation")
     grad_checkpointing: bool = _option(False, "Recompute activations to save memory.", "Optimisation")
+    frozen_cache_mb: int = _option(2048, "Memory for the outputs of the frozen layers below --lora-layers, "
+                                   "computed once per text and reused by later steps (0: run the whole model "
+                                   "every step).", "Optimisation")
     # data
     max_entity_tokens: int | None = _option(None, "Cut entity text (name, description) to this many tokens. "
                                             "Default: by the base's size (see --preset).", "Data")
@@ -125,6 +128,7 @@ def config_problem(cfg: TrainConfig) -> str | None:
         (cfg.question_examples >= 0, "--question-examples must be 0 or more"),
         (cfg.max_entity_tokens is None or cfg.max_entity_tokens >= 1, "--max-entity-tokens must be at least 1"),
         (cfg.log_every >= 1, "--log-every must be at least 1"),
+        (cfg.frozen_cache_mb >= 0, "--frozen-cache-mb must be 0 (off) or more"),
         (cfg.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
         (cfg.precision in PRECISIONS, f"unknown precision '{cfg.precision}'; use auto, fp32 or bf16"),
     ]

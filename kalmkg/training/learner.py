@@ -44,6 +44,8 @@ def build_learner(model, cfg: TrainConfig, total_steps: int, device: str) -> Lea
 
     from kalmkg.training.objective import LearnableTemperature
 
+    if torch.device(device).type == "cpu":
+        use_plain_attention(model)
     model = apply_lora(model, cfg)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -57,6 +59,16 @@ def build_learner(model, cfg: TrainConfig, total_steps: int, device: str) -> Lea
     warmup = int(cfg.warmup * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     return Learner(model, temperature, optimizer, scheduler)
+
+
+def use_plain_attention(model) -> None:
+    """Attention as plain matmuls and a softmax instead of SDPA's CPU kernel, whose backward takes
+    about seven times its forward on rows of tens of tokens (a step 16 % faster on the embedded model;
+    the values are the same)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:  # transformers < 4.55
+        model.config._attn_implementation = "eager"
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:

@@ -78,7 +78,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     it had been killed (for resume tests)."""
     import torch
 
-    from kalmkg.training.step import StepContext, kalm_step  # torch at import: loaded when training starts
+    from kalmkg.training.prefix import prefix_for  # these import torch: loaded when training starts
+    from kalmkg.training.step import StepContext, kalm_step
 
     progress = progress or TrainProgress()
 
@@ -143,7 +144,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     eval_every = cfg.eval_every or steps_per_epoch
 
     # the loop: one optimizer step per group of grad_accum batches, from where the run stands
-    step_context = StepContext(learner.model, learner.temperature, tokens, known, cfg, world, device)
+    step_context = StepContext(learner.model, learner.temperature, tokens, known, cfg, world, device,
+                               prefix_for(learner.model, cfg.frozen_cache_mb))
     autocast = make_autocast(device, cfg.precision)
     groups = batch_groups(tokens, cfg, state.epoch, state.batch_in_epoch)
     rate = _Rate()

@@ -40,6 +40,7 @@ class StepContext:
     cfg: TrainConfig
     world: World = World()
     device: str = "cpu"
+    prefix: Any = None  # prefix.FrozenPrefix: the frozen layers' kept outputs (None: run the whole model)
 
 
 class StepOutput(NamedTuple):
@@ -111,35 +112,43 @@ def build_inputs(tokens: TokenizedExamples, examples: np.ndarray, lm_mask: np.nd
     return inputs
 
 
-def run_backbone(decoder, inputs: StepInputs, pad_id: int, device, *, max_waste: float = 0.3,
-                 min_chunk: int = 8) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def run_backbone(decoder, inputs: StepInputs, pad_id: int, device, prefix=None,
+                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Encode the rows; returns (pooled [R, D], {row: hidden [span, D]} for the LM rows).
-
-    Rows are sorted by length and run in a few chunks of similar length instead of one forward padded
-    to the longest row: completion sequences are twice as long as views, and padding every view to
-    them would double the work.
-    """
+    `prefix`: a FrozenPrefix whose kept states of the frozen layers stand in for running them."""
     rows = inputs.rows
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    chunks, current = [], []
-    for i in order:
-        if len(current) >= min_chunk and len(rows[i]) > (1 + max_waste) * len(rows[current[0]]):
-            chunks.append(current)
-            current = []
-        current.append(i)
-    if current:
-        chunks.append(current)
     pooled: list = [None] * len(rows)
     lm_hidden: dict = {}
-    for chunk in chunks:
-        ids, mask = pad_rows([rows[i] for i in chunk], pad_id)
-        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    for chunk in length_chunks([len(r) for r in rows]):
+        chunk_rows = [rows[i] for i in chunk]
+        if prefix is not None:
+            hidden = prefix.hidden(chunk_rows, pad_id, device)
+        else:
+            ids, mask = pad_rows(chunk_rows, pad_id)
+            hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         for j, i in enumerate(chunk):
             pooled[i] = hidden[j, inputs.pool_at[i]]
             if i in inputs.lm_spans:
                 a, b = inputs.lm_spans[i]
                 lm_hidden[i] = hidden[j, a:b]
     return torch.stack(pooled), lm_hidden
+
+
+def length_chunks(lengths: list[int], *, max_waste: float = 0.3, min_chunk: int = 8) -> list[list[int]]:
+    """Row indices sorted by length and cut into chunks of similar length (a chunk of at least
+    `min_chunk` rows ends where a row is more than 1 + `max_waste` times its first row's length).
+
+    Completion sequences are twice as long as views, and padding every view to them would double the
+    work of a forward padded to the longest row."""
+    chunks, current = [], []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if len(current) >= min_chunk and lengths[i] > (1 + max_waste) * lengths[current[0]]:
+            chunks.append(current)
+            current = []
+        current.append(i)
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def kalm_step(ctx: StepContext, examples: np.ndarray, prebatch: list | None = None,
@@ -152,7 +161,7 @@ def kalm_step(ctx: StepContext, examples: np.ndarray, prebatch: list | None = No
     inputs = build_inputs(ctx.tokens, examples[mine], lm_flags(len(examples), cfg)[mine], cfg.self_negatives)
     if questions:
         inputs.add_questions(questions[world.slice(len(questions))])
-    pooled, lm_hidden = run_backbone(backbone(ctx.model), inputs, ctx.tokens.pad_id, ctx.device)
+    pooled, lm_hidden = run_backbone(backbone(ctx.model), inputs, ctx.tokens.pad_id, ctx.device, ctx.prefix)
 
     # L_exp: every process contrasts its queries against the tails of the whole global batch
     pooled = F.normalize(pooled.float(), dim=-1)

@@ -1,0 +1,100 @@
+"""The frozen-layer cache: what it keeps, when it is on, and that it never changes what the model computes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from kalmkg.training.config import TrainConfig
+
+
+def lora_model(tiny_model, **overrides):
+    from kalmkg.models import apply_lora, load_base, resolve_base
+
+    model, tokenizer = load_base(resolve_base(str(tiny_model)))
+    return apply_lora(model, TrainConfig(lora_dropout=0.0, **overrides)), tokenizer
+
+
+def rows_of(tokenizer, texts):
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+TEXTS = ["Paris capital of France", "Berlin", "Rome is the capital of Italy and Europe", "Lisbon Portugal"]
+
+
+def test_only_a_frozen_bottom_that_runs_without_dropout_is_kept(tiny_model):
+    from kalmkg.models import backbone
+    from kalmkg.training.prefix import prefix_for, trained_from
+
+    top, _ = lora_model(tiny_model, lora_layers=1)
+    assert trained_from(backbone(top)) == 1
+    assert prefix_for(top, 64) is not None
+    assert prefix_for(top, 0) is None  # --frozen-cache-mb 0: off
+    every, _ = lora_model(tiny_model, lora_layers=0)
+    assert trained_from(backbone(every)) is None and prefix_for(every, 64) is None
+    full, _ = lora_model(tiny_model, full=True)
+    assert prefix_for(full, 64) is None
+    backbone(top).config.attention_dropout = 0.1  # the bottom's output would be random
+    assert prefix_for(top, 64) is None
+
+
+def test_kept_states_give_the_whole_models_hidden_states_and_stay_in_budget(tiny_model):
+    import torch
+
+    from kalmkg.encode import pad_rows
+    from kalmkg.models import backbone
+    from kalmkg.training.prefix import prefix_for
+
+    model, tokenizer = lora_model(tiny_model, lora_layers=1)
+    rows = rows_of(tokenizer, TEXTS)
+    ids, mask = pad_rows(rows, 0)
+    with torch.no_grad():
+        whole = backbone(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    one_row = max(len(r) for r in rows) * model.config.hidden_size * 4 / 2**20
+    prefix = prefix_for(model, 2.5 * one_row)  # room for two or three of the four rows
+    for _ in range(2):
+        with torch.no_grad():
+            split = prefix.hidden(rows, 0, "cpu")
+        real = mask.bool()
+        torch.testing.assert_close(split[real], whole[real], rtol=1e-5, atol=1e-5)
+    stats = prefix.stats()
+    assert 1 <= stats["rows"] < len(rows) and stats["mb"] <= 2.5 * one_row  # least recently used out
+    assert stats["misses"] >= 4 and not stats["off"]
+    # a row met again is found, whatever it is batched with and however wide the batch
+    with torch.no_grad():
+        alone = prefix.hidden(rows[-1:], 0, "cpu")
+    assert prefix.stats()["hits"] == stats["hits"] + 1
+    torch.testing.assert_close(alone[0, : len(rows[-1])], whole[-1, : len(rows[-1])], rtol=1e-5, atol=1e-5)
+
+
+def test_a_decoder_that_does_not_split_turns_the_cache_off_and_still_answers_right(tiny_model):
+    import torch
+
+    from kalmkg.encode import pad_rows
+    from kalmkg.models import backbone
+    from kalmkg.training.prefix import prefix_for
+
+    model, tokenizer = lora_model(tiny_model, lora_layers=1)
+    decoder = backbone(model)
+    forward = decoder.forward
+
+    def scaled(*args, inputs_embeds=None, input_ids=None, **kwargs):  # as Gemma scales its embeddings
+        if inputs_embeds is None:
+            inputs_embeds = decoder.embed_tokens(input_ids)
+        return forward(*args, inputs_embeds=inputs_embeds * 3.0, **kwargs)
+
+    decoder.forward = scaled
+    rows = rows_of(tokenizer, TEXTS)
+    ids, mask = pad_rows(rows, 0)
+    prefix = prefix_for(model, 64)
+    with torch.no_grad(), pytest.warns(UserWarning, match="does not split"):
+        out = prefix.hidden(rows, 0, "cpu")
+    with torch.no_grad():
+        whole = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert prefix.stats()["off"] and prefix.stats()["rows"] == 0
+    torch.testing.assert_close(out, whole)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        with torch.no_grad():
+            prefix.hidden(rows, 0, "cpu")
