@@ -32,12 +32,14 @@ class Encoder(Protocol):
 
 
 class TorchEncoder:
-    """A transformers model (optionally LoRA-wrapped) as an encoder."""
+    """A transformers model (optionally LoRA-wrapped) as an encoder. `prefix`: training's FrozenPrefix,
+    whose kept states of the frozen layers stand in for running them (validation during a run)."""
 
-    def __init__(self, model, tokenizer, device: str = "cpu"):
+    def __init__(self, model, tokenizer, device: str = "cpu", prefix=None):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
+        self.prefix = prefix
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
@@ -61,7 +63,10 @@ class TorchEncoder:
                 for start in range(0, len(order), batch_size):
                     chunk = order[start:start + batch_size]
                     ids, mask = pad_rows([rows[i] for i in chunk], pad)
-                    hidden = net(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+                    if self.prefix is not None:
+                        hidden = self.prefix.hidden([rows[i] for i in chunk], pad, self.device)
+                    else:
+                        hidden = net(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
                     vecs = F.normalize(last_token_pool(hidden, mask.to(self.device)).float(), dim=-1).cpu()
                     if out.numel() == 0:
                         out = torch.empty(len(rows), vecs.shape[1])

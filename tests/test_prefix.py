@@ -98,3 +98,19 @@ def test_a_decoder_that_does_not_split_turns_the_cache_off_and_still_answers_rig
         warnings.simplefilter("error")  # said once
         with torch.no_grad():
             prefix.hidden(rows, 0, "cpu")
+
+
+def test_validation_encodes_with_the_kept_states_and_gets_the_same_vectors(tiny_model):
+    import torch
+
+    from kalmkg.encode import TorchEncoder
+    from kalmkg.training.prefix import prefix_for
+
+    model, tokenizer = lora_model(tiny_model, lora_layers=1)
+    model.train()
+    prefix = prefix_for(model, 64)
+    plain = TorchEncoder(model, tokenizer).encode(TEXTS)
+    kept = TorchEncoder(model, tokenizer, prefix=prefix)
+    for _ in range(2):  # the second finds every row
+        torch.testing.assert_close(torch.as_tensor(kept.encode(TEXTS)), torch.as_tensor(plain), rtol=1e-5, atol=1e-5)
+    assert prefix.stats()["hits"] == len(TEXTS) and model.training  # the run goes on in training mode

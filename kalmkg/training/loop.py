@@ -132,20 +132,22 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     if world.main and not run.resuming:
         record_start(workspace, run, graph.fingerprint)
 
-    # validation through the stopping object: filtered MRR on a fixed sample of valid, best adapter kept
+    # validation through the stopping object: filtered MRR on a fixed sample of valid, best adapter kept;
+    # it reuses the frozen layers' kept outputs (every entity is encoded at every validation)
+    prefix = prefix_for(learner.model, cfg.frozen_cache_mb)
     stopper = None
     if len(graph.valid):
         sample = sample_triples(graph.valid, cfg.eval_limit, seed=cfg.seed)
         stopper = EarlyStopper(
-            validate=lambda: rank_queries(learner.model, tokenizer, texts, sample, graph.all, device=device)["both"],
+            validate=lambda: rank_queries(learner.model, tokenizer, texts, sample, graph.all, device=device,
+                                          prefix=prefix)["both"],
             keep_best=lambda: save_adapter(learner.model, run.path / "adapter"),
             log=lambda record: runs.append_jsonl(run.path / "metrics.jsonl", record),
             say=progress.message, patience=cfg.patience, world=world)
     eval_every = cfg.eval_every or steps_per_epoch
 
     # the loop: one optimizer step per group of grad_accum batches, from where the run stands
-    step_context = StepContext(learner.model, learner.temperature, tokens, known, cfg, world, device,
-                               prefix_for(learner.model, cfg.frozen_cache_mb))
+    step_context = StepContext(learner.model, learner.temperature, tokens, known, cfg, world, device, prefix)
     autocast = make_autocast(device, cfg.precision)
     groups = batch_groups(tokens, cfg, state.epoch, state.batch_in_epoch)
     rate = _Rate()
