@@ -12,9 +12,9 @@ counted) and achieved TFLOP/s. MFU divides that by the device's peak dense bf16 
 GPUs below, or `--peak-tflops`); it is left out where the peak is unknown (a CPU, unless given).
 
 The FLOPs are counted from the rows each step runs (`step_flops`): forward 2 x (weights of a layer) per
-token per layer plus attention 4 x T x width per token per layer, the LM head at the positions that predict
-a target; backward about twice that from the lowest adapted layer up (gradients of the activations through
-the frozen weights, and of the attention), none below. The frozen-layer cache is off: every step does the
+token per layer plus attention 4 x T x (heads x head width) per token per layer, the LM head at the
+positions that predict a target; backward from the lowest adapted layer up, the activations' gradients
+only (the weights are frozen: about the forward's matmuls again, twice its attention), none below. The frozen-layer cache is off: every step does the
 whole model's work, so MFU means what it says. A sweep stops early when the next batch size would not
 finish inside `--minutes`, or when the device runs out of memory.
 """
@@ -46,7 +46,9 @@ class Shape:
     width: int
     vocab: int
     layer_weights: int  # multiply-adds per token of one layer's projections
-    mlp_weights: int  # the part of layer_weights in the FFN
+    down_weights: int  # the FFN's output projection's part of them
+    attention_width: int  # heads x head width (the width of QK^T and AV)
+    lora_weights: int  # LoRA's multiply-adds per token in one adapted layer: r x (in + out) per module
     trained_from: int  # lowest adapted layer
     attention_adapted: bool  # whether LoRA adapts an attention projection
 
@@ -54,19 +56,24 @@ class Shape:
 def step_flops(shape: Shape, lengths: list[int], lm_positions: int) -> float:
     """FLOPs of one training step over rows of `lengths` tokens, `lm_positions` of them under the LM head.
 
-    forward, per row of T tokens and per layer:   2 W T  +  4 T^2 width   (QK^T and AV, not halved for causal)
-    backward of a layer from `trained_from` up:   2 W T  +  8 T^2 width   (activation gradients only: the
-        weights are frozen; LoRA's own gradients, 2 r (in + out) per token, are left out), except that
-        the lowest adapted layer's attention has no backward when only FFN projections are adapted
+    forward, per row of T tokens and per layer:   2 W T  +  4 T^2 A   (QK^T and AV, not halved for causal;
+        W: the layer's projection weights, A: heads x head width)
+    backward of a layer above the lowest adapted:   2 W T  +  8 T^2 A   (activation gradients only: the
+        weights are frozen; LoRA's own gradients, 2 r (in + out) per token, are left out)
+    backward of the lowest adapted layer: its input needs no gradient, so with only FFN projections
+        adapted just the down projection's input gradient, 2 W_down T (else counted as a layer above)
+    LoRA, in each adapted layer: 2 L T forward and about twice that backward (L: its weights per token).
     LM head: 2 vocab width forward and backward per LM position.
     """
-    forward = sum(shape.layers * (2 * shape.layer_weights * t + 4 * t * t * shape.width) for t in lengths)
+    forward = sum(shape.layers * (2 * shape.layer_weights * t + 4 * t * t * shape.attention_width) for t in lengths)
     above = shape.layers - shape.trained_from
     backward = 0.0
     for t in lengths:
-        full_layer = 2 * shape.layer_weights * t + 8 * t * t * shape.width
-        lowest = full_layer if shape.attention_adapted else 2 * shape.mlp_weights * t
+        full_layer = 2 * shape.layer_weights * t + 8 * t * t * shape.attention_width
+        lowest = full_layer if shape.attention_adapted else 2 * shape.down_weights * t
         backward += lowest + (above - 1) * full_layer if above else 0
+        forward += above * 2 * shape.lora_weights * t
+        backward += above * 4 * shape.lora_weights * t
     head = 2 * 2 * shape.vocab * shape.width * lm_positions
     return float(forward + backward + head)
 
@@ -76,18 +83,26 @@ def model_shape(model, cfg) -> Shape:
     import torch
 
     from kalmkg.models import backbone, num_layers
-    from kalmkg.training.prefix import trained_from
+    from kalmkg.training.prefix import lowest_trained
 
     decoder = backbone(model)
     layer = decoder.layers[0]
     # base projections only: peft's LoRA matrices are Linear modules too
     linear = {n: m.weight.numel() for n, m in layer.named_modules()
               if isinstance(m, torch.nn.Linear) and "lora_" not in n}
-    mlp = sum(v for n, v in linear.items() if n.startswith("mlp."))
+    down = sum(v for n, v in linear.items() if n.startswith("mlp.down_proj"))
     config = model.config
-    return Shape(layers=num_layers(model), width=config.hidden_size, vocab=config.vocab_size,
-                 layer_weights=sum(linear.values()), mlp_weights=mlp,
-                 trained_from=trained_from(decoder) or 0,
+    heads = config.num_attention_heads
+    head_width = getattr(config, "head_dim", None) or config.hidden_size // heads
+    n_layers = num_layers(model)
+    lowest = lowest_trained(decoder)
+    adapted = decoder.layers[lowest] if lowest is not None else None
+    lora = 0 if adapted is None else sum(m.weight.numel() for n, m in adapted.named_modules()
+                                         if isinstance(m, torch.nn.Linear) and "lora_" in n)
+    return Shape(layers=n_layers, width=config.hidden_size, vocab=config.vocab_size,
+                 layer_weights=sum(linear.values()), down_weights=down, attention_width=heads * head_width,
+                 lora_weights=lora,
+                 trained_from=n_layers if lowest is None else lowest,
                  attention_adapted=any(t in ATTENTION_PROJECTIONS for t in cfg.lora_targets))
 
 

@@ -64,7 +64,7 @@ class TorchEncoder:
                     chunk = order[start:start + batch_size]
                     ids, mask = pad_rows([rows[i] for i in chunk], pad)
                     if self.prefix is not None:
-                        hidden = self.prefix.hidden([rows[i] for i in chunk], pad, self.device)
+                        hidden = self.prefix.hidden([rows[i] for i in chunk], pad, self.device, evict=False)
                     else:
                         hidden = net(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
                     vecs = F.normalize(last_token_pool(hidden, mask.to(self.device)).float(), dim=-1).cpu()

@@ -40,7 +40,7 @@ import numpy as np
 from kalmkg.encode import Encoder
 from kalmkg.errors import KalmkgError
 from kalmkg.loaded import torch_encoder
-from kalmkg.runs import atomic_write_text
+from kalmkg.files import atomic_write_text
 from kalmkg.text import tail_view
 from kalmkg.workspace import Workspace
 

@@ -18,12 +18,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kalmkg.errors import KalmkgError
+from kalmkg.files import staging_dir
 from kalmkg.training.config import TrainConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -165,7 +165,7 @@ def _convert_gguf(gguf: Path, folder: Path, digest: str) -> None:
         del model.config.quantization_config
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = staging_dir(folder.parent, f".{folder.name}.")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

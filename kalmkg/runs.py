@@ -9,13 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from kalmkg.errors import KalmkgError
 from kalmkg.workspace import Workspace
@@ -49,66 +46,37 @@ def find_run(workspace: Workspace, run: str | None) -> Path:
     return path
 
 
-# ------------------------------------------------------------------ atomic writes
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` (a file or a folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    target = tmp / "payload"
-    try:
-        yield target
-        if not target.exists():
-            raise FileNotFoundError(f"nothing was written for {path}")
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(target, path)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
 
 
 # ------------------------------------------------------------------ config.toml
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
-
-
 def config_to_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """Tables of scalars and lists; a dict value becomes a sub-table `[section.key]`. None is left out:
-    TOML has no null, and a missing key reads back as unset."""
-    lines = []
+    """Tables of scalars and lists through tomli-w; a dict value, or a dotted section name, becomes a
+    sub-table `[section.key]`. None is left out: TOML has no null, and a missing key reads back as
+    unset. Values of other types (paths) are written as their text."""
+    import tomli_w
+
+    tables: dict[str, Any] = {}
     for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None and not isinstance(v, dict)]
-        lines.append("")
-        nested = {f"{name}.{k}": v for k, v in values.items() if isinstance(v, dict)}
-        if nested:
-            lines.append(config_to_toml(nested))
-    return "\n".join(lines)
+        table = tables
+        for part in name.split("."):
+            table = table.setdefault(part, {})
+        table.update(_toml_table(values))
+    return tomli_w.dumps(tables)
+
+
+def _toml_table(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _toml_item(v) for k, v in values.items() if v is not None}
+
+
+def _toml_item(v: Any) -> Any:
+    if isinstance(v, dict):
+        return _toml_table(v)
+    if isinstance(v, (list, tuple)):
+        return [_toml_item(x) for x in v]
+    return v if isinstance(v, (bool, int, float, str)) else str(v)
 
 
 def read_config(run: Path) -> dict[str, dict[str, Any]]:

@@ -84,7 +84,7 @@ def test_training_sees_ranking_not_evaluation():
 # placed by its longest matching prefix; a new module without a place fails the test until it gets one.
 LAYERS = [
     # foundation: no knowledge of graphs or models
-    ["kalmkg.errors", "kalmkg.workspace", "kalmkg.cache", "kalmkg.formatting", "kalmkg.system", "kalmkg.device",
+    ["kalmkg.errors", "kalmkg.workspace", "kalmkg.files", "kalmkg.cache", "kalmkg.formatting", "kalmkg.system", "kalmkg.device",
      "kalmkg.text", "kalmkg.prompts", "kalmkg.llamacpp.environment", "kalmkg.llamacpp.build"],
     # storage, configuration and the raw model: the graph store, runs on disk, base models, llama.cpp
     ["kalmkg.store", "kalmkg.split", "kalmkg.names", "kalmkg.ingestion", "kalmkg.runs", "kalmkg.models",

@@ -269,7 +269,7 @@ def test_no_trained_run_says_to_train_first(sample_ws):
 
 
 def test_a_run_without_weights_says_to_train_first(sample_ws, gguf_tiny):
-    from kalmkg.runs import atomic_write_text
+    from kalmkg.files import atomic_write_text
 
     run = sample_ws.runs_dir / "empty"
     atomic_write_text(run / "config.toml", f'[train]\nbase = "{gguf_tiny}"\n')

@@ -24,6 +24,8 @@ TEXTS = ["Paris capital of France", "Berlin", "Rome is the capital of Italy and 
 
 
 def test_only_a_frozen_bottom_that_runs_without_dropout_is_kept(tiny_model):
+    import torch
+
     from kalmkg.models import backbone
     from kalmkg.training.prefix import prefix_for, trained_from
 
@@ -35,7 +37,14 @@ def test_only_a_frozen_bottom_that_runs_without_dropout_is_kept(tiny_model):
     assert trained_from(backbone(every)) is None and prefix_for(every, 64) is None
     full, _ = lora_model(tiny_model, full=True)
     assert prefix_for(full, 64) is None
+    backbone(top).config.layer_types = ["sliding_attention", "full_attention"]  # looked up by position
+    assert prefix_for(top, 64) is None
+    backbone(top).config.layer_types = ["full_attention", "full_attention"]
+    assert prefix_for(top, 64) is not None
     backbone(top).config.attention_dropout = 0.1  # the bottom's output would be random
+    assert prefix_for(top, 64) is None
+    backbone(top).config.attention_dropout = 0.0
+    backbone(top).embed_dropout = torch.nn.Dropout(0.1)  # dropout outside the layers counts too
     assert prefix_for(top, 64) is None
 
 
@@ -59,7 +68,7 @@ def test_kept_states_give_the_whole_models_hidden_states_and_stay_in_budget(tiny
         real = mask.bool()
         torch.testing.assert_close(split[real], whole[real], rtol=1e-5, atol=1e-5)
     stats = prefix.stats()
-    assert 1 <= stats["rows"] < len(rows) and stats["mb"] <= 2.5 * one_row  # least recently used out
+    assert 1 <= stats["rows"] < len(rows) and prefix.bytes <= prefix.budget  # least recently used out
     assert stats["misses"] >= 4 and not stats["off"]
     # a row met again is found, whatever it is batched with and however wide the batch
     with torch.no_grad():
@@ -114,3 +123,19 @@ def test_validation_encodes_with_the_kept_states_and_gets_the_same_vectors(tiny_
     for _ in range(2):  # the second finds every row
         torch.testing.assert_close(torch.as_tensor(kept.encode(TEXTS)), torch.as_tensor(plain), rtol=1e-5, atol=1e-5)
     assert prefix.stats()["hits"] == len(TEXTS) and model.training  # the run goes on in training mode
+
+
+def test_a_validation_scan_larger_than_the_budget_keeps_the_training_rows(tiny_model):
+    import torch
+
+    from kalmkg.encode import TorchEncoder
+    from kalmkg.training.prefix import prefix_for
+
+    model, tokenizer = lora_model(tiny_model, lora_layers=1)
+    rows = rows_of(tokenizer, TEXTS)
+    one_row = max(len(r) for r in rows) * model.config.hidden_size * 4 / 2**20
+    prefix = prefix_for(model, 2.5 * one_row)
+    with torch.no_grad():
+        prefix.hidden(rows[:1], 0, "cpu")  # a training row
+    TorchEncoder(model, tokenizer, prefix=prefix).encode(TEXTS[1:] * 3)
+    assert (None, *rows[0]) in prefix.kept and prefix.bytes <= prefix.budget

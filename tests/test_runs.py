@@ -10,10 +10,9 @@ import pytest
 
 from kalmkg import runs
 from kalmkg.errors import KalmkgError
+from kalmkg.files import atomic_path, atomic_write_text
 from kalmkg.runs import (
     as_dict,
-    atomic_path,
-    atomic_write_text,
     config_to_toml,
     dataclass_from,
     find_run,
@@ -294,3 +293,41 @@ def test_find_run_of_unknown_id_raises(tmp_path):
 def test_run_dir_is_under_the_workspace_runs(tmp_path):
     ws = Workspace(tmp_path)
     assert runs.run_dir(ws, "x") == tmp_path / "runs" / "x"
+
+
+def test_config_holds_any_unicode_and_leaves_none_out(tmp_path):
+    """A path or name outside the BMP (an emoji) reads back; None is not written as a value."""
+    sections = {"train": {"base": str(tmp_path / "modèles 😀" / "base"), "note": "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "lr": None},
+                "base": {"path": tmp_path / "x"}}
+    back = round_trip(tmp_path, sections)
+    assert back == {"train": {"base": sections["train"]["base"], "note": "𝔘𝔫𝔦𝔠𝔬𝔡𝔢"}, "base": {"path": str(tmp_path / "x")}}
+
+
+def test_results_are_created_with_the_users_umask_and_no_partial_file_is_left(tmp_path, monkeypatch):
+    import os
+
+    from kalmkg.files import staging_dir
+
+    old = os.umask(0o027)
+    try:
+        staged_model = staging_dir(tmp_path / "cache", ".base.")  # renamed into place as a cached model
+        atomic_write_text(tmp_path / "config.toml", "a = 1\n")
+        with atomic_path(tmp_path / "adapter") as staged:
+            staged.mkdir()
+            (staged / "weights").write_text("w")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "config.toml").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o750
+    assert staged_model.stat().st_mode & 0o777 == 0o750 and not any(staged_model.iterdir())
+    staged_model.rmdir()
+    (tmp_path / "cache").rmdir()
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_text(tmp_path / "config.toml", "a = 2\n")
+    assert (tmp_path / "config.toml").read_text() == "a = 1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "config.toml"]

@@ -80,14 +80,27 @@ def test_resume_continues_exactly_where_a_killed_run_stopped(sample_ws, tiny_mod
     assert steps_a == steps_b and all(qa > 0 for _, _, qa in steps_a)
 
 
-def test_keeping_the_frozen_layers_outputs_trains_the_same_run(sample_ws, tiny_model):
+def test_keeping_the_frozen_layers_outputs_trains_the_same_run(sample_ws, tiny_model, monkeypatch):
     """With only the top layer adapted, the bottom layer's outputs are kept and reused from step to
     step (dropout on): the losses and the trained weights are those of running the whole model."""
     import torch
 
+    from kalmkg.training.prefix import FrozenPrefix
+
+    seen = []
+    hidden = FrozenPrefix.hidden
+
+    def spy(self, *args, **kwargs):
+        out = hidden(self, *args, **kwargs)
+        seen.append(self.stats())
+        return out
+
+    monkeypatch.setattr(FrozenPrefix, "hidden", spy)
     kept = train(sample_ws, tiny_config(tiny_model, lora_layers=1, lora_dropout=0.1), run_id="kept")
+    calls_in_kept = len(seen)
     whole = train(sample_ws, tiny_config(tiny_model, lora_layers=1, lora_dropout=0.1, frozen_cache_mb=0),
                   run_id="whole")
+    assert calls_in_kept == len(seen) > 0 and seen[-1]["hits"] > 0 and not seen[-1]["off"]  # only the first used it
     losses = [[m["loss"] for m in metrics(r.run_dir) if "loss" in m] for r in (kept, whole)]
     assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-4)
     a = torch.load(kept.run_dir / "checkpoint" / "state.pt", weights_only=False)["trainable"]

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kalmkg.runs import atomic_write_text
+from kalmkg.files import atomic_write_text
 
 FILE = "calibration.json"
 MIN_SUPPORT = 10  # held-out queries at or above a threshold before its precision means anything

@@ -29,7 +29,8 @@ import numpy as np
 from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.ranking import sample_triples
 from kalmkg.loaded import load_model
-from kalmkg.runs import atomic_write_text, read_config
+from kalmkg.files import atomic_write_text
+from kalmkg.runs import read_config
 from kalmkg.store import SPLITS, Store
 from kalmkg import text
 from kalmkg.text import GraphTexts, normalize_label

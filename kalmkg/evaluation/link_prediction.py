@@ -16,7 +16,8 @@ from kalmkg.evaluation.calibration import Calibration, FirstAnswers, calibrate, 
 from kalmkg.evaluation.ranking import by_direction, encode_texts, rank_with_vectors, sample_triples
 from kalmkg.loaded import LoadedModel, load_model, safe_name, torch_encoder
 from kalmkg.evaluation.metrics import known_answers, self_loop_relations
-from kalmkg.runs import atomic_write_text, read_config
+from kalmkg.files import atomic_write_text
+from kalmkg.runs import read_config
 from kalmkg.training.config import saved_train_config
 from kalmkg.store import SPLITS, Store
 from kalmkg.workspace import Workspace

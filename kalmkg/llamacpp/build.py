@@ -351,9 +351,11 @@ def _locked(path: Path):
 def _replace_dir(src: Path, dst: Path) -> None:
     """`dst` becomes a copy of `src`, swapped in by renames (readers see the old or the new tree)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    from kalmkg.files import staging_dir  # mkdtemp's 0700 would become the installed folder's mode
+
+    staged = staging_dir(dst.parent, f".{dst.name}.")
     shutil.copytree(src, staged, dirs_exist_ok=True)
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
+    old = staging_dir(dst.parent, f".{dst.name}.old.")
     if dst.exists():
         os.replace(dst, old / "tree")
     os.replace(staged, dst)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kalmkg.runs import atomic_path
+from kalmkg.files import atomic_path
 from kalmkg.training.learner import Learner
 
 _STATE = "state.pt"

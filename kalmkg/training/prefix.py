@@ -13,8 +13,10 @@ The split reuses the decoder's own forward (its masks, rotary positions, attenti
 its layers: the bottom with the final norm taken out, the top with the kept states as `inputs_embeds`.
 Rows are right-padded, so under the causal mask a row's states do not depend on what it was batched
 with. A decoder whose forward does more than embed -> layers -> norm (Gemma scales its embeddings) would
-not split this way; the first call compares the split with the whole pass and turns the cache off if
-they differ. This module imports torch at the top: import it lazily from light modules.
+not split this way, nor one whose layers differ by kind (`config.layer_types`: sliding-window and full
+attention, looked up by position in the layer list, which a slice shifts): the latter gets no cache, and
+the first calls (every chunk of the first step) compare the split with the whole pass and turn the cache
+off if they differ. The kept states live on the training device. This module imports torch at the top: import it lazily from light modules.
 """
 
 from __future__ import annotations
@@ -28,27 +30,37 @@ import torch
 
 from kalmkg.encode import pad_rows
 
-# The split and the whole pass agree to float rounding; a decoder that does not split gives cosines far
-# below this.
-AGREEMENT = 0.999
+# The split and the whole pass run the same kernels on the same rows; a decoder that does not split
+# gives cosines far below this.
+AGREEMENT = 0.9999
+CHECKED_CALLS = 8  # a step's chunks, shortest to longest
 
 
 def trained_from(decoder) -> int | None:
     """Index of the lowest layer with a trainable weight, if the embeddings and every layer below it are
-    frozen and run without dropout (so their output is a function of the tokens); None if no such layer
-    or nothing below it."""
+    frozen and run without dropout (so their output is a function of the tokens) and every layer is of
+    one kind; None otherwise, or if no layer trains or none lies below the lowest that does."""
     layers = getattr(decoder, "layers", None)
-    if layers is None or getattr(decoder, "norm", None) is None or any(p.requires_grad for p in decoder.get_input_embeddings().parameters()):
+    if layers is None or getattr(decoder, "norm", None) is None:
         return None
-    first = next((i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())), None)
+    if any(p.requires_grad for p in decoder.get_input_embeddings().parameters()):
+        return None
+    first = lowest_trained(decoder)
     if not first:
         return None
-    below = [m for layer in layers[:first] for m in layer.modules()]
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in below):
+    config = getattr(decoder, "config", None)
+    if len(set(getattr(config, "layer_types", None) or ())) > 1 or getattr(config, "attention_dropout", 0.0):
         return None
-    if getattr(getattr(decoder, "config", None), "attention_dropout", 0.0):
-        return None
+    top = {id(m) for layer in layers[first:] for m in layer.modules()}
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 and id(m) not in top for m in decoder.modules()):
+        return None  # dropout anywhere below the adapted layers (embeddings included) makes the bottom random
     return first
+
+
+def lowest_trained(decoder) -> int | None:
+    """Index of the lowest decoder layer with a trainable weight (None: none)."""
+    return next((i for i, layer in enumerate(decoder.layers) if any(p.requires_grad for p in layer.parameters())),
+                None)
 
 
 class FrozenPrefix:
@@ -58,10 +70,10 @@ class FrozenPrefix:
         self.decoder = decoder
         self.k = first_trained
         self.budget = int(budget_mb * 2**20)
-        self.kept: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self.kept: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (autocast dtype or None, *tokens)
         self.bytes = 0
         self.hits = self.misses = 0
-        self.checked = False  # the first call compares the split with the whole pass
+        self.checks_left = CHECKED_CALLS  # the first calls compare the split with the whole pass
         self.off = False
 
     @classmethod
@@ -70,20 +82,23 @@ class FrozenPrefix:
         first = trained_from(decoder) if budget_mb > 0 else None
         return None if first is None else cls(decoder, first, budget_mb)
 
-    def hidden(self, rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    def hidden(self, rows: list[list[int]], pad_id: int, device, *, evict: bool = True) -> torch.Tensor:
         """The decoder's last (normed) hidden states for right-padded `rows`: [n, T, D], as
-        `decoder(input_ids, attention_mask).last_hidden_state`, from kept bottom states where there are."""
+        `decoder(input_ids, attention_mask).last_hidden_state`, from kept bottom states where there are.
+        `evict=False` (validation's scan over every entity) keeps new rows only where there is room, so a
+        scan larger than the budget cannot push out the training rows."""
         ids, mask = pad_rows(rows, pad_id)
         ids, mask = ids.to(device), mask.to(device)
         if self.off:
             return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        bottom = self._bottom(rows, ids, mask)
+        bottom = self._bottom(rows, ids, mask, evict)
         states = torch.zeros(*ids.shape, bottom[0].shape[-1], dtype=bottom[0].dtype, device=ids.device)
         for j, s in enumerate(bottom):
             states[j, : len(s)] = s
-        if not self.checked:
-            self.checked = True
-            if not self._splits(ids, mask, states):
+        if self.checks_left:
+            agree = self._splits(ids, mask, states)
+            self.checks_left -= 1  # after the check: one that raised is made again
+            if not agree:
                 self.off = True
                 self.kept.clear()
                 self.bytes = 0
@@ -97,10 +112,13 @@ class FrozenPrefix:
                 "hits": self.hits, "misses": self.misses, "off": self.off}
 
     # ------------------------------------------------------------------ pieces
-    def _bottom(self, rows: list[list[int]], ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    def _bottom(self, rows: list[list[int]], ids: torch.Tensor, mask: torch.Tensor, evict: bool) -> list[torch.Tensor]:
         """Each row's [len, D] output of layers 0..k-1: kept, or run now (all missing rows in one pass)."""
-        keys = [tuple(r) for r in rows]
-        found: dict[tuple[int, ...], torch.Tensor] = {}
+        # states made under bf16 autocast (training) and without it (validation) differ in rounding: each
+        # mode keeps its own, so a state is only ever reused under the arithmetic that made it
+        mode = _autocast_mode(ids.device.type)
+        keys = [(mode, *r) for r in rows]
+        found: dict[tuple, torch.Tensor] = {}
         missing = []
         for j, key in enumerate(keys):
             if key in found:
@@ -120,12 +138,12 @@ class FrozenPrefix:
             for i, j in enumerate(missing):
                 state = out[i, : len(rows[j])].clone()  # its own storage: the batch tensor is not kept alive
                 found[keys[j]] = state
-                self._keep(keys[j], state)
+                self._keep(keys[j], state, evict)
         return [found[key] for key in keys]
 
-    def _keep(self, key: tuple[int, ...], state: torch.Tensor) -> None:
+    def _keep(self, key: tuple, state: torch.Tensor, evict: bool = True) -> None:
         size = state.numel() * state.element_size()
-        if size > self.budget:
+        if size > self.budget or (not evict and self.bytes + size > self.budget):
             return
         self.kept[key] = state
         self.bytes += size
@@ -167,6 +185,11 @@ class FrozenPrefix:
             yield
         finally:
             self.decoder.norm = norm
+
+
+def _autocast_mode(device_type: str):
+    """The dtype autocast runs matmuls in on `device_type` now, or None outside autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _agree(split: torch.Tensor, whole: torch.Tensor, mask: torch.Tensor) -> bool:

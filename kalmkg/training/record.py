@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kalmkg import runs
 from kalmkg.errors import KalmkgError
+from kalmkg.files import atomic_write_text
 from kalmkg.store import Store
 from kalmkg.training.checkpoint import has_checkpoint
 from kalmkg.training.config import TrainConfig, saved_train_config
@@ -51,7 +52,7 @@ def write_config(run: RunFolder, resolved, graph_fingerprint: str, world_size: i
 
     from kalmkg import __version__
 
-    runs.atomic_write_text(run.path / "config.toml", runs.config_to_toml({
+    atomic_write_text(run.path / "config.toml", runs.config_to_toml({
         "train": runs.as_dict(run.cfg),
         "base": {"name": resolved.name, "path": str(resolved.path), "source": resolved.source,
                  "fingerprint": resolved.fingerprint},
