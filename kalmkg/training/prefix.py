@@ -15,7 +15,7 @@ Rows are right-padded, so under the causal mask a row's states do not depend on 
 with. A decoder whose forward does more than embed -> layers -> norm (Gemma scales its embeddings) would
 not split this way, nor one whose layers differ by kind (`config.layer_types`: sliding-window and full
 attention, looked up by position in the layer list, which a slice shifts): the latter gets no cache, and
-the first calls (every chunk of the first step) compare the split with the whole pass and turn the cache
+the first calls (the first step's chunks) compare the split with the whole pass and turn the cache
 off if they differ. The kept states live on the training device. This module imports torch at the top: import it lazily from light modules.
 """
 
@@ -33,7 +33,7 @@ from kalmkg.encode import pad_rows
 # The split and the whole pass run the same kernels on the same rows; a decoder that does not split
 # gives cosines far below this.
 AGREEMENT = 0.9999
-CHECKED_CALLS = 8  # a step's chunks, shortest to longest
+CHECKED_CALLS = 3  # a step's chunks (views, longer views, completion rows), shortest to longest
 
 
 def trained_from(decoder) -> int | None:
