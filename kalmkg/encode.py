@@ -24,6 +24,17 @@ def pad_rows(rows: list[list[int]], pad_id: int):
     return ids, mask
 
 
+def last_hidden(decoder, rows: list[list[int]], pad_id: int, device, prefix=None, **kept):
+    """The decoder's last (normed) hidden states of right-padded `rows` and their mask: ([n, T, D], [n, T]).
+    `prefix`: a training FrozenPrefix, whose kept states of the frozen layers stand in for running them
+    (`kept`: its options)."""
+    ids, mask = pad_rows(rows, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    if prefix is not None:
+        return prefix.hidden(ids, mask, rows, **kept), mask
+    return decoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask
+
+
 class Encoder(Protocol):
     """Texts -> [n, D] float32 L2-normalised vectors in input order: what `index.embed` encodes entities
     with and `qa.retrieve` ranks facts and relations with (TorchEncoder, GGUFEncoder, or a test double)."""
@@ -62,12 +73,9 @@ class TorchEncoder:
             with torch.inference_mode():
                 for start in range(0, len(order), batch_size):
                     chunk = order[start:start + batch_size]
-                    ids, mask = pad_rows([rows[i] for i in chunk], pad)
-                    if self.prefix is not None:
-                        hidden = self.prefix.hidden([rows[i] for i in chunk], pad, self.device, evict=False)
-                    else:
-                        hidden = net(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-                    vecs = F.normalize(last_token_pool(hidden, mask.to(self.device)).float(), dim=-1).cpu()
+                    hidden, mask = last_hidden(net, [rows[i] for i in chunk], pad, self.device, self.prefix,
+                                               evict=False)
+                    vecs = F.normalize(last_token_pool(hidden, mask).float(), dim=-1).cpu()
                     if out.numel() == 0:
                         out = torch.empty(len(rows), vecs.shape[1])
                     out[torch.tensor(chunk)] = vecs

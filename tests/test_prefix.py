@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 
+from kalmkg.encode import last_hidden
+
 from kalmkg.training.config import TrainConfig
 
 
@@ -64,7 +66,7 @@ def test_kept_states_give_the_whole_models_hidden_states_and_stay_in_budget(tiny
     prefix = prefix_for(model, 2.5 * one_row)  # room for two or three of the four rows
     for _ in range(2):
         with torch.no_grad():
-            split = prefix.hidden(rows, 0, "cpu")
+            split = last_hidden(None, rows, 0, "cpu", prefix)[0]
         real = mask.bool()
         torch.testing.assert_close(split[real], whole[real], rtol=1e-5, atol=1e-5)
     stats = prefix.stats()
@@ -72,7 +74,7 @@ def test_kept_states_give_the_whole_models_hidden_states_and_stay_in_budget(tiny
     assert stats["misses"] >= 4 and not stats["off"]
     # a row met again is found, whatever it is batched with and however wide the batch
     with torch.no_grad():
-        alone = prefix.hidden(rows[-1:], 0, "cpu")
+        alone = last_hidden(None, rows[-1:], 0, "cpu", prefix)[0]
     assert prefix.stats()["hits"] == stats["hits"] + 1
     torch.testing.assert_close(alone[0, : len(rows[-1])], whole[-1, : len(rows[-1])], rtol=1e-5, atol=1e-5)
 
@@ -98,7 +100,7 @@ def test_a_decoder_that_does_not_split_turns_the_cache_off_and_still_answers_rig
     ids, mask = pad_rows(rows, 0)
     prefix = prefix_for(model, 64)
     with torch.no_grad(), pytest.warns(UserWarning, match="does not split"):
-        out = prefix.hidden(rows, 0, "cpu")
+        out = last_hidden(None, rows, 0, "cpu", prefix)[0]
     with torch.no_grad():
         whole = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
     assert prefix.stats()["off"] and prefix.stats()["rows"] == 0
@@ -106,7 +108,7 @@ def test_a_decoder_that_does_not_split_turns_the_cache_off_and_still_answers_rig
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
         with torch.no_grad():
-            prefix.hidden(rows, 0, "cpu")
+            last_hidden(None, rows, 0, "cpu", prefix)[0]
 
 
 def test_validation_encodes_with_the_kept_states_and_gets_the_same_vectors(tiny_model):
@@ -136,6 +138,6 @@ def test_a_validation_scan_larger_than_the_budget_keeps_the_training_rows(tiny_m
     one_row = max(len(r) for r in rows) * model.config.hidden_size * 4 / 2**20
     prefix = prefix_for(model, 2.5 * one_row)
     with torch.no_grad():
-        prefix.hidden(rows[:1], 0, "cpu")  # a training row
+        last_hidden(None, rows[:1], 0, "cpu", prefix)[0]  # a training row
     TorchEncoder(model, tokenizer, prefix=prefix).encode(TEXTS[1:] * 3)
     assert (None, *rows[0]) in prefix.kept and prefix.bytes <= prefix.budget

@@ -28,8 +28,6 @@ from typing import Any
 
 import torch
 
-from kalmkg.encode import pad_rows
-
 # The split and the whole pass run the same kernels on the same rows; a decoder that does not split
 # gives cosines far below this.
 AGREEMENT = 0.9999
@@ -82,15 +80,14 @@ class FrozenPrefix:
         first = trained_from(decoder) if budget_mb > 0 else None
         return None if first is None else cls(decoder, first, budget_mb)
 
-    def hidden(self, rows: list[list[int]], pad_id: int, device, *, evict: bool = True) -> torch.Tensor:
-        """The decoder's last (normed) hidden states for right-padded `rows`: [n, T, D], as
-        `decoder(input_ids, attention_mask).last_hidden_state`, from kept bottom states where there are.
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor, rows: list[list[int]], *,
+               evict: bool = True) -> torch.Tensor:
+        """`decoder(ids, mask).last_hidden_state` ([n, T, D]) for the right-padded `ids` of `rows`, from
+        kept bottom states where there are (`encode.last_hidden` pads and calls this).
         `evict=False` (validation's scan over every entity) keeps new rows only where there is room, so a
         scan larger than the budget cannot push out the training rows."""
-        ids, mask = pad_rows(rows, pad_id)
-        ids, mask = ids.to(device), mask.to(device)
         if self.off:
-            return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            return self._whole(ids, mask)
         bottom = self._bottom(rows, ids, mask, evict)
         states = torch.zeros(*ids.shape, bottom[0].shape[-1], dtype=bottom[0].dtype, device=ids.device)
         for j, s in enumerate(bottom):
@@ -103,8 +100,8 @@ class FrozenPrefix:
                 self.kept.clear()
                 self.bytes = 0
                 warnings.warn(f"{type(self.decoder).__name__} does not split at layer {self.k}: the frozen "
-                              "layers' outputs are not kept (each step runs the whole model)", stacklevel=2)
-                return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                              "layers' outputs are not kept (each step runs the whole model)", stacklevel=3)
+                return self._whole(ids, mask)
         return self._top(states, mask)
 
     def stats(self) -> dict:
@@ -151,6 +148,9 @@ class FrozenPrefix:
             _, old = self.kept.popitem(last=False)
             self.bytes -= old.numel() * old.element_size()
 
+    def _whole(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
     def _top(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with self._layers(slice(self.k, None)):
             return self.decoder(inputs_embeds=states, attention_mask=mask).last_hidden_state
@@ -162,7 +162,7 @@ class FrozenPrefix:
         try:
             with torch.no_grad():
                 split = self._top(states, mask)
-                whole = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                whole = self._whole(ids, mask)
         finally:
             self.decoder.train(was_training)
         return _agree(split, whole, mask)

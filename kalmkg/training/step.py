@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kalmkg.encode import pad_rows
+from kalmkg.encode import last_hidden
 from kalmkg.models import backbone
 from kalmkg.training import objective
 from kalmkg.training.config import TrainConfig
@@ -120,12 +120,7 @@ def run_backbone(decoder, inputs: StepInputs, pad_id: int, device, prefix=None,
     pooled: list = [None] * len(rows)
     lm_hidden: dict = {}
     for chunk in length_chunks([len(r) for r in rows]):
-        chunk_rows = [rows[i] for i in chunk]
-        if prefix is not None:
-            hidden = prefix.hidden(chunk_rows, pad_id, device)
-        else:
-            ids, mask = pad_rows(chunk_rows, pad_id)
-            hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        hidden, _ = last_hidden(decoder, [rows[i] for i in chunk], pad_id, device, prefix)
         for j, i in enumerate(chunk):
             pooled[i] = hidden[j, inputs.pool_at[i]]
             if i in inputs.lm_spans:
