@@ -50,6 +50,7 @@ ANN_THRESHOLD = 100_000
 META = "kalmkg:"
 # Rows per HNSW partition: one graph per million rows keeps index-building memory bounded.
 _ROWS_PER_PARTITION = 1_000_000
+RERANK_POOL = 256  # ANN candidates re-ranked with the structure model's share
 _ENCODE_CHUNK = 16  # batches per encoder call (one progress step)
 _WRITE_ROWS = 8192  # rows per LanceDB commit while (re)building
 
@@ -441,37 +442,43 @@ class EntityIndex:
         return self._vectors
 
     def search(self, queries: np.ndarray, k: int, exclude: Sequence[Sequence[int]] | None = None,
-               exact: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+               exact: bool | None = None, extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k entity ids and cosine scores per query row ([B, D] -> [B, k], [B, k]), best first.
 
         `exclude[b]` lists entity ids never returned for query b. Exact below the ANN threshold (or with
         `exact=True`); rows of fewer than k results (tiny graphs) are padded with id -1, score -inf.
+        `extra` [B, rows] is added to the cosines before ranking (the structure model's share; with an
+        ANN index it re-ranks the best RERANK_POOL by cosine).
         """
         q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         exclude = exclude or [()] * len(q)
         if exact or (exact is None and self.ann is None):
-            return _exact_topk(q, self.vectors(), k, exclude)
-        return self._ann_topk(q, k, exclude)
+            return _exact_topk(q, self.vectors(), k, exclude, extra)
+        return self._ann_topk(q, k, exclude, extra)
 
-    def _ann_topk(self, q: np.ndarray, k: int, exclude) -> tuple[np.ndarray, np.ndarray]:
+    def _ann_topk(self, q: np.ndarray, k: int, exclude, extra=None) -> tuple[np.ndarray, np.ndarray]:
         partitions = max(1, self.rows // _ROWS_PER_PARTITION)
         ids = np.full((len(q), k), -1, dtype=np.int64)
         scores = np.full((len(q), k), -np.inf, dtype=np.float32)
         for b, vec in enumerate(q):
             skip = set(int(x) for x in exclude[b])
-            limit = k + len(skip)
+            limit = (k if extra is None else max(k, RERANK_POOL)) + len(skip)
             res = (self.table.search(vec).distance_type("cosine").limit(limit).select(["id", "_distance"])
                    .nprobes(partitions).ef(max(200, 4 * limit)).refine_factor(4).to_arrow())
-            got = [(i, 1.0 - d) for i, d in zip(res["id"].to_pylist(), res["_distance"].to_pylist()) if i not in skip]
+            add = (lambda i: 0.0) if extra is None else (lambda i, row=extra[b]: float(row[i]))  # noqa: E731
+            got = [(i, 1.0 - d + add(i)) for i, d in zip(res["id"].to_pylist(), res["_distance"].to_pylist())
+                   if i not in skip]
             got.sort(key=lambda x: (-x[1], x[0]))
             for j, (i, s) in enumerate(got[:k]):
                 ids[b, j], scores[b, j] = i, s
         return ids, scores
 
 
-def _exact_topk(q: np.ndarray, vectors: np.ndarray, k: int, exclude) -> tuple[np.ndarray, np.ndarray]:
+def _exact_topk(q: np.ndarray, vectors: np.ndarray, k: int, exclude, extra=None) -> tuple[np.ndarray, np.ndarray]:
     scores = q @ vectors.T
+    if extra is not None:
+        scores += extra
     for b, skip in enumerate(exclude):
         if len(skip):
             scores[b, list(skip)] = -np.inf

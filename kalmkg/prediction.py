@@ -21,10 +21,11 @@ import numpy as np
 from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.calibration import probabilities
 from kalmkg.evaluation.metrics import self_loop_relations
-from kalmkg.index import EntityIndex
+from kalmkg.index import RERANK_POOL, EntityIndex
 from kalmkg.loaded import BACKENDS, gguf_first_encoder, load_model, make_encoder
 from kalmkg.names import EntityRef, RelationRef, resolve_entity, resolve_relation
 from kalmkg.store import Store
+from kalmkg.structure.fusion import open_fusion
 from kalmkg.text import hr_view
 from kalmkg.workspace import Workspace
 
@@ -54,6 +55,7 @@ class PredictionResult:
     search_ms: float
     warnings: list[str] = field(default_factory=list)
     excluded_self: bool = False  # the query's entity was left out (its relation has no self-loops)
+    structure_weight: float | None = None  # the structure model's weight in the scores (None: text alone)
 
     def to_json(self) -> dict:
         query = ([self.entity.label, self.relation.label, WILDCARD] if self.direction == "tail"
@@ -62,7 +64,7 @@ class PredictionResult:
             "query": query, "direction": self.direction, "entity": asdict(self.entity),
             "relation": asdict(self.relation), "model": self.model,
             "results": [{k: v for k, v in asdict(c).items() if v is not None} for c in self.candidates], "hidden_known": self.hidden_known,
-            "excluded_self": self.excluded_self,
+            "excluded_self": self.excluded_self, "structure_weight": self.structure_weight,
             "timing_ms": {"encode": round(self.encode_ms, 2), "search": round(self.search_ms, 2)},
         }
 
@@ -127,13 +129,15 @@ def likely_direction(triples: np.ndarray, entity: int, relation: int, margin: fl
 class Predictor:
     """One model, its encoder and its fresh entity index, ready for many queries."""
 
-    def __init__(self, loaded, encoder, index, triples: np.ndarray):
+    def __init__(self, loaded, encoder, index, triples: np.ndarray, fusion=None):
         self.loaded = loaded
         self.encoder = encoder
         self.index = index
         self.triples = triples  # [n, 3] (head, relation, tail), every split
         self.num_relations = len(loaded.relation_keys)
         self.self_loop_relations = self_loop_relations(triples)
+        # the run's structure model, fitted (structure/fusion.py): its share is added to the cosines
+        self.fusion = fusion if fusion is not None and fusion.weight is not None else None
 
     @classmethod
     def open(cls, workspace: Workspace, *, run: str | None = None, base: str | None = None,
@@ -160,7 +164,10 @@ class Predictor:
             encoder = make_encoder(loaded, backend, gguf=gguf)
         if index.ann is None:
             index.vectors()  # exact search: read the vectors now, not inside the first query's timing
-        return cls(loaded, encoder, index, triples)
+        fusion, note = open_fusion(loaded)
+        if note:
+            loaded.warnings.append(note)
+        return cls(loaded, encoder, index, triples, fusion)
 
     def known(self, entity_id: int, relation_id: int, direction: str) -> np.ndarray:
         """Ids of the answers the graph already has for the query."""
@@ -189,27 +196,36 @@ class Predictor:
         known = self.known(entity.id, relation.id, direction)
         exclude_self = relation.id not in self.self_loop_relations
         exclude = (known.tolist() if filter_known else []) + ([entity.id] if exclude_self else [])
-        ids, scores = self.index.search(qvec, k, exclude=[exclude])
+        extra = self._extra(entity.id, relation.id, direction)
+        ids, scores = self.index.search(qvec, k, exclude=[exclude], extra=extra)
         t2 = time.perf_counter()
         known_set = set(known.tolist())
         keys, labels = self.loaded.entity_keys, self.loaded.entity_labels
         candidates = [Candidate(r + 1, int(i), keys[i], labels[i], float(s), int(i) in known_set)
                       for r, (i, s) in enumerate(zip(ids[0].tolist(), scores[0].tolist())) if i >= 0]
         if temperature is not None and candidates:
-            self._add_probabilities(candidates, qvec, exclude, temperature)
+            self._add_probabilities(candidates, qvec, exclude, temperature, extra)
         return PredictionResult(direction, entity, relation, candidates, len(known_set) if filter_known else 0,
                                 self.loaded.fingerprint, 1000 * (t1 - t0), 1000 * (t2 - t1),
-                                list(self.loaded.warnings), exclude_self)
+                                list(self.loaded.warnings), exclude_self,
+                                self.fusion.weight if self.fusion is not None else None)
+
+    def _extra(self, entity_id: int, relation_id: int, direction: str) -> np.ndarray | None:
+        """[1, rows] the structure model's share of every candidate's score (None: text alone)."""
+        if self.fusion is None:
+            return None
+        rel = relation_id if direction == "tail" else relation_id + self.num_relations
+        return self.fusion.extra(np.array([[entity_id, rel]]), self.num_relations, self.index.rows)
 
     def _add_probabilities(self, candidates: list[Candidate], qvec: np.ndarray, exclude: list[int],
-                           temperature: float) -> None:
+                           temperature: float, extra: np.ndarray | None = None) -> None:
         q = np.asarray(qvec, dtype=np.float32).reshape(-1)
         q = q / max(float(np.linalg.norm(q)), 1e-12)
         if self.index.ann is None:
-            scores = self.index.vectors() @ q
+            scores = self.index.vectors() @ q + (extra[0] if extra is not None else 0.0)
             scores[exclude] = -np.inf
         else:
-            scores = self.index.search(q[None], 256, exclude=[exclude])[1][0]
+            scores = self.index.search(q[None], RERANK_POOL, exclude=[exclude], extra=extra)[1][0]
         for c, p in zip(candidates, probabilities(scores, np.array([c.score for c in candidates]), temperature)):
             c.probability = float(p)
 

@@ -87,3 +87,30 @@ def test_the_gpu_benchmark_runs_on_a_cpu(tmp_path, tiny_model):
     for row in result["rows"]:
         assert row["triples_per_s"] > 0 and row["tokens_per_s"] > row["triples_per_s"] and row["tflops"] > 0
         assert row["mfu"] is None  # a CPU's peak is not known unless given
+
+
+def test_the_link_prediction_bench_runs_kalmkg_through_the_cli(tmp_path, tiny_model):
+    """bench/link_prediction.py without PyKEEN (a benchmark-only dependency): a KG-BERT folder ingested,
+    trained with the structure model, fitted on valid, evaluated on test, with each expert alone."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    triples = [(f"e{i}", "next", f"e{j}") for i in range(24) for j in range(24) if j // 6 == (i // 6 + 1) % 4]
+    rng.shuffle(triples)
+    graph = tmp_path / "graph"
+    graph.mkdir()
+    for name, rows in (("train.tsv", triples[:110]), ("dev.tsv", triples[110:127]), ("test.tsv", triples[127:])):
+        (graph / name).write_text("".join("\t".join(t) + "\n" for t in rows))
+    out = tmp_path / "lp.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "link_prediction.py"), "--graph", str(graph),
+                          "--skip-pykeen", "--kalmkg-steps", "2", "--work", str(tmp_path / "work"), "--json", str(out),
+                          "--kalmkg-args", f"--base {tiny_model} --batch-size 8 --precision fp32 --eval-limit 10"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "| kalmkg, 2 steps |" in run.stdout and "| ... text alone |" in run.stdout
+    (row,) = json.loads(out.read_text())
+    assert row["fusion"]["weight"] >= 0 and row["structure"]["model"] == "complex"
+    assert set(row["components"]) == {"text", "structure"}
+    assert row["metrics"]["both"]["count"] == 2 * (144 - 127)
+    # the group structure is learnable where 2 LLM steps of a tiny model learn nothing
+    assert row["components"]["structure"]["both"]["mrr"] > row["components"]["text"]["both"]["mrr"]

@@ -428,7 +428,7 @@ def test_the_query_entity_is_left_out_unless_its_relation_has_self_loops():
     from kalmkg.prediction import Predictor
 
     class Index:
-        def search(self, q, k, exclude=None):
+        def search(self, q, k, exclude=None, extra=None):
             self.exclude = exclude
             order = [i for i in (0, 1, 2) if i not in exclude[0]][:k]
             return np.array([order]), np.array([[0.9, 0.8, 0.7][:len(order)]])

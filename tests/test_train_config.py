@@ -15,7 +15,7 @@ from kalmkg.training.config import TEMPERATURE_RANGE, TrainConfig, config_proble
 def test_every_field_has_help_and_a_group():
     for field in dataclasses.fields(TrainConfig):
         assert field.metadata.get("help", "").strip(), field.name
-        assert field.metadata.get("group") in {"Model", "Objective", "Optimisation", "Data", "Run"}, field.name
+        assert field.metadata.get("group") in {"Model", "Objective", "Structure", "Optimisation", "Data", "Run"}, field.name
 
 
 def test_the_defaults_are_valid():

@@ -232,8 +232,13 @@ def evaluate(
         s = m[direction]
         table.add_row(direction, f"{s['mrr']:.4f}", f"{s['hits@1']:.4f}", f"{s['hits@3']:.4f}", f"{s['hits@10']:.4f}",
                       f"{s['mr']:.1f}", f"{s['count']:,}", style="bold" if direction == "both" else None)
+    for part, s in ((part, c["both"]) for part, c in out.get("components", {}).items()):
+        table.add_row(f"both, {part} alone", f"{s['mrr']:.4f}", f"{s['hits@1']:.4f}", f"{s['hits@3']:.4f}",
+                      f"{s['hits@10']:.4f}", f"{s['mr']:.1f}", f"{s['count']:,}", style="dim")
     vectors = "from the index" if t["entity_vectors"] == "index" else f"encoded in {t['entity_encoding_s']:.1f} s"
-    table.caption = (f"entity vectors {vectors}; queries encoded in {t['query_encoding_s']:.1f} s, "
+    fused = (f"text + structure model (weight {out['fusion']['weight']:g}, fitted on valid); "
+             if out.get("fusion") else "")
+    table.caption = (f"{fused}entity vectors {vectors}; queries encoded in {t['query_encoding_s']:.1f} s, "
                      f"ranked in {t['ranking_s']:.2f} s -> {out['eval_path']}")
     console().print(table)
     print_calibration(out)

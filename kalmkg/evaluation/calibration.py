@@ -101,16 +101,19 @@ class FirstAnswers(NamedTuple):
 
 def first_answers(query_vectors: np.ndarray, entity_vectors: np.ndarray, queries: np.ndarray, targets: np.ndarray,
                   known: dict, self_loop_relations: set[int], num_relations: int, temperature: float,
-                  chunk: int = 1024) -> FirstAnswers:
+                  chunk: int = 1024, fusion=None) -> FirstAnswers:
     """The probability, cosine and rightness of the first answer `predict` gives for each held-out query: every known answer
     but the target left out (the held-out fact is unknown to `ask`), and the query's own entity unless
     its relation has self-loops. Queries [n, 2] (entity, relation; >= num_relations: inverse), targets
-    [n], vectors L2-normalised; `known`: (entity, relation) -> known answers (metrics.known_answers)."""
+    [n], vectors L2-normalised; `known`: (entity, relation) -> known answers (metrics.known_answers);
+    `fusion` (fitted): the structure model's share added to the cosines, as predict adds it."""
     confidence = np.zeros(len(queries), dtype=np.float64)
     cosine = np.zeros(len(queries), dtype=np.float64)
     right = np.zeros(len(queries), dtype=bool)
     for start in range(0, len(queries), chunk):
         scores = np.asarray(query_vectors[start:start + chunk], dtype=np.float32) @ entity_vectors.T
+        if fusion is not None:
+            scores += fusion.extra(queries[start:start + chunk], num_relations, scores.shape[1])
         for j, row in enumerate(scores):
             i = start + j
             (q, r), target = queries[i].tolist(), int(targets[i])

@@ -18,6 +18,7 @@ from kalmkg.loaded import LoadedModel, load_model, safe_name, torch_encoder
 from kalmkg.evaluation.metrics import known_answers, self_loop_relations
 from kalmkg.files import atomic_write_text
 from kalmkg.runs import read_config
+from kalmkg.structure.fusion import Fusion, fit_weight, open_fusion, structure_ranks, write_fusion
 from kalmkg.training.config import saved_train_config
 from kalmkg.store import SPLITS, Store
 from kalmkg.workspace import Workspace
@@ -66,6 +67,21 @@ def evaluate_run(workspace: Workspace, *, run: str | None = None, base: str | No
     entities = _entity_vectors(workspace, loaded, encoder, use_index, batch_size, progress)
     ranked = rank_with_vectors(encoder, loaded.texts, sample, all_triples, entities.vectors,
                                batch_size=batch_size, progress=progress)
+    out_dir = eval_dir(workspace, loaded)
+    # the run's structure model: fitted to the text model on valid, then ranking with it
+    fusion, fusion_note = open_fusion(loaded)
+    if fusion is not None and split == "valid":
+        fusion, fusion_note = _fit_fusion(loaded, fusion, ranked, all_triples, entities.vectors), None
+    components = None
+    if fusion is not None and fusion.weight is not None:
+        text_ranks = ranked["ranks"]
+        ranked = {**rank_with_vectors(None, loaded.texts, sample, all_triples, entities.vectors, fusion=fusion,
+                                      query_vectors=ranked["query_vectors"]),
+                  "query_encoding_s": ranked["query_encoding_s"]}
+        components = {"text": by_direction(text_ranks),
+                      "structure": by_direction(structure_ranks(fusion.structure, ranked["queries"], ranked["targets"],
+                                                                known_answers(all_triples, len(loaded.relation_keys)),
+                                                                len(loaded.relation_keys), len(loaded.texts.entities)))}
     summary = {
         "model": loaded.fingerprint, "name": loaded.name, "split": split, "triples": int(len(sample)),
         "queries": int(2 * len(sample)), "entities": int(len(loaded.texts.entities)), "limit": int(limit),
@@ -77,37 +93,58 @@ def evaluate_run(workspace: Workspace, *, run: str | None = None, base: str | No
         "graph_fingerprint": loaded.graph_fingerprint,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if components is not None:  # what ranked: text and structure fused, and each alone
+        summary["fusion"] = {"weight": fusion.weight, "fitted_on": fusion.fitted.get("split", "valid"),
+                             "fitted_queries": fusion.fitted.get("queries")}
+        summary["components"] = components
     if entities.index_not_used:
         summary["index_not_used"] = entities.index_not_used
-    if loaded.warnings:
-        summary["warnings"] = list(loaded.warnings)
+    warnings = list(loaded.warnings) + ([fusion_note] if fusion_note else [])
+    if warnings:
+        summary["warnings"] = warnings
     # the predictions first, the summary last: an eval-<split>.json always has its predictions beside it
-    out_dir = eval_dir(workspace, loaded)
     eval_path, pred_path = out_dir / f"eval-{split}.json", out_dir / f"predictions-{split}.jsonl"
     atomic_write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                          for r in _prediction_records(loaded, ranked)))
     atomic_write_text(eval_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if split == "valid" and loaded.run_dir is not None:  # held-out triples: how far to trust a prediction
-        calibration = _calibration(loaded, ranked, all_triples, entities.vectors)
+        calibration = _calibration(loaded, ranked, all_triples, entities.vectors, fusion)
         summary["calibration_path"] = str(write_calibration(out_dir, calibration))
     return {**summary, "eval_path": str(eval_path), "predictions_path": str(pred_path)}
 
 
 def first_answer_confidence(loaded: LoadedModel, ranked: dict, all_triples: np.ndarray,
-                            entity_vectors) -> tuple[FirstAnswers, float]:
-    """The first answer `predict` would give for each ranked query (`calibration.first_answers`), and the
-    run's temperature its probabilities are taken at."""
+                            entity_vectors, fusion=None) -> tuple[FirstAnswers, float]:
+    """The first answer `predict` would give for each ranked query (`calibration.first_answers`; with
+    the structure model's share when `fusion` is fitted), and the run's temperature its probabilities
+    are taken at."""
     R = len(loaded.relation_keys)
     tau = saved_train_config(read_config(loaded.run_dir)).temperature
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
     first = first_answers(unit(ranked["query_vectors"]), unit(np.asarray(entity_vectors, dtype=np.float32)),
                           ranked["queries"], ranked["targets"], known_answers(all_triples, R),
-                          self_loop_relations(all_triples), R, tau)
+                          self_loop_relations(all_triples), R, tau,
+                          fusion=fusion if fusion is not None and fusion.weight is not None else None)
     return first, tau
 
 
-def _calibration(loaded: LoadedModel, ranked: dict, all_triples: np.ndarray, entity_vectors) -> Calibration:
-    first, tau = first_answer_confidence(loaded, ranked, all_triples, entity_vectors)
+def _fit_fusion(loaded: LoadedModel, fusion: Fusion, ranked: dict, all_triples: np.ndarray, entity_vectors) -> Fusion:
+    """The weight of the structure model's scores with the best MRR on these held-out queries, written
+    to the run folder (`fusion.json`) for predict, evaluate and ask."""
+    vectors = np.asarray(entity_vectors, dtype=np.float32)
+    qvecs = ranked["query_vectors"]
+    fit = fit_weight(lambda a, b: qvecs[a:b] @ vectors.T, fusion.structure, ranked["queries"], ranked["targets"],
+                     known_answers(all_triples, len(loaded.relation_keys)), len(loaded.relation_keys),
+                     fusion.temperature)
+    fit["split"] = "valid"
+    write_fusion(loaded.run_dir, fit, model=loaded.fingerprint, weights=loaded.weights,
+                 structure_id=str(fusion.structure.info.get("id")), temperature=fusion.temperature)
+    return Fusion(fusion.structure, float(fit["weight"]), fusion.temperature, fit)
+
+
+def _calibration(loaded: LoadedModel, ranked: dict, all_triples: np.ndarray, entity_vectors,
+                 fusion=None) -> Calibration:
+    first, tau = first_answer_confidence(loaded, ranked, all_triples, entity_vectors, fusion)
     return calibrate(loaded.fingerprint, loaded.weights, "valid", first.probability, first.right, tau)
 
 

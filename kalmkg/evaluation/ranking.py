@@ -23,9 +23,12 @@ def sample_triples(triples: np.ndarray, limit: int, seed: int = 0) -> np.ndarray
 
 
 def rank_with_vectors(encoder, texts, triples: np.ndarray, all_triples: np.ndarray, entity_vectors, *,
-                      batch_size: int = 64, top: int = 3, chunk: int = 1024, progress=None) -> dict:
+                      batch_size: int = 64, top: int = 3, chunk: int = 1024, progress=None, fusion=None,
+                      query_vectors: np.ndarray | None = None) -> dict:
     """Filtered realistic ranks of `triples` in both directions against given entity vectors, by exact
     search (one matrix product per `chunk` queries), with the filtered top-`top` of every query.
+    `fusion` (structure.fusion.Fusion, fitted) adds the structure model's share to the cosines;
+    `query_vectors` are the queries' vectors when they were encoded before (nothing is encoded then).
 
     Queries are the n tail queries (h, r) then the n head queries (t, r + R). Returns ranks [2n],
     queries [2n, 2], targets [2n], top_ids / top_scores [2n, top], and the seconds spent encoding the
@@ -42,9 +45,13 @@ def rank_with_vectors(encoder, texts, triples: np.ndarray, all_triples: np.ndarr
     queries = np.concatenate([triples[:, [0, 1]], np.stack([triples[:, 2], triples[:, 1] + R], 1)]).astype(np.int64)
     targets = np.concatenate([triples[:, 2], triples[:, 0]]).astype(np.int64)
     t0 = time.perf_counter()
-    qtexts = [text.hr_view(texts.entities[q], texts.relations[r]) for q, r in queries.tolist()]
-    qvecs = torch.as_tensor(encode_texts(encoder, qtexts, batch_size, progress, "queries")) if len(qtexts) \
-        else torch.zeros((0, vectors.shape[1]))
+    if query_vectors is not None:
+        qvecs = torch.as_tensor(np.asarray(query_vectors, dtype=np.float32))
+    elif len(queries):
+        qtexts = [text.hr_view(texts.entities[q], texts.relations[r]) for q, r in queries.tolist()]
+        qvecs = torch.as_tensor(encode_texts(encoder, qtexts, batch_size, progress, "queries"))
+    else:
+        qvecs = torch.zeros((0, vectors.shape[1]))
     t1 = time.perf_counter()
     if progress:
         progress("rank", 0, len(queries))
@@ -55,6 +62,8 @@ def rank_with_vectors(encoder, texts, triples: np.ndarray, all_triples: np.ndarr
     for start in range(0, len(queries), chunk):
         sl = slice(start, start + chunk)
         scores = qvecs[sl] @ vectors.T
+        if fusion is not None:
+            scores += torch.as_tensor(fusion.extra(queries[sl], R, n_ent))
         mask = answer_mask(queries[sl].tolist(), answers, n_ent)
         tgt = torch.as_tensor(targets[sl])
         ranks[sl] = filtered_ranks(scores, tgt, mask)

@@ -17,6 +17,7 @@ from kalmkg.runs import dataclass_from
 TEMPERATURE_RANGE = (1e-3, 1.0)
 PRECISIONS = ("auto", "fp32", "bf16")
 PRESETS = ("size", "paper")
+STRUCTURES = ("complex", "none")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,16 @@ class TrainConfig:
                                      "Objective")
     self_negatives: bool = _option(False, "Use each head as a negative for its own query.", "Objective")
     prebatch: int = _option(0, "Also contrast against the tails of the previous K batches.", "Objective")
+    # the structure model fused with the text scores for link prediction (kalmkg/structure)
+    structure: str = _option("complex", "A graph-structure model trained after the LLM, fused with its text scores "
+                             "for link prediction (the weight fitted on valid): complex (ComplEx-N3, one vector "
+                             "per entity: what the text cannot tell about the graph) or none (KaLM alone, the "
+                             "paper's method).", "Structure")
+    structure_dim: int = _option(200, "ComplEx rank (each entity and relation: 2 x this many floats).", "Structure")
+    structure_epochs: int = _option(100, "Most epochs of the structure model (it stops earlier when valid MRR "
+                                    "stops rising).", "Structure")
+    structure_reg: float = _option(0.05, "Weight of the structure model's N3 penalty.", "Structure")
+    structure_minutes: float = _option(10.0, "Time cap of the structure model's training (0: none).", "Structure")
     # optimisation
     batch_size: int = _option(24, "Triples per step (the global batch: in-batch negatives).", "Optimisation")
     epochs: float = _option(1.0, "Passes over the training triples (both directions).", "Optimisation")
@@ -130,6 +141,11 @@ def config_problem(cfg: TrainConfig) -> str | None:
         (cfg.log_every >= 1, "--log-every must be at least 1"),
         (cfg.frozen_cache_mb >= 0, "--frozen-cache-mb must be 0 (off) or more"),
         (cfg.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
+        (cfg.structure in STRUCTURES, f"unknown structure '{cfg.structure}'; use complex or none"),
+        (cfg.structure_dim >= 1, "--structure-dim must be at least 1"),
+        (cfg.structure_epochs >= 1, "--structure-epochs must be at least 1"),
+        (cfg.structure_reg >= 0, "--structure-reg must be 0 or more"),
+        (cfg.structure_minutes >= 0, "--structure-minutes must be 0 (no cap) or more"),
         (cfg.precision in PRECISIONS, f"unknown precision '{cfg.precision}'; use auto, fp32 or bf16"),
     ]
     return next((message for ok, message in checks if not ok), None)

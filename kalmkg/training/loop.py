@@ -194,6 +194,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     if world.main:
         if finished and stopper is None:
             save_adapter(learner.model, run.path / "adapter")
+        if finished and cfg.structure != "none":
+            _train_structure(run.path, graph, cfg, progress)
         if finished:
             plot_metrics(run.path)
         record_end(workspace, run, "finished" if finished else "interrupted", state.step,
@@ -204,6 +206,23 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
 
 
 # ------------------------------------------------------------------ pieces of the run
+def _train_structure(folder: Path, graph, cfg: TrainConfig, progress: TrainProgress) -> None:
+    """The structure model fused with the text scores (kalmkg/structure), trained on the same split,
+    validated on the same sample of valid."""
+    from kalmkg.structure.train import StructureSettings, train_structure
+
+    settings = StructureSettings(dim=cfg.structure_dim, epochs=cfg.structure_epochs, reg=cfg.structure_reg,
+                                 minutes=cfg.structure_minutes, seed=cfg.seed)
+    keys = lambda table: table.column("key").to_pylist()  # noqa: E731
+    model = train_structure(graph.train, sample_triples(graph.valid, cfg.eval_limit, seed=cfg.seed), graph.all,
+                            keys(graph.entity_table), keys(graph.relation_table), settings)
+    model.save(folder)
+    info = model.info
+    mrr = f", valid MRR {info['valid_mrr']:.3f} (epoch {info['best_epoch']})" if info["valid_mrr"] is not None else ""
+    progress.message(f"structure model (ComplEx, rank {info['dim']}): {info['epochs']} epochs in "
+                     f"{info['seconds']:.1f} s{mrr}")
+
+
 def _check_batch_size(cfg: TrainConfig, n_examples: int, world: World) -> None:
     if n_examples < cfg.batch_size:
         raise KalmkgError(f"--batch-size {cfg.batch_size} is larger than the {n_examples} training examples")

@@ -1,0 +1,89 @@
+"""A trained structure model: one row per entity and per relation (forward, then reciprocal), the keys
+they belong to, and how it was trained; kept as `structure.npz` in the run folder.
+
+Entity and relation ids are the store's, which only grow (a later ingest appends): rows stay valid for
+the entities they were trained on, and the keys' hash says whether they still are. Entities added
+after training have no row; the text model alone scores them (see fusion.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kalmkg.errors import KalmkgError
+from kalmkg.files import atomic_path
+from kalmkg.structure import complex as cx
+
+FILE = "structure.npz"
+
+
+def keys_hash(keys) -> str:
+    return hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class StructureModel:
+    entities: np.ndarray  # [N, 2k] float32
+    relations: np.ndarray  # [2R, 2k] float32: the R relations, then their reciprocals
+    entity_keys: str  # keys_hash of the N entities' keys, by id
+    relation_keys: str  # keys_hash of the R relations' keys
+    info: dict = field(default_factory=dict)  # how it was trained: settings, epochs, valid MRR, seconds
+
+    @property
+    def num_entities(self) -> int:
+        return self.entities.shape[0]
+
+    @property
+    def num_relations(self) -> int:
+        return self.relations.shape[0] // 2
+
+    def fits(self, entity_keys, relation_keys) -> bool:
+        """Whether this model's rows are still the graph's first entities and relations."""
+        n, r = self.num_entities, self.num_relations
+        return (len(entity_keys) >= n and len(relation_keys) >= r and keys_hash(entity_keys[:n]) == self.entity_keys
+                and keys_hash(relation_keys[:r]) == self.relation_keys)
+
+    def scores(self, queries: np.ndarray, num_relations: int) -> tuple[np.ndarray, np.ndarray]:
+        """([B, N] scores of this model's N entities, [B] bool: whether the model knows the query) for
+        queries [B, 2] (entity, relation) in the caller's numbering: relation >= num_relations is the
+        inverse of relation - num_relations. Rows of unknown queries are 0."""
+        queries = np.asarray(queries, dtype=np.int64).reshape(-1, 2)
+        entity, relation = queries[:, 0], queries[:, 1]
+        inverse = relation >= num_relations
+        base = np.where(inverse, relation - num_relations, relation)
+        known = (entity < self.num_entities) & (base < self.num_relations)
+        rows = np.where(inverse, base + self.num_relations, base)
+        out = np.zeros((len(queries), self.num_entities), dtype=np.float32)
+        if known.any():
+            out[known] = cx.scores(self.entities[entity[known]], self.relations[rows[known]], self.entities)
+        return out, known
+
+    def save(self, folder: Path) -> Path:
+        path = folder / FILE
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, entities=self.entities, relations=self.relations,
+                     meta=np.array(json.dumps({"entity_keys": self.entity_keys, "relation_keys": self.relation_keys,
+                                               "info": self.info})))
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> "StructureModel | None":
+        """The folder's structure model; None when it has none."""
+        path = folder / FILE
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                return cls(np.asarray(data["entities"], dtype=np.float32),
+                           np.asarray(data["relations"], dtype=np.float32),
+                           str(meta["entity_keys"]), str(meta["relation_keys"]), dict(meta.get("info", {})))
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+            raise KalmkgError(f"{path} cannot be read ({type(exc).__name__}); delete it to rank by text "
+                              "alone, or train the run again") from None
