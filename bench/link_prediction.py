@@ -86,13 +86,13 @@ def run_kalmkg(graph: Path, work: Path, steps: int, extra_args: str, seed: int) 
     kalmkg(ws, "ingest", str(graph))
     args = ["train", "--max-steps", str(steps), "--eval-every", str(max(1, steps // 4)), "--seed", str(seed),
             "--run-name", "bench", *extra_args.split()]
-    kalmkg(ws, *args)
+    said = kalmkg(ws, *args).splitlines()
     out = json.loads(kalmkg(ws, "evaluate", "--run", "bench", "--json"))
     seconds = time.perf_counter() - t0
     structure = _structure_info(ws / "runs" / "bench")
     return {"program": f"kalmkg, {steps} steps", "seconds": seconds, "metrics": out["metrics"],
             "components": out.get("components", {}), "fusion": out.get("fusion"), "structure": structure,
-            "command": "kalmkg " + " ".join(args)}
+            "command": "kalmkg " + " ".join(args), "train_said": said}
 
 
 def kalmkg(ws: Path, *args: str) -> str:

@@ -111,6 +111,7 @@ def test_the_link_prediction_bench_runs_kalmkg_through_the_cli(tmp_path, tiny_mo
     (row,) = json.loads(out.read_text())
     assert row["fusion"]["weight"] >= 0 and row["structure"]["model"] == "complex"
     assert set(row["components"]) == {"text", "structure"}
+    assert any(line.startswith("structure model: weight") for line in row["train_said"])  # what train ends with
     assert row["metrics"]["both"]["count"] == 2 * (144 - 127)
     # the group structure is learnable where 2 LLM steps of a tiny model learn nothing
     assert row["components"]["structure"]["both"]["mrr"] > row["components"]["text"]["both"]["mrr"]

@@ -299,12 +299,13 @@ def test_train_options_become_the_config(tmp_path, monkeypatch):
     cli("-w", tmp_path / "ws", "train", "--max-steps", "40", "--batch-size", "16", "--lr", "1e-3",
         "--max-entity-tokens", "16", "--lora-layers", "8", "--self-negatives", "--eval-every", "20",
         "--eval-limit", "30", "--run-name", "demo", "--no-bucket", "--lora-targets", "q_proj, v_proj",
-        "-b", "some/model", "--dry-run")
+        "-b", "some/model", "--structure", "none", "--structure-dim", "50", "--dry-run")
     (default, kw), (given, kw2) = calls
     assert default == TrainConfig() and kw["run_id"] is None
     assert given == TrainConfig(max_steps=40, batch_size=16, lr=1e-3, max_entity_tokens=16, lora_layers=8,
                                 self_negatives=True, eval_every=20, eval_limit=30, bucket=False,
-                                lora_targets=("q_proj", "v_proj"), base="some/model")
+                                lora_targets=("q_proj", "v_proj"), base="some/model", structure="none",
+                                structure_dim=50)
     assert kw2["run_id"] == "demo" and kw2["dry_run"] is not None
 
 
@@ -313,6 +314,8 @@ def test_train_options_become_the_config(tmp_path, monkeypatch):
     (["--batch-size", "1"], "--batch-size must be at least 2"),
     (["--log-every", "0"], "--log-every must be at least 1"),
     (["--precision", "fp8"], "unknown precision 'fp8'"),
+    (["--structure", "rotate"], "unknown structure 'rotate'; use complex or none"),
+    (["--structure-minutes", "-1"], "--structure-minutes must be 0 (no cap) or more"),
 ])
 def test_bad_train_option_is_one_line_before_the_graph_or_a_model(tmp_path, args, message):
     proc = run_kalmkg("-w", tmp_path / "no_graph", "train", *args, cwd=tmp_path)

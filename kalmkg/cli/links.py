@@ -43,7 +43,18 @@ def embed_after_training(workspace: Workspace, run_id: str, device: str, calibra
     if has_valid:
         with CountBar(stderr) as bar:
             out = evaluate_run(workspace, split="valid", limit=calibrate_on, loaded=loaded, progress=bar.stage)
+        print_fusion(out)
         print_calibration(out)
+
+
+def print_fusion(out: dict) -> None:
+    """One line: the structure model's weight and what text, structure and both reach on valid."""
+    if not out.get("fusion"):
+        return
+    mrr = {name: c["both"]["mrr"] for name, c in out["components"].items()}
+    console().print(f"structure model: weight {out['fusion']['weight']:g} fitted on {out['queries']:,} valid queries; "
+                    f"MRR text {mrr['text']:.3f}, structure {mrr['structure']:.3f}, both "
+                    f"{out['metrics']['both']['mrr']:.3f}")
 
 
 def print_calibration(out: dict, min_precision: float = 0.5) -> None:
@@ -163,6 +174,8 @@ def predict(
                       style="dim" if c.known else None)
     notes = [f"{result.hidden_known:,} known answers hidden" if filter_known else "✓ = already in the graph",
              f"encode {result.encode_ms:.0f} ms, search {result.search_ms:.0f} ms"]
+    if result.structure_weight is not None:
+        notes.insert(1, f"score = cosine + structure model (weight {result.structure_weight:g})")
     table.caption = "; ".join(notes)
     console().print(table)
 
