@@ -8,9 +8,9 @@ the rest (ingest, train: the text model and the structure model), and is evaluat
 triples (transductive). Then the held-out entities arrive as a user would add them: `kalmkg ingest` of
 their texts, their train/valid triples (context) and their test triples; `kalmkg embed` encodes only
 them; no training. The test triples with one held-out end are ranked (filtered, both directions) by the
-text model alone, by the fusion (the structure model has no row for a new entity: its candidates get
-the query's mean structure score, and a query about it is ranked by text alone), and by the structure
-model alone, beside the transductive figures of the same run.
+text model alone, by the fusion (a new entity's structure row is folded in from its context facts,
+`StructureModel.with_new_entities`), and by the structure model alone, beside the transductive
+figures of the same run.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def rank_new(ws: Path, triples: list[list[str]]) -> dict:
     rel = {k: i for i, k in enumerate(loaded.relation_keys)}
     ids = np.array([[ent[h], rel[r], ent[t]] for h, r, t in triples], dtype=np.int64)
     vectors = EntityIndex.open(workspace, loaded).vectors()
-    fusion, note = open_fusion(loaded)
+    fusion, note = open_fusion(loaded, all_triples)
     if fusion is None or fusion.weight is None:
         raise SystemExit(f"no fitted structure model: {note}")
     from kalmkg.loaded import torch_encoder

@@ -164,7 +164,7 @@ class Predictor:
             encoder = make_encoder(loaded, backend, gguf=gguf)
         if index.ann is None:
             index.vectors()  # exact search: read the vectors now, not inside the first query's timing
-        fusion, note = open_fusion(loaded)
+        fusion, note = open_fusion(loaded, triples)
         if note:
             loaded.warnings.append(note)
         return cls(loaded, encoder, index, triples, fusion)

@@ -194,3 +194,36 @@ def test_a_run_ranks_by_text_and_structure_once_fitted_on_valid(tiny_run_ws):
     (run_dir / "fusion.json").write_text(json.dumps(fitted))
     stale, note = open_fusion(load_model(ws, run="r"))
     assert stale.weight is None and "not fitted" in note
+
+
+def test_entities_added_after_training_get_rows_folded_in_from_their_facts():
+    """The last entity is unseen in training; its facts arrive later. Its folded-in row is the normalised
+    sum of its facts' query factors, and ranks its held-out facts near the top; an entity with no facts
+    gets no row (a query about it: text alone; as a candidate: the row mean)."""
+    train, _, every, keys, rels = group_graph()
+    new = len(keys) - 1
+    touches = (every[:, 0] == new) | (every[:, 2] == new)
+    model = train_structure(train[(train[:, 0] != new) & (train[:, 2] != new)], np.zeros((0, 3), np.int64),
+                            every[~touches], keys[:-1], rels, StructureSettings(dim=16, epochs=60))
+    facts = every[touches]
+    context, held = facts[::2], facts[1::2]
+    grown = model.with_new_entities(context, len(keys) + 1, len(rels))  # and one more without any fact
+    assert grown.num_entities == len(keys) + 1 and grown.row_mask().tolist() == [True] * len(keys) + [False]
+    into = context[context[:, 2] == new]
+    out = context[context[:, 0] == new]
+    expected = (cx.query_factors(model.entities[into[:, 0]], model.relations[into[:, 1]]).sum(0)
+                + cx.query_factors(model.entities[out[:, 2]], model.relations[out[:, 1] + len(rels)]).sum(0))
+    row = grown.entities[new]
+    assert np.allclose(row / np.linalg.norm(row), expected / np.linalg.norm(expected), atol=1e-5)
+    assert np.linalg.norm(row) == pytest.approx(np.median(np.linalg.norm(model.entities, axis=1)), rel=1e-5)
+    # its held-out facts, in both directions, against every entity (filtered by every fact)
+    answers = known_answers(every, len(rels))
+    queries = np.concatenate([held[:, [0, 1]], np.stack([held[:, 2], held[:, 1] + len(rels)], 1)])
+    targets = np.concatenate([held[:, 2], held[:, 0]])
+    folded = structure_ranks(grown, queries, targets, answers, len(rels), len(keys))
+    unfolded = structure_ranks(model, queries, targets, answers, len(rels), len(keys))
+    assert (1 / folded).mean() > 0.8 and (1 / folded).mean() > (1 / unfolded).mean() + 0.2, (folded, unfolded)
+    _, known = grown.scores(np.array([[new, 0], [len(keys), 0]]), len(rels))
+    assert known.tolist() == [True, False]
+    extra = Fusion(grown, 1.0, 1.0).extra(np.array([[0, 0]]), len(rels), len(keys) + 1)[0]
+    assert extra[-1] == pytest.approx(extra[:-1].mean(), rel=1e-5)  # the factless one at the row mean

@@ -69,7 +69,7 @@ def evaluate_run(workspace: Workspace, *, run: str | None = None, base: str | No
                                batch_size=batch_size, progress=progress)
     out_dir = eval_dir(workspace, loaded)
     # the run's structure model: fitted to the text model on valid, then ranking with it
-    fusion, fusion_note = open_fusion(loaded)
+    fusion, fusion_note = open_fusion(loaded, all_triples)
     if fusion is not None and split == "valid":
         fusion, fusion_note = _fit_fusion(loaded, fusion, ranked, all_triples, entities.vectors), None
     components = None

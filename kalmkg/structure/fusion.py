@@ -10,9 +10,10 @@ evaluate --split valid`, which `kalmkg train` ends with): the filtered MRR of a 
 kept, in the run folder's `fusion.json` with the text model's weight hash and the structure model's id
 (a resumed or retrained run is fitted again).
 
-A query whose entity or relation the structure model has no row for is scored by text alone; a
-candidate it has no row for (ingested after training) gets the query's mean structure score, which
-leaves its rank to the text model.
+Entities ingested after training get a row folded in from their facts with known entities
+(`StructureModel.with_new_entities`, when the caller passes the graph's triples). A query whose entity
+or relation still has no row is scored by text alone; a candidate without one gets the query's mean
+structure score.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ class Fusion:
         out = np.zeros((len(scores), num_entities), dtype=np.float32)
         n = min(scores.shape[1], num_entities)
         out[:, :n] = scores[:, :n]
-        if num_entities > n:
-            out[:, n:] = scores.mean(axis=1, keepdims=True)
+        rowless = np.flatnonzero(~self.structure.row_mask()[:n]).tolist() + list(range(n, num_entities))
+        if rowless:
+            with_row = self.structure.row_mask()[:n]
+            out[:, rowless] = scores[:, :n][:, with_row].mean(axis=1, keepdims=True)
         out[~known] = 0.0
         return out * np.float32(self.temperature * (w or 0.0))
 
@@ -102,9 +105,10 @@ def write_fusion(folder: Path, fit: dict, *, model: str, weights: str, structure
     return path
 
 
-def open_fusion(loaded) -> tuple[Fusion | None, str | None]:
+def open_fusion(loaded, triples: np.ndarray | None = None) -> tuple[Fusion | None, str | None]:
     """(the run's fusion, None), or (None, why the structure model is not used: one line; None when
-    the run has none). A fusion with weight None has a structure model that is not fitted yet."""
+    the run has none). A fusion with weight None has a structure model that is not fitted yet.
+    `triples` (the graph's, every split): entities added since training get rows folded in from them."""
     if loaded.run_dir is None:
         return None, None
     structure = StructureModel.load(loaded.run_dir)
@@ -117,6 +121,8 @@ def open_fusion(loaded) -> tuple[Fusion | None, str | None]:
     from kalmkg.training.config import saved_train_config
 
     tau = saved_train_config(read_config(loaded.run_dir)).temperature
+    if triples is not None:
+        structure = structure.with_new_entities(triples, len(loaded.entity_keys), len(loaded.relation_keys))
     fitted = _read(loaded.run_dir)
     if (fitted is None or fitted.get("weights") != loaded.weights
             or fitted.get("structure") != structure.info.get("id")):

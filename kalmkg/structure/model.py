@@ -34,6 +34,7 @@ class StructureModel:
     entity_keys: str  # keys_hash of the N entities' keys, by id
     relation_keys: str  # keys_hash of the R relations' keys
     info: dict = field(default_factory=dict)  # how it was trained: settings, epochs, valid MRR, seconds
+    has_row: np.ndarray | None = None  # [N] bool; None: all (with_new_entities leaves some without)
 
     @property
     def num_entities(self) -> int:
@@ -58,11 +59,43 @@ class StructureModel:
         inverse = relation >= num_relations
         base = np.where(inverse, relation - num_relations, relation)
         known = (entity < self.num_entities) & (base < self.num_relations)
+        known[known] = self.row_mask()[entity[known]]
         rows = np.where(inverse, base + self.num_relations, base)
         out = np.zeros((len(queries), self.num_entities), dtype=np.float32)
         if known.any():
             out[known] = cx.scores(self.entities[entity[known]], self.relations[rows[known]], self.entities)
         return out, known
+
+    def with_new_entities(self, triples: np.ndarray, num_entities: int, num_relations: int) -> "StructureModel":
+        """This model with a row for each entity ingested after training (ids N .. num_entities - 1) that
+        has facts with entities it knows: folded in, not trained. A ComplEx score is linear in each of
+        its entities, so the row that scores an entity's facts (h, r, e) highest at a given norm is the
+        direction of the sum of their query factors h * r (facts (e, r, o) through the reciprocal:
+        o * r^-1), at the median norm of the trained rows. Entities without such facts get no row
+        (`has_row` False: fusion leaves them to the text model). Triples are in the caller's numbering
+        (relations < num_relations)."""
+        n, r = self.num_entities, self.num_relations
+        if num_entities <= n:
+            return self
+        t = np.asarray(triples, dtype=np.int64).reshape(-1, 3)
+        h, rel, o = t[:, 0], t[:, 1], t[:, 2]
+        known_rel = rel < r
+        into = known_rel & (h < n) & (o >= n)  # (known, r, new): the new one as the tail
+        out_of = known_rel & (o < n) & (h >= n)  # (new, r, known): as the tail of the reciprocal
+        sums = np.zeros((num_entities - n, self.entities.shape[1]), dtype=np.float64)
+        np.add.at(sums, o[into] - n, cx.query_factors(self.entities[h[into]], self.relations[rel[into]]))
+        np.add.at(sums, h[out_of] - n, cx.query_factors(self.entities[o[out_of]], self.relations[rel[out_of] + r]))
+        norms = np.linalg.norm(sums, axis=1)
+        has = norms > 0
+        scale = float(np.median(np.linalg.norm(self.entities, axis=1))) if n else 1.0
+        rows = np.zeros_like(sums, dtype=np.float32)
+        rows[has] = (sums[has] / norms[has, None] * scale).astype(np.float32)
+        return StructureModel(np.concatenate([self.entities, rows]), self.relations, self.entity_keys,
+                              self.relation_keys, self.info, np.concatenate([self.row_mask(), has]))
+
+    def row_mask(self) -> np.ndarray:
+        """[N] whether each entity has a row (trained, or folded in from its facts)."""
+        return self.has_row if self.has_row is not None else np.ones(self.num_entities, dtype=bool)
 
     def save(self, folder: Path) -> Path:
         path = folder / FILE
