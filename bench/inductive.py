@@ -62,9 +62,9 @@ def rank_new(ws: Path, triples: list[list[str]]) -> dict:
     from kalmkg.evaluation.metrics import known_answers
     from kalmkg.evaluation.ranking import by_direction, rank_with_vectors
     from kalmkg.index import EntityIndex
-    from kalmkg.loaded import load_model
+    from kalmkg.loaded import load_model, torch_encoder
     from kalmkg.store import Store
-    from kalmkg.structure.fusion import open_fusion, structure_ranks
+    from kalmkg.structure.fusion import open_fusion
     from kalmkg.workspace import Workspace
 
     workspace = Workspace(ws)
@@ -78,14 +78,12 @@ def rank_new(ws: Path, triples: list[list[str]]) -> dict:
     fusion, note = open_fusion(loaded, all_triples)
     if fusion is None or fusion.weight is None:
         raise SystemExit(f"no fitted structure model: {note}")
-    from kalmkg.loaded import torch_encoder
-
     text = rank_with_vectors(torch_encoder(loaded), loaded.texts, ids, all_triples, vectors)
     fused = rank_with_vectors(None, loaded.texts, ids, all_triples, vectors, fusion=fusion,
                               query_vectors=text["query_vectors"])
     R = len(loaded.relation_keys)
-    alone = structure_ranks(fusion.structure, text["queries"], text["targets"], known_answers(all_triples, R), R,
-                            len(loaded.entity_keys))
+    alone = fusion.structure.ranks(text["queries"], text["targets"], known_answers(all_triples, R), R,
+                                   len(loaded.entity_keys))
     return {"text": by_direction(text["ranks"]), "fused": by_direction(fused["ranks"]),
             "structure": by_direction(alone), "weight": fusion.weight}
 

@@ -466,8 +466,8 @@ class EntityIndex:
             limit = (k if extra is None else max(k, RERANK_POOL)) + len(skip)
             res = (self.table.search(vec).distance_type("cosine").limit(limit).select(["id", "_distance"])
                    .nprobes(partitions).ef(max(200, 4 * limit)).refine_factor(4).to_arrow())
-            add = (lambda i: 0.0) if extra is None else (lambda i, row=extra[b]: float(row[i]))  # noqa: E731
-            got = [(i, 1.0 - d + add(i)) for i, d in zip(res["id"].to_pylist(), res["_distance"].to_pylist())
+            shift = extra[b] if extra is not None else np.zeros(self.rows, dtype=np.float32)
+            got = [(i, 1.0 - d + float(shift[i])) for i, d in zip(res["id"].to_pylist(), res["_distance"].to_pylist())
                    if i not in skip]
             got.sort(key=lambda x: (-x[1], x[0]))
             for j, (i, s) in enumerate(got[:k]):

@@ -18,7 +18,7 @@ from kalmkg.loaded import LoadedModel, load_model, safe_name, torch_encoder
 from kalmkg.evaluation.metrics import known_answers, self_loop_relations
 from kalmkg.files import atomic_write_text
 from kalmkg.runs import read_config
-from kalmkg.structure.fusion import Fusion, fit_weight, open_fusion, structure_ranks, write_fusion
+from kalmkg.structure.fusion import Fusion, fit_weight, open_fusion, write_fusion
 from kalmkg.training.config import saved_train_config
 from kalmkg.store import SPLITS, Store
 from kalmkg.workspace import Workspace
@@ -70,18 +70,19 @@ def evaluate_run(workspace: Workspace, *, run: str | None = None, base: str | No
     out_dir = eval_dir(workspace, loaded)
     # the run's structure model: fitted to the text model on valid, then ranking with it
     fusion, fusion_note = open_fusion(loaded, all_triples)
-    if fusion is not None and split == "valid":
-        fusion, fusion_note = _fit_fusion(loaded, fusion, ranked, all_triples, entities.vectors), None
     components = None
-    if fusion is not None and fusion.weight is not None:
-        text_ranks = ranked["ranks"]
-        ranked = {**rank_with_vectors(None, loaded.texts, sample, all_triples, entities.vectors, fusion=fusion,
-                                      query_vectors=ranked["query_vectors"]),
-                  "query_encoding_s": ranked["query_encoding_s"]}
-        components = {"text": by_direction(text_ranks),
-                      "structure": by_direction(structure_ranks(fusion.structure, ranked["queries"], ranked["targets"],
-                                                                known_answers(all_triples, len(loaded.relation_keys)),
-                                                                len(loaded.relation_keys), len(loaded.texts.entities)))}
+    if fusion is not None:
+        R = len(loaded.relation_keys)
+        answers = known_answers(all_triples, R)
+        if split == "valid":
+            fusion, fusion_note = _fit_fusion(loaded, fusion, ranked, answers, entities.vectors), None
+        if fusion.weight is not None:
+            text_ranks = ranked["ranks"]
+            ranked = {**rank_with_vectors(None, loaded.texts, sample, all_triples, entities.vectors, fusion=fusion,
+                                          query_vectors=ranked["query_vectors"]),
+                      "query_encoding_s": ranked["query_encoding_s"]}
+            alone = fusion.structure.ranks(ranked["queries"], ranked["targets"], answers, R, len(loaded.entity_keys))
+            components = {"text": by_direction(text_ranks), "structure": by_direction(alone)}
     summary = {
         "model": loaded.fingerprint, "name": loaded.name, "split": split, "triples": int(len(sample)),
         "queries": int(2 * len(sample)), "entities": int(len(loaded.texts.entities)), "limit": int(limit),
@@ -128,14 +129,13 @@ def first_answer_confidence(loaded: LoadedModel, ranked: dict, all_triples: np.n
     return first, tau
 
 
-def _fit_fusion(loaded: LoadedModel, fusion: Fusion, ranked: dict, all_triples: np.ndarray, entity_vectors) -> Fusion:
+def _fit_fusion(loaded: LoadedModel, fusion: Fusion, ranked: dict, answers: dict, entity_vectors) -> Fusion:
     """The weight of the structure model's scores with the best MRR on these held-out queries, written
     to the run folder (`fusion.json`) for predict, evaluate and ask."""
     vectors = np.asarray(entity_vectors, dtype=np.float32)
     qvecs = ranked["query_vectors"]
     fit = fit_weight(lambda a, b: qvecs[a:b] @ vectors.T, fusion.structure, ranked["queries"], ranked["targets"],
-                     known_answers(all_triples, len(loaded.relation_keys)), len(loaded.relation_keys),
-                     fusion.temperature)
+                     answers, len(loaded.relation_keys), fusion.temperature)
     fit["split"] = "valid"
     write_fusion(loaded.run_dir, fit, model=loaded.fingerprint, weights=loaded.weights,
                  structure_id=str(fusion.structure.info.get("id")), temperature=fusion.temperature)

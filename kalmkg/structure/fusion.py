@@ -47,16 +47,7 @@ class Fusion:
         """[B, num_entities] what fusion adds to the cosines of queries [B, 2] (entity, relation;
         >= num_relations: inverse), in cosine units."""
         w = self.weight if weight is None else weight
-        scores, known = self.structure.scores(queries, num_relations)
-        out = np.zeros((len(scores), num_entities), dtype=np.float32)
-        n = min(scores.shape[1], num_entities)
-        out[:, :n] = scores[:, :n]
-        rowless = np.flatnonzero(~self.structure.row_mask()[:n]).tolist() + list(range(n, num_entities))
-        if rowless:
-            with_row = self.structure.row_mask()[:n]
-            out[:, rowless] = scores[:, :n][:, with_row].mean(axis=1, keepdims=True)
-        out[~known] = 0.0
-        return out * np.float32(self.temperature * (w or 0.0))
+        return self.structure.scores(queries, num_relations, num_entities)[0] * np.float32(self.temperature * (w or 0.0))
 
 
 def fit_weight(text_scores, structure: StructureModel, queries: np.ndarray, targets: np.ndarray, answers: dict,
@@ -66,7 +57,6 @@ def fit_weight(text_scores, structure: StructureModel, queries: np.ndarray, targ
     cosines of queries[start:stop]; answers: metrics.known_answers of every split."""
     from kalmkg.evaluation.metrics import answer_mask, filtered_ranks
 
-    fusion = Fusion(structure, 1.0, 1.0)
     reciprocal = {w: [] for w in weights}
     n = 0
     for start in range(0, len(queries), chunk):
@@ -74,28 +64,15 @@ def fit_weight(text_scores, structure: StructureModel, queries: np.ndarray, targ
         cos = np.asarray(text_scores(start, start + len(q)), dtype=np.float32)
         n = cos.shape[1]
         mask = answer_mask(q.tolist(), answers, n)
-        per_unit = fusion.extra(q, num_relations, n)  # the score in logit units (weight 1)
+        per_unit = structure.scores(q, num_relations, n)[0]  # in logit units
         for w in weights:
             reciprocal[w].append(1.0 / filtered_ranks(cos / temperature + w * per_unit, tgt, mask))
     mrr = {w: float(np.concatenate(v).mean()) if v else float("nan") for w, v in reciprocal.items()}
     best = max(weights, key=lambda w: (round(mrr[w], 6) if np.isfinite(mrr[w]) else -1.0, -w))
-    alone = structure_ranks(structure, queries, targets, answers, num_relations, n)
+    alone = structure.ranks(queries, targets, answers, num_relations, n)
     return {"weight": best, "mrr": {str(w): round(v, 4) for w, v in mrr.items()},
             "structure_alone_mrr": round(float((1.0 / alone).mean()), 4) if len(alone) else None,
             "queries": int(len(queries))}
-
-
-def structure_ranks(structure: StructureModel, queries: np.ndarray, targets: np.ndarray, answers: dict,
-                    num_relations: int, num_entities: int, chunk: int = 1024) -> np.ndarray:
-    """Filtered realistic ranks of the targets by the structure model alone (what it would rank
-    without the text; queries it has no row for tie every candidate)."""
-    from kalmkg.evaluation.metrics import answer_mask, filtered_ranks
-
-    fusion = Fusion(structure, 1.0, 1.0)
-    out = [filtered_ranks(fusion.extra(queries[a:a + chunk], num_relations, num_entities), targets[a:a + chunk],
-                          answer_mask(queries[a:a + chunk].tolist(), answers, num_entities))
-           for a in range(0, len(queries), chunk)]
-    return np.concatenate(out) if out else np.zeros(0)
 
 
 def write_fusion(folder: Path, fit: dict, *, model: str, weights: str, structure_id: str, temperature: float) -> Path:

@@ -3,7 +3,7 @@ they belong to, and how it was trained; kept as `structure.npz` in the run folde
 
 Entity and relation ids are the store's, which only grow (a later ingest appends): rows stay valid for
 the entities they were trained on, and the keys' hash says whether they still are. Entities added
-after training have no row; the text model alone scores them (see fusion.py).
+after training get rows folded in from their facts (`with_new_entities`).
 """
 
 from __future__ import annotations
@@ -50,21 +50,41 @@ class StructureModel:
         return (len(entity_keys) >= n and len(relation_keys) >= r and keys_hash(entity_keys[:n]) == self.entity_keys
                 and keys_hash(relation_keys[:r]) == self.relation_keys)
 
-    def scores(self, queries: np.ndarray, num_relations: int) -> tuple[np.ndarray, np.ndarray]:
-        """([B, N] scores of this model's N entities, [B] bool: whether the model knows the query) for
-        queries [B, 2] (entity, relation) in the caller's numbering: relation >= num_relations is the
-        inverse of relation - num_relations. Rows of unknown queries are 0."""
+    def scores(self, queries: np.ndarray, num_relations: int,
+               num_entities: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """([B, num_entities] scores, [B] bool: whether the model knows the query) for queries [B, 2]
+        (entity, relation) in the caller's numbering: relation >= num_relations is the inverse of
+        relation - num_relations. Candidates without a row (ingested after training and not folded in)
+        get the query's mean over those with one; rows of unknown queries are 0. num_entities: the
+        caller's candidates (default: this model's N)."""
         queries = np.asarray(queries, dtype=np.int64).reshape(-1, 2)
+        width = self.num_entities if num_entities is None else num_entities
         entity, relation = queries[:, 0], queries[:, 1]
         inverse = relation >= num_relations
         base = np.where(inverse, relation - num_relations, relation)
         known = (entity < self.num_entities) & (base < self.num_relations)
         known[known] = self.row_mask()[entity[known]]
         rows = np.where(inverse, base + self.num_relations, base)
-        out = np.zeros((len(queries), self.num_entities), dtype=np.float32)
+        out = np.zeros((len(queries), width), dtype=np.float32)
+        n = min(self.num_entities, width)
+        with_row = self.row_mask()[:n]
         if known.any():
-            out[known] = cx.scores(self.entities[entity[known]], self.relations[rows[known]], self.entities)
+            out[known, :n] = cx.scores(self.entities[entity[known]], self.relations[rows[known]], self.entities[:n])
+        rowless = np.concatenate([np.flatnonzero(~with_row), np.arange(n, width)])
+        if len(rowless):
+            out[:, rowless] = out[:, :n][:, with_row].mean(axis=1, keepdims=True)
         return out, known
+
+    def ranks(self, queries: np.ndarray, targets: np.ndarray, answers: dict, num_relations: int,
+              num_entities: int, chunk: int = 1024) -> np.ndarray:
+        """Filtered realistic ranks of the targets by this model alone (queries it does not know tie
+        every candidate); answers: metrics.known_answers of every split."""
+        from kalmkg.evaluation.metrics import answer_mask, filtered_ranks
+
+        out = [filtered_ranks(self.scores(queries[a:a + chunk], num_relations, num_entities)[0],
+                              targets[a:a + chunk], answer_mask(queries[a:a + chunk].tolist(), answers, num_entities))
+               for a in range(0, len(queries), chunk)]
+        return np.concatenate(out) if out else np.zeros(0)
 
     def with_new_entities(self, triples: np.ndarray, num_entities: int, num_relations: int) -> "StructureModel":
         """This model with a row for each entity ingested after training (ids N .. num_entities - 1) that

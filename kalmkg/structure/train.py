@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from kalmkg.evaluation.metrics import answer_mask, filtered_ranks, known_answers
+from kalmkg.evaluation.metrics import known_answers
 from kalmkg.structure import complex as cx
 from kalmkg.structure.model import StructureModel, keys_hash
 
@@ -35,19 +35,14 @@ class StructureSettings:
 
 
 def structure_mrr(entities: np.ndarray, relations: np.ndarray, triples: np.ndarray, answers: dict,
-                  num_relations: int, chunk: int = 1024) -> float:
+                  num_relations: int) -> float:
     """Filtered MRR, both directions, of `triples` under the tables (answers: metrics.known_answers)."""
     if len(triples) == 0:
         return float("nan")
     queries = np.concatenate([triples[:, [0, 1]], np.stack([triples[:, 2], triples[:, 1] + num_relations], 1)])
     targets = np.concatenate([triples[:, 2], triples[:, 0]])
-    reciprocal = []
-    for start in range(0, len(queries), chunk):
-        q = queries[start:start + chunk]
-        s = cx.scores(entities[q[:, 0]], relations[q[:, 1]], entities)
-        reciprocal.append(1.0 / filtered_ranks(s, targets[start:start + chunk],
-                                               answer_mask(q.tolist(), answers, entities.shape[0])))
-    return float(np.concatenate(reciprocal).mean())
+    model = StructureModel(entities, relations, "", "")
+    return float((1.0 / model.ranks(queries, targets, answers, num_relations, len(entities))).mean())
 
 
 def train_structure(train: np.ndarray, valid: np.ndarray, all_triples: np.ndarray, entity_keys, relation_keys,
