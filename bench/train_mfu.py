@@ -164,10 +164,14 @@ class Setup:
     optimizer: object
     autocast: object
     model: object
+    tokenizer: object
+    texts: object  # text.GraphTexts of the graph, cut as cfg says
 
 
-def prepare(graph: Path, workdir: Path, device: str, precision: str, base: str = "smollm2-135m") -> Setup:
-    """The graph ingested, the base with the run's default LoRA for its size, a step context."""
+def prepare(graph: Path, workdir: Path, device: str, precision: str, base: str = "smollm2-135m",
+            **settings) -> Setup:
+    """The graph ingested, the base with the run's default LoRA for its size (or the TrainConfig
+    `settings` given), a step context."""
     import torch
 
     from kalmkg.evaluation.metrics import known_answers
@@ -189,7 +193,7 @@ def prepare(graph: Path, workdir: Path, device: str, precision: str, base: str =
         entities, relations = store.entity_table(), store.relation_table()
     torch.manual_seed(0)
     model, tokenizer = load_base(resolve_base(base), device=device)
-    cfg = TrainConfig(base=base, precision=precision, device=device, frozen_cache_mb=0)
+    cfg = TrainConfig(**{"base": base, "precision": precision, "device": device, **settings, "frozen_cache_mb": 0})
     cfg = with_size_defaults(cfg, sum(p.numel() for p in model.parameters()), num_layers(model))
     texts = graph_texts(entities, relations, tokenizer, cfg.max_entity_tokens)
     tokens = load_tokens(texts, train, tokenizer, cfg.max_seq_len, None)
@@ -197,7 +201,8 @@ def prepare(graph: Path, workdir: Path, device: str, precision: str, base: str =
     learner = build_learner(model, cfg, total_steps=1000, device=device)
     learner.model.train()
     ctx = StepContext(learner.model, learner.temperature, tokens, known, cfg, device=device)
-    return Setup(device, cfg, tokens, ctx, learner.optimizer, make_autocast(device, precision), learner.model)
+    return Setup(device, cfg, tokens, ctx, learner.optimizer, make_autocast(device, precision), learner.model,
+                 tokenizer, texts)
 
 
 def main() -> None:

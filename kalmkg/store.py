@@ -475,6 +475,11 @@ class Store:
             [status, steps, best_metric, run_id],
         )
 
+    def run_status(self, run_id: str) -> str | None:
+        """running (or killed while running), finished, interrupted; None for a run the store never saw."""
+        row = self.con.execute("SELECT status FROM runs WHERE id = ?", [run_id]).fetchone()
+        return row[0] if row else None
+
     # ---------------------------------------------------------------- queries
     def stats(self, top_relations: int | None = None) -> dict:
         c = self.con

@@ -115,3 +115,54 @@ def test_the_link_prediction_bench_runs_kalmkg_through_the_cli(tmp_path, tiny_mo
     assert row["metrics"]["both"]["count"] == 2 * (144 - 127)
     # the group structure is learnable where 2 LLM steps of a tiny model learn nothing
     assert row["components"]["structure"]["both"]["mrr"] > row["components"]["text"]["both"]["mrr"]
+
+
+def _wordnet_like(folder: Path) -> Path:
+    """A graph in WN18RR's files: numeric synset ids, texts in entity2text.txt, relation2text.txt."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    triples = [(f"{i:08d}", "_next", f"{j:08d}") for i in range(24) for j in range(24) if j // 6 == (i // 6 + 1) % 4]
+    rng.shuffle(triples)
+    folder.mkdir()
+    for name, rows in (("train.tsv", triples[:110]), ("dev.tsv", triples[110:127]), ("test.tsv", triples[127:])):
+        (folder / name).write_text("".join("\t".join(t) + "\n" for t in rows))
+    (folder / "entity2text.txt").write_text("".join(f"{i:08d}\tthing {i}, of group {i // 6}\n" for i in range(24)))
+    (folder / "relation2text.txt").write_text("_next\tnext group\n")
+    return folder
+
+
+def test_the_wn18rr_protocol_plans_trains_evaluates_and_resumes_a_killed_call(tmp_path, tiny_model):
+    """bench/wn18rr.py's reduced (CPU) protocol end to end on a WN18RR-shaped graph: the probe and the
+    plan, training through the CLI, the curve, the table beside the paper's rows. A call killed
+    mid-training (the whole process group, -9) is resumed by the next call from the run's checkpoint,
+    and the run ends at the planned step."""
+    import os
+    import signal
+    import time
+
+    graph, work, out = _wordnet_like(tmp_path / "wn"), tmp_path / "work", tmp_path / "wn18rr.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "wn18rr.py"), "--graph", str(graph), "--base", str(tiny_model),
+           "--work", str(work), "--minutes", "0.5", "--batch-size", "8", "--eval-limit", "10", "--validations", "2",
+           "--test-limit", "10", "--lora-layers", "1", "--structure-minutes", "0.05", "--json", str(out)]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = work / "ws" / "runs" / "wn18rr" / "checkpoint" / "state.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert checkpoint.exists() and not out.exists()  # killed during training, before any result
+    plan = json.loads((work / "plan.json").read_text())
+    assert plan["steps"] >= 2 and plan["protocol"]["name"] == "cpu" and plan["measured"]["texts_per_s"] > 0
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "plan kept" in second.stdout and "training: resumed from its checkpoint" in second.stdout
+    assert "| SimKGC, BERT-base bi-encoder (paper) | 0.666 |" in second.stdout
+    assert "| kalmkg (KaLM + structure model, fused) |" in second.stdout
+    saved = json.loads(out.read_text())
+    assert saved["curve"][-1]["step"] == plan["steps"]  # the resumed run reached the planned end
+    assert [c["examples"] for c in saved["curve"]] == [c["step"] * 8 for c in saved["curve"]]
+    assert saved["result"]["metrics"]["both"]["count"] == 2 * 10
+    assert set(saved["result"]["components"]) == {"text", "structure"}

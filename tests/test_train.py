@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,56 @@ def test_resume_continues_exactly_where_a_killed_run_stopped(sample_ws, tiny_mod
     steps_a = [(m["step"], m["loss"], m["l_qa"]) for m in metrics(straight.run_dir) if "loss" in m]
     steps_b = [(m["step"], m["loss"], m["l_qa"]) for m in metrics(resumed.run_dir) if "loss" in m]
     assert steps_a == steps_b and all(qa > 0 for _, _, qa in steps_a)
+
+
+class _MinutePerStep:
+    """The training loop's clock, moved on a minute by every step the progress hears of."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def hook(self, progress_cls):
+        clock = self
+
+        class Progress(progress_cls):
+            def step(self, state, terms, triples_per_s):
+                clock.now += 60.0
+
+        return Progress()
+
+
+def test_max_minutes_ends_the_run_validated_and_counts_the_time_of_resumed_processes(sample_ws, tiny_model,
+                                                                                     monkeypatch):
+    import types
+
+    import torch
+
+    from kalmkg.training import loop
+
+    clock = _MinutePerStep()
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    cfg = tiny_config(tiny_model, max_steps=20, eval_every=100, checkpoint_every=100, max_minutes=2.5)
+    timed = train(sample_ws, cfg, run_id="timed", progress=clock.hook(loop.TrainProgress))
+    # steps end at 0, 1, 2, 3 minutes: the fourth passes 2.5 and is the run's last, validated and kept
+    assert (timed.steps, timed.out_of_time, timed.stopped_early) == (4, True, False)
+    assert [m["step"] for m in metrics(timed.run_dir) if "valid" in m] == [4]
+    assert (timed.run_dir / "adapter").is_dir()
+    saved = torch.load(timed.run_dir / "checkpoint" / "state.pt", weights_only=False)["state"]
+    assert saved["step"] == 4 and saved["seconds"] == 240.0  # the clock after the fourth step's minute
+
+    # killed after 2 steps (1 minute on the clock at its last checkpoint), resumed: it stops at 2.5 minutes
+    # of the two processes together, not 2.5 minutes of the second
+    killed = train(sample_ws, replace(cfg, checkpoint_every=1), run_id="split", stop_after=2,
+                   progress=clock.hook(loop.TrainProgress))
+    assert not killed.out_of_time
+    resumed = train(sample_ws, TrainConfig(), resume="split", progress=clock.hook(loop.TrainProgress))
+    assert (resumed.steps, resumed.out_of_time) == (5, True)
+
+    with pytest.raises(KalmkgError, match="--max-minutes must be 0"):
+        tiny_config(tiny_model, max_minutes=-1)
 
 
 def test_keeping_the_frozen_layers_outputs_trains_the_same_run(sample_ws, tiny_model, monkeypatch):

@@ -58,7 +58,8 @@ def train(
         return
     best = f"best valid MRR {result.best_metric:.4f}" if result.best_metric is not None else "no valid split"
     console().print(f"run {result.run_id}: {result.steps} steps, {best}"
-                    f"{' (stopped early)' if result.stopped_early else ''} -> {result.run_dir}")
+                    f"{' (stopped early)' if result.stopped_early else ''}"
+                    f"{' (time limit)' if result.out_of_time else ''} -> {result.run_dir}")
     # The main process builds the entity index for predict (other torchrun processes just end).
     if embed_after and (result.run_dir / "adapter").is_dir() and os.environ.get("RANK", "0") == "0":
         embed_after_training(ctx.obj, result.run_id, config.device, calibrate_on=config.eval_limit)

@@ -47,26 +47,28 @@ def structure_mrr(entities: np.ndarray, relations: np.ndarray, triples: np.ndarr
 
 def train_structure(train: np.ndarray, valid: np.ndarray, all_triples: np.ndarray, entity_keys, relation_keys,
                     settings: StructureSettings = StructureSettings(),
-                    progress: Callable[[int, float], None] | None = None) -> StructureModel:
-    """The structure model of a graph: `train` triples [n, 3] learned, `valid` (a sample) choosing the
-    epoch, `all_triples` filtering known answers. `progress(epoch, valid_mrr)` after each epoch."""
+                    progress: Callable[[int, float], None] | None = None, device: str = "cpu") -> StructureModel:
+    """The structure model of a graph: `train` triples [n, 3] learned on `device`, `valid` (a sample)
+    choosing the epoch, `all_triples` filtering known answers. `progress(epoch, valid_mrr)` after each
+    epoch. The initial tables and the batch order come from a CPU generator: one seed, one model, on
+    any device."""
     import torch
 
     n, r = len(entity_keys), len(relation_keys)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(settings.seed)
-    ent = torch.nn.Parameter(torch.randn(n, 2 * settings.dim, generator=gen) * settings.init)
-    rel = torch.nn.Parameter(torch.randn(2 * r, 2 * settings.dim, generator=gen) * settings.init)
+    init = lambda rows: (torch.randn(rows, 2 * settings.dim, generator=gen) * settings.init).to(device)  # noqa: E731
+    ent, rel = torch.nn.Parameter(init(n)), torch.nn.Parameter(init(2 * r))
     optimizer = torch.optim.Adagrad([ent, rel], lr=settings.lr)
     queries = torch.as_tensor(np.concatenate([train[:, [0, 1]], np.stack([train[:, 2], train[:, 1] + r], 1)]),
-                              dtype=torch.long)
-    answers_of = torch.as_tensor(np.concatenate([train[:, 2], train[:, 0]]), dtype=torch.long)
+                              dtype=torch.long, device=device)
+    answers_of = torch.as_tensor(np.concatenate([train[:, 2], train[:, 0]]), dtype=torch.long, device=device)
     answers = known_answers(all_triples, r)
     best = (-1.0, -1, None)  # (valid MRR, epoch, tables)
     deadline = t0 + 60 * settings.minutes if settings.minutes > 0 else float("inf")
     epoch, why = 0, "epochs"
     for epoch in range(1, settings.epochs + 1):
-        order = torch.randperm(len(queries), generator=gen)
+        order = torch.randperm(len(queries), generator=gen).to(device)
         for start in range(0, len(order), settings.batch_size):
             batch = order[start:start + settings.batch_size]
             q, a = queries[batch], answers_of[batch]
@@ -78,7 +80,7 @@ def train_structure(train: np.ndarray, valid: np.ndarray, all_triples: np.ndarra
             optimizer.step()
             if time.perf_counter() > deadline:
                 break
-        tables = (ent.detach().numpy().copy(), rel.detach().numpy().copy())
+        tables = (ent.detach().cpu().numpy().copy(), rel.detach().cpu().numpy().copy())
         mrr = structure_mrr(*tables, valid, answers, r) if len(valid) else float("nan")
         if progress:
             progress(epoch, mrr)

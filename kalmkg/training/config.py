@@ -90,6 +90,9 @@ class TrainConfig:
     batch_size: int = _option(24, "Triples per step (the global batch: in-batch negatives).", "Optimisation")
     epochs: float = _option(1.0, "Passes over the training triples (both directions).", "Optimisation")
     max_steps: int = _option(0, "Stop after this many optimizer steps (overrides --epochs).", "Optimisation")
+    max_minutes: float = _option(0.0, "Stop after this many minutes of steps and validations, summed over "
+                                 "resumes (0: no limit); the run then ends, validated, as when its steps run out. "
+                                 "The schedule still spans --epochs / --max-steps.", "Optimisation")
     lr: float | None = _option(None, "Peak learning rate (AdamW, warm-up then cosine). "
                                "Default: by the base's size (see --preset).", "Optimisation")
     weight_decay: float = _option(0.001, "AdamW weight decay (not on biases, norms or tau).", "Optimisation")
@@ -134,6 +137,7 @@ def config_problem(cfg: TrainConfig) -> str | None:
         (cfg.lora_layers is None or cfg.lora_layers >= 0, "--lora-layers must be 0 (all) or more"),
         (cfg.grad_accum >= 1, "--grad-accum must be at least 1"),
         (cfg.epochs > 0 or cfg.max_steps > 0, "give --epochs > 0 or --max-steps > 0"),
+        (cfg.max_minutes >= 0, "--max-minutes must be 0 (no limit) or more"),
         (0 <= cfg.lm_examples <= cfg.batch_size, "--lm-examples must be between 0 and --batch-size"),
         (cfg.question_weight >= 0, "--question-weight must be 0 (off) or more"),
         (cfg.question_examples >= 0, "--question-examples must be 0 or more"),

@@ -28,7 +28,7 @@ from kalmkg.text import graph_texts
 from kalmkg.training.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from kalmkg.training.config import SIZED, TrainConfig, with_size_defaults
 from kalmkg.training.data import QuestionData, batch_groups, describe_batch, epoch_batches, load_tokens, read_graph
-from kalmkg.training.distributed import World, barrier, init_world
+from kalmkg.training.distributed import World, agree, barrier, init_world
 from kalmkg.training.learner import build_learner
 from kalmkg.training.plot import plot_metrics
 from kalmkg.training.precision import make_autocast
@@ -49,6 +49,7 @@ class TrainState:
     best_step: int = -1
     evals_without_improvement: int = 0
     history: list = field(default_factory=list)
+    seconds: float = 0.0  # the loop's time (steps and validations) over every process that ran it: --max-minutes
 
 
 class TrainProgress:
@@ -68,6 +69,7 @@ class TrainResult:
     best_metric: float | None
     stopped_early: bool
     final_eval: dict | None
+    out_of_time: bool = False  # --max-minutes ended it
 
 
 def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, resume: str | None = None,
@@ -151,10 +153,12 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     autocast = make_autocast(device, cfg.precision)
     groups = batch_groups(tokens, cfg, state.epoch, state.batch_in_epoch)
     rate = _Rate()
-    stopped_early, steps_here = False, 0
+    clock = _Clock(state.seconds, cfg.max_minutes, world)
+    stopped_early, out_of_time, steps_here = False, False, 0
     progress.start(total_steps, state)
     learner.model.train()
-    while state.step < total_steps and not stopped_early and (stop_after is None or steps_here < stop_after):
+    while (state.step < total_steps and not stopped_early and not out_of_time
+           and (stop_after is None or steps_here < stop_after)):
         epoch, next_batch, group = next(groups)
 
         # the step: gradients of every batch of the group, averaged over processes, one update
@@ -172,41 +176,48 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
         learner.update(world, cfg.grad_clip)
         state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, next_batch
         steps_here += 1
+        state.seconds, out_of_time = clock.read()
+        # the time limit ends the run at this step: it is validated and checkpointed as a last step is
+        last = state.step if out_of_time else total_steps
         terms = _mean_terms(batch_terms)
         triples_per_s = rate.add(cfg.batch_size * cfg.grad_accum)
         progress.step(state, terms, triples_per_s)
 
         # log, validate, checkpoint
-        if world.main and _due(state.step, cfg.log_every, total_steps):
+        if world.main and _due(state.step, cfg.log_every, last):
             runs.append_jsonl(run.path / "metrics.jsonl", {"step": state.step, "epoch": state.epoch,
                                                            "lr": learner.scheduler.get_last_lr()[0],
                                                            "triples_per_s": round(triples_per_s, 2), **terms})
-        if stopper is not None and _due(state.step, eval_every, total_steps):
+        if stopper is not None and _due(state.step, eval_every, last):
             stopped_early = stopper.should_stop(state)
             learner.model.train()
             rate.restart()  # triples/s counts training time only
-        if world.main and _due(state.step, cfg.checkpoint_every, total_steps):
+            state.seconds, _ = clock.read()
+        if world.main and _due(state.step, cfg.checkpoint_every, last):
             save_checkpoint(run.checkpoint, learner, asdict(state), prebatch)
     progress.stop()
+    if out_of_time:
+        progress.message(f"stopped at the {cfg.max_minutes:g}-minute limit (--max-minutes), step {state.step:,} "
+                         f"of {total_steps:,}")
 
     # finish: with nothing to select on, the last weights are the result; the plot; the run's status
-    finished = state.step >= total_steps or stopped_early
+    finished = state.step >= total_steps or stopped_early or out_of_time
     if world.main:
         if finished and stopper is None:
             save_adapter(learner.model, run.path / "adapter")
         if finished and cfg.structure != "none":
-            _train_structure(run.path, graph, cfg, progress)
+            _train_structure(run.path, graph, cfg, progress, device)
         if finished:
             plot_metrics(run.path)
         record_end(workspace, run, "finished" if finished else "interrupted", state.step,
                    state.best_metric if state.best_metric >= 0 else None)
     final_eval = state.history[-1] if state.history else None
     best_metric = state.best_metric if stopper is not None else None
-    return TrainResult(run.path, run.run_id, state.step, best_metric, stopped_early, final_eval)
+    return TrainResult(run.path, run.run_id, state.step, best_metric, stopped_early, final_eval, out_of_time)
 
 
 # ------------------------------------------------------------------ pieces of the run
-def _train_structure(folder: Path, graph, cfg: TrainConfig, progress: TrainProgress) -> None:
+def _train_structure(folder: Path, graph, cfg: TrainConfig, progress: TrainProgress, device: str) -> None:
     """The structure model fused with the text scores (kalmkg/structure), trained on the same split,
     validated on the same sample of valid."""
     from kalmkg.structure.train import StructureSettings, train_structure
@@ -215,7 +226,7 @@ def _train_structure(folder: Path, graph, cfg: TrainConfig, progress: TrainProgr
                                  minutes=cfg.structure_minutes, seed=cfg.seed)
     keys = lambda table: table.column("key").to_pylist()  # noqa: E731
     model = train_structure(graph.train, sample_triples(graph.valid, cfg.eval_limit, seed=cfg.seed), graph.all,
-                            keys(graph.entity_table), keys(graph.relation_table), settings)
+                            keys(graph.entity_table), keys(graph.relation_table), settings, device=device)
     model.save(folder)
     info = model.info
     mrr = f", valid MRR {info['valid_mrr']:.3f} (epoch {info['best_epoch']})" if info["valid_mrr"] is not None else ""
@@ -247,6 +258,20 @@ def _mean_terms(terms: list[dict]) -> dict:
         vals = [t[k] for t in terms if t.get(k) is not None]
         out[k] = round(sum(vals) / len(vals), 6) if vals else None
     return out
+
+
+class _Clock:
+    """The loop's time: what earlier processes of the run spent plus this one's, and whether it has passed
+    the limit. Every process takes the main process's answer, so all stop at the same step."""
+
+    def __init__(self, spent: float, max_minutes: float, world: World) -> None:
+        self.spent, self.limit, self.world = spent, 60 * max_minutes, world
+        self.start = time.perf_counter()
+
+    def read(self) -> tuple[float, bool]:
+        seconds = self.spent + time.perf_counter() - self.start
+        over = self.limit > 0 and seconds >= self.limit
+        return seconds, agree(over, self.world) if self.limit > 0 else False
 
 
 class _Rate:

@@ -18,7 +18,7 @@ from kalmkg.training.distributed import World, agree
 class EarlyStopper:
     validate: Callable[[], dict]  # the model's validation metrics now: mrr, hits@1, hits@10, count
     keep_best: Callable[[], None]  # save the model as the run's result
-    log: Callable[[dict], None]  # record one validation ({"step", "epoch", "valid"}), e.g. in metrics.jsonl
+    log: Callable[[dict], None]  # record one validation ({"step", "epoch", "seconds", "valid"}), e.g. in metrics.jsonl
     say: Callable[[str], None]  # one line for the person watching
     patience: int  # validations without improvement before stopping; 0: never stop early
     world: World = World()
@@ -32,7 +32,8 @@ class EarlyStopper:
 
     def _validate(self, state: Any) -> bool:
         metrics = self.validate()
-        record = {"step": state.step, "epoch": state.epoch, "valid": metrics}
+        record = {"step": state.step, "epoch": state.epoch, "seconds": round(getattr(state, "seconds", 0.0), 1),
+                  "valid": metrics}
         state.history.append(record)
         self.log(record)
         self.say(f"step {state.step}: valid MRR {metrics['mrr']:.4f}  Hits@1 {metrics['hits@1']:.4f}  "
