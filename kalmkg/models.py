@@ -267,6 +267,20 @@ def _check_decoder(folder: Path, spec: str) -> None:
         )
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def require_safetensors(folder: Path, what: str) -> None:
+    """Weights load only from safetensors (a GGUF is converted to them first): pickled weights such as
+    pytorch_model.bin run code when they are loaded, so a downloaded or shared folder could."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+    found = f" (only {', '.join(pickled[:3])}: pickle files, which can run code when loaded)" if pickled else ""
+    raise KalmkgError(f"{what} in {folder} has no .safetensors weights{found}; kalmkg loads weights only from "
+                      "safetensors or GGUF: save them with save_pretrained(dir, safe_serialization=True)")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
@@ -280,15 +294,22 @@ def load_base(resolved: ResolvedBase, *, dtype: torch.dtype | None = None, devic
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safetensors import SafetensorError
+
     dtype = dtype or torch.float32
+    require_safetensors(Path(resolved.path), f"base model {resolved.name!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, attn_implementation="sdpa",
+                                                         use_safetensors=True)
         except (ValueError, ImportError):  # the architecture has no SDPA attention
-            model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, use_safetensors=True)
     except OSError as e:
         raise KalmkgError(f"cannot load base model {resolved.name!r}: {_first_line(e)}") from e
+    except SafetensorError as e:  # a truncated or damaged weights file
+        raise KalmkgError(f"cannot load base model {resolved.name!r}: damaged weights in {resolved.path} "
+                          f"({_first_line(e)})") from e
     prepare_tokenizer(tokenizer, resolved.name)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -300,18 +321,21 @@ def merged_model(resolved, adapter: Path, device: str = "cpu"):
     weights `kalmkg export` merges), or a full fine-tune saved in place of the adapter."""
     if (adapter / "adapter_config.json").is_file():
         from peft import PeftModel
+        from safetensors import SafetensorError
 
+        require_safetensors(adapter, "the LoRA adapter")
         model, _ = load_base(resolved, device=device)
         try:
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        except (ValueError, KeyError, RuntimeError) as e:
+        except (ValueError, KeyError, RuntimeError, SafetensorError) as e:
             raise KalmkgError(f"cannot apply the adapter in {adapter}: {str(e).splitlines()[0]}") from e
         return model.to(device)
     if (adapter / "config.json").is_file():  # `--full` fine-tuning saves the whole model there
         import torch
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32).to(device)
+        require_safetensors(adapter, "the fine-tuned model")
+        return AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32, use_safetensors=True).to(device)
     raise KalmkgError(f"{adapter} holds neither a LoRA adapter nor a model")
 
 

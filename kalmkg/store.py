@@ -146,10 +146,17 @@ class Store:
             if not create:
                 raise KalmkgError(f"no graph in workspace {workspace.root} (run `kalmkg ingest FILE` first)")
             workspace.root.mkdir(parents=True, exist_ok=True)
+        import duckdb
+
         store = cls._connect(path, write=write or create)
         try:
             store._ensure_schema()
             yield store
+        except duckdb.Error as exc:  # out of disk or memory, or a damaged file found while reading it
+            problem = store._resource_problem(exc) or store._damage(exc)
+            if problem is not None:
+                raise problem from None
+            raise
         finally:
             store.con.close()
 
@@ -210,14 +217,45 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """All or nothing: any exception (Ctrl-C included) rolls back every statement inside."""
+        """All or nothing: any exception (Ctrl-C included) rolls back every statement inside. A write
+        the disk refuses (full, or a file size limit) or a memory budget run out is one error line."""
         self.con.execute("BEGIN TRANSACTION")
         try:
             yield
-        except BaseException:
-            self.con.execute("ROLLBACK")
+            self.con.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                self.con.execute("ROLLBACK")
+            except Exception:  # a failed COMMIT has ended the transaction already
+                pass
+            problem = self._resource_problem(exc)
+            if problem is not None:
+                raise problem from None
             raise
-        self.con.execute("COMMIT")
+
+    def _damage(self, exc: BaseException) -> KalmkgError | None:
+        """A store file DuckDB cannot read back (truncated, or a block that fails its checksum)."""
+        import duckdb
+
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, duckdb.IOException) and "read" in text.lower() or "corrupt" in text.lower():
+            return KalmkgError(f"cannot read {self.path}: the store is damaged ({text}); ingest the graph again "
+                               "into a new workspace")
+        return None
+
+    def _resource_problem(self, exc: BaseException) -> KalmkgError | None:
+        """What to tell the user when DuckDB ran out of disk or of its memory budget; None otherwise."""
+        import duckdb
+
+        if isinstance(exc, duckdb.OutOfMemoryException):
+            limit = self.con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+            return KalmkgError(f"the store ran out of its memory budget ({limit}); set KALMKG_MEMORY_LIMIT higher "
+                               "(e.g. 2GB) and run the command again (nothing of it was stored)")
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, (duckdb.IOException, duckdb.TransactionException)) and "write" in text.lower():
+            return KalmkgError(f"cannot write {self.path} ({text}); nothing of this command was stored: free "
+                               "disk space and run it again")
+        return None
 
     # ---------------------------------------------------------------- ingest
     def source_ingested(self, sha256: str) -> bool:
@@ -231,29 +269,24 @@ class Store:
 
     def stage(self, table: str, src: int, batch: "pa.Table") -> None:
         """Append an Arrow batch (columns as in STAGING_COLUMNS[table]) of source `src`."""
+        import duckdb
+
         self.con.register("_batch", batch)
         try:
             self.con.execute(
                 f"INSERT INTO {table}_all SELECT {int(src)}, {', '.join(STAGING_COLUMNS[table])} FROM _batch"
             )
+        except duckdb.Error as exc:  # staging spills to disk past the memory budget
+            problem = self._resource_problem(exc)
+            if problem is not None:
+                raise problem from None
+            raise
         finally:
             self.con.unregister("_batch")
 
     def merge_staged(self, src: int, ingest_id: int, lang: str) -> MergeCounts:
         """Turn the staged keys of source `src` into ids and add what is new; returns what was added
-        or changed."""
-        import duckdb
-
-        try:
-            return self._merge_staged(src, ingest_id, lang)
-        except duckdb.OutOfMemoryException:
-            limit = self.con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
-            raise KalmkgError(
-                f"the store ran out of its memory budget ({limit}) while merging; "
-                "set KALMKG_MEMORY_LIMIT higher (e.g. 2GB) and ingest again"
-            ) from None
-
-    def _merge_staged(self, src: int, ingest_id: int, lang: str) -> MergeCounts:
+        or changed. Runs inside `transaction()`, which turns running out of memory or disk into one line."""
         # Order matters: entities are told from properties by the relations added first, and texts,
         # triples and attributes find their ids among the keys added before them.
         self._select_source(src)

@@ -508,3 +508,31 @@ def test_publish_takes_back_the_files_it_added_when_the_gguf_cannot_move(tmp_pat
     (tmp / "ok.gguf").write_bytes(b"GGUF")
     publish(tmp, tmp / "ok.gguf", final, {meta: "newer"}, replaced)
     assert final.read_bytes() == b"GGUF" and meta.read_text() == "newer"
+
+
+def test_an_export_the_disk_refuses_is_one_line_and_leaves_models_as_they_were(trained_ws, tmp_path):
+    """A real write failure (the child's file size limit at 1 MB, as a full disk): one error line, no
+    partial or staging file in models/, the export made before untouched."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from helpers_graph import cli_env
+
+    before = trained_ws.models_dir / "kept.gguf"
+    before.parent.mkdir(parents=True, exist_ok=True)
+    before.write_bytes(b"an earlier export")
+    listing = sorted(p.name for p in trained_ws.models_dir.iterdir())
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    proc = subprocess.run([sys.executable, "-m", "kalmkg", "-w", str(trained_ws.root), "export", "--run", "r",
+                           "-q", "f16", "--name", "full-disk"], capture_output=True, text=True, env=cli_env(),
+                          cwd=tmp_path, timeout=600, preexec_fn=limit)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: out of disk space")  # after the stages' lines
+    assert sorted(p.name for p in trained_ws.models_dir.iterdir()) == listing and _leftovers(trained_ws) == []
+    assert before.read_bytes() == b"an earlier export"

@@ -87,6 +87,20 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over a file size limit
+
+
+_DISK_FULL_WORDS = ("file write failed", *(os.strerror(e) for e in _DISK_FULL))
+
+
+def _out_of_disk(exc: BaseException) -> bool:
+    """A write the disk refused. Libraries that write from C or Rust say so in words without an errno:
+    torch's zip writer ("file write failed"), safetensors ("I/O error: No space left on device")."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in _DISK_FULL
+    return any(words in str(exc) for words in _DISK_FULL_WORDS)
+
+
 def exit_code_for(exc: BaseException, debug: bool = False) -> int:
     """The last resort of `main`: what the user sees for an exception that left a command, and the exit
     code. One line on stderr in every case but the bare `kalmkg` help; a traceback only when `debug`."""
@@ -109,6 +123,11 @@ def exit_code_for(exc: BaseException, debug: bool = False) -> int:
         return 1
     if debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    if _out_of_disk(exc):
+        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        sys.stderr.write(f"error: out of disk space{where} ({one_line(exc)}); what was written before is kept "
+                         "whole: free some space and run the command again\n")
+        return 1
     if isinstance(exc, KalmkgError):
         sys.stderr.write(f"error: {exc}\n")
     else:

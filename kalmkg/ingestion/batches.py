@@ -7,6 +7,15 @@ from typing import Iterator
 from kalmkg.store import STAGING_COLUMNS
 
 BATCH_ROWS = 200_000
+# The longest IRI, literal or text line read (oxigraph's own limit for one term): a model reads the first
+# few dozen tokens of a text, and a value this long is a broken or hostile file, not a graph.
+MAX_VALUE_CHARS = 16 * 2**20
+
+
+def value_too_long(where: str, what: str, size: int | None = None) -> str:
+    """The one error line of a value over MAX_VALUE_CHARS (`size` None: not read to its end)."""
+    of = f" of {size:,} characters" if size is not None else ""
+    return f"{where}: {what}{of} is over kalmkg's limit of {MAX_VALUE_CHARS:,} characters for one value"
 
 Batch = tuple[str, "object"]  # (staging table name, pyarrow.Table)
 

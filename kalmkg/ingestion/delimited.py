@@ -10,7 +10,7 @@ import io
 from typing import Callable, Iterator
 
 from kalmkg.errors import KalmkgError
-from kalmkg.ingestion.batches import BATCH_ROWS, Batch
+from kalmkg.ingestion.batches import BATCH_ROWS, MAX_VALUE_CHARS, Batch, value_too_long
 from kalmkg.ingestion.sources import SourceFile, open_source
 
 _HEADERS = ({"head", "relation", "tail"}, {"subject", "predicate", "object"}, {"h", "r", "t"})
@@ -32,6 +32,21 @@ def _split_line(line: str, delimiter: str) -> list[str]:
 def _lines(f: SourceFile):
     """The file's text, decompressed when it is compressed."""
     return io.TextIOWrapper(io.BufferedReader(open_source(f.path, f.compression), 1 << 20), encoding="utf-8")
+
+
+def _numbered_lines(f: SourceFile) -> Iterator[tuple[int, str]]:
+    """(line number, line without its end) of the file; a line over MAX_VALUE_CHARS is an error, found
+    without reading it whole (a 10 GB line must not fill memory first)."""
+    with _lines(f) as fh:
+        lineno = 0
+        while True:
+            line = fh.readline(MAX_VALUE_CHARS + 1)
+            if not line:
+                return
+            lineno += 1
+            if len(line) > MAX_VALUE_CHARS and not line.endswith("\n"):
+                raise KalmkgError(value_too_long(f"{f.path}:{lineno}", "a line"))
+            yield lineno, line.rstrip("\r\n")
 
 
 def _has_header(f: SourceFile, delimiter: str) -> bool:
@@ -63,7 +78,8 @@ def read_triples(f: SourceFile, on_bytes: Callable[[int], None] | None = None) -
                 break
             table = pa.Table.from_batches([record_batch])
             empty = pc.or_(pc.or_(pc.equal(table["h"], ""), pc.equal(table["r"], "")), pc.equal(table["t"], ""))
-            if pc.any(empty).as_py():
+            longest = max(pc.max(pc.binary_length(table[n])).as_py() or 0 for n in names)
+            if pc.any(empty).as_py() or longest > MAX_VALUE_CHARS:
                 _raise_bad_line(f, delimiter)
             yield "stage_edges", table.append_column("split", pa.repeat(split, table.num_rows))
     except pa.ArrowInvalid:
@@ -77,34 +93,30 @@ def _raise_bad_line(f: SourceFile, delimiter: str) -> None:
     """Find the first malformed triple line and raise an error naming it."""
     sep = "tab" if delimiter == "\t" else "comma"
     path = f.path
-    with _lines(f) as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            parts = _split_line(line, delimiter)
-            if len(parts) != 3:
-                raise KalmkgError(
-                    f"{path}:{lineno}: expected 3 {sep}-separated columns (head, relation, tail), found {len(parts)}"
-                )
-            if not all(parts):
-                raise KalmkgError(f"{path}:{lineno}: empty head, relation or tail")
+    for lineno, line in _numbered_lines(f):
+        if not line:
+            continue
+        parts = _split_line(line, delimiter)
+        if len(parts) != 3:
+            raise KalmkgError(
+                f"{path}:{lineno}: expected 3 {sep}-separated columns (head, relation, tail), found {len(parts)}"
+            )
+        if not all(parts):
+            raise KalmkgError(f"{path}:{lineno}: empty head, relation or tail")
     raise KalmkgError(f"{path}: malformed {sep}-separated file")
 
 
 def _text_rows(f: SourceFile) -> Iterator[tuple[str, ...]]:
     delimiter = _delimiter(f)
-    with _lines(f) as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split(delimiter)
-            if len(parts) not in (2, 3) or (f.role == "long" and len(parts) != 2) or not parts[0]:
-                expected = "2 columns (id, description)" if f.role == "long" else \
-                    "2 columns (id, text) or 3 (id, label, description)"
-                raise KalmkgError(f"{f.path}:{lineno}: expected {expected}, found {len(parts)}")
-            yield tuple(p.strip() for p in parts)
+    for lineno, line in _numbered_lines(f):
+        if not line.strip():
+            continue
+        parts = line.split(delimiter)
+        if len(parts) not in (2, 3) or (f.role == "long" and len(parts) != 2) or not parts[0]:
+            expected = "2 columns (id, description)" if f.role == "long" else \
+                "2 columns (id, text) or 3 (id, label, description)"
+            raise KalmkgError(f"{f.path}:{lineno}: expected {expected}, found {len(parts)}")
+        yield tuple(p.strip() for p in parts)
 
 
 def read_texts(f: SourceFile, batch_rows: int = BATCH_ROWS) -> Iterator[Batch]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from kalmkg.errors import KalmkgError
-from kalmkg.ingestion.batches import Batch, Batcher
+from kalmkg.ingestion.batches import MAX_VALUE_CHARS, Batch, Batcher, value_too_long
 from kalmkg.ingestion.sources import broken_archive, open_source
 
 RDFS = "http://www.w3.org/2000/01/rdf-schema#"
@@ -36,8 +36,8 @@ _RDFLIB_FORMATS = {"turtle": "turtle", "trig": "trig", "rdfxml": "xml", "jsonld"
 class _Router:
     """Sends each (subject, predicate, object) to edges, texts or attributes of a Batcher."""
 
-    def __init__(self, batcher: Batcher):
-        self.b = batcher
+    def __init__(self, batcher: Batcher, path: Path):
+        self.b, self.path = batcher, path
         (self.eh, self.er, self.et, self.es) = batcher.columns["stage_edges"]
         (self.xk, self.xtarget, self.xfield, self.xrank, self.xlang, self.xvalue) = batcher.columns["stage_texts"]
         (self.ak, self.ap, self.av, self.adt, self.alang) = batcher.columns["stage_attrs"]
@@ -50,6 +50,8 @@ class _Router:
         self.b.rows += 1
 
     def literal(self, s: str, p: str, value: str, datatype: str, lang: str) -> None:
+        if len(value) > MAX_VALUE_CHARS:
+            raise KalmkgError(value_too_long(str(self.path), f"a literal of <{s[:80]}> <{p[:80]}>", len(value)))
         lang = lang.lower()  # language tags are case-insensitive (BCP 47); parsers differ in case
         rank = LABEL_PREDICATES.get(p)
         field = "label"
@@ -117,7 +119,7 @@ def _read_oxigraph(path: Path, fmt: str, source_tag: str, on_bytes, compression:
     import pyoxigraph as ox
 
     batcher = Batcher()
-    route = _Router(batcher)
+    route = _Router(batcher, path)
     blank_key = _BlankNodes(f"_:{source_tag}:", keep_labels=fmt in ("ntriples", "nquads")).key
     named, blank, literal = ox.NamedNode, ox.BlankNode, ox.Literal
     rdf_format = {"ntriples": ox.RdfFormat.N_TRIPLES, "nquads": ox.RdfFormat.N_QUADS,
@@ -148,6 +150,9 @@ def _read_oxigraph(path: Path, fmt: str, source_tag: str, on_bytes, compression:
                 yield from batcher.flush()
     except SyntaxError as exc:
         raise KalmkgError(f"{path}: syntax error: {_oxigraph_message(exc)}") from None
+    except MemoryError:  # oxigraph's lexer refuses a term longer than its buffer, which is MAX_VALUE_CHARS
+        raise KalmkgError(f"{path}: an IRI or literal longer than {MAX_VALUE_CHARS >> 20} MiB, the parser's limit "
+                          "for one term") from None
     except broken_archive(compression) as exc:
         raise KalmkgError(f"{path}: cannot decompress: {_one_line(exc)}") from None
     finally:
@@ -185,7 +190,7 @@ def _read_rdflib(path: Path, fmt: str, source_tag: str, on_bytes, compression: s
         on_bytes(path.stat().st_size)
     keys = _blank_node_keys(graph, f"_:{source_tag}:")
     batcher = Batcher()
-    route = _Router(batcher)
+    route = _Router(batcher, path)
     for s, p, o in graph.triples((None, None, None)):
         skey = keys[s] if isinstance(s, rdflib.BNode) else str(s)
         if isinstance(o, rdflib.Literal):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kalmkg.errors import KalmkgError
 from kalmkg.files import atomic_path
 from kalmkg.training.learner import Learner
 
@@ -46,7 +47,13 @@ def load_checkpoint(folder: Path, learner: Learner, device) -> tuple[dict, list]
     """Restore `learner` and the random state in place; returns (counters, prebatch on `device`)."""
     import torch
 
-    payload = torch.load(folder / _STATE, weights_only=False, map_location="cpu")
+    import pickle
+
+    try:  # tensors and plain data only: a checkpoint from elsewhere runs no code
+        payload = torch.load(folder / _STATE, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise KalmkgError(f"cannot resume from {folder / _STATE}: not a checkpoint kalmkg wrote, or damaged "
+                          f"({str(exc).strip().splitlines()[0][:200]})") from None
     trainable = dict(payload["trainable"])
     learner.temperature.load_state_dict(trainable.pop("__temperature__"))
     params = dict(learner.model.named_parameters())

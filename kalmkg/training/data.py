@@ -7,7 +7,6 @@ Relation ids >= R are inverses.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from kalmkg import text
 from kalmkg.errors import KalmkgError
+from kalmkg.files import atomic_path
 from kalmkg.prompts import no_context_messages
 from kalmkg.store import Store
 from kalmkg.text import GraphTexts
@@ -101,22 +101,47 @@ def tokenize_examples(texts: GraphTexts, examples: np.ndarray, tokenizer, max_se
 def load_tokens(texts: GraphTexts, train_triples: np.ndarray, tokenizer, max_seq_len: int,
                 cache: Path | None) -> TokenizedExamples:
     """The run's examples (train triples and their inverses) tokenized, kept in `cache` (the run
-    folder's tokens.pt) so that a resumed run reuses them; `cache` None: not kept."""
-    import torch
-
+    folder's tokens.npz) so that a resumed run reuses them; `cache` None: not kept."""
     if cache is not None and cache.exists():
-        return torch.load(cache, weights_only=False)
+        return read_tokens(cache)
     try:
         tokens = tokenize_examples(texts, with_inverses(train_triples, texts.num_relations), tokenizer, max_seq_len)
     except ValueError as exc:  # a head-relation view longer than the sequence
         raise KalmkgError(f"--max-seq-len {max_seq_len} is too small: {exc} (raise --max-seq-len or "
                           "lower --max-entity-tokens)") from None
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(tokens, tmp)
-        os.replace(tmp, cache)
+        with atomic_path(cache) as tmp:
+            write_tokens(tokens, tmp)
     return tokens
+
+
+_RAGGED = ("hr_ids", "tail_ids", "target_ids")
+
+
+def write_tokens(tokens: TokenizedExamples, path: Path) -> None:
+    """`tokens` as plain arrays (numpy's format, no pickle: a run folder from elsewhere runs no code); each
+    list of token lists is its ids end to end and the offsets where each list starts."""
+    arrays = {"examples": tokens.examples, "hr_index": tokens.hr_index, "lengths": tokens.lengths,
+              "pad_id": np.asarray(tokens.pad_id)}
+    for name in _RAGGED:
+        rows = getattr(tokens, name)
+        arrays[f"{name}.flat"] = np.fromiter((t for row in rows for t in row), dtype=np.int64)
+        arrays[f"{name}.offsets"] = np.cumsum([0] + [len(row) for row in rows], dtype=np.int64)
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def read_tokens(path: Path) -> TokenizedExamples:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            ragged = {}
+            for name in _RAGGED:
+                flat, offsets = data[f"{name}.flat"].tolist(), data[f"{name}.offsets"].tolist()
+                ragged[name] = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+            return TokenizedExamples(data["examples"], data["hr_index"], pad_id=int(data["pad_id"]),
+                                     lengths=data["lengths"], **ragged)
+    except (OSError, ValueError, KeyError) as exc:  # truncated, not an npz, or from another version
+        raise KalmkgError(f"cannot read the run's token cache {path} ({exc}); delete it and it is made again") from None
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: np.ndarray | None = None,

@@ -104,7 +104,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     texts = graph_texts(graph.entity_table, graph.relation_table, tokenizer, cfg.max_entity_tokens)
     if writes:
         run.path.mkdir(parents=True, exist_ok=True)
-    tokens = load_tokens(texts, graph.train, tokenizer, cfg.max_seq_len, run.path / "tokens.pt" if writes else None)
+    tokens = load_tokens(texts, graph.train, tokenizer, cfg.max_seq_len, run.path / "tokens.npz" if writes else None)
     _check_batch_size(cfg, len(tokens.examples), world)
     known = {k: frozenset(v) for k, v in known_answers(graph.train, texts.num_relations).items()}
     steps_per_epoch = len(tokens.examples) // cfg.batch_size // cfg.grad_accum
