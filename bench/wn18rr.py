@@ -287,7 +287,8 @@ def main() -> None:
     # the plan: measured once and kept, so a resumed call trains the schedule the first call began
     if plan_file.exists():
         plan = json.loads(plan_file.read_text())
-        print(f"plan kept from an earlier call ({plan_file})", flush=True)
+        print(f"plan kept from an earlier call ({plan_file}; this call's protocol options are not used: "
+              "--fresh starts over)", flush=True)
     else:
         test_triples = sum(1 for line in (args.graph / "test.tsv").read_text(encoding="utf-8").splitlines() if line)
         plan = make_plan(protocol, probe(args.graph, args.work, protocol, device, args.base), test_triples)
@@ -295,8 +296,7 @@ def main() -> None:
         plan_file.write_text(json.dumps(plan, indent=1) + "\n")
     print_plan(plan, plan.get("machine", device))
 
-    if not (ws / "kg.duckdb").exists():
-        cli(ws, "ingest", str(args.graph))
+    cli(ws, "ingest", str(args.graph))  # all or nothing; files already in are skipped
     stages = {}
     t0 = time.perf_counter()
     stages["training"] = train_stage(ws, plan, device, plan["base"])

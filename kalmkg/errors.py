@@ -9,4 +9,4 @@ class KalmkgError(Exception):
 
 
 class WorkspaceBusy(KalmkgError):
-    """Another process holds the workspace's store open for writing."""
+    """Another process is writing the workspace (its writer lock, or the store held open for writing)."""

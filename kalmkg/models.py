@@ -270,10 +270,11 @@ def _check_decoder(folder: Path, spec: str) -> None:
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def require_safetensors(folder: Path, what: str) -> None:
+def require_safetensors(folder: Path, what: str, name: str | None = None) -> None:
     """Weights load only from safetensors (a GGUF is converted to them first): pickled weights such as
-    pytorch_model.bin run code when they are loaded, so a downloaded or shared folder could."""
-    if any(folder.glob("*.safetensors")):
+    pytorch_model.bin run code when they are loaded, so a downloaded or shared folder could. `name`: the
+    one file that must be there (peft falls back to adapter_model.bin without it)."""
+    if (folder / name).is_file() if name else any(folder.glob("*.safetensors")):
         return
     pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
     found = f" (only {', '.join(pickled[:3])}: pickle files, which can run code when loaded)" if pickled else ""
@@ -297,7 +298,8 @@ def load_base(resolved: ResolvedBase, *, dtype: torch.dtype | None = None, devic
     from safetensors import SafetensorError
 
     dtype = dtype or torch.float32
-    require_safetensors(Path(resolved.path), f"base model {resolved.name!r}")
+    if Path(resolved.path).is_dir():  # a hub id resolved online is checked by use_safetensors below
+        require_safetensors(Path(resolved.path), f"base model {resolved.name!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         try:
@@ -323,7 +325,7 @@ def merged_model(resolved, adapter: Path, device: str = "cpu"):
         from peft import PeftModel
         from safetensors import SafetensorError
 
-        require_safetensors(adapter, "the LoRA adapter")
+        require_safetensors(adapter, "the LoRA adapter", "adapter_model.safetensors")
         model, _ = load_base(resolved, device=device)
         try:
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()

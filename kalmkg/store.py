@@ -238,7 +238,8 @@ class Store:
         import duckdb
 
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if isinstance(exc, duckdb.IOException) and "read" in text.lower() or "corrupt" in text.lower():
+        damaged = ("checksum", "corrupt", "could not read enough bytes", "not a valid duckdb database")
+        if isinstance(exc, duckdb.Error) and any(words in text.lower() for words in damaged):
             return KalmkgError(f"cannot read {self.path}: the store is damaged ({text}); ingest the graph again "
                                "into a new workspace")
         return None

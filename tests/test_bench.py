@@ -143,7 +143,9 @@ def test_the_wn18rr_protocol_plans_trains_evaluates_and_resumes_a_killed_call(tm
 
     graph, work, out = _wordnet_like(tmp_path / "wn"), tmp_path / "work", tmp_path / "wn18rr.json"
     cmd = [sys.executable, str(ROOT / "bench" / "wn18rr.py"), "--graph", str(graph), "--base", str(tiny_model),
-           "--work", str(work), "--minutes", "0.5", "--batch-size", "8", "--eval-limit", "10", "--validations", "2",
+           # two epochs of 220 examples bind, not the 5 minutes: the run's end does not depend on the machine
+           "--work", str(work), "--minutes", "5", "--epochs", "2", "--batch-size", "8", "--eval-limit", "10",
+           "--validations", "2",
            "--test-limit", "10", "--lora-layers", "1", "--structure-minutes", "0.05", "--json", str(out)]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoint = work / "ws" / "runs" / "wn18rr" / "checkpoint" / "state.pt"
@@ -154,7 +156,7 @@ def test_the_wn18rr_protocol_plans_trains_evaluates_and_resumes_a_killed_call(tm
     first.wait()
     assert checkpoint.exists() and not out.exists()  # killed during training, before any result
     plan = json.loads((work / "plan.json").read_text())
-    assert plan["steps"] >= 2 and plan["protocol"]["name"] == "cpu" and plan["measured"]["texts_per_s"] > 0
+    assert plan["steps"] == 2 * (220 // 8) and plan["protocol"]["name"] == "cpu" and plan["measured"]["texts_per_s"] > 0
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]

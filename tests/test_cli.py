@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -123,6 +124,30 @@ def test_failed_multi_file_ingest_via_cli_leaves_the_store_as_it_was(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Busy workspace
 # ---------------------------------------------------------------------------------------------------------
+def test_one_writing_command_at_a_time_and_readers_go_on(tiny_run_ws, tmp_path):
+    """While one command writes the workspace (its writer lock held), every other writing command is
+    refused in one line that names the writer; readers keep working; a holder killed by -9 lets go."""
+    import signal
+
+    ws = tiny_run_ws
+    extra = write(tmp_path / "extra.tsv", "x\tr\ty\n")
+    with ws.writer("train"):
+        for args in (["ingest", extra], ["split", "--force"], ["train", "--max-steps", "1"], ["embed"],
+                     ["export", "-q", "f16"]):
+            proc = run_kalmkg("-w", ws.root, *args, cwd=tmp_path)
+            assert_one_line_error(proc, "workspace is busy: `kalmkg train` (pid", "is writing")
+        for args in (["stats"], ["entities", "Paris"]):
+            assert run_kalmkg("-w", ws.root, *args, cwd=tmp_path).returncode == 0, args
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from pathlib import Path; from kalmkg.workspace import Workspace\n"
+                               f"with Workspace(Path({str(ws.root)!r})).writer('ingest'):\n"
+                               "    print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert_one_line_error(run_kalmkg("-w", ws.root, "ingest", extra, cwd=tmp_path), "`kalmkg ingest`")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert run_kalmkg("-w", ws.root, "ingest", extra, cwd=tmp_path).returncode == 0
+
+
 def test_second_process_gets_workspace_is_busy(tmp_path):
     ws = Workspace(tmp_path / "ws")
     ingest_into(ws.root, [SAMPLE_TTL])

@@ -149,9 +149,9 @@ def test_a_damaged_store_is_one_line(tmp_path, damage):
     db = ws / "kg.duckdb"
     (ws / "kg.duckdb.wal").unlink(missing_ok=True)
     data = bytearray(db.read_bytes())
-    if damage == "zeroed_block":
+    if damage == "zeroed_block":  # its first block: refused when opened (a checksum)
         data[5000:9000] = bytes(4000)
-    elif damage == "truncated":
+    elif damage == "truncated":  # opens, then fails when a query reads past the end
         data = data[: len(data) // 3]
     else:
         data = bytearray(b"\x13\x37" * 2000)

@@ -131,6 +131,32 @@ def test_max_minutes_ends_the_run_validated_and_counts_the_time_of_resumed_proce
         tiny_config(tiny_model, max_minutes=-1)
 
 
+def test_a_graph_changed_while_a_run_trains_is_said_and_recorded(sample_ws, tiny_model, tmp_path):
+    from kalmkg.ingestion import ingest, resolve_sources
+    from kalmkg.store import Store
+    from kalmkg.training import loop
+
+    extra = tmp_path / "extra.tsv"
+    extra.write_text("newcomer\tknows\tParis\n")
+    said = []
+
+    class IngestMidway(loop.TrainProgress):
+        def step(self, state, terms, triples_per_s):
+            if state.step == 2:  # as a process that takes no writer lock would
+                with Store.open(sample_ws, write=True) as store:
+                    ingest(store, resolve_sources([extra]))
+
+        def message(self, text):
+            said.append(text)
+
+    run = train(sample_ws, tiny_config(tiny_model, max_steps=4), run_id="moved", progress=IngestMidway())
+    events = [m for m in metrics(run.run_dir) if m.get("event") == "graph_changed"]
+    assert len(events) == 1 and events[0]["trained_on"] != events[0]["store_now"]
+    assert any("the graph changed while this run trained" in line for line in said)
+    quiet = train(sample_ws, tiny_config(tiny_model, max_steps=2), run_id="still")
+    assert not [m for m in metrics(quiet.run_dir) if m.get("event")]
+
+
 def test_keeping_the_frozen_layers_outputs_trains_the_same_run(sample_ws, tiny_model, monkeypatch):
     """With only the top layer adapted, the bottom layer's outputs are kept and reused from step to
     step (dropout on): the losses and the trained weights are those of running the whole model."""

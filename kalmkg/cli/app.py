@@ -123,13 +123,12 @@ def exit_code_for(exc: BaseException, debug: bool = False) -> int:
         return 1
     if debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    if _out_of_disk(exc):
+    if isinstance(exc, KalmkgError):
+        sys.stderr.write(f"error: {exc}\n")
+    elif _out_of_disk(exc):
         where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
         sys.stderr.write(f"error: out of disk space{where} ({one_line(exc)}); what was written before is kept "
                          "whole: free some space and run the command again\n")
-        return 1
-    if isinstance(exc, KalmkgError):
-        sys.stderr.write(f"error: {exc}\n")
     else:
         sys.stderr.write(f"error: unexpected {one_line(exc)}"
                          f"{'' if debug else f' (run with {DEBUG_VAR}=1 for the traceback)'}\n")

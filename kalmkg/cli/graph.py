@@ -51,7 +51,8 @@ def ingest(
         raise KalmkgError(f"unknown split '{split}'; use one of: {', '.join(SPLITS)}")
     workspace: Workspace = ctx.obj
     sources = resolve_sources(paths, format, split)
-    with Store.open(workspace, create=True) as store, IngestBar(console(stderr=True), quiet=as_json) as bar:
+    with workspace.writer("ingest", create=True), Store.open(workspace, create=True) as store, \
+            IngestBar(console(stderr=True), quiet=as_json) as bar:
         results = run_ingest(store, sources, lang=lang, progress=bar)
     for r in results:
         if r.empty:
@@ -173,6 +174,6 @@ def split(
     from kalmkg.split import split_store
     if not (0 <= valid < 1 and 0 <= test < 1 and valid + test < 1):
         raise KalmkgError("--valid and --test must be fractions in [0, 1) that sum to less than 1")
-    with Store.open(ctx.obj, write=True) as store:
+    with ctx.obj.writer("split"), Store.open(ctx.obj, write=True) as store:
         counts = split_store(store, valid, test, seed, force)
     console().print(f"train {counts['train']:,} / valid {counts['valid']:,} / test {counts['test']:,}")

@@ -99,22 +99,28 @@ def embed(
       kalmkg embed --base smollm2-135m        # the untrained baseline's vectors
       kalmkg embed --backend gguf             # through the run's export (llama.cpp)
     """
+    if batch_size < 1:
+        raise KalmkgError("--batch-size must be at least 1")
+    with ctx.obj.writer("embed"):
+        _embed(ctx.obj, run, base, batch_size, full, ann_threshold, backend, gguf, device, as_json)
+
+
+def _embed(workspace: Workspace, run, base, batch_size: int, full: bool, ann_threshold: int, backend: str, gguf,
+           device: str, as_json: bool) -> None:
     from kalmkg.index import embed as run_embed
     from kalmkg.loaded import make_encoder
 
-    if batch_size < 1:
-        raise KalmkgError("--batch-size must be at least 1")
     stderr = console(stderr=True)
-    loaded = load_for_command(ctx.obj, run, base, device, stderr)
+    loaded = load_for_command(workspace, run, base, device, stderr)
     # torch: None, so that an index already up to date never loads the weights
     encoder = make_encoder(loaded, backend, gguf=gguf) if backend != "torch" else None
     with CountBar(stderr, quiet=as_json) as bar:
-        result = run_embed(ctx.obj, loaded, encoder, batch_size=batch_size, full=full, ann_threshold=ann_threshold,
+        result = run_embed(workspace, loaded, encoder, batch_size=batch_size, full=full, ann_threshold=ann_threshold,
                            progress=lambda d, t: bar.stage("embedding", d, t), backend=backend)
     summary = {"model": loaded.fingerprint, "encoded": result.encoded, "unchanged": result.unchanged,
                "removed": result.removed, "entities": result.total, "rebuilt": result.rebuilt, "ann": result.ann,
                "dim": result.dim, "seconds": round(result.seconds, 3),
-               "encode_seconds": round(result.encode_seconds, 3), "path": str(ctx.obj.vectors_dir)}
+               "encode_seconds": round(result.encode_seconds, 3), "path": str(workspace.vectors_dir)}
     if as_json:
         print_json(summary)
         return
@@ -122,7 +128,7 @@ def embed(
     rate = f", {result.encoded / result.encode_seconds:,.0f} entities/s" if result.encode_seconds > 0 else ""
     search = f"ANN index {result.ann}" if result.ann else "exact search"
     console().print(f"{loaded.fingerprint}: {result.total:,} entities ({what}) in {result.seconds:.1f} s{rate}; "
-                    f"{result.dim}-dim, {search} -> {ctx.obj.vectors_dir}")
+                    f"{result.dim}-dim, {search} -> {workspace.vectors_dir}")
 
 
 def predict(

@@ -43,7 +43,7 @@ def export(
     """
     from kalmkg.export.pipeline import export_run
 
-    with ExportStages(console(stderr=True), quiet=as_json) as stages:
+    with ctx.obj.writer("export"), ExportStages(console(stderr=True), quiet=as_json) as stages:
         result = export_run(ctx.obj, run, quant, name, ollama, stages)
     v = result.verification
     if as_json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import nullcontext
 from typing import Optional
 
 import typer
@@ -48,21 +49,23 @@ def train(
     if dry_run:
         run_train(ctx.obj, config, run_id=run_name, dry_run=print_dry_run)
         return
-    with TrainBar(console(stderr=True)) as bar:
-        if resume is not None:
-            resume_id = find_run(ctx.obj, None if resume == "latest" else resume).name
-            result = run_train(ctx.obj, config, resume=resume_id, progress=bar)
-        else:
-            result = run_train(ctx.obj, config, run_id=run_name, progress=bar)
-    if result is None:
-        return
-    best = f"best valid MRR {result.best_metric:.4f}" if result.best_metric is not None else "no valid split"
-    console().print(f"run {result.run_id}: {result.steps} steps, {best}"
-                    f"{' (stopped early)' if result.stopped_early else ''}"
-                    f"{' (time limit)' if result.out_of_time else ''} -> {result.run_dir}")
-    # The main process builds the entity index for predict (other torchrun processes just end).
-    if embed_after and (result.run_dir / "adapter").is_dir() and os.environ.get("RANK", "0") == "0":
-        embed_after_training(ctx.obj, result.run_id, config.device, calibrate_on=config.eval_limit)
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun the main process holds the lock
+    with ctx.obj.writer("train") if main_process else nullcontext():
+        with TrainBar(console(stderr=True)) as bar:
+            if resume is not None:
+                resume_id = find_run(ctx.obj, None if resume == "latest" else resume).name
+                result = run_train(ctx.obj, config, resume=resume_id, progress=bar)
+            else:
+                result = run_train(ctx.obj, config, run_id=run_name, progress=bar)
+        if result is None:
+            return
+        best = f"best valid MRR {result.best_metric:.4f}" if result.best_metric is not None else "no valid split"
+        console().print(f"run {result.run_id}: {result.steps} steps, {best}"
+                        f"{' (stopped early)' if result.stopped_early else ''}"
+                        f"{' (time limit)' if result.out_of_time else ''} -> {result.run_dir}")
+        # The main process builds the entity index for predict (other torchrun processes just end).
+        if embed_after and (result.run_dir / "adapter").is_dir() and main_process:
+            embed_after_training(ctx.obj, result.run_id, config.device, calibrate_on=config.eval_limit)
 
 
 def print_dry_run(info: dict) -> None:

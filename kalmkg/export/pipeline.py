@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from kalmkg.export.ollama import modelfile
 from kalmkg.export.registry import ExportOutcome, ExportSource, ExportTarget, check_name, default_name, export_record
 from kalmkg.export.source import describe_run, merge, save_hf, trained_run
 from kalmkg.export.verify import Verification, check_texts, greedy_difference, torch_reference, verify
+from kalmkg.files import staging_dir, sweep_staging
 from kalmkg.formatting import human_size
 from kalmkg.system import folder_size
 from kalmkg.workspace import Workspace
@@ -86,11 +86,13 @@ def export_run(workspace: Workspace, run: str | None = None, quant: str | None =
     quant = quant or default_quant(source.n_params)
     target = ExportTarget(workspace.models_dir, name or default_name(source.run_id, quant), quant, ollama)
     target.folder.mkdir(parents=True, exist_ok=True)
+    sweep_staging(target.folder, ".export.")  # what killed exports staged must not count as used space
     check_disk(target.folder, source.n_params)
 
     stage = _StageClock(progress)
     # Inside models/: the same file system as the result (the last step is a rename) and as the disk check.
-    tmp = Path(tempfile.mkdtemp(prefix=f".export-{target.name}.", dir=target.folder))
+    # Named with this process's pid: what a killed export staged is removed by the next one (files.sweep_staging).
+    tmp = staging_dir(target.folder, ".export.")
     try:
         with stage("merge") as note:
             model, tokenizer = merge(source)

@@ -127,7 +127,8 @@ def export_record(run: ExportSource, target: ExportTarget, outcome: ExportOutcom
 
 def list_exports(models: Path) -> list[tuple[Path, dict[str, Any]]]:
     """Every `kalmkg export` in a models folder, as (GGUF path, its models/<name>.json), newest first.
-    A JSON file that cannot be read, or whose GGUF is gone, is skipped."""
+    A JSON file that cannot be read, whose GGUF is gone, or whose GGUF is not the size it records, is
+    skipped."""
     found = []
     for meta in sorted(models.glob("*.json")) if models.is_dir() else []:
         try:
@@ -135,6 +136,7 @@ def list_exports(models: Path) -> list[tuple[Path, dict[str, Any]]]:
         except (OSError, ValueError):
             continue
         gguf = models / str(info.get("file", "")) if isinstance(info, dict) else models
-        if gguf.suffix == ".gguf" and gguf.is_file():
+        # a record beside a GGUF of another size describes an export replaced half-way: not this file
+        if gguf.suffix == ".gguf" and gguf.is_file() and info.get("size_bytes") in (None, gguf.stat().st_size):
             found.append((gguf, info))
     return sorted(found, key=lambda x: x[0].stat().st_mtime, reverse=True)

@@ -16,6 +16,11 @@ from kalmkg.ingestion.sources import SourceFile, open_source
 _HEADERS = ({"head", "relation", "tail"}, {"subject", "predicate", "object"}, {"h", "r", "t"})
 
 
+# Arrow's CSV block: a row must fit in one. An ASCII row at MAX_VALUE_CHARS does; a longer row in bytes
+# (multibyte text) is refused as `_raise_bad_line` says.
+BLOCK_BYTES = MAX_VALUE_CHARS + (1 << 20)
+
+
 def _delimiter(f: SourceFile) -> str:
     return "," if f.format == "csv" else "\t"
 
@@ -51,7 +56,7 @@ def _numbered_lines(f: SourceFile) -> Iterator[tuple[int, str]]:
 
 def _has_header(f: SourceFile, delimiter: str) -> bool:
     with _lines(f) as fh:
-        first = _split_line(fh.readline().rstrip("\r\n"), delimiter)
+        first = _split_line(fh.readline(MAX_VALUE_CHARS + 1).rstrip("\r\n"), delimiter)
     return {c.strip().lower() for c in first} in _HEADERS and len(first) == 3
 
 
@@ -62,7 +67,7 @@ def read_triples(f: SourceFile, on_bytes: Callable[[int], None] | None = None) -
 
     delimiter = _delimiter(f)
     names = ["h", "r", "t"]
-    read = csv.ReadOptions(column_names=names, block_size=16 << 20,
+    read = csv.ReadOptions(column_names=names, block_size=BLOCK_BYTES,
                            skip_rows=1 if _has_header(f, delimiter) else 0)
     parse = csv.ParseOptions(delimiter=delimiter, quote_char='"' if f.format == "csv" else False)
     convert = csv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False,
@@ -78,7 +83,7 @@ def read_triples(f: SourceFile, on_bytes: Callable[[int], None] | None = None) -
                 break
             table = pa.Table.from_batches([record_batch])
             empty = pc.or_(pc.or_(pc.equal(table["h"], ""), pc.equal(table["r"], "")), pc.equal(table["t"], ""))
-            longest = max(pc.max(pc.binary_length(table[n])).as_py() or 0 for n in names)
+            longest = max(pc.max(pc.utf8_length(table[n])).as_py() or 0 for n in names)
             if pc.any(empty).as_py() or longest > MAX_VALUE_CHARS:
                 _raise_bad_line(f, delimiter)
             yield "stage_edges", table.append_column("split", pa.repeat(split, table.num_rows))
@@ -103,7 +108,7 @@ def _raise_bad_line(f: SourceFile, delimiter: str) -> None:
             )
         if not all(parts):
             raise KalmkgError(f"{path}:{lineno}: empty head, relation or tail")
-    raise KalmkgError(f"{path}: malformed {sep}-separated file")
+    raise KalmkgError(f"{path}: malformed {sep}-separated file (or a line longer than {BLOCK_BYTES:,} bytes)")
 
 
 def _text_rows(f: SourceFile) -> Iterator[tuple[str, ...]]:

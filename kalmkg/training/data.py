@@ -7,6 +7,7 @@ Relation ids >= R are inverses.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -140,7 +141,7 @@ def read_tokens(path: Path) -> TokenizedExamples:
                 ragged[name] = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
             return TokenizedExamples(data["examples"], data["hr_index"], pad_id=int(data["pad_id"]),
                                      lengths=data["lengths"], **ragged)
-    except (OSError, ValueError, KeyError) as exc:  # truncated, not an npz, or from another version
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # damaged, or another version
         raise KalmkgError(f"cannot read the run's token cache {path} ({exc}); delete it and it is made again") from None
 
 

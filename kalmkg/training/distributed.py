@@ -77,6 +77,8 @@ def agree(flag: bool, world: World) -> bool:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([1 if flag else 0])
+    # NCCL moves only CUDA tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], device=device)
     dist.broadcast(t, src=0)
     return bool(t.item())

@@ -154,7 +154,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     groups = batch_groups(tokens, cfg, state.epoch, state.batch_in_epoch)
     rate = _Rate()
     clock = _Clock(state.seconds, cfg.max_minutes, world)
-    stopped_early, out_of_time, steps_here = False, False, 0
+    _, out_of_time = clock.read()  # a resumed run may have spent its time already
+    stopped_early, steps_here = False, 0
     progress.start(total_steps, state)
     learner.model.train()
     while (state.step < total_steps and not stopped_early and not out_of_time
@@ -209,6 +210,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
             _train_structure(run.path, graph, cfg, progress, device)
         if finished:
             plot_metrics(run.path)
+        _check_graph_unchanged(workspace, run, graph.fingerprint, progress)
         record_end(workspace, run, "finished" if finished else "interrupted", state.step,
                    state.best_metric if state.best_metric >= 0 else None)
     final_eval = state.history[-1] if state.history else None
@@ -232,6 +234,24 @@ def _train_structure(folder: Path, graph, cfg: TrainConfig, progress: TrainProgr
     mrr = f", valid MRR {info['valid_mrr']:.3f} (epoch {info['best_epoch']})" if info["valid_mrr"] is not None else ""
     progress.message(f"structure model (ComplEx, rank {info['dim']}): {info['epochs']} epochs in "
                      f"{info['seconds']:.1f} s{mrr}")
+
+
+def _check_graph_unchanged(workspace: Workspace, run, fingerprint: str, progress: TrainProgress) -> None:
+    """A graph changed while the run trained (by a process that took no writer lock) is said and recorded
+    in metrics.jsonl: the run learned the graph it read at its start, not what the store holds now."""
+    from kalmkg.store import Store
+
+    try:
+        with Store.open(workspace) as store:
+            now = store.fingerprint()
+    except KalmkgError as exc:  # busy or damaged: the run's results are saved; say it and go on
+        progress.message(f"warning: could not check whether the graph changed during training: {exc}")
+        return
+    if now != fingerprint:
+        progress.message(f"warning: the graph changed while this run trained (fingerprint {fingerprint} -> {now}); "
+                         "the run learned the graph as it was at its start")
+        runs.append_jsonl(run.path / "metrics.jsonl", {"event": "graph_changed", "trained_on": fingerprint,
+                                                       "store_now": now})
 
 
 def _check_batch_size(cfg: TrainConfig, n_examples: int, world: World) -> None:
