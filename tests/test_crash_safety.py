@@ -213,12 +213,12 @@ def test_embed_killed_at_random_points_leaves_an_index_that_is_whole_or_says_to_
     _run(["-w", ws, "ingest", more])
     reference = tmp_path / "reference"
     shutil.copytree(ws, reference)
-    duration = _run(["-w", reference, "embed", "--run", "r"])
+    duration = _run(["-w", reference, "embed", "--run", "r", "--full"])
     expected = _index_state(reference)
     rng = np.random.default_rng(2)
     killed = ended = whole = 0
-    for _ in range(KILLS):
-        if _kill_after(["-w", ws, "embed", "--run", "r"], rng.uniform(0.3, 1.0) * duration):
+    for _ in range(KILLS):  # --full: every run rebuilds the index, so each does the whole work again
+        if _kill_after(["-w", ws, "embed", "--run", "r", "--full"], rng.uniform(0.2, 0.8) * duration):
             killed += 1
         else:
             ended += 1
