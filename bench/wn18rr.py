@@ -9,7 +9,7 @@ MRR against the training examples seen.
 
 Two protocols, chosen by the device (`--protocol` to force one; every setting is also an option):
 - gpu: the embedded model with LoRA on every layer, entity texts of 50 tokens (the paper's), batch 256,
-  up to the paper's 20 epochs within `--minutes` (5) of training, the full test set (5,134 triples, both
+  up to the paper's 20 epochs within `--minutes` (5) of training, the full test set (3,134 triples, both
   directions), the structure model trained on the GPU for a minute. Sized for one 10-minute call on an
   H200; a call cut short is resumed by the next one from the run's last checkpoint.
 - cpu: the reduced protocol: LoRA on the top 4 layers with the frozen layers' outputs kept (a CPU
