@@ -123,6 +123,12 @@ class MergeCounts:
     texts_updated: int = 0
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
     return "lock" in text and ("conflicting" in text or "could not set" in text)
@@ -237,7 +243,7 @@ class Store:
         """A store file DuckDB cannot read back (truncated, or a block that fails its checksum)."""
         import duckdb
 
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = _first_line(exc)
         damaged = ("checksum", "corrupt", "could not read enough bytes", "not a valid duckdb database")
         if isinstance(exc, duckdb.Error) and any(words in text.lower() for words in damaged):
             return KalmkgError(f"cannot read {self.path}: the store is damaged ({text}); ingest the graph again "
@@ -252,7 +258,7 @@ class Store:
             limit = self.con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
             return KalmkgError(f"the store ran out of its memory budget ({limit}); set KALMKG_MEMORY_LIMIT higher "
                                "(e.g. 2GB) and run the command again (nothing of it was stored)")
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = _first_line(exc)
         if isinstance(exc, (duckdb.IOException, duckdb.TransactionException)) and "write" in text.lower():
             return KalmkgError(f"cannot write {self.path} ({text}); nothing of this command was stored: free "
                                "disk space and run it again")
