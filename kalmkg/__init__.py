@@ -5,7 +5,7 @@ The public API, the same functions the command line calls::
     import kalmkg
 
     ws = kalmkg.Workspace.resolve("./.kalmkg")
-    with kalmkg.Store.open(ws, create=True) as store:
+    with kalmkg.Store.edit(ws, create=True) as store:  # readers see the old graph until it ends
         kalmkg.ingest(store, kalmkg.resolve_sources(["graph.ttl"]))
         kalmkg.split_store(store, 0.1, 0.1, seed=0)
     result = kalmkg.train(ws, kalmkg.TrainConfig(max_steps=40, lr=1e-3))

@@ -80,13 +80,23 @@ def _toml_item(v: Any) -> Any:
 
 
 def read_config(run: Path) -> dict[str, dict[str, Any]]:
+    return read_toml(run / "config.toml")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's tables; a file missing or not TOML is one error line."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
 
-    with open(run / "config.toml", "rb") as fh:
-        return tomllib.load(fh)
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise KalmkgError(f"no such file: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise KalmkgError(f"{path} is not TOML: {exc}") from None
 
 
 def dataclass_from(cls, values: dict[str, Any]):
@@ -101,3 +111,77 @@ def dataclass_from(cls, values: dict[str, Any]):
 
 def as_dict(config) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+# ------------------------------------------------------------------ following and comparing runs
+def all_runs(workspace: Workspace) -> list[Path]:
+    """Every run folder with a config, oldest first."""
+    if not workspace.runs_dir.is_dir():
+        return []
+    return sorted((p.parent for p in workspace.runs_dir.glob("*/config.toml")),
+                  key=lambda p: ((p / "config.toml").stat().st_mtime, p.name))
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """metrics.jsonl's records; a last line cut by a killed process is left out."""
+    try:
+        lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in records if isinstance(r, dict)]
+
+
+def run_summary(run: Path, status: str | None = None, exports: list[str] | None = None) -> dict[str, Any]:
+    """What one run is and how far it got, from its folder: config, training progress (steps, epochs,
+    seconds, the last loss terms), validation (the best and the last), and every `kalmkg evaluate`
+    result (eval-<split>.json). `status` comes from the store's run table when the caller has it."""
+    config = read_config(run)
+    train = config.get("train", {})
+    records = read_metrics(run)
+    steps = [r for r in records if "loss" in r and "step" in r]
+    validations = [r for r in records if isinstance(r.get("valid"), dict)]
+    best = max(validations, key=lambda r: _number(r["valid"].get("mrr"))) if validations else None
+    evaluations = {}
+    for path in sorted(run.glob("eval-*.json")):
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        evaluations[path.stem.removeprefix("eval-")] = {
+            "triples": result.get("triples"), "metrics": result.get("metrics"), "created_at": result.get("created_at")}
+    last = steps[-1] if steps else {}
+    return {
+        "id": run.name, "path": str(run), "status": status,
+        "created": time.strftime("%Y-%m-%d %H:%M", time.localtime((run / "config.toml").stat().st_mtime)),
+        "base": config.get("base", {}).get("name") or train.get("base"),
+        "graph_fingerprint": config.get("graph", {}).get("fingerprint"),
+        "steps": last.get("step", 0), "epoch": last.get("epoch"),
+        "examples": last.get("step", 0) * train.get("batch_size", 0) * train.get("grad_accum", 1),
+        "seconds": validations[-1].get("seconds") if validations else None,
+        "loss": {k: v for k, v in last.items() if k.startswith("loss") or k.startswith("l_")},
+        "best_valid": {"step": best["step"], **best["valid"]} if best else None,
+        "last_valid": {"step": validations[-1]["step"], **validations[-1]["valid"]} if validations else None,
+        "evaluations": evaluations,
+        "adapter": (run / "adapter" / "adapter_model.safetensors").is_file(),
+        "checkpoint": (run / "checkpoint").is_dir(),
+        "exports": exports or [],
+        "graph_changed": any(r.get("event") == "graph_changed" for r in records),
+        "config": train,
+    }
+
+
+def _number(x) -> float:
+    return float(x) if isinstance(x, (int, float)) else float("-inf")
+
+
+def config_differences(summaries: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The training settings that are not the same in every run, with each run's value (None: unset)."""
+    keys = sorted({k for s in summaries for k in s["config"]})
+    values = {k: [s["config"].get(k) for s in summaries] for k in keys}
+    return {k: v for k, v in values.items() if any(x != v[0] for x in v)}

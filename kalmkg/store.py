@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,6 +130,19 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _no_graph(workspace: Workspace) -> KalmkgError:
+    return KalmkgError(f"no graph in workspace {workspace.root} (run `kalmkg ingest FILE` first)")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to the disk (a rename is durable once its folder is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
     return "lock" in text and ("conflicting" in text or "could not set" in text)
@@ -150,21 +164,61 @@ class Store:
         path = workspace.db_path
         if not path.exists():
             if not create:
-                raise KalmkgError(f"no graph in workspace {workspace.root} (run `kalmkg ingest FILE` first)")
+                raise _no_graph(workspace)
             workspace.root.mkdir(parents=True, exist_ok=True)
+        with cls._connect(path, write=write or create)._session() as store:
+            yield store
+
+    @classmethod
+    @contextmanager
+    def edit(cls, workspace: Workspace, *, create: bool = False) -> Iterator["Store"]:
+        """Write a whole command's changes into a copy of the store, which then replaces `kg.duckdb` in
+        one rename: readers (`stats`, `entities`, `predict`, `ask`) keep working on the graph as it was
+        while an ingest or a split runs, and a command that fails or is killed leaves the store as it was.
+        DuckDB lets no other process open a file one process writes, hence the copy; it costs one file copy
+        per command. Take the workspace's writer lock around it (the CLI does)."""
+        from kalmkg.files import staging_dir
+
+        path = workspace.db_path
+        if not path.exists() and not create:
+            raise _no_graph(workspace)
+        workspace.root.mkdir(parents=True, exist_ok=True)
+        if path.with_name(path.name + ".wal").exists():
+            # a log of a process that died before its checkpoint: fold it into the file before copying,
+            # or it would be replayed onto the new file after the swap
+            with cls.open(workspace, write=True):
+                pass
+        stage = staging_dir(workspace.root, ".kg.edit.")
+        try:
+            staged = stage / path.name
+            if path.exists():
+                shutil.copyfile(path, staged)
+            store = cls._connect(staged, write=True)
+            store.path = path  # messages name the store the user knows
+            with store._session():
+                yield store
+                store.con.execute("CHECKPOINT")  # everything in the file, no log left beside it
+            _fsync(staged)
+            os.replace(staged, path)
+            _fsync(path.parent)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    @contextmanager
+    def _session(self) -> Iterator["Store"]:
+        """The schema brought up to date, errors of the disk, memory or file said in one line, closed."""
         import duckdb
 
-        store = cls._connect(path, write=write or create)
         try:
-            store._ensure_schema()
-            yield store
+            self._ensure_schema()
+            yield self
         except duckdb.Error as exc:  # out of disk or memory, or a damaged file found while reading it
-            problem = store._resource_problem(exc) or store._damage(exc)
+            problem = self._resource_problem(exc) or self._damage(exc)
             if problem is not None:
                 raise problem from None
             raise
         finally:
-            store.con.close()
+            self.con.close()
 
     @classmethod
     def _connect(cls, path: Path, write: bool) -> "Store":
@@ -519,6 +573,26 @@ class Store:
         """running (or killed while running), finished, interrupted; None for a run the store never saw."""
         row = self.con.execute("SELECT status FROM runs WHERE id = ?", [run_id]).fetchone()
         return row[0] if row else None
+
+    def read_only_query(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """A user's SQL statement (`kalmkg sql`): columns and rows. On a read-only connection with no
+        access to files or other databases, locked so the statement cannot lift that."""
+        import duckdb
+
+        if self.writable:
+            raise KalmkgError("read_only_query needs a store opened for reading")
+        self.con.execute("SET enable_external_access = false")
+        self.con.execute("SET lock_configuration = true")
+        try:
+            cursor = self.con.execute(sql)
+            columns = [d[0] for d in cursor.description or []]
+            return columns, cursor.fetchall()
+        except duckdb.Error as exc:
+            raise KalmkgError(f"SQL: {' '.join(str(exc).split())}") from None
+
+    def run_statuses(self) -> dict[str, str]:
+        """Every run the store saw, by id: its status."""
+        return dict(self.con.execute("SELECT id, status FROM runs").fetchall())
 
     # ---------------------------------------------------------------- queries
     def stats(self, top_relations: int | None = None) -> dict:

@@ -148,6 +148,48 @@ def test_one_writing_command_at_a_time_and_readers_go_on(tiny_run_ws, tmp_path):
     assert run_kalmkg("-w", ws.root, "ingest", extra, cwd=tmp_path).returncode == 0
 
 
+def test_readers_see_the_old_graph_while_an_edit_runs(tmp_path):
+    """Ingest and split write a copy of the store (Store.edit): other processes read the graph as it was
+    until the edit ends, then the new one; an edit that fails leaves the store as it was."""
+    ws = Workspace(tmp_path / "ws")
+    ingest_into(ws.root, [SAMPLE_TTL])
+    before = contents(ws.root)
+    with Store.edit(ws) as store:
+        store.con.execute("UPDATE triples SET split = 'test' WHERE head = 0")
+        store.con.execute("INSERT INTO meta VALUES ('edited', '1')")
+        for args in (["stats", "--json"], ["entities", "Paris", "--json"]):
+            proc = run_kalmkg("-w", ws.root, *args, cwd=tmp_path)
+            assert proc.returncode == 0, proc.stderr
+        assert json.loads(run_kalmkg("-w", ws.root, "stats", "--json", cwd=tmp_path).stdout)["splits"]["test"] == 0
+    assert _stats(ws.root)["splits"]["test"] > 0
+    with pytest.raises(KalmkgError):
+        with Store.edit(ws) as store:
+            store.con.execute("DELETE FROM triples")
+            raise KalmkgError("a refused file")
+    assert _stats(ws.root)["triples"] == 304
+    assert contents(ws.root)["entities"] == before["entities"]
+    assert not [p.name for p in ws.root.iterdir() if p.name.startswith(".kg.edit.")]  # no staging left
+
+
+def test_stats_works_while_a_cli_ingest_writes(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    ingest_into(ws.root, [SAMPLE_TTL])
+    big = tmp_path / "big.tsv"
+    big.write_text("".join(f"e{i}\tr{i % 7}\te{i + 1}\n" for i in range(400_000)))
+    ingest = subprocess.Popen([sys.executable, "-m", "kalmkg", "-w", str(ws.root), "ingest", str(big)],
+                              env=cli_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen_during = []
+    while ingest.poll() is None:
+        if any(p.name.startswith(".kg.edit.") for p in ws.root.iterdir()):
+            proc = run_kalmkg("-w", ws.root, "stats", "--json", cwd=tmp_path)
+            assert proc.returncode == 0, proc.stderr  # not "workspace is busy"
+            if ingest.poll() is None:
+                seen_during.append(json.loads(proc.stdout)["triples"])
+    assert ingest.returncode == 0, ingest.stderr.read()
+    assert seen_during and set(seen_during) == {304}
+    assert _stats(ws.root)["triples"] == 304 + 400_000
+
+
 def test_second_process_gets_workspace_is_busy(tmp_path):
     ws = Workspace(tmp_path / "ws")
     ingest_into(ws.root, [SAMPLE_TTL])

@@ -16,7 +16,8 @@ from typing import Optional
 
 import typer
 
-from kalmkg.cli import graph, links, offline, train
+from kalmkg.cli import graph, links, offline, runs, train
+from kalmkg.cli.options import click_module
 from kalmkg.errors import KalmkgError
 from kalmkg.workspace import ENV_VAR, Workspace
 
@@ -29,10 +30,18 @@ app = typer.Typer(
     "Ingest RDF or TSV into a local store, fine-tune an LLM on it with KaLM, predict links by name, "
     "and answer questions offline through llama.cpp.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from kalmkg import __version__
+
+        typer.echo(f"kalmkg {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -42,15 +51,21 @@ def _workspace_option(
         None, "--workspace", "-w", envvar=ENV_VAR, show_envvar=True,
         help="Workspace folder holding the graph store, runs and models.", show_default="./.kalmkg",
     ),
+    debug: bool = typer.Option(False, "--debug", help=f"Show the traceback of an error (as {DEBUG_VAR}=1 does)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print kalmkg's version and exit."),
 ) -> None:
+    if debug:
+        os.environ[DEBUG_VAR] = "1"  # read by main() when an error leaves the command
     ctx.obj = Workspace.resolve(workspace)
 
 
 # In the order `kalmkg --help` lists them: the graph, training, links, the offline side.
-COMMANDS = (graph.ingest, graph.stats, graph.entities, graph.split, train.train, links.embed, links.predict,
-            links.evaluate, offline.export, offline.ask, offline.doctor)
+COMMANDS = (graph.ingest, graph.stats, graph.entities, graph.split, graph.sql, graph.dump, train.train, links.embed, links.predict,
+            links.evaluate, offline.export, offline.ask, offline.serve, offline.doctor)
 for _command in COMMANDS:
     app.command()(_command)
+app.add_typer(runs.app, name="runs")
 
 
 def _quiet_libraries() -> None:
@@ -62,15 +77,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
-
-
-def _click():
-    """The click that parses our command line: recent typer releases vendor their own copy."""
-    try:
-        from typer import _click as click
-    except ImportError:
-        import click
-    return click
 
 
 def _stdout_to_devnull() -> None:
@@ -104,7 +110,7 @@ def _out_of_disk(exc: BaseException) -> bool:
 def exit_code_for(exc: BaseException, debug: bool = False) -> int:
     """The last resort of `main`: what the user sees for an exception that left a command, and the exit
     code. One line on stderr in every case but the bare `kalmkg` help; a traceback only when `debug`."""
-    click = _click()
+    click = click_module()
     if isinstance(exc, BrokenPipeError) or (isinstance(exc, OSError) and exc.errno == errno.EPIPE):
         _stdout_to_devnull()  # the reader has gone: nothing to tell it
         return 1

@@ -1,7 +1,8 @@
-"""The graph commands: ingest, stats, entities, split."""
+"""The graph commands: ingest, stats, entities, split, sql, dump."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -51,7 +52,7 @@ def ingest(
         raise KalmkgError(f"unknown split '{split}'; use one of: {', '.join(SPLITS)}")
     workspace: Workspace = ctx.obj
     sources = resolve_sources(paths, format, split)
-    with workspace.writer("ingest", create=True), Store.open(workspace, create=True) as store, \
+    with workspace.writer("ingest", create=True), Store.edit(workspace, create=True) as store, \
             IngestBar(console(stderr=True), quiet=as_json) as bar:
         results = run_ingest(store, sources, lang=lang, progress=bar)
     for r in results:
@@ -164,6 +165,7 @@ def split(
     test: float = typer.Option(0.05, "--test", help="Fraction of triples for the test split."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same split."),
     force: bool = typer.Option(False, "--force", help="Re-split a graph that already has valid/test triples."),
+    as_json: bool = json_option("Print the split sizes as JSON."),
 ) -> None:
     """Hold out valid/test triples whose entities and relations all still appear in train.
 
@@ -174,6 +176,82 @@ def split(
     from kalmkg.split import split_store
     if not (0 <= valid < 1 and 0 <= test < 1 and valid + test < 1):
         raise KalmkgError("--valid and --test must be fractions in [0, 1) that sum to less than 1")
-    with ctx.obj.writer("split"), Store.open(ctx.obj, write=True) as store:
+    with ctx.obj.writer("split"), Store.edit(ctx.obj) as store:
         counts = split_store(store, valid, test, seed, force)
+    if as_json:
+        print_json(counts)
+        return
     console().print(f"train {counts['train']:,} / valid {counts['valid']:,} / test {counts['test']:,}")
+
+
+def sql(
+    ctx: typer.Context,
+    query: str = typer.Argument(..., help="One SQL statement (DuckDB's dialect) over the store's tables."),
+    as_json: bool = json_option("Print the rows as a JSON list of objects."),
+    max_rows: int = typer.Option(50, "--max-rows", help="Rows the table shows (JSON has all)."),
+) -> None:
+    """Read-only SQL over the graph store: tables entities, relations, triples, attributes, ingests, runs.
+
+    Ids in triples and attributes are the entities' and relations' `id`s. The store is opened
+    read-only and without access to other files: no statement can change the graph, read or write
+    files, or attach databases.
+
+    \b
+    Examples:
+      kalmkg sql "SELECT r.label, count(*) AS n FROM triples t JOIN relations r ON r.id = t.relation GROUP BY 1 ORDER BY n DESC"
+      kalmkg sql "SELECT key, label FROM entities WHERE label ILIKE '%curie%'" --json
+    """
+    with Store.open(ctx.obj) as store:
+        columns, rows = store.read_only_query(query)
+    if as_json:
+        print_json([dict(zip(columns, row)) for row in rows])
+        return
+    from rich.table import Table
+
+    table = Table(caption=f"{len(rows):,} rows" + (f", the first {max_rows:,} shown" if len(rows) > max_rows else ""))
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows[:max_rows]:
+        table.add_row(*["" if v is None else str(v) for v in row])
+    console().print(table)
+
+
+def dump(
+    ctx: typer.Context,
+    format: str = typer.Option("nt", "--format", "-f", help="nt (N-Triples) or parquet (a folder of tables)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="File (nt) or folder (parquet) to write.",
+                                       show_default="stdout for nt"),
+) -> None:
+    """Write the graph back out: N-Triples that `kalmkg ingest` reads back, or Parquet tables.
+
+    \b
+    nt: every triple, the labels and descriptions that were given, the attributes. Keys that are
+      no IRI (TSV ids) become urn:kalmkg:key:<key>. Splits are not RDF: use parquet to keep them.
+    parquet: triples.parquet (head, relation, tail, split by key), entities.parquet,
+      relations.parquet, attributes.parquet.
+    A file or folder is written whole or not at all.
+
+    \b
+    Examples:
+      kalmkg dump > graph.nt
+      kalmkg dump --format parquet --out graph-tables/
+    """
+    from kalmkg.dump import FORMATS, dump_ntriples, dump_parquet
+    from kalmkg.files import atomic_path
+
+    if format not in FORMATS:
+        raise KalmkgError(f"unknown dump format '{format}'; use one of: {', '.join(FORMATS)}")
+    if format == "parquet" and out is None:
+        raise KalmkgError("--format parquet writes a folder: give it with --out DIR")
+    with Store.open(ctx.obj) as store:
+        if out is None:
+            dump_ntriples(store, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return
+        with atomic_path(out) as staged:
+            if format == "parquet":
+                counts = dump_parquet(store, staged)
+            else:
+                with open(staged, "wb") as fh:
+                    counts = {"lines": dump_ntriples(store, fh)}
+    console(stderr=True).print(", ".join(f"{n:,} {name}" for name, n in counts.items()) + f" -> {out}")

@@ -24,9 +24,11 @@ def load_for_command(workspace: Workspace, run: Optional[str], base: Optional[st
     return loaded
 
 
-def embed_after_training(workspace: Workspace, run_id: str, device: str, calibrate_on: int | None = None) -> None:
+def embed_after_training(workspace: Workspace, run_id: str, device: str, calibrate_on: int | None = None,
+                         quiet: bool = False) -> dict:
     """What `kalmkg train` ends with: the new run's entity index, for predict; with `calibrate_on` (a
-    number of valid triples, 0: all) the precision of its predictions on held-out triples, for ask."""
+    number of valid triples, 0: all) the precision of its predictions on held-out triples, for ask.
+    Says each in a line (unless `quiet`) and returns them (for --json)."""
     from kalmkg.evaluation.link_prediction import evaluate_run
     from kalmkg.index import embed as run_embed
     from kalmkg.store import Store
@@ -35,16 +37,22 @@ def embed_after_training(workspace: Workspace, run_id: str, device: str, calibra
     loaded = load_for_command(workspace, run_id, None, device, stderr)
     with CountBar(stderr) as bar:
         result = run_embed(workspace, loaded, progress=lambda d, t: bar.stage("embedding", d, t))
-    console().print(f"entity index: {result.total:,} entities ({result.encoded:,} encoded) -> {workspace.vectors_dir}")
+    done = {"index": {"path": str(workspace.vectors_dir), "entities": result.total, "encoded": result.encoded}}
+    if not quiet:
+        console().print(f"entity index: {result.total:,} entities ({result.encoded:,} encoded) -> {workspace.vectors_dir}")
     if calibrate_on is None:
-        return
+        return done
     with Store.open(workspace) as store:
         has_valid = len(store.triples_array(("valid",))) > 0
     if has_valid:
         with CountBar(stderr) as bar:
             out = evaluate_run(workspace, split="valid", limit=calibrate_on, loaded=loaded, progress=bar.stage)
-        print_fusion(out)
-        print_calibration(out)
+        done["valid"] = {"metrics": out["metrics"], "fusion": out.get("fusion"),
+                         "calibration_path": out.get("calibration_path")}
+        if not quiet:
+            print_fusion(out)
+            print_calibration(out)
+    return done
 
 
 def print_fusion(out: dict) -> None:

@@ -1,5 +1,5 @@
 """The offline side: export (a run as a verified GGUF), ask (questions to it through llama.cpp, no torch),
-doctor (the environment both run in)."""
+serve (the same over HTTP), doctor (the environment they run in)."""
 
 from __future__ import annotations
 
@@ -175,3 +175,59 @@ def doctor(
     failure = problem(data)
     if failure:
         raise KalmkgError(failure)
+
+
+def serve(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="A .gguf file, a name under models/, or smollm2-135m (the untrained embedded base).",
+        show_default="the newest `kalmkg export`",
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; set --api-key then)."),
+    port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KALMKG_API_KEY", show_envvar=True,
+                                          help="Require 'Authorization: Bearer KEY' on /v1 (the openai client's api_key)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads.", show_default="every core this process may use"),
+) -> None:
+    """Serve the graph and its model over HTTP: OpenAI-compatible and kalmkg's own endpoints.
+
+    \b
+    POST /v1/chat/completions  a question (the last user message) answered from the graph, as
+                               `kalmkg ask` answers it; stream=true streams it (SSE); the answer's
+                               entity, path and cited facts are in the response's `kalmkg` field
+    POST /v1/embeddings        the run's KaLM vectors of texts
+    GET  /v1/models            the model served
+    POST /v1/ask, /v1/predict  `kalmkg ask` / `kalmkg predict` as JSON
+    GET  /v1/entities?q=NAME   `kalmkg entities`
+    GET  /health, /docs        status; the API's interactive documentation
+    One model is held in memory; requests are answered one at a time by it (the others queue).
+
+    \b
+    Examples:
+      kalmkg serve
+      kalmkg serve --port 8080 --api-key secret
+      python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-');
+                 print(c.chat.completions.create(model='kalmkg', messages=[{'role': 'user',
+                 'content': 'Who founded Apple?'}]).choices[0].message.content)"
+    """
+    import uvicorn
+
+    from kalmkg.serve.app import create_app
+    from kalmkg.serve.service import Service
+
+    if not 0 < port < 65536:
+        raise KalmkgError("--port must be between 1 and 65535")
+    if threads is not None and threads < 1:
+        raise KalmkgError("--threads must be at least 1")
+    with Store.open(ctx.obj):  # a missing graph fails before a model is loaded
+        pass
+    service = Service(ctx.obj, model, n_threads=threads)
+    app = create_app(service, api_key=api_key or None)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    console(stderr=True).print(f"serving {service.model} from {ctx.obj.root} on http://{host}:{port} "
+                               f"(OpenAI base_url http://{host}:{port}/v1{', API key required' if api_key else ''}); "
+                               "Ctrl-C stops", soft_wrap=True, markup=False)
+    server.run()
+    if not server.started:
+        raise KalmkgError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")

@@ -7,11 +7,21 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:1, mps."
+
+
+def click_module():
+    """The click that parses our command line: recent typer releases vendor their own copy."""
+    try:
+        from typer import _click as click
+    except ImportError:
+        import click
+    return click
 
 
 def json_option(help: str = "Print the result as JSON.") -> Any:
@@ -88,10 +98,14 @@ def field_option(field: dataclasses.Field, field_type, short: Optional[str] = No
     return FieldOption(field.name, annotation, option, listed)
 
 
-def config_options(config_cls, *, param: str = "config", short: Optional[dict[str, str]] = None) -> Callable:
+def config_options(config_cls, *, param: str = "config", short: Optional[dict[str, str]] = None,
+                   from_file: Optional[str] = None) -> Callable:
     """Decorate a command that takes `param: config_cls`: typer then sees one option per field of
     config_cls in that parameter's place, and the command gets them back as one config_cls, which checks
-    its values when it is made. The command's other parameters stay as they are."""
+    its values when it is made. The command's other parameters stay as they are. With `from_file` (a
+    TOML table's name, e.g. "train") the command also takes `--config FILE.toml`: the file's values
+    (that table, or the file's top level) replace the defaults, and options given on the command line
+    replace the file's."""
 
     def decorate(command: Callable) -> Callable:
         field_types = typing.get_type_hints(config_cls)
@@ -104,10 +118,17 @@ def config_options(config_cls, *, param: str = "config", short: Optional[dict[st
         clash = sorted({o.name for o in options} & set(own))
         if clash:
             raise TypeError(f"{command.__name__}: parameters {clash} are also fields of {config_cls.__name__}")
+        if from_file is not None and "ctx" not in own:
+            raise TypeError(f"{command.__name__} needs a `ctx: typer.Context` parameter to read --config")
 
         parameters = []
         for p in own.values():
             if p.name == param:
+                if from_file is not None:
+                    parameters.append(inspect.Parameter(
+                        CONFIG_FILE, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                        default=typer.Option(None, "--config", help=f"A TOML file of these settings (its [{from_file}] "
+                                             "table, e.g. a run's config.toml); options given here override it.")))
                 parameters += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.option,
                                                  annotation=o.annotation) for o in options]
             else:
@@ -115,8 +136,11 @@ def config_options(config_cls, *, param: str = "config", short: Optional[dict[st
                                             annotation=hints.get(p.name, p.annotation)))
 
         def with_config(**given):
-            config = config_cls(**{o.name: o.value(given.pop(o.name)) for o in options})
-            return command(**given, **{param: config})
+            path = given.pop(CONFIG_FILE, None)
+            values = {o.name: o.value(given.pop(o.name)) for o in options}
+            if path is not None:  # the context (a `ctx` parameter) says which options the command line gave
+                values.update(_values_from_file(path, from_file, config_cls, given["ctx"], {o.name for o in options}))
+            return command(**given, **{param: config_cls(**values)})
 
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
             setattr(with_config, attr, getattr(command, attr))
@@ -125,3 +149,24 @@ def config_options(config_cls, *, param: str = "config", short: Optional[dict[st
         return with_config
 
     return decorate
+
+
+CONFIG_FILE = "config_file"
+
+
+def _values_from_file(path: Path, table: str, config_cls, ctx, typed: set[str]) -> dict[str, Any]:
+    """The settings of a TOML file that the command line did not give: a key the config does not have,
+    or a file that is not TOML, is one error line."""
+    from kalmkg.errors import KalmkgError
+    from kalmkg.runs import read_toml
+
+    data = read_toml(path)
+    values = data.get(table, data)
+    if not isinstance(values, dict):
+        raise KalmkgError(f"{path}: [{table}] is not a table of settings")
+    unknown = sorted(set(values) - typed)
+    if unknown:
+        raise KalmkgError(f"{path}: unknown {config_cls.__name__} settings {', '.join(unknown)} "
+                          f"(see `--help` for the settings there are)")
+    given = {name for name in typed if ctx.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT")}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k not in given}

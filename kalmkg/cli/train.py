@@ -11,8 +11,8 @@ from typing import Optional
 import typer
 
 from kalmkg.cli.links import embed_after_training
-from kalmkg.cli.options import config_options
-from kalmkg.cli.output import console
+from kalmkg.cli.options import config_options, json_option
+from kalmkg.cli.output import console, print_json
 from kalmkg.cli.progress import TrainBar
 from kalmkg.runs import config_to_toml, find_run
 from kalmkg.training.config import TrainConfig
@@ -20,7 +20,7 @@ from kalmkg.training.config import TrainConfig
 RUN = "Run"  # the help panel of the run options, beside TrainConfig's checkpoint and validation fields
 
 
-@config_options(TrainConfig, short={"base": "-b"})
+@config_options(TrainConfig, short={"base": "-b"}, from_file="train")
 def train(
     ctx: typer.Context,
     config: TrainConfig,
@@ -28,6 +28,7 @@ def train(
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue a killed run (its id, or 'latest') exactly where it stopped.", rich_help_panel=RUN),
     embed_after: bool = typer.Option(True, "--embed/--no-embed", help="Encode every entity into the index at the end (for predict).", rich_help_panel=RUN),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and the first batch's texts, then stop.", rich_help_panel=RUN),
+    as_json: bool = json_option("Print the run's result (and the dry run's plan) as JSON."),
 ) -> None:
     """Fine-tune a causal LLM on the graph with KaLM (contrastive views + triple completion, LoRA).
 
@@ -47,7 +48,7 @@ def train(
     from kalmkg.training.loop import train as run_train
 
     if dry_run:
-        run_train(ctx.obj, config, run_id=run_name, dry_run=print_dry_run)
+        run_train(ctx.obj, config, run_id=run_name, dry_run=print_json if as_json else print_dry_run)
         return
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun the main process holds the lock
     with ctx.obj.writer("train") if main_process else nullcontext():
@@ -59,13 +60,20 @@ def train(
                 result = run_train(ctx.obj, config, run_id=run_name, progress=bar)
         if result is None:
             return
-        best = f"best valid MRR {result.best_metric:.4f}" if result.best_metric is not None else "no valid split"
-        console().print(f"run {result.run_id}: {result.steps} steps, {best}"
-                        f"{' (stopped early)' if result.stopped_early else ''}"
-                        f"{' (time limit)' if result.out_of_time else ''} -> {result.run_dir}")
+        done = {"run_id": result.run_id, "run_dir": str(result.run_dir), "steps": result.steps,
+                "best_metric": result.best_metric, "stopped_early": result.stopped_early,
+                "out_of_time": result.out_of_time}
+        if not as_json:
+            best = f"best valid MRR {result.best_metric:.4f}" if result.best_metric is not None else "no valid split"
+            console().print(f"run {result.run_id}: {result.steps} steps, {best}"
+                            f"{' (stopped early)' if result.stopped_early else ''}"
+                            f"{' (time limit)' if result.out_of_time else ''} -> {result.run_dir}")
         # The main process builds the entity index for predict (other torchrun processes just end).
         if embed_after and (result.run_dir / "adapter").is_dir() and main_process:
-            embed_after_training(ctx.obj, result.run_id, config.device, calibrate_on=config.eval_limit)
+            done.update(embed_after_training(ctx.obj, result.run_id, config.device, calibrate_on=config.eval_limit,
+                                             quiet=as_json))
+        if as_json and main_process:
+            print_json(done)
 
 
 def print_dry_run(info: dict) -> None:

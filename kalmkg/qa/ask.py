@@ -401,23 +401,30 @@ class Asker:
 
 def open_beyond(workspace: Workspace, choice: ModelChoice, embedder=None) -> tuple | str:
     """(Predictor, Calibration) for the run `choice` was exported from, or why they cannot be had."""
-    from kalmkg.loaded import load_model
-    from kalmkg.prediction import Predictor
-
     if choice.run_id is None:
         return f"{choice.name} is not exported from a run of this workspace"
     calibration = read_calibration(run_dir(workspace, choice.run_id))
     if calibration is None:
         return f"run {choice.run_id} is not calibrated; `kalmkg evaluate --split valid --run {choice.run_id}` does it"
     try:
-        if embedder is None:
-            embedder = GGUFEncoder(choice.path, truncate=True)
-        # the entity texts cut by the GGUF's own tokenizer: no transformers, no torch on this path
-        loaded = load_model(workspace, run=choice.run_id, tokenizer=embedder.text_tokenizer())
-        predictor = Predictor.open(workspace, loaded=loaded, backend="gguf", encoder=embedder)
+        predictor = open_predictor(workspace, choice, embedder)
     except KalmkgError as exc:
         return str(exc)
     if (calibration.model, calibration.weights) != (predictor.loaded.fingerprint, predictor.loaded.weights):
         return (f"the weights of run {choice.run_id} changed since it was calibrated; "
                 f"`kalmkg evaluate --split valid --run {choice.run_id}` calibrates it again")
     return predictor, calibration
+
+
+def open_predictor(workspace: Workspace, choice: ModelChoice, embedder=None):
+    """The link predictor of the run `choice` was exported from: its entity index, queries encoded by this
+    GGUF. No torch: the entity texts are cut by the GGUF's own tokenizer."""
+    from kalmkg.loaded import load_model
+    from kalmkg.prediction import Predictor
+
+    if choice.run_id is None:
+        raise KalmkgError(f"{choice.name} is not exported from a run of this workspace: no link predictor")
+    if embedder is None:
+        embedder = GGUFEncoder(choice.path, truncate=True)
+    loaded = load_model(workspace, run=choice.run_id, tokenizer=embedder.text_tokenizer())
+    return Predictor.open(workspace, loaded=loaded, backend="gguf", encoder=embedder)

@@ -63,10 +63,11 @@ def write_config(run: RunFolder, resolved, graph_fingerprint: str, world_size: i
 
 
 def record_start(workspace: Workspace, run: RunFolder, graph_fingerprint: str) -> None:
-    with Store.open(workspace, write=True) as store:
+    # Store.edit, not a write in place: readers of the workspace never find the store locked
+    with Store.edit(workspace) as store:
         store.add_run(run.run_id, run.cfg.base, str(run.path), graph_fingerprint, json.dumps(runs.as_dict(run.cfg)))
 
 
 def record_end(workspace: Workspace, run: RunFolder, status: str, steps: int, best_metric: float | None) -> None:
-    with Store.open(workspace, write=True) as store:
+    with Store.edit(workspace) as store:
         store.update_run(run.run_id, status=status, steps=steps, best_metric=best_metric)
