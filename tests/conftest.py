@@ -116,3 +116,28 @@ def store(world):
 
     with Store.open(world) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, gguf_tiny):
+    """A 2-step run `r` of a tiny Llama with SmolLM2's tokenizer (llama.cpp's converter refuses the test
+    tokenizer of tiny_model.py), embedded with torch and exported to models/r-F16.gguf. Shared: copy it
+    before changing it."""
+    from kalmkg.export.pipeline import export_run
+    from kalmkg.index import embed
+    from kalmkg.ingestion import ingest, resolve_sources
+    from kalmkg.loaded import load_model
+    from kalmkg.split import split_store
+    from kalmkg.store import Store
+    from kalmkg.training.loop import TrainConfig, train
+    from kalmkg.workspace import Workspace
+
+    ws = Workspace(tmp_path_factory.mktemp("exported") / "ws")
+    with Store.open(ws, create=True) as store:
+        ingest(store, resolve_sources([SAMPLE_TTL]))
+        split_store(store, 0.1, 0.1, seed=0)
+    train(ws, TrainConfig(base=str(gguf_tiny), batch_size=8, max_steps=2, precision="fp32", eval_limit=10,
+                          checkpoint_every=2, eval_every=2, patience=0), run_id="r")
+    embed(ws, load_model(ws))
+    export_run(ws, "r", "F16")
+    return ws

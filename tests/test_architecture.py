@@ -87,7 +87,7 @@ LAYERS = [
     ["kalmkg.errors", "kalmkg.workspace", "kalmkg.files", "kalmkg.cache", "kalmkg.formatting", "kalmkg.system", "kalmkg.device",
      "kalmkg.text", "kalmkg.prompts", "kalmkg.llamacpp.environment", "kalmkg.llamacpp.build"],
     # storage, configuration and the raw model: the graph store, runs on disk, base models, llama.cpp
-    ["kalmkg.store", "kalmkg.split", "kalmkg.names", "kalmkg.ingestion", "kalmkg.runs", "kalmkg.models",
+    ["kalmkg.store", "kalmkg.split", "kalmkg.names", "kalmkg.ingestion", "kalmkg.dump", "kalmkg.runs", "kalmkg.models",
      "kalmkg.llamacpp", "kalmkg.training.config", "kalmkg.evaluation.metrics"],
     # model-free pieces the stages share: encoders, training data and losses, ranking, export files
     ["kalmkg.encode", "kalmkg.training.data", "kalmkg.training.objective", "kalmkg.evaluation.ranking",
@@ -98,6 +98,8 @@ LAYERS = [
     # the stages a user runs
     ["kalmkg.training", "kalmkg.evaluation", "kalmkg.export", "kalmkg.prediction", "kalmkg.qa", "kalmkg.doctor",
      "kalmkg.llamacpp.selftest"],
+    # the stages behind HTTP
+    ["kalmkg.serve"],
     # the public API, then the command line on top of it
     ["kalmkg"],
     ["kalmkg.cli", "kalmkg.__main__"],

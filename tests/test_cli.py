@@ -155,7 +155,7 @@ def test_readers_see_the_old_graph_while_an_edit_runs(tmp_path):
     ingest_into(ws.root, [SAMPLE_TTL])
     before = contents(ws.root)
     with Store.edit(ws) as store:
-        store.con.execute("UPDATE triples SET split = 'test' WHERE head = 0")
+        store.con.execute("UPDATE triples SET split = 'test' WHERE head = (SELECT min(head) FROM triples)")
         store.con.execute("INSERT INTO meta VALUES ('edited', '1')")
         for args in (["stats", "--json"], ["entities", "Paris", "--json"]):
             proc = run_kalmkg("-w", ws.root, *args, cwd=tmp_path)
@@ -467,11 +467,11 @@ main()
 """
 
 
-def _stats_raising(tmp_path, exception: str, **env):
+def _stats_raising(tmp_path, exception: str, *options: str, **env):
     import subprocess
 
     code = RAISING_STORE.format(exception=exception)
-    return subprocess.run([sys.executable, "-c", code, "-w", str(tmp_path / "ws"), "stats"], capture_output=True,
+    return subprocess.run([sys.executable, "-c", code, *options, "-w", str(tmp_path / "ws"), "stats"], capture_output=True,
                           text=True, env=cli_env(**env), timeout=60, cwd=tmp_path)
 
 
@@ -486,6 +486,19 @@ def test_an_unexpected_exception_is_one_line_unless_debugging(tmp_path):
     debug = _stats_raising(tmp_path, "RuntimeError('boom')", KALMKG_DEBUG="1")
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "raising" in debug.stderr
     assert debug.stderr.splitlines()[-1] == "error: unexpected RuntimeError: boom"
+    flag = _stats_raising(tmp_path, "RuntimeError('boom')", "--debug")
+    assert flag.returncode == 1 and "Traceback" in flag.stderr and "raising" in flag.stderr
+
+
+def test_version_and_shell_completion(tmp_path):
+    from kalmkg import __version__
+
+    proc = run_kalmkg("--version", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout == f"kalmkg {__version__}\n"
+    completion = run_kalmkg("--show-completion", "bash", cwd=tmp_path, env=cli_env(SHELL="/bin/bash"))
+    assert completion.returncode == 0 and "complete" in completion.stdout and "kalmkg" in completion.stdout
+    for command in ("ingest", "runs", "sql", "dump", "serve"):
+        assert command in run_kalmkg("--help", cwd=tmp_path, env=cli_env(COLUMNS="200")).stdout
 
 
 def test_exit_code_for_each_kind_of_exception(capsys):

@@ -312,28 +312,6 @@ def test_packed_gguf_batches_equal_one_row_at_a_time():
     assert encoder.encode([]).shape == (0, packed.shape[1])
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, gguf_tiny) -> Workspace:
-    """A 2-step run of a tiny Llama with SmolLM2's tokenizer (llama.cpp's converter refuses the test
-    tokenizer of tiny_model.py), embedded with torch and exported to an F16 GGUF."""
-    from kalmkg.export.pipeline import export_run
-    from kalmkg.index import embed
-    from kalmkg.loaded import load_model
-    from kalmkg.split import split_store
-    from kalmkg.training.loop import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("exported") / "ws"
-    ingest_into(root, [SAMPLE_TTL])
-    ws = Workspace(root)
-    with Store.open(ws, write=True) as store:
-        split_store(store, 0.1, 0.1, seed=0)
-    train(ws, TrainConfig(base=str(gguf_tiny), batch_size=8, max_steps=2, precision="fp32", eval_limit=10,
-                          checkpoint_every=2, eval_every=2, patience=0), run_id="r")
-    embed(ws, load_model(ws))
-    export_run(ws, "r", "F16")
-    return ws
-
-
 @pytest.mark.slow
 def test_gguf_backend_predicts_like_torch_on_the_exported_run(exported):
     from kalmkg.encode import GGUFEncoder

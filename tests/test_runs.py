@@ -88,7 +88,7 @@ def test_config_round_trips_nested_tables(tmp_path):
 
 
 def test_read_config_of_missing_run_fails(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(KalmkgError, match="no such file"):
         read_config(tmp_path / "nope")
 
 
@@ -331,3 +331,88 @@ def test_results_are_created_with_the_users_umask_and_no_partial_file_is_left(tm
         atomic_write_text(tmp_path / "config.toml", "a = 2\n")
     assert (tmp_path / "config.toml").read_text() == "a = 1\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "config.toml"]
+
+
+# ------------------------------------------------------------------ kalmkg runs, train --config, --json
+def test_train_config_file_reproduces_a_run_and_options_override_it(tiny_run_ws, tmp_path):
+    """`kalmkg train --config runs/<id>/config.toml` trains with that run's settings; an option given on the
+    command line wins over the file; `--json` prints the result; `kalmkg runs` lists, shows, compares."""
+    import json
+
+    from helpers_graph import run_kalmkg
+
+    ws = tiny_run_ws.root
+    proc = run_kalmkg("-w", ws, "train", "--config", ws / "runs" / "r" / "config.toml", "--max-steps", "1",
+                      "--run-name", "s", "--no-embed", "--json", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["run_id"] == "s" and result["steps"] == 1 and result["out_of_time"] is False
+    first, second = (read_config(ws / "runs" / r)["train"] for r in ("r", "s"))
+    assert {k for k in first.keys() | second.keys() if first.get(k) != second.get(k)} == {"max_steps"}
+
+    listed = json.loads(run_kalmkg("-w", ws, "runs", "--json", cwd=tmp_path).stdout)
+    assert [r["id"] for r in listed] == ["r", "s"]
+    assert [r["status"] for r in listed] == ["finished", "finished"]
+    assert [r["steps"] for r in listed] == [2, 1] and all(r["graph_current"] for r in listed)
+    assert listed[0]["best_valid"]["step"] == 2 and 0 < listed[0]["best_valid"]["mrr"] <= 1
+    shown = json.loads(run_kalmkg("-w", ws, "runs", "show", "r", "--json", cwd=tmp_path).stdout)
+    assert shown["config"] == first and shown["adapter"] and shown["checkpoint"]
+    compared = json.loads(run_kalmkg("-w", ws, "runs", "compare", "r", "s", "--json", cwd=tmp_path).stdout)
+    assert compared["runs"] == ["r", "s"] and compared["settings_that_differ"] == {"max_steps": [2, 1]}
+    assert compared["metrics"]["steps"] == [2, 1]
+    table = run_kalmkg("-w", ws, "runs", cwd=tmp_path, env=_wide())
+    assert table.returncode == 0 and "finished" in table.stdout and " r " in table.stdout
+
+
+def _wide() -> dict:
+    from helpers_graph import cli_env
+
+    return cli_env(COLUMNS="200")
+
+
+def test_runs_show_evaluations_and_a_changed_graph(tiny_run_ws, tmp_path):
+    import json
+
+    from helpers_graph import ingest_into, run_kalmkg, write
+
+    ws = tiny_run_ws.root
+    eval_file = {"triples": 15, "metrics": {"both": {"mrr": 0.5, "hits@1": 0.25, "hits@10": 1.0}}}
+    (ws / "runs" / "r" / "eval-test.json").write_text(json.dumps(eval_file))
+    ingest_into(ws, [write(tmp_path / "more.tsv", "new\tr\tthing\n")])
+    shown = json.loads(run_kalmkg("-w", ws, "runs", "show", "--json", cwd=tmp_path).stdout)
+    assert shown["evaluations"]["test"]["metrics"]["both"]["mrr"] == 0.5
+    assert shown["graph_current"] is False
+    text = run_kalmkg("-w", ws, "runs", "show", "r", cwd=tmp_path, env=_wide()).stdout
+    assert "Evaluations" in text and "0.500" in text and "the store holds another graph now" in text
+
+
+@pytest.mark.parametrize("args, words", [
+    (["runs", "show", "nope"], "no run 'nope'"),
+    (["runs", "compare", "r"], "two or more run ids"),
+    (["train", "--config", "missing.toml"], "no such file"),
+])
+def test_runs_and_config_errors_are_one_line(tiny_run_ws, tmp_path, args, words):
+    from helpers_graph import assert_one_line_error, run_kalmkg
+
+    assert_one_line_error(run_kalmkg("-w", tiny_run_ws.root, *args, cwd=tmp_path), words)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[train]\nbatch_sise = 8\n", "unknown TrainConfig settings batch_sise"),
+    ("[train\n", "is not TOML"),
+    ("[train]\nlr = -1.0\n", "lr"),
+])
+def test_a_bad_config_file_is_one_line(sample_ws, tmp_path, text, words):
+    from helpers_graph import assert_one_line_error, run_kalmkg, write
+
+    path = write(tmp_path / "c.toml", text)
+    assert_one_line_error(run_kalmkg("-w", sample_ws.root, "train", "--config", path, cwd=tmp_path), words)
+
+
+def test_no_runs_yet(sample_ws, tmp_path):
+    import json
+
+    from helpers_graph import assert_one_line_error, run_kalmkg
+
+    assert json.loads(run_kalmkg("-w", sample_ws.root, "runs", "--json", cwd=tmp_path).stdout) == []
+    assert_one_line_error(run_kalmkg("-w", sample_ws.root, "runs", cwd=tmp_path), "no training run")

@@ -254,4 +254,4 @@ def dump(
             else:
                 with open(staged, "wb") as fh:
                     counts = {"lines": dump_ntriples(store, fh)}
-    console(stderr=True).print(", ".join(f"{n:,} {name}" for name, n in counts.items()) + f" -> {out}")
+    console(stderr=True).print(", ".join(f"{n:,} {name}" for name, n in counts.items()) + f" -> {out}", soft_wrap=True)

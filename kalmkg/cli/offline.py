@@ -184,7 +184,7 @@ def serve(
         show_default="the newest `kalmkg export`",
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; set --api-key then)."),
-    port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
+    port: int = typer.Option(8000, "--port", "-p", help="TCP port (0: any free one, printed)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KALMKG_API_KEY", show_envvar=True,
                                           help="Require 'Authorization: Bearer KEY' on /v1 (the openai client's api_key)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads.", show_default="every core this process may use"),
@@ -210,24 +210,33 @@ def serve(
                  print(c.chat.completions.create(model='kalmkg', messages=[{'role': 'user',
                  'content': 'Who founded Apple?'}]).choices[0].message.content)"
     """
+    import socket
+
     import uvicorn
 
     from kalmkg.serve.app import create_app
     from kalmkg.serve.service import Service
 
-    if not 0 < port < 65536:
-        raise KalmkgError("--port must be between 1 and 65535")
+    if not 0 <= port < 65536:
+        raise KalmkgError("--port must be between 0 (any free port) and 65535")
     if threads is not None and threads < 1:
         raise KalmkgError("--threads must be at least 1")
     with Store.open(ctx.obj):  # a missing graph fails before a model is loaded
         pass
+    # the socket bound here, before the model loads: a port in use is one line, and --port 0 gets a free one
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        raise KalmkgError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    port = sock.getsockname()[1]
     service = Service(ctx.obj, model, n_threads=threads)
     app = create_app(service, api_key=api_key or None)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    console(stderr=True).print(f"serving {service.model} from {ctx.obj.root} on http://{host}:{port} "
-                               f"(OpenAI base_url http://{host}:{port}/v1{', API key required' if api_key else ''}); "
-                               "Ctrl-C stops", soft_wrap=True, markup=False)
-    server.run()
-    if not server.started:
-        raise KalmkgError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    url = f"http://{f'[{host}]' if family == socket.AF_INET6 else host}:{port}"
+    console(stderr=True).print(f"serving {service.model} from {ctx.obj.root} on {url} (OpenAI base_url {url}/v1"
+                               f"{', API key required' if api_key else ''}); Ctrl-C stops",
+                               soft_wrap=True, markup=False)
+    server.run(sockets=[sock])
