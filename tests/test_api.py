@@ -47,3 +47,27 @@ def test_the_docstring_example_runs(tmp_path, tiny_model):
     assert "kalmkg.predict(ws, \"Paris\", \"capital_of\", \"?\", k=5)" in kalmkg.__doc__
     assert "kalmkg.TrainConfig(max_steps=40, lr=1e-3)" in kalmkg.__doc__
     assert "kalmkg.embed(ws, kalmkg.load_model(ws, run=result.run_id))" in kalmkg.__doc__
+
+
+@pytest.mark.slow
+def test_the_readmes_python_example_runs(tmp_path, gguf_tiny, monkeypatch):
+    """The README's Python API block, as written, with the tiny model (SmolLM2's tokenizer) as the base,
+    two steps instead of forty, and F16 (a random tiny model does not survive Q8_0's verification)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    for old, new in (("kalmkg.TrainConfig(max_steps=40)",
+                      f"kalmkg.TrainConfig(base={str(gguf_tiny)!r}, max_steps=2, batch_size=8, precision='fp32', "
+                      "eval_limit=10)"),
+                     ('"sample_graphs/world.ttl"', repr(str(SAMPLE_TTL))), ('"Q8_0"', '"F16"')):
+        assert old in code, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    exec(compile(code, "README.md", "exec"), {"print": lambda *a: printed.append(a)})
+    top, metrics, (text, facts) = printed
+    assert len(top[0]) == 5 and 0 < metrics[0]["mrr"] <= 1
+    assert all(name in text for name in ("Steve Jobs", "Steve Wozniak", "Ronald Wayne")) and len(facts) == 3
