@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_WS ?= .kalmkg-demo
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml kalmkg/llamacpp/build.py
 	@# llama.cpp compiled for the instructions this machine really runs (+ CUDA with a GPU and nvcc), the wheel
 	@# cached in ~/.cache/kalmkg/llama-cpp by source and flags; then kalmkg, which finds it installed
 	$(BIN)/python -m kalmkg.llamacpp.build
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[train,test]'
 	touch $@
 
 demo: install
@@ -45,7 +45,17 @@ demo: install
 	$(BIN)/kalmkg -w $(DEMO_WS) ask "Who won the 1998 FIFA World Cup?"
 	$(BIN)/kalmkg -w $(DEMO_WS) ask "Who is the spouse of Angela Merkel?"
 
-test: install
+# Debian's Chromium and its driver, for the test of `kalmkg serve`'s web page (skipped where they cannot be
+# installed: not Debian, or not root)
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium and chromium-driver (apt) for the web page's browser test"; \
+		apt-get install -y -q chromium chromium-driver >/dev/null || \
+		(apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null); \
+	else echo "no chromium: the web page's browser test will be skipped"; fi
+
+test: install browser
 	$(BIN)/ruff check kalmkg tests bench
 	$(BIN)/python -m pytest -q
 

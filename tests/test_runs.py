@@ -416,3 +416,25 @@ def test_no_runs_yet(sample_ws, tmp_path):
 
     assert json.loads(run_kalmkg("-w", sample_ws.root, "runs", "--json", cwd=tmp_path).stdout) == []
     assert_one_line_error(run_kalmkg("-w", sample_ws.root, "runs", cwd=tmp_path), "no training run")
+
+
+def test_the_adapter_folder_carries_a_model_card_and_loads_with_peft(tiny_run, tiny_model):
+    """Hugging Face's conventions: the run's adapter/ loads with peft as it is, and its README.md is a real
+    card (base, graph, objective, validation, how to load and reproduce), not peft's empty template."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = tiny_run / "runs" / "r" / "adapter"
+    card = (adapter / "README.md").read_text(encoding="utf-8")
+    head = card.split("---")[1]
+    assert "library_name: peft" in head and "base_model: tiny" in head and "- knowledge-graph" in head
+    fingerprint = read_config(tiny_run / "runs" / "r")["graph"]["fingerprint"]
+    assert f"fingerprint `{fingerprint}`" in card and "144 entities, 16 relations" in card
+    assert "Validation (filtered" in card and "at step 2" in card
+    assert "kalmkg train --config runs/r/config.toml" in card and "Model Card for Model ID" not in card
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(base, adapter)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).logits.shape[:2] == (1, 3)

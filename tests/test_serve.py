@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,12 +24,16 @@ pytestmark = pytest.mark.slow
 KEY = "test-key"
 
 
-def start_server(ws_root, *args, tmp_path, timeout: float = 180):
+KALMKG = [sys.executable, "-m", "kalmkg"]
+WITHOUT_ML = [sys.executable, str(Path(__file__).parent / "without_ml.py")]  # no torch, transformers, peft
+
+
+def start_server(ws_root, *args, tmp_path, timeout: float = 180, launcher=KALMKG):
     """`kalmkg serve --port 0` in its own process; (process, base URL) once /health answers."""
     import requests
 
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "kalmkg", "-w", str(ws_root), "serve", "--port", "0",
+    proc = subprocess.Popen([*launcher, "-w", str(ws_root), "serve", "--port", "0",
                              "--threads", "1", *args], stdout=log, stderr=subprocess.STDOUT, env=cli_env(COLUMNS="300"),
                             cwd=tmp_path)
     deadline = time.time() + timeout
@@ -207,3 +212,113 @@ def test_the_served_answer_is_the_cli_answer(server, exported, tmp_path):
                                 timeout=300).stdout)
     served = http(server, "POST", "/v1/ask", json={"question": "Who founded Apple?"}).json()
     assert served["answer"] == cli["answer"] and served["chosen"] == cli["chosen"]
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture()
+def browser():
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (`make test` installs them with apt)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=DriverService(str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_web_page_answers_draws_the_facts_and_predicts(server, browser, tmp_path):
+    """In headless Chromium: type the key and a question, get the streamed answer, its three facts as a
+    list and as a drawn graph (the founders marked as the answer), then predict a link by name."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server + "/")
+    browser.find_element(By.ID, "key").send_keys(KEY, Keys.TAB)
+    browser.find_element(By.ID, "question").send_keys("Who founded Apple?", Keys.ENTER)
+    WebDriverWait(browser, 120).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+                                      == "answered")
+    answer = browser.find_element(By.ID, "answer").text
+    assert all(name in answer for name in ("Steve Jobs", "Steve Wozniak", "Ronald Wayne")), answer
+    assert "Facts:" not in answer  # the facts have their own list
+    facts = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#facts li")]
+    assert len(facts) == 3 and all(f.startswith("Apple Inc. founded by ") for f in facts)
+    drawn = {c.get_attribute("data-entity"): c.get_attribute("class")
+             for c in browser.find_elements(By.CSS_SELECTOR, "#graph circle")}
+    assert drawn == {"Apple Inc.": "asked", "Steve Jobs": "answer", "Steve Wozniak": "answer", "Ronald Wayne": "answer"}
+    edges = [line.get_attribute("data-relation") for line in browser.find_elements(By.CSS_SELECTOR, "#graph line")]
+    assert edges == ["founded by"] * 3
+    positions = {(c.get_attribute("cx"), c.get_attribute("cy")) for c in browser.find_elements(By.CSS_SELECTOR, "#graph circle")}
+    assert len(positions) == 4  # laid out, not piled up
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text == "model r-F16")
+
+    for field, value in (("head", "Paris"), ("relation", "capital_of")):
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.CSS_SELECTOR, "#predict-form button").click()
+    WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#predictions tr")) == 11)
+    header = browser.find_element(By.CSS_SELECTOR, "#predictions tr").text
+    assert "Paris capital of ?" in header
+    shot = tmp_path / "kalmkg-page.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+
+
+def test_the_page_says_a_missing_key(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server + "/")
+    browser.execute_script("localStorage.clear()")
+    browser.get(server + "/")
+    browser.find_element(By.ID, "question").send_keys("Who founded Apple?", Keys.ENTER)
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+                                     == "answered")
+    assert "API key" in browser.find_element(By.ID, "answer").text
+
+
+def test_serving_needs_no_torch_transformers_or_peft(exported, tmp_path):
+    """A plain `pip install kalmkg` (no `train` extra): ingest, stats, ask, predict through the GGUF and
+    serve work with torch, transformers, peft, accelerate, safetensors and sentencepiece unimportable;
+    training says in one line what to install."""
+    import requests
+
+    ws = tmp_path / "ws"
+    shutil.copytree(exported.root, ws)
+
+    def bare(*args, where=ws):
+        return subprocess.run([*WITHOUT_ML, "-w", str(where), *map(str, args)], capture_output=True, text=True,
+                              env=cli_env(), cwd=tmp_path, timeout=300)
+
+    extra = tmp_path / "extra.tsv"
+    extra.write_text("Atlantis\tcapital_of\tPoseidonia\n")
+    for args in (["ingest", extra], ["stats", "--json"], ["entities", "Atlantis", "--json"], ["split", "--json"],
+                 ["dump"]):
+        done = bare(*args, where=tmp_path / "new")
+        assert done.returncode == 0, (args, done.stderr)
+    for args in (["stats", "--json"], ["predict", "Paris", "capital_of", "?", "--backend", "gguf", "--json", "-k", "3"],
+                 ["ask", "Who founded Apple?", "--json"], ["runs", "--json"], ["sql", "SELECT count(*) FROM triples"]):
+        done = bare(*args)
+        assert done.returncode == 0, (args, done.stderr)
+    assert "Steve Jobs" in json.loads(bare("ask", "Who founded Apple?", "--json").stdout)["answer"]
+    assert_one_line_error(bare("train", "--max-steps", "1"), "pip install 'kalmkg[train]'", "'torch'")
+    proc, url = start_server(ws, tmp_path=tmp_path, launcher=WITHOUT_ML)
+    try:
+        chat = requests.post(url + "/v1/chat/completions", json={"messages": [
+            {"role": "user", "content": "Who founded Apple?"}]}, timeout=120).json()
+        assert "Steve Wozniak" in chat["choices"][0]["message"]["content"]
+        predicted = requests.post(url + "/v1/predict", json={"head": "Paris", "relation": "capital_of", "tail": "?"},
+                                  timeout=120).json()
+        assert len(predicted["results"]) == 10
+        embedded = requests.post(url + "/v1/embeddings", json={"input": ["Paris"]}, timeout=120).json()
+        assert len(embedded["data"][0]["embedding"]) > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

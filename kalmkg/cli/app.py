@@ -23,6 +23,8 @@ from kalmkg.workspace import ENV_VAR, Workspace
 
 DEBUG_VAR = "KALMKG_DEBUG"  # =1: unexpected errors (and KalmkgErrors) show their traceback
 INTERRUPTED = 130  # the exit code of a process stopped by Ctrl-C, as shells report it
+# what `pip install 'kalmkg[train]'` adds (pyproject.toml): train, export, and the torch backends need it
+TRAIN_EXTRA = ("torch", "transformers", "peft", "accelerate", "safetensors", "sentencepiece")
 
 app = typer.Typer(
     name="kalmkg",
@@ -131,6 +133,9 @@ def exit_code_for(exc: BaseException, debug: bool = False) -> int:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     if isinstance(exc, KalmkgError):
         sys.stderr.write(f"error: {exc}\n")
+    elif isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in TRAIN_EXTRA:
+        sys.stderr.write(f"error: this command needs kalmkg's training libraries (no module {exc.name!r} here): "
+                         "pip install 'kalmkg[train]'\n")
     elif _out_of_disk(exc):
         where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
         sys.stderr.write(f"error: out of disk space{where} ({one_line(exc)}); what was written before is kept "

@@ -1,6 +1,7 @@
 """The HTTP face of a Service, on FastAPI: OpenAI-compatible `/v1/chat/completions` (grounded in the
 graph, streamed over SSE), `/v1/embeddings` and `/v1/models`, so the `openai` client and tools built
-on it work unchanged; and kalmkg's own JSON endpoints `/v1/ask`, `/v1/predict`, `/v1/entities`.
+on it work unchanged; kalmkg's own JSON endpoints `/v1/ask`, `/v1/predict`, `/v1/entities`; and a web
+page at `/` (static/index.html, no build step, no dependencies) that uses them.
 
 A chat answer is `kalmkg ask`'s: the message holds the answer and the facts it cites; the structured
 answer (chosen entity, path, facts, links, prediction) rides along as a `kalmkg` field of the response
@@ -17,11 +18,12 @@ import queue
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Iterator, List, Literal, Optional, Union
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from kalmkg.errors import KalmkgError
@@ -106,6 +108,13 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         return _error(400, problems)
 
     guarded = [Depends(authorized)]
+    page = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        """The web page: a question box, the streamed answer, its facts drawn as a graph, link prediction
+        (it calls the API below with the key the user types in)."""
+        return page
 
     @app.get("/health")
     def health() -> dict:

@@ -30,6 +30,7 @@ from kalmkg.training.config import SIZED, TrainConfig, with_size_defaults
 from kalmkg.training.data import QuestionData, batch_groups, describe_batch, epoch_batches, load_tokens, read_graph
 from kalmkg.training.distributed import World, agree, barrier, init_world
 from kalmkg.training.learner import build_learner
+from kalmkg.training.card import write_model_card
 from kalmkg.training.plot import plot_metrics
 from kalmkg.training.precision import make_autocast
 from kalmkg.training.record import open_run, record_end, record_start, write_config
@@ -213,6 +214,9 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
         _check_graph_unchanged(workspace, run, graph.fingerprint, progress)
         record_end(workspace, run, "finished" if finished else "interrupted", state.step,
                    state.best_metric if state.best_metric >= 0 else None)
+        if finished:
+            write_model_card(run.path, {"entities": len(graph.entity_table), "relations": len(graph.relation_table),
+                                        "train": len(graph.train)})
     final_eval = state.history[-1] if state.history else None
     best_metric = state.best_metric if stopper is not None else None
     return TrainResult(run.path, run.run_id, state.step, best_metric, stopped_early, final_eval, out_of_time)
