@@ -101,6 +101,12 @@ def test_metrics_match_a_hand_worked_ranking(hand_case):
     saved = json.loads(Path(out["eval_path"]).read_text())
     assert Path(out["eval_path"]) == loaded.run_dir / "eval-test.json"
     assert saved["metrics"] == json.loads(json.dumps(m))
+    # per relation (one here: all four queries) and the two charts beside the JSON
+    assert [(r["key"], r["count"]) for r in saved["relations"]] == [("r", 4)]
+    assert saved["relations"][0]["mrr"] == pytest.approx(m["both"]["mrr"])
+    for name in ("relations", "ranks"):
+        chart = Path(saved["charts"][name])
+        assert chart == loaded.run_dir / f"eval-test-{name}.png" and chart.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_valid_split_and_unknown_or_empty_splits(hand_case):

@@ -19,6 +19,7 @@ from kalmkg.encode import embed_rows
 from kalmkg.export.convert import QUANT_TYPES
 from kalmkg.export.gguf_meta import read_gguf_metadata
 from kalmkg.export.pipeline import STAGES, ExportProgress, export_run
+from kalmkg.prompts import SYSTEM_NO_CONTEXT
 from kalmkg.workspace import Workspace
 
 SAMPLE_TTL = Path(__file__).resolve().parent.parent / "sample_graphs" / "world.ttl"
@@ -187,7 +188,7 @@ def test_default_quant_is_q8_0_below_1b_and_ollama_writes_a_modelfile(trained_ws
     # SmolLM2's ChatML template, turned into Ollama's Go template, and its end-of-turn stop token
     assert '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in modelfile
     assert '{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant\n{{ end }}' in modelfile
-    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile
+    assert f'SYSTEM """{SYSTEM_NO_CONTEXT}"""' in modelfile and "named SmolLM" not in modelfile  # ask's prompt
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
     assert json.loads(result.metadata_path.read_text())["ollama_modelfile"] == "r-Q8_0.Modelfile"
 
@@ -308,7 +309,7 @@ def test_modelfile_template_follows_a_custom_chat_template(tiny_model):
     assert '{{ if eq .Role "system" }}<s>system: {{ .Content }}</s>\n' in text
     assert '{{ else if eq .Role "assistant" }}<s>assistant: {{ .Content }}</s>\n' in text
     assert '{{ if and $last (ne .Role "assistant") }}<s>assistant: {{ end }}' in text
-    assert 'PARAMETER stop "</s>"' in text and "SYSTEM" not in text
+    assert 'PARAMETER stop "</s>"' in text and f'SYSTEM """{SYSTEM_NO_CONTEXT}"""' in text
 
 
 def test_modelfile_template_writes_a_start_text_once(tiny_model):

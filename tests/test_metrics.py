@@ -227,3 +227,12 @@ def test_filtered_ranking_end_to_end_for_both_directions():
     mask = answer_mask(queries, answers, 5)
     assert filtered_ranks(scores, targets).tolist() == [3.0, 3.0]
     assert filtered_ranks(scores, targets, mask).tolist() == [2.0, 2.0]
+
+
+def test_by_relation_summarizes_each_relations_queries_most_first():
+    from kalmkg.evaluation.metrics import by_relation
+
+    out = by_relation(np.array([1.0, 2.0, 4.0, 1.0, 10.0]), np.array([3, 0, 3, 3, 0]))
+    assert list(out) == [3, 0]
+    assert out[3]["count"] == 3 and out[3]["mrr"] == pytest.approx((1 + 1 / 4 + 1) / 3)
+    assert out[0]["count"] == 2 and out[0]["hits@10"] == 1.0 and out[0]["mr"] == 6.0

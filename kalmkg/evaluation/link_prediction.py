@@ -15,7 +15,8 @@ from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.calibration import Calibration, FirstAnswers, calibrate, first_answers, write_calibration
 from kalmkg.evaluation.ranking import by_direction, encode_texts, rank_with_vectors, sample_triples
 from kalmkg.loaded import LoadedModel, load_model, safe_name, torch_encoder
-from kalmkg.evaluation.metrics import known_answers, self_loop_relations
+from kalmkg.evaluation.charts import write_charts
+from kalmkg.evaluation.metrics import by_relation, known_answers, self_loop_relations
 from kalmkg.files import atomic_write_text
 from kalmkg.runs import read_config
 from kalmkg.structure.fusion import Fusion, fit_weight, open_fusion, write_fusion
@@ -98,6 +99,9 @@ def evaluate_run(workspace: Workspace, *, run: str | None = None, base: str | No
         summary["fusion"] = {"weight": fusion.weight, "fitted_on": fusion.fitted.get("split", "valid"),
                              "fitted_queries": fusion.fitted.get("queries")}
         summary["components"] = components
+    per_relation = by_relation(ranked["ranks"], ranked["queries"][:, 1] % len(loaded.relation_keys))
+    summary["relations"] = [{"key": loaded.relation_keys[r], "label": loaded.relation_labels[r], **m}
+                            for r, m in per_relation.items()]
     if entities.index_not_used:
         summary["index_not_used"] = entities.index_not_used
     warnings = list(loaded.warnings) + ([fusion_note] if fusion_note else [])
@@ -107,6 +111,7 @@ def evaluate_run(workspace: Workspace, *, run: str | None = None, base: str | No
     eval_path, pred_path = out_dir / f"eval-{split}.json", out_dir / f"predictions-{split}.jsonl"
     atomic_write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                          for r in _prediction_records(loaded, ranked)))
+    summary["charts"] = write_charts(out_dir, split, ranked["ranks"], summary["relations"])
     atomic_write_text(eval_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     if split == "valid" and loaded.run_dir is not None:  # held-out triples: how far to trust a prediction
         calibration = _calibration(loaded, ranked, all_triples, entities.vectors, fusion)

@@ -45,6 +45,15 @@ def summarize(ranks: Iterable[float]) -> dict[str, float]:
     return out
 
 
+def by_relation(ranks: np.ndarray, relations: np.ndarray) -> dict[int, dict[str, float]]:
+    """`summarize` of the ranks of each relation's queries (`relations[i]` is query i's relation id, both
+    directions counted under the relation), most queries first."""
+    ranks, relations = np.asarray(ranks, dtype=np.float64), np.asarray(relations)
+    ids, counts = np.unique(relations, return_counts=True)
+    order = sorted(zip(ids.tolist(), counts.tolist()), key=lambda x: (-x[1], x[0]))
+    return {int(r): summarize(ranks[relations == r]) for r, _ in order}
+
+
 def known_answers(triples: np.ndarray, num_relations: int) -> dict[tuple[int, int], set[int]]:
     """(query entity, relation) -> true answers, both directions: (h, r) -> t and (t, r + R) -> h."""
     answers: dict[tuple[int, int], set[int]] = {}

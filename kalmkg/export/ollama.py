@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+from kalmkg.prompts import SYSTEM_NO_CONTEXT
+
 
 def modelfile(tokenizer, name: str) -> str:
     """An Ollama Modelfile: the GGUF, a Go TEMPLATE equivalent to the model's chat template, stop tokens."""
@@ -19,9 +21,10 @@ def modelfile(tokenizer, name: str) -> str:
         stops = [tokenizer.eos_token] if tokenizer.eos_token else []
     else:
         lines += [f'TEMPLATE """{go_template(roles)}"""']
-        if roles.get("default_system"):
-            lines += [f'SYSTEM """{roles["default_system"]}"""']
         stops = stop_strings(tokenizer, roles)
+    # Ollama asks the model alone, without the graph's facts: the system prompt of `kalmkg ask --no-context`,
+    # the one question-form training wrote its turns with (not the base's own default, e.g. SmolLM2's)
+    lines += [f'SYSTEM """{SYSTEM_NO_CONTEXT}"""']
     lines += [""] + [f"PARAMETER stop {json.dumps(s)}" for s in stops]
     return "\n".join(lines) + "\n"
 

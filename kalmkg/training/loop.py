@@ -145,7 +145,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
             validate=lambda: rank_queries(learner.model, tokenizer, texts, sample, graph.all, device=device,
                                           prefix=prefix)["both"],
             keep_best=lambda: save_adapter(learner.model, run.path / "adapter"),
-            log=lambda record: runs.append_jsonl(run.path / "metrics.jsonl", record),
+            log=lambda record: _log_validation(run.path, record),
             say=progress.message, patience=cfg.patience, world=world)
     eval_every = cfg.eval_every or steps_per_epoch
 
@@ -223,6 +223,12 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
 
 
 # ------------------------------------------------------------------ pieces of the run
+def _log_validation(folder: Path, record: dict) -> None:
+    """A validation into metrics.jsonl, and the training plot drawn again with it."""
+    runs.append_jsonl(folder / "metrics.jsonl", record)
+    plot_metrics(folder)
+
+
 def _train_structure(folder: Path, graph, cfg: TrainConfig, progress: TrainProgress, device: str) -> None:
     """The structure model fused with the text scores (kalmkg/structure), trained on the same split,
     validated on the same sample of valid."""

@@ -1,10 +1,12 @@
-"""The run's training.png: loss terms and validation MRR against steps, from metrics.jsonl."""
+"""The run's training.png: loss terms and validation MRR against steps, from metrics.jsonl; drawn again at
+every validation, so a running run's picture is never older than its last validation."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from kalmkg.runs import read_metrics
 
 
 def plot_metrics(run_dir: Path) -> None:
@@ -13,12 +15,11 @@ def plot_metrics(run_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in open(metrics)] if metrics.exists() else []
+    records = read_metrics(run_dir)  # a line cut by a killed process is left out
     steps = [r for r in records if "loss" in r]
-    evals = [r for r in records if "valid" in r]
+    evals = [r for r in records if isinstance(r.get("valid"), dict)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("loss", "l_exp", "l_imp"):
+    for key in ("loss", "l_exp", "l_imp", "l_qa"):
         pts = [(r["step"], r[key]) for r in steps if r.get(key) is not None]
         if pts:
             ax1.plot(*zip(*pts), label=key)
