@@ -537,3 +537,21 @@ def test_an_export_the_disk_refuses_is_one_line_and_leaves_models_as_they_were(t
     assert proc.stderr.strip().splitlines()[-1].startswith("error: out of disk space")  # after the stages' lines
     assert sorted(p.name for p in trained_ws.models_dir.iterdir()) == listing and _leftovers(trained_ws) == []
     assert before.read_bytes() == b"an earlier export"
+
+
+def test_export_hf_keeps_the_merged_folder_with_a_card_that_transformers_loads(trained_ws, tmp_path):
+    """`kalmkg export --hf DIR`: the verified merge as a Hugging Face folder, for other runtimes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "hf"
+    result = export_run(trained_ws, "r", "F16", "tiny-hf", False, hf=out)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer_config.json"} <= names
+    assert not any(n.endswith(".bin") for n in names) and result.path.exists()
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and "The merged weights of" in card and "run" not in card.split("---")[1]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template  # the chat template travels with it
+    with torch.no_grad():
+        assert model(**tokenizer("Paris", return_tensors="pt")).logits.shape[0] == 1

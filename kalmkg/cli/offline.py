@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -25,6 +26,7 @@ def export(
     ),
     name: Optional[str] = typer.Option(None, "--name", help="Output name: models/<name>.gguf.", show_default="<run>-<quant>"),
     ollama: bool = typer.Option(False, "--ollama", help="Also write models/<name>.Modelfile for `ollama create`."),
+    hf: Optional[Path] = typer.Option(None, "--hf", help="Also keep the merged Hugging Face folder here (safetensors, tokenizer, chat template, model card)."),
     as_json: bool = json_option("Print the result (paths, sizes, verification) as JSON."),
 ) -> None:
     """Merge a run's LoRA into its base and write a quantized GGUF for llama.cpp, verified against torch.
@@ -40,17 +42,19 @@ def export(
       kalmkg export
       kalmkg export --quant Q4_K_M --ollama
       kalmkg export --run 20250101-120000-smollm2-135m --quant F16 --name smollm-kg
+      kalmkg export --hf exported-hf/      # also the merged folder, for vLLM, TGI, transformers
     """
     from kalmkg.export.pipeline import export_run
 
     with ctx.obj.writer("export"), ExportStages(console(stderr=True), quiet=as_json) as stages:
-        result = export_run(ctx.obj, run, quant, name, ollama, stages)
+        result = export_run(ctx.obj, run, quant, name, ollama, stages, hf=hf)
     v = result.verification
     if as_json:
         print_json({"name": result.name, "path": str(result.path), "metadata": str(result.metadata_path),
                     "modelfile": str(result.modelfile) if result.modelfile else None, "run_id": result.run_id,
                     "quant": result.quant, "n_params": result.n_params, "size_bytes": result.size_bytes,
-                    "replaced": result.replaced, "seconds": result.seconds, "verification": v.as_dict()})
+                    "replaced": result.replaced, "seconds": result.seconds, "verification": v.as_dict(),
+                    "hf": str(hf) if hf is not None else None})
         return
     out = console()
     greedy = ("same greedy continuation" if v.greedy_match else
@@ -61,6 +65,8 @@ def export(
     out.print(f"verified: min cosine {v.min_cosine:.5f} over {v.texts} texts (needs >= {v.threshold}), {greedy}")
     if result.modelfile is not None:
         out.print(f"ollama: cd {result.modelfile.parent} && ollama create {result.name} -f {result.modelfile.name}")
+    if hf is not None:
+        out.print(f"Hugging Face folder (merged, with a model card) -> {hf}", soft_wrap=True)
 
 
 def ask(

@@ -34,9 +34,10 @@ from kalmkg.export.ollama import modelfile
 from kalmkg.export.registry import ExportOutcome, ExportSource, ExportTarget, check_name, default_name, export_record
 from kalmkg.export.source import describe_run, merge, save_hf, trained_run
 from kalmkg.export.verify import Verification, check_texts, greedy_difference, torch_reference, verify
-from kalmkg.files import staging_dir, sweep_staging
+from kalmkg.files import atomic_path, staging_dir, sweep_staging
 from kalmkg.formatting import human_size
 from kalmkg.system import folder_size
+from kalmkg.training.card import model_card
 from kalmkg.workspace import Workspace
 
 STAGES = ("merge", "save", "convert", "quantize", "verify")
@@ -74,8 +75,10 @@ class ExportResult:
 
 
 def export_run(workspace: Workspace, run: str | None = None, quant: str | None = None, name: str | None = None,
-               ollama: bool = False, progress: ExportProgress | None = None) -> ExportResult:
-    """Merge, convert, quantize and verify run ``run`` (default: the latest) into ``models/<name>.gguf``."""
+               ollama: bool = False, progress: ExportProgress | None = None, hf: Path | None = None) -> ExportResult:
+    """Merge, convert, quantize and verify run ``run`` (default: the latest) into ``models/<name>.gguf``;
+    with ``hf``, also keep the merged Hugging Face folder there (safetensors, tokenizer, chat template,
+    model card), for runtimes other than llama.cpp."""
     progress = progress or ExportProgress()
     # Every check that can fail runs before the (long) merge.
     quant, name = check_quant(quant), check_name(name)
@@ -104,7 +107,7 @@ def export_run(workspace: Workspace, run: str | None = None, quant: str | None =
             del model  # the reference is computed: free the float32 weights before llama.cpp loads the GGUF
             note(human_size(folder_size(hf_dir)))
         with stage("convert") as note:
-            f16 = _convert_with_metadata(hf_dir, tmp, source, target)
+            f16 = _convert_with_metadata(hf_dir, tmp, source, target, keep_hf=hf is not None)
             note(human_size(f16.stat().st_size))
         with stage("quantize") as note:
             out, detail = _quantize_unless_f16(f16, tmp, quant)
@@ -120,6 +123,10 @@ def export_run(workspace: Workspace, run: str | None = None, quant: str | None =
         beside = {target.metadata: json.dumps(export_record(source, target, outcome), indent=2) + "\n"}
         if ollama_text is not None:
             beside[target.modelfile] = ollama_text
+        if hf is not None:  # verified: the folder the GGUF was converted from, with its card
+            (hf_dir / "README.md").write_text(model_card(rdir, merged=True), encoding="utf-8")
+            with atomic_path(Path(hf)) as staged:
+                shutil.copytree(hf_dir, staged)
         replaced = _publish_export(tmp, out, target, beside)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,11 +164,14 @@ def check_disk(folder: Path, n_params: int) -> None:
 # ------------------------------------------------------------------------------------------- the stages
 
 
-def _convert_with_metadata(hf_dir: Path, tmp: Path, source: ExportSource, target: ExportTarget) -> Path:
-    """The F16 GGUF with kalmkg's keys; the HF folder and the converter's own file are removed on the way."""
+def _convert_with_metadata(hf_dir: Path, tmp: Path, source: ExportSource, target: ExportTarget,
+                           keep_hf: bool = False) -> Path:
+    """The F16 GGUF with kalmkg's keys; the HF folder (unless `keep_hf`) and the converter's own file are
+    removed on the way."""
     raw = tmp / "f16-raw.gguf"
     convert(hf_dir, raw, target.name, source.base.name)
-    shutil.rmtree(hf_dir)  # no longer needed; frees disk before the next copy
+    if not keep_hf:
+        shutil.rmtree(hf_dir)  # no longer needed; frees disk before the next copy
     f16 = tmp / "f16.gguf"
     write_metadata(raw, f16, kalmkg_metadata(source, target.quant))
     raw.unlink()

@@ -13,16 +13,18 @@ from kalmkg.files import atomic_write_text
 HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
-def model_card(run: Path, counts: dict[str, int] | None = None) -> str:
-    """The card's Markdown (YAML front matter, then sections), from the run folder alone."""
+def model_card(run: Path, counts: dict[str, int] | None = None, merged: bool = False) -> str:
+    """The card's Markdown (YAML front matter, then sections), from the run folder alone; `merged`: of the
+    folder `kalmkg export --hf` keeps (the adapter merged into the base), else of the adapter."""
     summary = runs.run_summary(run)
     config, base = summary["config"], runs.read_config(run).get("base", {})
     base_id = HUB_IDS.get(str(config.get("base", "")).lower()) or base.get("name") or config.get("base")
     best = summary["best_valid"]
-    lines = ["---", f"base_model: {base_id}", "library_name: peft", "pipeline_tag: feature-extraction",
+    lines = ["---", f"base_model: {base_id}", f"library_name: {'transformers' if merged else 'peft'}",
+             "pipeline_tag: feature-extraction",
              "tags:", "- kalmkg", "- kalm", "- knowledge-graph", "- link-prediction", "- lora", "---", "",
              f"# {run.name}", "",
-             f"A LoRA adapter of {base_id} trained by [kalmkg](https://pypi.org/project/kalmkg/) with the KaLM "
+             f"{'The merged weights' if merged else 'A LoRA adapter'} of {base_id} trained by [kalmkg](https://pypi.org/project/kalmkg/) with the KaLM "
              "objective (Yu et al., COLING 2025) to know one knowledge graph: its last-token states embed "
              "\"head, relation\" queries and entity texts so that the true tail is the nearest entity.", "",
              "## Training", "",
@@ -38,9 +40,13 @@ def model_card(run: Path, counts: dict[str, int] | None = None) -> str:
         lines.append(f"- Validation (filtered, both directions, {config.get('eval_limit')} triples): MRR "
                      f"{best['mrr']:.3f}, Hits@1 {best.get('hits@1', float('nan')):.3f}, Hits@10 "
                      f"{best.get('hits@10', float('nan')):.3f} at step {best['step']}")
-    lines += ["", "## Use", "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
-              "", f"base = AutoModelForCausalLM.from_pretrained({str(base.get('path') or base_id)!r})",
-              f"model = PeftModel.from_pretrained(base, {str(run / 'adapter')!r})", "```", "",
+    use = (["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")',
+            'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")'] if merged else
+           ["from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+            f"base = AutoModelForCausalLM.from_pretrained({str(base.get('path') or base_id)!r})",
+            f"model = PeftModel.from_pretrained(base, {str(run / 'adapter')!r})"])
+    lines += ["", "## Use", "", "```python", *use, "```", "",
               "With kalmkg: `kalmkg predict HEAD RELATION ? --run " + run.name + "`, `kalmkg export --run "
               + run.name + "` (a GGUF for llama.cpp and `kalmkg ask`).", "",
               "## Reproduce", "", f"`kalmkg train --config runs/{run.name}/config.toml` on the same graph "
