@@ -18,6 +18,7 @@ TEMPERATURE_RANGE = (1e-3, 1.0)
 PRECISIONS = ("auto", "fp32", "bf16")
 PRESETS = ("size", "paper")
 STRUCTURES = ("complex", "none")
+REPORTERS = ("none", "tensorboard", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class TrainConfig:
     eval_every: int = _option(0, "Validate every N steps (0: every epoch).", "Run")
     eval_limit: int = _option(500, "Valid triples sampled for validation (fixed seed).", "Run")
     patience: int = _option(3, "Stop after N validations without a better MRR (0: never).", "Run")
+    report_to: str = _option("none", "Also log losses and validation to tensorboard (runs/<id>/tensorboard/) or "
+                             "mlflow (MLFLOW_TRACKING_URI, default ./mlruns); none: metrics.jsonl only.", "Run")
 
     def __post_init__(self) -> None:
         problem = config_problem(self)
@@ -151,6 +154,7 @@ def config_problem(cfg: TrainConfig) -> str | None:
         (cfg.structure_reg >= 0, "--structure-reg must be 0 or more"),
         (cfg.structure_minutes >= 0, "--structure-minutes must be 0 (no cap) or more"),
         (cfg.precision in PRECISIONS, f"unknown precision '{cfg.precision}'; use auto, fp32 or bf16"),
+        (cfg.report_to in REPORTERS, f"unknown --report-to '{cfg.report_to}'; use {', '.join(REPORTERS)}"),
     ]
     return next((message for ok, message in checks if not ok), None)
 

@@ -32,6 +32,7 @@ from kalmkg.training.distributed import World, agree, barrier, init_world
 from kalmkg.training.learner import build_learner
 from kalmkg.training.card import write_model_card
 from kalmkg.training.plot import plot_metrics
+from kalmkg.training.report import Reporter, check_reporter, open_reporter
 from kalmkg.training.precision import make_autocast
 from kalmkg.training.record import open_run, record_end, record_start, write_config
 from kalmkg.training.stopping import EarlyStopper
@@ -89,6 +90,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     # open the run: a new folder, or the one to resume with the config it was started with
     run = open_run(workspace, cfg, run_id, resume, dry_run=dry_run is not None)
     cfg = run.cfg
+    if dry_run is None:
+        check_reporter(cfg.report_to)  # a missing library or a tracking server that refuses: before any work
     device = pick_device(cfg.device)
     world = init_world(torch.device(device).type)
     torch.manual_seed(cfg.seed)
@@ -134,6 +137,12 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     barrier(world)  # every process has read the store before the first one writes to it
     if world.main and not run.resuming:
         record_start(workspace, run, graph.fingerprint)
+    # metrics.jsonl, and --report-to's library beside it (the main process writes both)
+    reporter = open_reporter(cfg.report_to, run.path, runs.as_dict(run.cfg)) if world.main else Reporter()
+
+    def record(entry: dict) -> None:
+        runs.append_jsonl(run.path / "metrics.jsonl", entry)
+        reporter.log(entry)
 
     # validation through the stopping object: filtered MRR on a fixed sample of valid, best adapter kept;
     # it reuses the frozen layers' kept outputs (every entity is encoded at every validation)
@@ -145,7 +154,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
             validate=lambda: rank_queries(learner.model, tokenizer, texts, sample, graph.all, device=device,
                                           prefix=prefix)["both"],
             keep_best=lambda: save_adapter(learner.model, run.path / "adapter"),
-            log=lambda record: _log_validation(run.path, record),
+            log=lambda entry: (record(entry), plot_metrics(run.path)),  # the plot drawn again at each validation
             say=progress.message, patience=cfg.patience, world=world)
     eval_every = cfg.eval_every or steps_per_epoch
 
@@ -187,9 +196,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
 
         # log, validate, checkpoint
         if world.main and _due(state.step, cfg.log_every, last):
-            runs.append_jsonl(run.path / "metrics.jsonl", {"step": state.step, "epoch": state.epoch,
-                                                           "lr": learner.scheduler.get_last_lr()[0],
-                                                           "triples_per_s": round(triples_per_s, 2), **terms})
+            record({"step": state.step, "epoch": state.epoch, "lr": learner.scheduler.get_last_lr()[0],
+                    "triples_per_s": round(triples_per_s, 2), **terms})
         if stopper is not None and _due(state.step, eval_every, last):
             stopped_early = stopper.should_stop(state)
             learner.model.train()
@@ -214,6 +222,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
         _check_graph_unchanged(workspace, run, graph.fingerprint, progress)
         record_end(workspace, run, "finished" if finished else "interrupted", state.step,
                    state.best_metric if state.best_metric >= 0 else None)
+        reporter.close()
         if finished:
             write_model_card(run.path, {"entities": len(graph.entity_table), "relations": len(graph.relation_table),
                                         "train": len(graph.train)})
@@ -223,12 +232,6 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
 
 
 # ------------------------------------------------------------------ pieces of the run
-def _log_validation(folder: Path, record: dict) -> None:
-    """A validation into metrics.jsonl, and the training plot drawn again with it."""
-    runs.append_jsonl(folder / "metrics.jsonl", record)
-    plot_metrics(folder)
-
-
 def _train_structure(folder: Path, graph, cfg: TrainConfig, progress: TrainProgress, device: str) -> None:
     """The structure model fused with the text scores (kalmkg/structure), trained on the same split,
     validated on the same sample of valid."""
