@@ -313,7 +313,9 @@ class Store:
             return KalmkgError(f"the store ran out of its memory budget ({limit}); set KALMKG_MEMORY_LIMIT higher "
                                "(e.g. 2GB) and run the command again (nothing of it was stored)")
         text = _first_line(exc)
-        if isinstance(exc, (duckdb.IOException, duckdb.TransactionException)) and "write" in text.lower():
+        # a FatalException: the checkpoint that ends Store.edit could not write the file
+        if isinstance(exc, (duckdb.IOException, duckdb.TransactionException, duckdb.FatalException)) \
+                and "write" in text.lower():
             return KalmkgError(f"cannot write {self.path} ({text}); nothing of this command was stored: free "
                                "disk space and run it again")
         return None

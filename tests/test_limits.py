@@ -47,9 +47,16 @@ def test_an_ingest_the_disk_refuses_is_one_line_and_the_store_keeps_what_it_had(
     before = _stats(ws, tmp_path)
     more = tmp_path / "more.tsv"
     more.write_text("".join(f"n{i}\tlinks\tn{i + 1}\n" for i in range(20_000)))
-    proc = _kalmkg_limited(20_000, "-w", ws, "ingest", more, cwd=tmp_path)
+    # room for ingest's copy of the store (Store.edit), not for what the ingest adds to it
+    room = (ws / "kg.duckdb").stat().st_size + 128 * 1024
+    proc = _kalmkg_limited(room, "-w", ws, "ingest", more, cwd=tmp_path)
     assert_one_line_error(proc, "cannot write", "nothing of this command was stored")
     assert _stats(ws, tmp_path) == before
+    # no room even for the copy
+    proc = _kalmkg_limited(20_000, "-w", ws, "ingest", more, cwd=tmp_path)
+    assert_one_line_error(proc, "out of disk space", "kept whole")
+    assert _stats(ws, tmp_path) == before
+    assert not [p for p in ws.iterdir() if p.name.startswith(".kg.edit.")]  # the copies are gone
     assert run_kalmkg("-w", ws, "ingest", more, cwd=tmp_path).returncode == 0  # with room, the same file goes in
     assert _stats(ws, tmp_path)["triples"] == before["triples"] + 20_000
 
