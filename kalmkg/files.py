@@ -19,7 +19,22 @@ import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+
+def check_output(path: Path, *, folder: bool, ours: Callable[[Path], bool] = lambda p: False) -> None:
+    """Before a result replaces `path` (atomic_path): refuse a folder for a file and a file for a folder,
+    and a folder holding what kalmkg did not write there (`ours` says what it did), so that no user
+    folder is swapped away."""
+    from kalmkg.errors import KalmkgError
+
+    if not path.exists():
+        return
+    if path.is_dir() != folder:
+        raise KalmkgError(f"{path} is a {'folder' if path.is_dir() else 'file'}: give a {'folder' if folder else 'file'} "
+                          "path that is new or holds an earlier result")
+    if folder and any(True for _ in path.iterdir()) and not ours(path):
+        raise KalmkgError(f"{path} holds files kalmkg did not write there: give a new or empty folder")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

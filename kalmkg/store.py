@@ -188,10 +188,13 @@ class Store:
             # or it would be replayed onto the new file after the swap
             with cls.open(workspace, write=True):
                 pass
+        # A read-only connection held to the end: a program writing the store in place (no writer lock)
+        # makes this "workspace is busy" instead of being copied half-way, and cannot start meanwhile.
+        guard = cls._connect(path, write=False) if path.exists() else None
         stage = staging_dir(workspace.root, ".kg.edit.")
         try:
             staged = stage / path.name
-            if path.exists():
+            if guard is not None:
                 shutil.copyfile(path, staged)
             store = cls._connect(staged, write=True)
             store.path = path  # messages name the store the user knows
@@ -202,6 +205,8 @@ class Store:
             os.replace(staged, path)
             _fsync(path.parent)
         finally:
+            if guard is not None:
+                guard.con.close()
             shutil.rmtree(stage, ignore_errors=True)
 
     @contextmanager

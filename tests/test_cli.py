@@ -347,10 +347,8 @@ def test_every_train_config_field_is_a_train_option_with_help():
         assert param.help and param.help == field.metadata["help"], field.name
         default = ",".join(field.default) if isinstance(field.default, tuple) else field.default
         assert param.default == default, field.name
-        if field.default is True:
+        if isinstance(field.default, bool):  # --x/--no-x either way: both can override a --config file
             assert param.secondary_opts == ["--no-" + option_name(field.name)[2:]], field.name
-        elif field.default is False:
-            assert param.is_flag and not param.secondary_opts, field.name
     # the options about the run itself stay, and --base keeps its short name
     for name in ("--run-name", "--resume", "--embed", "--dry-run", "-b"):
         assert name in options

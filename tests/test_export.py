@@ -555,3 +555,13 @@ def test_export_hf_keeps_the_merged_folder_with_a_card_that_transformers_loads(t
     assert tokenizer.chat_template  # the chat template travels with it
     with torch.no_grad():
         assert model(**tokenizer("Paris", return_tensors="pt")).logits.shape[0] == 1
+
+
+def test_export_hf_never_replaces_a_users_folder(trained_ws, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "weights.bin").write_text("someone's")
+    with pytest.raises(KalmkgError, match="holds files kalmkg did not write"):
+        export_run(trained_ws, "r", "F16", "never", False, hf=mine)
+    assert (mine / "weights.bin").read_text() == "someone's"
+    assert not (trained_ws.models_dir / "never.gguf").exists()

@@ -131,3 +131,15 @@ def test_a_dump_that_fails_leaves_no_partial_file(sample, tmp_path, monkeypatch)
         with open(staged, "wb") as fh:
             dump.dump_ntriples(store, fh)
     assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["graph.nt"]
+
+
+def test_dump_replaces_an_earlier_dump_but_never_a_users_folder(sample, tmp_path):
+    tables = tmp_path / "tables"
+    assert run_kalmkg("-w", sample, "dump", "-f", "parquet", "-o", tables, cwd=tmp_path).returncode == 0
+    assert run_kalmkg("-w", sample, "dump", "-f", "parquet", "-o", tables, cwd=tmp_path).returncode == 0  # again
+    mine = tmp_path / "mine"
+    write(mine / "notes.txt", "keep me")
+    assert_one_line_error(run_kalmkg("-w", sample, "dump", "-f", "parquet", "-o", mine, cwd=tmp_path),
+                          "holds files kalmkg did not write")
+    assert_one_line_error(run_kalmkg("-w", sample, "dump", "-o", mine, cwd=tmp_path), "is a folder")
+    assert (mine / "notes.txt").read_text() == "keep me"

@@ -236,13 +236,16 @@ def dump(
       kalmkg dump > graph.nt
       kalmkg dump --format parquet --out graph-tables/
     """
-    from kalmkg.dump import FORMATS, dump_ntriples, dump_parquet
-    from kalmkg.files import atomic_path
+    from kalmkg.dump import FORMATS, PARQUET_TABLES, dump_ntriples, dump_parquet
+    from kalmkg.files import atomic_path, check_output
 
     if format not in FORMATS:
         raise KalmkgError(f"unknown dump format '{format}'; use one of: {', '.join(FORMATS)}")
     if format == "parquet" and out is None:
         raise KalmkgError("--format parquet writes a folder: give it with --out DIR")
+    if out is not None:  # an earlier dump may be replaced, nothing else
+        tables = {f"{name}.parquet" for name in PARQUET_TABLES}
+        check_output(out, folder=format == "parquet", ours=lambda d: {p.name for p in d.iterdir()} <= tables)
     with Store.open(ctx.obj) as store:
         if out is None:
             dump_ntriples(store, sys.stdout.buffer)

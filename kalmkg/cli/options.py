@@ -77,7 +77,7 @@ def _optional_of(field_type):
 
 def field_option(field: dataclasses.Field, field_type, short: Optional[str] = None) -> FieldOption:
     """A dataclass field as an option: --kebab-case, its default, its metadata's help and group (the help
-    panel). A bool that defaults to False is a flag (--full); one that defaults to True gets --x/--no-x."""
+    panel). A bool gets --x/--no-x whatever its default, so either value can override a --config file."""
     name = option_name(field.name)
     listed = typing.get_origin(field_type) is tuple
     if listed:
@@ -90,7 +90,7 @@ def field_option(field: dataclasses.Field, field_type, short: Optional[str] = No
         annotation, default = Optional[_optional_of(field_type)], None  # unset: the config fills it in
     else:
         raise TypeError(f"{field.name}: no command-line option for a field of type {field_type}")
-    if annotation is bool and default:
+    if annotation is bool:
         name = f"{name}/--no-{name[2:]}"
     decls = (name,) if short is None else (name, short)
     option = typer.Option(default, *decls, help=field.metadata.get("help"),

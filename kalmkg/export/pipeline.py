@@ -34,7 +34,7 @@ from kalmkg.export.ollama import modelfile
 from kalmkg.export.registry import ExportOutcome, ExportSource, ExportTarget, check_name, default_name, export_record
 from kalmkg.export.source import describe_run, merge, save_hf, trained_run
 from kalmkg.export.verify import Verification, check_texts, greedy_difference, torch_reference, verify
-from kalmkg.files import atomic_path, staging_dir, sweep_staging
+from kalmkg.files import atomic_path, check_output, staging_dir, sweep_staging
 from kalmkg.formatting import human_size
 from kalmkg.system import folder_size
 from kalmkg.training.card import model_card
@@ -82,6 +82,8 @@ def export_run(workspace: Workspace, run: str | None = None, quant: str | None =
     progress = progress or ExportProgress()
     # Every check that can fail runs before the (long) merge.
     quant, name = check_quant(quant), check_name(name)
+    if hf is not None:  # an earlier --hf folder may be replaced, nothing else
+        check_output(Path(hf), folder=True, ours=_kept_by_export)
     rdir, config = trained_run(workspace, run)
     require_converter()
     source = describe_run(rdir, config, progress.message)
@@ -134,6 +136,14 @@ def export_run(workspace: Workspace, run: str | None = None, quant: str | None =
                         modelfile=target.modelfile if ollama else None, run_id=source.run_id, quant=quant,
                         n_params=source.n_params, size_bytes=outcome.size_bytes, verification=verification,
                         seconds=outcome.seconds, replaced=replaced)
+
+
+def _kept_by_export(folder: Path) -> bool:
+    """A folder an earlier `kalmkg export --hf` kept: its model card says so."""
+    try:
+        return "- kalmkg\n" in (folder / "README.md").read_text(encoding="utf-8").split("---")[1]
+    except (OSError, IndexError, UnicodeDecodeError):
+        return False
 
 
 class _StageClock:

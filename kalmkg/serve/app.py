@@ -178,6 +178,10 @@ class _Unauthorized(Exception):
     pass
 
 
+class _ClientGone(Exception):
+    """Raised into the generation of a stream whose client has closed it."""
+
+
 def _version() -> str:
     from kalmkg import __version__
 
@@ -222,10 +226,18 @@ def _chat_events(service: Service, question: str, config, completion_id: str, cr
     pieces: queue.Queue = queue.Queue()
     done = object()
     outcome: dict[str, Any] = {}
+    gone = threading.Event()  # the client closed the stream: stop generating, free the model
+
+    def relay(piece: str) -> None:
+        if gone.is_set():
+            raise _ClientGone()
+        pieces.put(piece)
 
     def work() -> None:
         try:
-            outcome["answer"] = service.ask(question, config, on_token=pieces.put)
+            outcome["answer"] = service.ask(question, config, on_token=relay)
+        except _ClientGone:
+            pass
         except Exception as exc:  # noqa: BLE001 - said to the client as an error event
             outcome["error"] = exc
         finally:
@@ -238,9 +250,12 @@ def _chat_events(service: Service, question: str, config, completion_id: str, cr
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
-    while (piece := pieces.get()) is not done:
-        yield chunk({"content": piece})
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while (piece := pieces.get()) is not done:
+            yield chunk({"content": piece})
+    finally:  # also when the client went away (the generator is closed)
+        gone.set()
     if "error" in outcome:
         exc = outcome["error"]
         message = str(exc) if isinstance(exc, KalmkgError) else f"unexpected {type(exc).__name__}: {exc}"

@@ -49,7 +49,7 @@ def model_card(run: Path, counts: dict[str, int] | None = None, merged: bool = F
     lines += ["", "## Use", "", "```python", *use, "```", "",
               "With kalmkg: `kalmkg predict HEAD RELATION ? --run " + run.name + "`, `kalmkg export --run "
               + run.name + "` (a GGUF for llama.cpp and `kalmkg ask`).", "",
-              "## Reproduce", "", f"`kalmkg train --config runs/{run.name}/config.toml` on the same graph "
+              "## Reproduce", "", f"`kalmkg train --config {run.resolve() / 'config.toml'}` on the same graph "
               "(the settings above are that file's `[train]` table).", ""]
     return "\n".join(lines)
 

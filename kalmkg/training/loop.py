@@ -220,8 +220,11 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
         if finished:
             plot_metrics(run.path)
         _check_graph_unchanged(workspace, run, graph.fingerprint, progress)
-        record_end(workspace, run, "finished" if finished else "interrupted", state.step,
-                   state.best_metric if state.best_metric >= 0 else None)
+        try:
+            record_end(workspace, run, "finished" if finished else "interrupted", state.step,
+                       state.best_metric if state.best_metric >= 0 else None)
+        except (KalmkgError, OSError) as exc:  # the run folder holds the result; the store's row is a record
+            progress.message(f"warning: the run's end is not recorded in the store ({exc}); its folder is whole")
         reporter.close()
         if finished:
             write_model_card(run.path, {"entities": len(graph.entity_table), "relations": len(graph.relation_table),
