@@ -8,6 +8,7 @@ percent-encoded>`; blank nodes stay blank nodes. Splits are not a part of RDF: P
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import BinaryIO
@@ -61,7 +62,7 @@ def dump_ntriples(store: Store, out: BinaryIO) -> int:
 
 
 def _term_batches(store: Store, ox):
-    node = _Nodes(ox)
+    node = functools.partial(_term, ox)
     label, comment = ox.NamedNode(RDFS + "label"), ox.NamedNode(RDFS + "comment")
 
     def literal(value: str, lang: str | None, datatype: str | None = None):
@@ -94,21 +95,15 @@ def _term_batches(store: Store, ox):
             yield [make(*row) for row in rows]
 
 
-class _Nodes:
+def _term(ox, key: str, relation: bool = False):
     """A store key as an RDF term: the IRI it is, a blank node, or an IRI minted from it."""
+    if key.startswith("_:") and not relation:
+        return ox.BlankNode(re.sub(r"[^A-Za-z0-9_]", "_", key[2:]) or "b")
+    if _SCHEME.match(key):
+        try:
+            return ox.NamedNode(key)
+        except ValueError:
+            pass
+    from urllib.parse import quote
 
-    def __init__(self, ox):
-        self.ox = ox
-
-    def __call__(self, key: str, relation: bool = False):
-        ox = self.ox
-        if key.startswith("_:") and not relation:
-            return ox.BlankNode(re.sub(r"[^A-Za-z0-9_]", "_", key[2:]) or "b")
-        if _SCHEME.match(key):
-            try:
-                return ox.NamedNode(key)
-            except ValueError:
-                pass
-        from urllib.parse import quote
-
-        return ox.NamedNode(KEY_PREFIX + quote(key, safe=""))
+    return ox.NamedNode(KEY_PREFIX + quote(key, safe=""))

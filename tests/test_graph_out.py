@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers_graph import SAMPLE_TTL, assert_one_line_error, contents, ingest_into, run_kalmkg, write
+from helpers_graph import assert_one_line_error, contents, ingest_into, run_kalmkg, write
 
 
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("out") / "ws"
-    ingest_into(root, [SAMPLE_TTL])
-    return root
+@pytest.fixture()
+def sample(world) -> Path:
+    """The sample graph, unsplit (conftest's `world`), by its folder; tests only read it."""
+    return world.root
 
 
 def test_sql_answers_a_query_as_a_table_and_as_json(sample, tmp_path):

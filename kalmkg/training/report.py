@@ -38,12 +38,21 @@ def numbers(record: dict) -> tuple[int, dict[str, float]]:
     return step, flat
 
 
+def _library(kind: str):
+    """The module `--report-to KIND` writes through; one line if it is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module({"tensorboard": "tensorboard", "mlflow": "mlflow"}[kind])
+    except ImportError:
+        raise KalmkgError(f"--report-to {kind} needs the {kind} package: pip install {kind}") from None
+
+
 class TensorBoardReporter(Reporter):
     def __init__(self, run: Path, config: dict):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise KalmkgError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+        _library("tensorboard")  # torch's SummaryWriter needs it
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(log_dir=str(run / "tensorboard"))
         self.writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in config.items()), 0)
 
@@ -59,11 +68,7 @@ class TensorBoardReporter(Reporter):
 
 class MLflowReporter(Reporter):
     def __init__(self, run: Path, config: dict):
-        try:
-            import mlflow
-        except ImportError:
-            raise KalmkgError("--report-to mlflow needs the mlflow package: pip install mlflow") from None
-        self.mlflow = mlflow
+        self.mlflow = mlflow = _library("mlflow")
         kept = run / MLFLOW_RUN_FILE
         if kept.exists():  # a resume: the same MLflow run goes on
             self.active = mlflow.start_run(run_id=kept.read_text().strip())
@@ -85,22 +90,17 @@ class MLflowReporter(Reporter):
 def check_reporter(kind: str) -> None:
     """The library `--report-to` names is there and, for MLflow, its tracking store answers; one line if
     not (MLflow's own message, which says what to set)."""
-    if kind == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401  (torch's SummaryWriter needs it)
-        except ImportError:
-            raise KalmkgError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
-    elif kind == "mlflow":
-        try:
-            import mlflow
-        except ImportError:
-            raise KalmkgError("--report-to mlflow needs the mlflow package: pip install mlflow") from None
-        try:
-            mlflow.search_experiments(max_results=1)
-        except Exception as exc:  # noqa: BLE001 - MLflow's errors have no common base below Exception
-            text = " ".join(str(exc).split())
-            raise KalmkgError(f"--report-to mlflow: the tracking store at {mlflow.get_tracking_uri()} refuses: "
-                              f"{text[:400]}") from None
+    if kind == "none":
+        return
+    library = _library(kind)
+    if kind != "mlflow":
+        return
+    try:
+        library.search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - MLflow's errors have no common base below Exception
+        text = " ".join(str(exc).split())
+        raise KalmkgError(f"--report-to mlflow: the tracking store at {library.get_tracking_uri()} refuses: "
+                          f"{text[:400]}") from None
 
 
 def open_reporter(kind: str, run: Path, config: dict) -> Reporter:
