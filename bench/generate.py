@@ -46,7 +46,8 @@ QUESTION = "What is the nationality of Marie Curie's spouse?"
 
 def prompt_ids(ws, tokenizer) -> list[int]:
     """The ask prompt for QUESTION (retrieved facts, no embedder: deterministic), as chat-template ids."""
-    from kalmkg.qa.ask import build_messages, linked_descriptions
+    from kalmkg.prompts import build_messages
+    from kalmkg.qa.ask import linked_descriptions
     from kalmkg.qa.retrieve import retrieve
     from kalmkg.store import Store
 

@@ -25,9 +25,11 @@ def kalmkg(ws: Path, *args: str) -> None:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{out.stderr}")
 
 
-def prepare(steps: int = 120, lm_weight: float = 0.01, lm_examples: int = 4) -> Path:
-    """The workspace folder (built once); the run is named `world`."""
-    root = ROOT / "bench" / "_work" / f"world-{steps}-lm{lm_weight:g}x{lm_examples}"
+def prepare(steps: int = 120, lm_weight: float = 0.01, lm_examples: int = 4, extra: tuple[str, ...] = ()) -> Path:
+    """The workspace folder (built once); the run is named `world`. `extra`: more `kalmkg train` options
+    (e.g. --reading-weight 1), named in the folder."""
+    slug = "".join(f"-{a.lstrip('-')}" for a in extra)
+    root = ROOT / "bench" / "_work" / f"world-{steps}-lm{lm_weight:g}x{lm_examples}{slug}"
     if (root / "models" / f"world-{QUANTS[-1]}.json").is_file():
         return root
     tmp = root.with_name(root.name + ".tmp")
@@ -37,7 +39,7 @@ def prepare(steps: int = 120, lm_weight: float = 0.01, lm_examples: int = 4) -> 
     kalmkg(tmp, "split", "--valid", "0.1", "--test", "0.1", "--seed", "0")
     kalmkg(tmp, "train", "--max-steps", str(steps), "--batch-size", "16", "--lr", "1e-3", "--max-entity-tokens", "16",
            "--lora-layers", "8", "--self-negatives", "--lm-weight", str(lm_weight), "--lm-examples", str(lm_examples),
-           "--eval-every", str(max(steps // 2, 1)), "--eval-limit", "30", "--run-name", "world", "--no-embed")
+           "--eval-every", str(max(steps // 2, 1)), "--eval-limit", "30", "--run-name", "world", "--no-embed", *extra)
     for quant in QUANTS:
         kalmkg(tmp, "export", "--run", "world", "--quant", quant, "--name", f"world-{quant}")
     shutil.rmtree(root, ignore_errors=True)

@@ -159,6 +159,15 @@ def test_a_two_hop_sentence_must_name_the_bridge():
         "Her husband Pierre Curie was a citizen of France [1][2]."
 
 
+def test_a_name_with_a_full_stop_does_not_end_the_sentence():
+    paths = [Path((Fact(1, 0, 2, "Washington, D.C.", "capital of", "United States"),))]
+    group = AnswerGroup(2, (0,), paths, [(1, "k1", "Washington, D.C.")])
+    assert usable_sentence("Washington, D.C. is capital of United States [1].", group, ["Canada"]) == \
+        "Washington, D.C. is capital of United States [1]."
+    assert usable_sentence("Washington, D.C. is the capital. Canada is not.", group, ["Canada"]) == \
+        "Washington, D.C. is the capital [1]."
+
+
 def test_the_question_names_its_answers_type_and_relations_give_theirs():
     from kalmkg.qa.answer import answer_type, asked_type, type_fits
 

@@ -19,9 +19,8 @@ from conftest import TESTS
 from helpers_graph import NO_TORCH, require_installed
 from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.answers import grade, is_abstention, load_questions
-from kalmkg.prompts import SYSTEM_ANSWER, SYSTEM_NO_CONTEXT
-from kalmkg.qa.ask import (NO_ANSWER, NO_MATCH, AskConfig, ask, build_messages,
-                           no_facts_message, resolve_model)
+from kalmkg.prompts import SYSTEM_ANSWER, SYSTEM_NO_CONTEXT, build_messages
+from kalmkg.qa.ask import NO_ANSWER, NO_MATCH, AskConfig, ask, no_facts_message, resolve_model
 from kalmkg.qa.retrieve import (Fact, Path as FactPath, choose_spans, link_entities, ngrams, overlap, path_lexical,
                                 retrieve, same_word, select_facts, standardize)
 from kalmkg.store import Store

@@ -195,6 +195,21 @@ def test_probed_extensions_are_ones_the_cpu_advertises():
         assert cpuinfo_name.get(name, name) in flags, name
 
 
+def test_amx_is_built_only_when_asked_for(monkeypatch):
+    """ggml's AMX matmul dies with SIGILL on a VM where the AMX probe runs: it is opt-in."""
+    monkeypatch.setattr(build.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(build.sys, "platform", "linux")
+    monkeypatch.setattr(build, "probe_x86_features", lambda: ["avx", "avx2", *build._AVX512, "avx512vnni", "amx"])
+    plan = build.plan_build(cuda="off")
+    assert "amx" not in plan.features and "-DGGML_AMX_INT8=OFF" in plan.cmake_args
+    assert "-DGGML_AVX512_VNNI=ON" in plan.cmake_args
+    plan = build.plan_build(cuda="off", enable=("amx",))
+    assert "amx" in plan.features and "-DGGML_AMX_INT8=ON" in plan.cmake_args
+    assert "amx" not in build.plan_build(cuda="off", disable=("amx",), enable=("amx",)).features
+    with pytest.raises(SystemExit, match="unknown extension"):
+        build.plan_build(cuda="off", enable=("sse9",))
+
+
 def test_cache_key_changes_with_everything_the_code_depends_on():
     plan = build.BuildPlan(machine="x86_64", cpu="x", cmake_args=["-DGGML_AVX2=ON"], features=["avx2"])
     assert plan.key("a") == build.BuildPlan(machine="x86_64", cpu="y", cmake_args=["-DGGML_AVX2=ON"],

@@ -90,11 +90,11 @@ def test_the_draw_depends_on_seed_and_batch_only():
 
 def test_a_chat_example_is_asks_no_context_prompt_and_the_reply(tiny_model):
     from kalmkg.models import load_tokenizer
-    from kalmkg.prompts import SYSTEM_NO_CONTEXT
+    from kalmkg.prompts import SYSTEM_NO_CONTEXT, no_context_messages
     from kalmkg.training.data import chat_example
 
     tokenizer = load_tokenizer(str(tiny_model), "tiny")
-    prompt, reply = chat_example(tokenizer, "What is the capital of France?", "Paris.")
+    prompt, reply = chat_example(tokenizer, no_context_messages("What is the capital of France?"), "Paris.")
     text = tokenizer.decode(prompt)
     assert SYSTEM_NO_CONTEXT in text and text.rstrip().endswith("assistant:")
     assert tokenizer.decode(reply).strip().startswith("Paris.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -199,6 +200,11 @@ def test_dry_run_shows_config_and_first_batch_without_writing(sample_ws, tiny_mo
     train(sample_ws, tiny_config(tiny_model, question_weight=1.0), run_id="dry", dry_run=seen.update)
     assert seen["questions"]["queries"] > 100 and len(seen["questions"]["first_batch"]) == 8
     assert all(q.endswith("?") and a.endswith(".") for q, a in seen["questions"]["first_batch"])
+    assert seen["reading"] is None
+    train(sample_ws, tiny_config(tiny_model, reading_weight=1.0, reading_examples=4), run_id="dry",
+          dry_run=seen.update)
+    assert len(seen["reading"]) == 4 and all(t["prompt"].startswith("Facts:\n[1] ") for t in seen["reading"])
+    assert all(re.search(r"\[\d\]\.$", t["reply"]) for t in seen["reading"])
 
 
 def test_errors_are_clear(tmp_path, sample_ws, tiny_model):
@@ -439,27 +445,33 @@ def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_
     import torch
 
     from kalmkg.models import load_tokenizer
+    from kalmkg.prompts import build_messages, no_context_messages
     from kalmkg.training.data import chat_example
     from kalmkg.training.objective import LearnableTemperature
+    from kalmkg.training.reading import Said
     from kalmkg.training.prefix import prefix_for
     from kalmkg.training.step import StepContext, kalm_step
 
     cfg = TrainConfig(batch_size=12, lm_examples=3, lm_weight=0.5, lora_dropout=0.0, max_entity_tokens=24,
                       self_negatives=self_negatives, question_weight=0.7 if questions else 0.0,
-                      lora_layers=1 if kept else 0)
+                      reading_weight=0.4 if questions else 0.0, lora_layers=1 if kept else 0)
     model, tokens, known = tiny_lora(sample_ws, tiny_model, cfg)
     temperature = LearnableTemperature(0.05, learnable=True)
     batch = batch_for_the_step(tokens, cfg)
     tokenizer = load_tokenizer(str(tiny_model), "tiny")
-    asked = [chat_example(tokenizer, "What is the capital of France?", "Paris."),
-             chat_example(tokenizer, "Which country is Berlin located in?", "Germany and Europe.")] if questions else None
+    asked = [chat_example(tokenizer, no_context_messages("What is the capital of France?"), "Paris."),
+             chat_example(tokenizer, no_context_messages("Which country is Berlin located in?"),
+                          "Germany and Europe.")] if questions else None
+    read = [chat_example(tokenizer, build_messages("Where is Paris?", [Said("Paris", "capital of", "France")],
+                                                   answer="France"), "Paris is capital of France [1].")]
     model.train()
     prefix = prefix_for(model, 64) if kept else None
     assert (prefix is not None) == kept
 
     steps = []
     for repeat in range(2 if kept else 1):
-        fast = kalm_step(StepContext(model, temperature, tokens, known, cfg, prefix=prefix), batch, questions=asked)
+        fast = kalm_step(StepContext(model, temperature, tokens, known, cfg, prefix=prefix), batch,
+                         chats={"l_qa": asked, "l_read": read if questions else None})
         assert len(fast.tails[0]) == cfg.batch_size
         fast.loss.backward()
         steps.append((fast, grads(model, temperature)))
@@ -469,15 +481,16 @@ def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_
             assert (stats["hits"] > 0) == (repeat == 1) and stats["rows"] == stats["misses"] > 10
     plain = plain_step(model, tokens, batch, cfg, temperature, known)
     if questions:
-        plain["l_qa"] = torch.stack([model(input_ids=torch.tensor([p + r]),
-                                           labels=torch.tensor([[-100] * len(p) + r])).loss for p, r in asked]).mean()
-        plain["loss"] = plain["loss"] + cfg.question_weight * plain["l_qa"]
+        for term, pairs, weight in (("l_qa", asked, cfg.question_weight), ("l_read", read, cfg.reading_weight)):
+            plain[term] = torch.stack([model(input_ids=torch.tensor([p + r]),
+                                             labels=torch.tensor([[-100] * len(p) + r])).loss for p, r in pairs]).mean()
+            plain["loss"] = plain["loss"] + weight * plain[term]
     plain["loss"].backward()
     plain_grads = grads(model, temperature)
 
     for fast, fast_grads in steps:
-        assert ("l_qa" in fast.terms) == questions
-        for term in ("loss", "l_exp", "l_imp") + (("l_qa",) if questions else ()):
+        assert ("l_qa" in fast.terms) == ("l_read" in fast.terms) == questions
+        for term in ("loss", "l_exp", "l_imp") + (("l_qa", "l_read") if questions else ()):
             assert fast.terms[term] == pytest.approx(plain[term].item(), rel=1e-5, abs=1e-6), term
         assert fast.terms["l_imp"] > 0.1 and cfg.lm_weight * fast.terms["l_imp"] > 1e-3  # the LM part counts
         assert fast_grads.keys() == plain_grads.keys()
@@ -498,6 +511,8 @@ def test_a_split_batch_must_divide_evenly_between_processes():
         _check_batch_size(TrainConfig(batch_size=9), 100, two)
     with pytest.raises(KalmkgError, match="--question-examples 3 must be divisible by the 2 processes"):
         _check_batch_size(TrainConfig(batch_size=8, question_weight=1.0, question_examples=3), 100, two)
+    with pytest.raises(KalmkgError, match="--reading-examples 5 must be divisible by the 2 processes"):
+        _check_batch_size(TrainConfig(batch_size=8, reading_weight=1.0, reading_examples=5), 100, two)
     _check_batch_size(TrainConfig(batch_size=8, question_examples=3), 100, two)  # no questions: no matter
 
 

@@ -111,7 +111,8 @@ def ask(
       kalmkg ask "Which countries border Germany?" --json | jq .facts
       kalmkg ask "Who is the spouse of Angela Merkel?" --min-precision 0.8   # predictions said more rarely
     """
-    from kalmkg.qa.ask import AskConfig, Asker, context_lines
+    from kalmkg.prompts import context_lines
+    from kalmkg.qa.ask import AskConfig, Asker
 
     config = AskConfig(hops=hops, max_facts=max_facts, no_context=no_context, temperature=temperature,
                        max_tokens=max_tokens, seed=seed, predict=predict, min_precision=min_precision,

@@ -93,4 +93,9 @@ def print_dry_run(info: dict) -> None:
         out.append(f"# questions: {info['questions']['queries']:,} train queries asked (both directions); "
                    "first batch:")
         out += [f"  Q: {q}\n  A: {a}" for q, a in info["questions"]["first_batch"]]
+    if info.get("reading"):
+        out.append("# fact-reading turns (ask's prompts), first batch:")
+        for turn in info["reading"]:
+            prompt = "\n".join(f"  | {line}" for line in turn["prompt"].splitlines())
+            out.append(f"  [{turn['kind']}]\n{prompt}\n  A: {turn['reply']}")
     sys.stdout.write("\n".join(out) + "\n")

@@ -240,15 +240,25 @@ def cuda_available() -> bool:
     return listed.returncode == 0 and "GPU" in listed.stdout
 
 
-def plan_build(cuda: str = "auto", disable: tuple[str, ...] = ()) -> BuildPlan:
-    """`disable` drops probed extensions (an escape hatch should a probe ever pass where code crashes)."""
+# Extensions built only when asked for (`--enable`), even where their probe runs. AMX: on a Firecracker VM
+# whose Xeon advertises AMX, tile instructions run (the probe passes, in several threads too), yet ggml's
+# AMX matmul dies with SIGILL at `tilezero` in a worker thread, and llama.cpp has open reports of its AMX
+# path crashing on real AMX hardware as well; it speeds up only large quantized matrix products, which a
+# model of kalmkg's size on a few cores barely has.
+OPT_IN = ("amx",)
+
+
+def plan_build(cuda: str = "auto", disable: tuple[str, ...] = (), enable: tuple[str, ...] = ()) -> BuildPlan:
+    """`disable` drops probed extensions (an escape hatch should a probe ever pass where code crashes);
+    `enable` lets OPT_IN ones in where their probe runs."""
     machine = platform.machine().lower()
     plan = BuildPlan(machine=machine, cpu=cpu_model())
     if sys.platform.startswith("linux") and machine in ("x86_64", "amd64"):
-        unknown = set(disable) - set(_PROBES)
+        unknown = (set(disable) | set(enable)) - set(_PROBES)
         if unknown:
             raise SystemExit(f"error: unknown extension(s) {', '.join(sorted(unknown))}; known: {', '.join(_PROBES)}")
-        plan.features = [f for f in probe_x86_features() if f not in disable]
+        left_out = set(disable) | (set(OPT_IN) - set(enable))
+        plan.features = [f for f in probe_x86_features() if f not in left_out]
         plan.cmake_args = x86_cmake_args(plan.features)
     elif sys.platform.startswith("linux") and machine in ("aarch64", "arm64"):
         plan.features = sorted(advertised_flags() or ())  # the kernel's hwcaps
@@ -380,10 +390,11 @@ def _remove_bundling_converter() -> None:
     _pip("install", "--force-reinstall", "--no-deps", gguf)
 
 
-def install(force: bool = False, cuda: str = "auto", req: str | None = None, disable: tuple[str, ...] = ()) -> dict:
+def install(force: bool = False, cuda: str = "auto", req: str | None = None, disable: tuple[str, ...] = (),
+            enable: tuple[str, ...] = ()) -> dict:
     from kalmkg.cache import cache_root
 
-    plan = plan_build(cuda, disable)
+    plan = plan_build(cuda, disable, enable)
     req = req or requirement()
     with tempfile.TemporaryDirectory(prefix="kalmkg-llama-") as tmp:
         source = fetch_source(req, Path(tmp))
@@ -418,16 +429,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="build the CUDA backend: auto = when nvidia-smi lists a GPU and nvcc exists")
     parser.add_argument("--disable", metavar="EXT,...", default="",
                         help=f"leave out probed x86 extensions even though they ran (of: {', '.join(_PROBES)})")
+    parser.add_argument("--enable", metavar="EXT,...", default="",
+                        help=f"also build for these extensions where they run (off unless asked: {', '.join(OPT_IN)})")
     parser.add_argument("--requirement", metavar="SPEC",
                         help="another llama-cpp-python version, e.g. 'llama-cpp-python==0.3.17' [default: kalmkg's]")
     parser.add_argument("--print", dest="print_only", action="store_true",
                         help="print the probed features and CMake flags as JSON; build nothing")
     args = parser.parse_args(argv)
-    disable = tuple(x.strip() for x in args.disable.split(",") if x.strip())
+    disable, enable = (tuple(x.strip() for x in value.split(",") if x.strip()) for value in (args.disable, args.enable))
     if args.print_only:
-        print(json.dumps(asdict(plan_build(args.cuda, disable)), indent=2))
+        print(json.dumps(asdict(plan_build(args.cuda, disable, enable)), indent=2))
         return
-    record = install(force=args.force, cuda=args.cuda, req=args.requirement, disable=disable)
+    record = install(force=args.force, cuda=args.cuda, req=args.requirement, disable=disable, enable=enable)
     features = " ".join(record["features"]) or "-"
     print(f"llama.cpp installed: {record['wheel']} ({'CUDA + ' if record['cuda'] else ''}CPU: {features})")
 

@@ -285,7 +285,8 @@ def usable_sentence(text: str, group: AnswerGroup, others: Sequence[str]) -> str
     """The model's sentence, cut after the sentence that completes the answer and given citations when it
     has none; None when it misses an answer, names one of `others` (entities of the graph the answer is
     not), leaves out the bridge of a 2-hop answer, or runs long."""
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s.strip()]
+    # a sentence ends at . ! ? before a word that does not go on in lower case ("Washington, D.C. is ...")
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+(?![a-z])|\n+", text.strip()) if s.strip()]
     names = [label for _, _, label in group.answers]
     kept = ""
     for s in sentences:

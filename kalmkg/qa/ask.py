@@ -24,7 +24,7 @@ from kalmkg.export.registry import list_exports
 from kalmkg.llamacpp import runtime
 from kalmkg.llamacpp.likelihood import LikelihoodScorer
 from kalmkg.models import EMBEDDED, embedded_gguf
-from kalmkg.prompts import SYSTEM, SYSTEM_ANSWER, no_context_messages
+from kalmkg.prompts import build_messages
 from kalmkg.qa.answer import (
     AnswerGroup,
     answer_names,
@@ -118,24 +118,6 @@ class Answer:
 
 
 # --------------------------------------------------------------------------------------------- prompt
-
-
-def context_lines(facts: Sequence[Fact], descriptions: Sequence[tuple[str, str]]) -> list[str]:
-    lines = [f"[{i + 1}] {f.text()}" for i, f in enumerate(facts)]
-    lines += [f"[{len(facts) + i + 1}] {label}: {text}" for i, (label, text) in enumerate(descriptions)]
-    return lines
-
-
-def build_messages(question: str, facts: Sequence[Fact], descriptions: Sequence[tuple[str, str]] = (),
-                   no_context: bool = False, answer: str | None = None) -> list[dict]:
-    """The chat: a system turn with the rules, a user turn with the numbered facts and the question (and,
-    when the graph gave it, the answer the sentence must give)."""
-    if no_context:
-        return no_context_messages(question)
-    body = "Facts:\n" + "\n".join(context_lines(facts, descriptions)) + f"\n\nQuestion: {question}"
-    if answer is not None:
-        return [{"role": "system", "content": SYSTEM_ANSWER}, {"role": "user", "content": f"{body}\nAnswer: {answer}"}]
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": body}]
 
 
 def linked_descriptions(links: Sequence[Link], n: int, max_chars: int = 240) -> list[tuple[str, str]]:

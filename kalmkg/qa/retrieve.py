@@ -32,6 +32,7 @@ import numpy as np
 
 from kalmkg.encode import Encoder
 from kalmkg.errors import KalmkgError
+from kalmkg.prompts import fact_text
 from kalmkg.text import entity_text, normalize, strip_accents
 
 # Words that carry no meaning for matching relations or names (question words, auxiliaries, articles).
@@ -88,7 +89,7 @@ class Fact:
 
     def text(self) -> str:
         """How a fact is written in a prompt and embedded."""
-        return f"{self.head_label} — {self.relation_label} — {self.tail_label}"
+        return fact_text(self.head_label, self.relation_label, self.tail_label)
 
     def as_dict(self) -> dict:
         return {"head": self.head_label, "relation": self.relation_label, "tail": self.tail_label,

@@ -209,7 +209,7 @@ def _ask_config(request: AskOptions, **generation: Any):
 
 
 def _citations(answer) -> str:
-    from kalmkg.qa.ask import context_lines
+    from kalmkg.prompts import context_lines
 
     lines = context_lines(answer.facts, answer.descriptions)
     return "\n\nFacts:\n" + "\n".join(lines) if lines else ""

@@ -75,6 +75,10 @@ class TrainConfig:
                                      "chat format (0: off).", "Objective")
     question_examples: int = _option(8, "Question-answer examples per batch (with --question-weight > 0).",
                                      "Objective")
+    reading_weight: float = _option(0.0, "Weight of the fact-reading LM loss: `ask`'s own prompts written from the "
+                                    "train graph (numbered facts, the answer, distractors, 2-hop paths), answered "
+                                    "with a sentence that cites its facts (0: off).", "Objective")
+    reading_examples: int = _option(8, "Fact-reading examples per batch (with --reading-weight > 0).", "Objective")
     self_negatives: bool = _option(False, "Use each head as a negative for its own query.", "Objective")
     prebatch: int = _option(0, "Also contrast against the tails of the previous K batches.", "Objective")
     # the structure model fused with the text scores for link prediction (kalmkg/structure)
@@ -144,6 +148,8 @@ def config_problem(cfg: TrainConfig) -> str | None:
         (0 <= cfg.lm_examples <= cfg.batch_size, "--lm-examples must be between 0 and --batch-size"),
         (cfg.question_weight >= 0, "--question-weight must be 0 (off) or more"),
         (cfg.question_examples >= 0, "--question-examples must be 0 or more"),
+        (cfg.reading_weight >= 0, "--reading-weight must be 0 (off) or more"),
+        (cfg.reading_examples >= 0, "--reading-examples must be 0 or more"),
         (cfg.max_entity_tokens is None or cfg.max_entity_tokens >= 1, "--max-entity-tokens must be at least 1"),
         (cfg.log_every >= 1, "--log-every must be at least 1"),
         (cfg.frozen_cache_mb >= 0, "--frozen-cache-mb must be 0 (off) or more"),

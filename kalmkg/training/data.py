@@ -23,6 +23,7 @@ from kalmkg.store import Store
 from kalmkg.text import GraphTexts
 from kalmkg.training.config import TrainConfig
 from kalmkg.training.questions import QuestionQuery, QuestionWriter, question_queries, sample_questions
+from kalmkg.training.reading import ReadingWriter
 from kalmkg.workspace import Workspace
 
 
@@ -211,16 +212,15 @@ def describe_batch(tokens: TokenizedExamples, batch: np.ndarray, tokenizer, cfg:
 
 
 # ------------------------------------------------------------------ question-answer examples
-def chat_example(tokenizer, question: str, reply: str) -> tuple[list[int], list[int]]:
-    """Token ids of `ask --no-context`'s prompt for `question` (through the start of the model's turn) and
-    of `reply` (through the end of its turn), by the tokenizer's own chat template. The two are tokenized
-    apart, as at answer time: the prompt is tokenized alone and the reply is generated after it."""
-    messages = no_context_messages(question)
+def chat_example(tokenizer, messages: list[dict], reply: str) -> tuple[list[int], list[int]]:
+    """Token ids of the chat `messages` (through the start of the model's turn) and of `reply` (through the
+    end of its turn), by the tokenizer's own chat template. The two are tokenized apart, as at answer
+    time: the prompt is tokenized alone and the reply is generated after it."""
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}], tokenize=False)
     if not full.startswith(prompt) or len(full) == len(prompt):
         raise KalmkgError("the base model's chat template does not extend its prompt with the reply; "
-                          "train without --question-weight")
+                          "train without --question-weight and --reading-weight")
     ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     return ids(prompt), ids(full[len(prompt):])
 
@@ -250,4 +250,29 @@ class QuestionData:
     def batch(self, k: int, seed: int, index: int) -> list[tuple[list[int], list[int]]]:
         """The `k` (prompt, reply) token pairs of batch `index` of the run (see `sample_questions`)."""
         drawn = sample_questions(len(self.queries), k, seed, index)
-        return [chat_example(self.tokenizer, *self.writer.pair(self.queries[i], pick)) for i, pick in drawn]
+        pairs = [self.writer.pair(self.queries[i], pick) for i, pick in drawn]
+        return [chat_example(self.tokenizer, no_context_messages(q), reply) for q, reply in pairs]
+
+
+@dataclass
+class ReadingData:
+    """`ask`'s fact-reading turns written from the train graph (`reading.py`), tokenized when a batch
+    draws them."""
+
+    writer: ReadingWriter
+    tokenizer: Any
+
+    @classmethod
+    def build(cls, graph: TrainingGraph, tokenizer) -> "ReadingData":
+        questions = QuestionData.build(graph, tokenizer)
+        return cls(ReadingWriter(questions.writer, graph.train, questions.queries), tokenizer)
+
+    def describe(self, k: int, seed: int) -> list[dict]:
+        """What a dry run shows: the first batch's turns (the user turn and the reply)."""
+        turns = [self.writer.turn(seed, 0, j) for j in range(min(k, 4))]
+        return [{"kind": t.kind, "prompt": t.messages[-1]["content"], "reply": t.reply} for t in turns]
+
+    def batch(self, k: int, seed: int, index: int) -> list[tuple[list[int], list[int]]]:
+        """The `k` (prompt, reply) token pairs of batch `index` of the run."""
+        turns = [self.writer.turn(seed, index, j) for j in range(k)]
+        return [chat_example(self.tokenizer, t.messages, t.reply) for t in turns]

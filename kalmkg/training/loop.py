@@ -27,7 +27,7 @@ from kalmkg.models import load_base, num_layers, resolve_base
 from kalmkg.text import graph_texts
 from kalmkg.training.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from kalmkg.training.config import SIZED, TrainConfig, with_size_defaults
-from kalmkg.training.data import QuestionData, batch_groups, describe_batch, epoch_batches, load_tokens, read_graph
+from kalmkg.training.data import QuestionData, ReadingData, batch_groups, describe_batch, epoch_batches, load_tokens, read_graph
 from kalmkg.training.distributed import World, agree, barrier, init_world
 from kalmkg.training.learner import build_learner
 from kalmkg.training.card import write_model_card
@@ -114,13 +114,15 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     steps_per_epoch = len(tokens.examples) // cfg.batch_size // cfg.grad_accum
     total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
     questions = QuestionData.build(graph, tokenizer) if cfg.question_weight > 0 and cfg.question_examples else None
+    reading = ReadingData.build(graph, tokenizer) if cfg.reading_weight > 0 and cfg.reading_examples else None
     if dry_run is not None:
         first = epoch_batches(len(tokens.examples), cfg.batch_size, cfg.seed, 0, tokens.lengths, cfg.bucket)[0]
         dry_run({"config": runs.as_dict(cfg), "base": resolved.name, "device": device, "parameters": n_params,
                  "by_size": by_size,
                  "train_examples": len(tokens.examples), "steps": total_steps,
                  "first_batch": describe_batch(tokens, first, tokenizer, cfg),
-                 "questions": None if questions is None else questions.describe(cfg.question_examples, cfg.seed)})
+                 "questions": None if questions is None else questions.describe(cfg.question_examples, cfg.seed),
+                 "reading": None if reading is None else reading.describe(cfg.reading_examples, cfg.seed)})
         return None
 
     # build the model: LoRA on the base, the temperature, AdamW and its schedule
@@ -176,10 +178,11 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
         learner.optimizer.zero_grad(set_to_none=True)
         batch_terms = []
         for j, examples in enumerate(group):
-            asked = questions.batch(cfg.question_examples, cfg.seed, state.step * cfg.grad_accum + j) \
-                if questions is not None else None
+            index = state.step * cfg.grad_accum + j
+            chats = {"l_qa": questions.batch(cfg.question_examples, cfg.seed, index) if questions else None,
+                     "l_read": reading.batch(cfg.reading_examples, cfg.seed, index) if reading else None}
             with autocast:
-                out = kalm_step(step_context, examples, prebatch, asked)
+                out = kalm_step(step_context, examples, prebatch, chats)
             (out.loss / cfg.grad_accum).backward()
             batch_terms.append(out.terms)
             if cfg.prebatch:
@@ -278,9 +281,10 @@ def _check_batch_size(cfg: TrainConfig, n_examples: int, world: World) -> None:
                           f"{n_examples} training examples")
     if cfg.batch_size % world.size:
         raise KalmkgError(f"--batch-size {cfg.batch_size} must be divisible by the {world.size} processes")
-    if cfg.question_weight > 0 and cfg.question_examples % world.size:  # each process takes an equal share
-        raise KalmkgError(f"--question-examples {cfg.question_examples} must be divisible by the {world.size} "
-                          "processes")
+    for weight, examples, flag in ((cfg.question_weight, cfg.question_examples, "--question-examples"),
+                                   (cfg.reading_weight, cfg.reading_examples, "--reading-examples")):
+        if weight > 0 and examples % world.size:  # each process takes an equal share
+            raise KalmkgError(f"{flag} {examples} must be divisible by the {world.size} processes")
 
 
 def _due(step: int, every: int, total_steps: int) -> bool:

@@ -69,15 +69,23 @@ def _description_question(description: str | None, entity: str) -> str | None:
     return f"{_wh(relation_types(description).tail)} is {said[0].lower()}{said[1:]}?"
 
 
+def label_kind(label: str) -> str:
+    """How a relation's label reads: "finite" ("shares border with": a verb of its own), "phrase" ("born
+    in", "capital of": read with "is") or "noun" ("currency", "spouse")."""
+    words = label.lower().split()
+    if not words or words[-1] not in _PREPOSITION_END:
+        return "noun"
+    return "finite" if len(words) > 1 and words[0].endswith("s") and not words[0].endswith("ss") else "phrase"
+
+
 def question_forms(label: str, description: str | None, entity: str, inverse: bool) -> list[str]:
     """Questions asking for the tail of (entity, label) or, `inverse`, for the head of (?, label, entity);
     distinct, in a fixed order."""
     types = relation_types(description)
     label = " ".join(label.split())
     words = label.lower().split()
-    # "born in", "capital of": read with "is"; "shares border with": a verb of its own
-    phrase = bool(words) and words[-1] in _PREPOSITION_END
-    finite = phrase and len(words) > 1 and words[0].endswith("s") and not words[0].endswith("ss")
+    reading = label_kind(label)
+    phrase, finite = reading != "noun", reading == "finite"
     kind = types.tail if not inverse else types.head
     kind = kind if kind and kind not in words else None  # "Which currency is the currency of X?" says nothing
     wh = _wh(types.tail if not inverse else types.head)

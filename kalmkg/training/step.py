@@ -64,17 +64,22 @@ class StepInputs:
     hr: list[int]
     tail: list[int]
     self: list[int]
-    questions: list[int] = field(default_factory=list)  # rows of question-answer examples (their LM loss: L_qa)
+    chat: dict[str, list[int]] = field(default_factory=dict)  # loss term (CHAT_TERMS) -> its chat rows
 
-    def add_questions(self, pairs) -> None:
-        """Question-answer rows (prompt + reply), the LM loss on the reply."""
+    def add_chat(self, term: str, pairs) -> None:
+        """Chat rows (prompt + reply) whose reply gets the LM loss `term`."""
         for prompt, reply in pairs:
             self.rows.append(prompt + reply)
             self.pool_at.append(len(prompt) - 1)
             r = len(self.rows) - 1
             self.lm_spans[r] = (len(prompt) - 1, len(prompt) + len(reply) - 1)
             self.lm_labels[r] = reply
-            self.questions.append(r)
+            self.chat.setdefault(term, []).append(r)
+
+
+# The chat losses beside KaLM's, each an LM loss on replies, and the config field that weighs it:
+# L_qa (questions answered by the weights alone, `ask --no-context`) and L_read (`ask`'s fact-reading turns)
+CHAT_TERMS = {"l_qa": "question_weight", "l_read": "reading_weight"}
 
 
 def build_inputs(tokens: TokenizedExamples, examples: np.ndarray, lm_mask: np.ndarray,
@@ -147,15 +152,16 @@ def length_chunks(lengths: list[int], *, max_waste: float = 0.3, min_chunk: int 
 
 
 def kalm_step(ctx: StepContext, examples: np.ndarray, prebatch: list | None = None,
-              questions: list | None = None) -> StepOutput:
+              chats: Mapping[str, list] | None = None) -> StepOutput:
     """Loss of one global batch (an [B, 3] example array) as seen by this process: its slice goes
-    through the model, the whole batch is in the loss. `prebatch`: earlier steps' `tails`;
-    `questions`: the batch's (prompt, reply) token pairs for L_qa (this process takes its share)."""
+    through the model, the whole batch is in the loss. `prebatch`: earlier steps' `tails`; `chats`: per
+    term of CHAT_TERMS, the batch's (prompt, reply) token pairs (this process takes its share)."""
     cfg, world = ctx.cfg, ctx.world
     mine = world.slice(len(examples))
     inputs = build_inputs(ctx.tokens, examples[mine], lm_flags(len(examples), cfg)[mine], cfg.self_negatives)
-    if questions:
-        inputs.add_questions(questions[world.slice(len(questions))])
+    for term, pairs in (chats or {}).items():
+        if pairs:
+            inputs.add_chat(term, pairs[world.slice(len(pairs))])
     pooled, lm_hidden = run_backbone(backbone(ctx.model), inputs, ctx.tokens.pad_id, ctx.device, ctx.prefix)
 
     # L_exp: every process contrasts its queries against the tails of the whole global batch
@@ -170,18 +176,18 @@ def kalm_step(ctx: StepContext, examples: np.ndarray, prebatch: list | None = No
                              extra_negatives=extra, extra_mask=_to(masks.extra, hr.device),
                              self_negatives=selfs, self_negative_mask=_to(masks.self, hr.device))
 
-    # L_imp: the LM head only at the positions that predict each completion target; L_qa likewise on replies
+    # L_imp: the LM head only at the positions that predict each completion target; the chat terms likewise
     head = ctx.model.get_output_embeddings()
-    asked = set(inputs.questions)
-    l_imp = _lm_loss(head, lm_hidden, inputs.lm_labels, [r for r in lm_hidden if r not in asked], ctx.device)
-    l_qa = _lm_loss(head, lm_hidden, inputs.lm_labels, [r for r in lm_hidden if r in asked], ctx.device)
+    chat_rows = {r for rows in inputs.chat.values() for r in rows}
+    l_imp = _lm_loss(head, lm_hidden, inputs.lm_labels, [r for r in lm_hidden if r not in chat_rows], ctx.device)
     loss = objective.kalm_loss(out["loss"], l_imp, cfg.lm_weight)
-    if l_qa is not None:
-        loss = loss + cfg.question_weight * l_qa
-    terms = {"loss": loss.item(), "l_exp": out["loss"].item(), "l_imp": l_imp.item() if l_imp is not None else None,
+    terms = {"l_exp": out["loss"].item(), "l_imp": l_imp.item() if l_imp is not None else None,
              "tau": tau.item(), "acc": out["accuracy"].item()}
-    if l_qa is not None:
-        terms["l_qa"] = l_qa.item()
+    for term, rows in inputs.chat.items():
+        value = _lm_loss(head, lm_hidden, inputs.lm_labels, rows, ctx.device)
+        loss = loss + getattr(cfg, CHAT_TERMS[term]) * value
+        terms[term] = value.item()
+    terms = {"loss": loss.item(), **terms}
     return StepOutput(loss, terms, (tails.detach(), torch.as_tensor(examples)[:, 2].clone()))
 
 
