@@ -97,8 +97,8 @@ def main() -> None:
     root = prepare(args.steps, args.lm_weight, args.lm_examples, tuple(args.train))
     ws = Workspace(root)
     rows = load_questions(args.questions)
-    models = {"SmolLM2-135M, untrained": base_q8(root.parent),
-              f"KaLM run ({args.steps} steps, lambda {args.lm_weight:g})": root / "models" / "world-Q8_0.gguf"}
+    recipe = " ".join([f"{args.steps} steps, lambda {args.lm_weight:g}", *args.train])
+    models = {"SmolLM2-135M, untrained": base_q8(root.parent), f"KaLM run ({recipe})": root / "models" / "world-Q8_0.gguf"}
     log = root.parent / f"ask-quality-{root.name}-{args.questions.stem}.jsonl"
     table = []
     with log.open("w") as out:

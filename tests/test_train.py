@@ -257,11 +257,19 @@ with torch.no_grad():  # non-zero LoRA B so every LoRA weight gets a gradient
     for n, p in model.named_parameters():
         if "lora_B" in n:
             p.normal_(0, 0.5)
-cfg = TrainConfig(batch_size=8, lm_examples=2, lm_weight=0.5, self_negatives=True)
+cfg = TrainConfig(batch_size=8, lm_examples=2, lm_weight=0.5, self_negatives=True, question_weight=0.7,
+                  question_view_weight=0.6, reading_weight=0.4)
 temp = LearnableTemperature(0.05, True)
 known = {k: frozenset(v) for k, v in known_answers(train, texts.num_relations).items()}
 batch = tokens.examples[np.arange(8) * 7]
-loss, terms, _ = kalm_step(StepContext(model, temp, tokens, known, cfg, world), batch)
+from kalmkg.prompts import no_context_messages
+from kalmkg.training.data import chat_example
+asked = [chat_example(tok, no_context_messages(q), a) for q, a in
+         (("What is the capital of France?", "Paris."), ("Who founded Apple?", "Steve Jobs and Steve Wozniak."))]
+chats = {"l_qa": asked, "l_read": asked[::-1]}
+views = np.stack([tokens.examples[0], batch[3]])  # the questions' (entity, relation, answer)
+loss, terms, _ = kalm_step(StepContext(model, temp, tokens, known, cfg, world), batch, chats=chats,
+                           question_views=views)
 loss.backward()
 average_gradients(list(model.parameters()) + list(temp.parameters()), world)
 if world.size > 1:
@@ -272,13 +280,14 @@ else:
 grads = {n: p.grad.tolist() for n, p in model.named_parameters() if p.requires_grad}
 grads["tau"] = [p.grad.item() for p in temp.parameters()]
 if world.rank == 0:
-    out.write_text(json.dumps({"loss": mean_loss, "l_exp": terms["l_exp"], "grads": grads}))
+    out.write_text(json.dumps({"loss": mean_loss, "l_exp": terms["l_exp"], "l_qv": terms["l_qv"], "grads": grads}))
 """
 
 
 def test_two_process_gloo_training_step_equals_single_process(sample_ws, tiny_model, tmp_path):
     """Every process contrasts against the global batch (all-gather with gradients); the averaged
-    loss and gradients equal the single-process ones on the same global batch."""
+    loss and gradients equal the single-process ones on the same global batch, the chat terms and the
+    question views included."""
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -291,6 +300,7 @@ def test_two_process_gloo_training_step_equals_single_process(sample_ws, tiny_mo
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(single.read_text()), json.loads(double.read_text())
     assert a["l_exp"] == pytest.approx(b["l_exp"], abs=1e-5)
+    assert a["l_qv"] == pytest.approx(b["l_qv"], abs=1e-5)  # question views contrast the global batch too
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     assert a["grads"].keys() == b["grads"].keys()
     for name in a["grads"]:
@@ -425,6 +435,28 @@ def plain_step(model, tokens, batch: np.ndarray, cfg: TrainConfig, temperature, 
     return {"loss": l_exp + cfg.lm_weight * l_imp, "l_exp": l_exp, "l_imp": l_imp}
 
 
+def plain_question_views(model, tokens, batch, views, prompts, cfg, temperature, known):
+    """L_qv the obvious way: each question prompt and every tail view through the whole model alone."""
+    import torch
+    import torch.nn.functional as F
+
+    from kalmkg.training import objective
+
+    def embed(ids: list[int]):
+        x = torch.tensor([ids])
+        hidden = model(input_ids=x, attention_mask=torch.ones_like(x), output_hidden_states=True).hidden_states[-1]
+        return F.normalize(hidden[0, -1], dim=-1)
+
+    questions = torch.stack([embed(p) for p in prompts])
+    answers = np.concatenate([batch[:, 2], views[:, 2]])
+    candidates = torch.stack([embed(tokens.tail_ids[a]) for a in answers.tolist()])
+    positive = torch.arange(len(views)) + len(batch)
+    v = torch.as_tensor(views)
+    mask = objective.false_negative_mask(v[:, :2], v[:, 2], torch.as_tensor(answers), known, positive_index=positive)
+    return objective.info_nce(questions, candidates, margin=cfg.margin, temperature=temperature(), mask=mask,
+                              positive_index=positive)["loss"]
+
+
 def grads(model, temperature) -> dict:
     out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     out["tau"] = temperature.log_inv_tau.grad.detach().clone()
@@ -454,7 +486,8 @@ def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_
 
     cfg = TrainConfig(batch_size=12, lm_examples=3, lm_weight=0.5, lora_dropout=0.0, max_entity_tokens=24,
                       self_negatives=self_negatives, question_weight=0.7 if questions else 0.0,
-                      reading_weight=0.4 if questions else 0.0, lora_layers=1 if kept else 0)
+                      reading_weight=0.4 if questions else 0.0, question_view_weight=0.6 if questions else 0.0,
+                      lora_layers=1 if kept else 0)
     model, tokens, known = tiny_lora(sample_ws, tiny_model, cfg)
     temperature = LearnableTemperature(0.05, learnable=True)
     batch = batch_for_the_step(tokens, cfg)
@@ -464,6 +497,9 @@ def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_
                           "Germany and Europe.")] if questions else None
     read = [chat_example(tokenizer, build_messages("Where is Paris?", [Said("Paris", "capital of", "France")],
                                                    answer="France"), "Paris is capital of France [1].")]
+    # the questions' (entity, relation, answer): any two queries of the graph, the second sharing its answer
+    # with an example of the batch (a known answer there is masked)
+    views = np.stack([tokens.examples[0], batch[3]]) if questions else None
     model.train()
     prefix = prefix_for(model, 64) if kept else None
     assert (prefix is not None) == kept
@@ -471,7 +507,7 @@ def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_
     steps = []
     for repeat in range(2 if kept else 1):
         fast = kalm_step(StepContext(model, temperature, tokens, known, cfg, prefix=prefix), batch,
-                         chats={"l_qa": asked, "l_read": read if questions else None})
+                         chats={"l_qa": asked, "l_read": read if questions else None}, question_views=views)
         assert len(fast.tails[0]) == cfg.batch_size
         fast.loss.backward()
         steps.append((fast, grads(model, temperature)))
@@ -485,12 +521,14 @@ def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_
             plain[term] = torch.stack([model(input_ids=torch.tensor([p + r]),
                                              labels=torch.tensor([[-100] * len(p) + r])).loss for p, r in pairs]).mean()
             plain["loss"] = plain["loss"] + weight * plain[term]
+        plain["l_qv"] = plain_question_views(model, tokens, batch, views, [p for p, _ in asked], cfg, temperature, known)
+        plain["loss"] = plain["loss"] + cfg.question_view_weight * plain["l_qv"]
     plain["loss"].backward()
     plain_grads = grads(model, temperature)
 
     for fast, fast_grads in steps:
-        assert ("l_qa" in fast.terms) == ("l_read" in fast.terms) == questions
-        for term in ("loss", "l_exp", "l_imp") + (("l_qa", "l_read") if questions else ()):
+        assert ("l_qa" in fast.terms) == ("l_read" in fast.terms) == ("l_qv" in fast.terms) == questions
+        for term in ("loss", "l_exp", "l_imp") + (("l_qa", "l_read", "l_qv") if questions else ()):
             assert fast.terms[term] == pytest.approx(plain[term].item(), rel=1e-5, abs=1e-6), term
         assert fast.terms["l_imp"] > 0.1 and cfg.lm_weight * fast.terms["l_imp"] > 1e-3  # the LM part counts
         assert fast_grads.keys() == plain_grads.keys()

@@ -75,6 +75,10 @@ class TrainConfig:
                                      "chat format (0: off).", "Objective")
     question_examples: int = _option(8, "Question-answer examples per batch (with --question-weight > 0).",
                                      "Objective")
+    question_view_weight: float = _option(0.0, "Weight of the question views in L_exp (with --question-weight > 0): "
+                                          "each question's embedding (the last token of its chat prompt) "
+                                          "contrasted against its answer's tail view and the batch's tails, "
+                                          "every other known answer masked (0: off).", "Objective")
     reading_weight: float = _option(0.0, "Weight of the fact-reading LM loss: `ask`'s own prompts written from the "
                                     "train graph (numbered facts, the answer, distractors, 2-hop paths), answered "
                                     "with a sentence that cites its facts (0: off).", "Objective")
@@ -149,6 +153,7 @@ def config_problem(cfg: TrainConfig) -> str | None:
         (cfg.question_weight >= 0, "--question-weight must be 0 (off) or more"),
         (cfg.question_examples >= 0, "--question-examples must be 0 or more"),
         (cfg.reading_weight >= 0, "--reading-weight must be 0 (off) or more"),
+        (cfg.question_view_weight >= 0, "--question-view-weight must be 0 (off) or more"),
         (cfg.reading_examples >= 0, "--reading-examples must be 0 or more"),
         (cfg.max_entity_tokens is None or cfg.max_entity_tokens >= 1, "--max-entity-tokens must be at least 1"),
         (cfg.log_every >= 1, "--log-every must be at least 1"),

@@ -253,6 +253,14 @@ class QuestionData:
         pairs = [self.writer.pair(self.queries[i], pick) for i, pick in drawn]
         return [chat_example(self.tokenizer, no_context_messages(q), reply) for q, reply in pairs]
 
+    def views(self, k: int, seed: int, index: int) -> np.ndarray:
+        """[k, 3] (entity, relation, answer) of the questions `batch` gives for batch `index`: the query and
+        one of its answers (the form pick chooses which), the positive of the question's view in L_exp."""
+        drawn = sample_questions(len(self.queries), k, seed, index)
+        rows = [(q.entity, q.relation, q.answers[pick % len(q.answers)])
+                for q, pick in ((self.queries[i], pick) for i, pick in drawn)]
+        return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
 
 @dataclass
 class ReadingData:

@@ -77,6 +77,14 @@ class StepInputs:
             self.chat.setdefault(term, []).append(r)
 
 
+    def add_views(self, views: list[list[int]]) -> list[int]:
+        """Rows pooled at their last token (tail views), one each."""
+        start = len(self.rows)
+        self.rows += views
+        self.pool_at += [len(v) - 1 for v in views]
+        return list(range(start, len(self.rows)))
+
+
 # The chat losses beside KaLM's, each an LM loss on replies, and the config field that weighs it:
 # L_qa (questions answered by the weights alone, `ask --no-context`) and L_read (`ask`'s fact-reading turns)
 CHAT_TERMS = {"l_qa": "question_weight", "l_read": "reading_weight"}
@@ -152,16 +160,21 @@ def length_chunks(lengths: list[int], *, max_waste: float = 0.3, min_chunk: int 
 
 
 def kalm_step(ctx: StepContext, examples: np.ndarray, prebatch: list | None = None,
-              chats: Mapping[str, list] | None = None) -> StepOutput:
+              chats: Mapping[str, list] | None = None, question_views: np.ndarray | None = None) -> StepOutput:
     """Loss of one global batch (an [B, 3] example array) as seen by this process: its slice goes
     through the model, the whole batch is in the loss. `prebatch`: earlier steps' `tails`; `chats`: per
-    term of CHAT_TERMS, the batch's (prompt, reply) token pairs (this process takes its share)."""
+    term of CHAT_TERMS, the batch's (prompt, reply) token pairs (this process takes its share);
+    `question_views`: [k, 3] (entity, relation, answer) of the chats' "l_qa" questions, for L_qv."""
     cfg, world = ctx.cfg, ctx.world
     mine = world.slice(len(examples))
     inputs = build_inputs(ctx.tokens, examples[mine], lm_flags(len(examples), cfg)[mine], cfg.self_negatives)
     for term, pairs in (chats or {}).items():
         if pairs:
             inputs.add_chat(term, pairs[world.slice(len(pairs))])
+    viewed = question_views is not None and len(question_views) > 0 and cfg.question_view_weight > 0
+    if viewed:  # each question's answer as a tail view, the positive of its question view
+        answer_rows = inputs.add_views([ctx.tokens.tail_ids[a] for a in
+                                        question_views[world.slice(len(question_views))][:, 2].tolist()])
     pooled, lm_hidden = run_backbone(backbone(ctx.model), inputs, ctx.tokens.pad_id, ctx.device, ctx.prefix)
 
     # L_exp: every process contrasts its queries against the tails of the whole global batch
@@ -187,6 +200,19 @@ def kalm_step(ctx: StepContext, examples: np.ndarray, prebatch: list | None = No
         value = _lm_loss(head, lm_hidden, inputs.lm_labels, rows, ctx.device)
         loss = loss + getattr(cfg, CHAT_TERMS[term]) * value
         terms[term] = value.item()
+    if viewed:
+        # L_qv: a question's view against its answer's tail view, the other questions' answers and the
+        # batch's tails; every known answer of the question's query other than its positive is masked
+        questions = gather(pooled[inputs.chat["l_qa"]], world)
+        candidates = torch.cat([tails, gather(pooled[answer_rows], world)])
+        views = torch.as_tensor(question_views)
+        ids = torch.cat([torch.as_tensor(examples)[:, 2], views[:, 2]])
+        positive = torch.arange(len(views)) + len(examples)
+        mask = objective.false_negative_mask(views[:, :2], views[:, 2], ids, ctx.known, positive_index=positive)
+        qv = objective.info_nce(questions, candidates, margin=cfg.margin, temperature=tau, mask=mask.to(hr.device),
+                                positive_index=positive.to(hr.device))
+        loss = loss + cfg.question_view_weight * qv["loss"]
+        terms["l_qv"], terms["acc_qv"] = qv["loss"].item(), qv["accuracy"].item()
     terms = {"loss": loss.item(), **terms}
     return StepOutput(loss, terms, (tails.detach(), torch.as_tensor(examples)[:, 2].clone()))
 
