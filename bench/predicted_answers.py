@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kalmkg.evaluation.calibration import calibrate  # noqa: E402
+from kalmkg.evaluation.calibration import calibrate, unconnected  # noqa: E402
 from kalmkg.evaluation.link_prediction import first_answer_confidence  # noqa: E402
 from kalmkg.evaluation.ranking import rank_with_vectors  # noqa: E402
 from kalmkg.index import EntityIndex  # noqa: E402
@@ -37,7 +37,10 @@ def first_answers_of(split: str, ws: Workspace, loaded, encoder, vectors, all_tr
         triples = store.triples_array((split,))
     ranked = rank_with_vectors(encoder, loaded.texts, triples, all_triples, vectors)
     first, tau = first_answer_confidence(loaded, ranked, all_triples, vectors)
-    return {"probability": first.probability, "cosine": first.cosine, "right": first.right, "tau": tau}
+    # the queries ask would send to the predictor: no other fact joins the entity and the answer
+    like_ask = unconnected(ranked["queries"], ranked["targets"], all_triples)
+    return {"probability": first.probability[like_ask], "cosine": first.cosine[like_ask],
+            "right": first.right[like_ask], "tau": tau}
 
 
 def main() -> None:

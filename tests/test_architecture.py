@@ -91,7 +91,7 @@ LAYERS = [
      "kalmkg.llamacpp", "kalmkg.training.config", "kalmkg.evaluation.metrics"],
     # model-free pieces the stages share: encoders, training data and losses, ranking, export files
     ["kalmkg.encode", "kalmkg.training.data", "kalmkg.training.objective", "kalmkg.evaluation.ranking",
-     "kalmkg.evaluation.calibration", "kalmkg.training.questions", "kalmkg.structure",
+     "kalmkg.evaluation.calibration", "kalmkg.training.questions", "kalmkg.training.reading", "kalmkg.structure",
      "kalmkg.export.registry", "kalmkg.export.gguf_meta"],
     # a run's model and its entity index
     ["kalmkg.loaded", "kalmkg.index"],

@@ -192,7 +192,15 @@ def test_the_valid_split_calibrates_the_runs_predictions(ws):
     cal = read_calibration(loaded.run_dir)
     assert Path(out["calibration_path"]) == loaded.run_dir / "calibration.json"
     assert (cal.model, cal.weights, cal.split, cal.temperature) == (loaded.fingerprint, loaded.weights, "valid", 0.05)
-    assert cal.queries == out["queries"] and 0 <= cal.hit_rate <= 1
+    # only the held-out queries no other fact answers (the sample graph pairs capital with capital of ...)
+    from kalmkg.evaluation.calibration import unconnected
+    from kalmkg.store import Store
+
+    with Store.open(ws) as store:
+        valid, every, R = store.triples_array(("valid",)), store.triples_array(), store.relation_table().num_rows
+    queries = np.concatenate([valid[:, [0, 1]], np.stack([valid[:, 2], valid[:, 1] + R], 1)])
+    alone = unconnected(queries, np.concatenate([valid[:, 2], valid[:, 0]]), every)
+    assert 0 < cal.queries == alone.sum() < out["queries"] and 0 <= cal.hit_rate <= 1
     scores = [p.score for p in cal.curve]
     assert scores == sorted(scores, reverse=True) and cal.curve[-1].support == cal.queries
     assert cal.curve[-1].precision == pytest.approx(cal.hit_rate, abs=1e-4)

@@ -215,3 +215,14 @@ def test_min_precision_must_be_a_share():
     for bad in (0, 1.5):
         with pytest.raises(KalmkgError, match="--min-precision"):
             AskConfig(min_precision=bad)
+
+
+def test_calibration_leaves_out_held_out_facts_another_fact_already_answers():
+    """Paris capital_of France held out, France capital Paris still in the graph: ask would answer it from
+    that fact, never from the predictor, so it is not a query the predictor's precision is measured on."""
+    from kalmkg.evaluation.calibration import unconnected
+
+    triples = np.array([[0, 0, 1], [1, 1, 0], [2, 0, 3], [4, 2, 5], [5, 2, 4]])  # 0-1 twice, 2-3 once
+    queries = np.array([[0, 0], [1, 3], [2, 0], [3, 3], [4, 2]])
+    targets = np.array([1, 0, 3, 2, 6])
+    assert unconnected(queries, targets, triples).tolist() == [False, False, True, True, True]

@@ -3,7 +3,8 @@
 `ask` answers from the graph when a path explains the question. When none does but the question names an
 entity and a relation clearly, the link predictor can answer instead, said as a prediction. Whether it
 should depends on how sure the model is: `kalmkg evaluate --split valid` (which `kalmkg train` runs at
-its end) ranks held-out triples the model never trained on, and for each query keeps the model's
+its end) ranks held-out triples the model never trained on (those no other fact of the graph answers,
+see `unconnected`), and for each query keeps the model's
 probability of the first answer the predictor would give (known answers and the query's own entity left
 out, as `predict` leaves them out) and whether it was the held-out one. Sorted by probability, that is
 a precision curve: of the held-out queries whose first answer was at least that probable, the share
@@ -124,6 +125,22 @@ def first_answers(query_vectors: np.ndarray, entity_vectors: np.ndarray, queries
             first = int(np.argmax(row))
             confidence[i], cosine[i], right[i] = first_probability(row, temperature), row[first], first == target
     return FirstAnswers(confidence, cosine, right)
+
+
+def unconnected(queries: np.ndarray, targets: np.ndarray, triples: np.ndarray) -> np.ndarray:
+    """[n] bool: which held-out queries no other fact of `triples` answers: no triple but the held-out one
+    joins the query's entity and its target, in any relation or direction. `ask` asks the predictor only
+    when no fact answers the question, so these are the queries its predictions are like. Calibrating on
+    the others would be calibrating on the easy case: a graph with paired relations (`capital` beside
+    `capital of`, `spouse` both ways) holds most of a held-out fact a second time."""
+    pairs: dict[tuple[int, int], int] = {}
+    for h, _, t in triples.tolist():
+        key = (h, t) if h <= t else (t, h)
+        pairs[key] = pairs.get(key, 0) + 1
+    out = np.ones(len(queries), dtype=bool)
+    for i, ((q, _), t) in enumerate(zip(queries.tolist(), targets.tolist())):
+        out[i] = pairs.get((q, t) if q <= t else (t, q), 0) <= 1  # the held-out triple itself is one
+    return out
 
 
 def precision_curve(scores: np.ndarray, right: np.ndarray, max_points: int = MAX_POINTS) -> list[CurvePoint]:

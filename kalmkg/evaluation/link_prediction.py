@@ -12,7 +12,8 @@ import numpy as np
 
 from kalmkg import text
 from kalmkg.errors import KalmkgError
-from kalmkg.evaluation.calibration import Calibration, FirstAnswers, calibrate, first_answers, write_calibration
+from kalmkg.evaluation.calibration import (Calibration, FirstAnswers, calibrate, first_answers, unconnected,
+                                          write_calibration)
 from kalmkg.evaluation.ranking import by_direction, encode_texts, rank_with_vectors, sample_triples
 from kalmkg.loaded import LoadedModel, load_model, safe_name, torch_encoder
 from kalmkg.evaluation.charts import write_charts
@@ -150,7 +151,9 @@ def _fit_fusion(loaded: LoadedModel, fusion: Fusion, ranked: dict, answers: dict
 def _calibration(loaded: LoadedModel, ranked: dict, all_triples: np.ndarray, entity_vectors,
                  fusion=None) -> Calibration:
     first, tau = first_answer_confidence(loaded, ranked, all_triples, entity_vectors, fusion)
-    return calibrate(loaded.fingerprint, loaded.weights, "valid", first.probability, first.right, tau)
+    like_ask = unconnected(ranked["queries"], ranked["targets"], all_triples)
+    return calibrate(loaded.fingerprint, loaded.weights, "valid", first.probability[like_ask], first.right[like_ask],
+                     tau)
 
 
 def _read_triples(workspace: Workspace, split: str, need_tables: bool) -> tuple:
