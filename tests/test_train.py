@@ -284,6 +284,27 @@ if world.rank == 0:
 """
 
 
+def test_each_cuda_process_takes_its_local_gpu_before_the_group_starts(monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    from kalmkg.training.distributed import World, init_world
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    assert init_world("cuda") == World(3, 4)
+    assert calls == [("set_device", 3), ("init", "nccl")]
+    calls.clear()
+    init_world("cpu")
+    assert calls == [("init", "gloo")]
+
+
 def test_two_process_gloo_training_step_equals_single_process(sample_ws, tiny_model, tmp_path):
     """Every process contrasts against the global batch (all-gather with gradients); the averaged
     loss and gradients equal the single-process ones on the same global batch, the chat terms and the

@@ -34,8 +34,13 @@ def init_world(device_type: str) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
+    import torch
     import torch.distributed as dist
 
+    if device_type == "cuda":
+        # before the group starts: NCCL binds each process to its current device, which is otherwise GPU 0
+        # for every process of the node
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return World(dist.get_rank(), dist.get_world_size())
