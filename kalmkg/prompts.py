@@ -18,6 +18,11 @@ def no_context_messages(question: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_NO_CONTEXT}, {"role": "user", "content": question}]
 
 
+def join_names(labels: Sequence[str]) -> str:
+    """"A", "A and B", "A, B and C": how an answer of several entities is written."""
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
 class Numbered(Protocol):
     """A fact as a prompt numbers it (`kalmkg.qa.retrieve.Fact`, or training's own)."""
 

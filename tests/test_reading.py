@@ -8,12 +8,12 @@ import re
 import numpy as np
 import pytest
 
-from kalmkg.prompts import SYSTEM, SYSTEM_ANSWER, build_messages
+from kalmkg.prompts import SYSTEM, SYSTEM_ANSWER, build_messages, join_names
 from kalmkg.qa.answer import AnswerGroup, usable_sentence
 from kalmkg.qa.retrieve import Fact, Path
 from kalmkg.store import Store
 from kalmkg.training.questions import QuestionQuery, QuestionWriter, question_queries
-from kalmkg.training.reading import KINDS, N_FACTS, ReadingWriter, Said, fact_sentence, names
+from kalmkg.training.reading import KINDS, N_FACTS, ReadingWriter, Said, fact_sentence
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_a_two_hop_turn_names_its_bridge(writer):
         assert turn.reply.startswith(fact_sentence(first.head, first.relation, first.tail) + " [1], and ")
         onward = [Said(*line.split(" — ")) for line in lines[1:]]
         far = [f.tail if f.head == first.tail else f.head for f in onward]  # the far end of each second hop
-        assert turn.messages[-1]["content"].endswith("\nAnswer: " + names(far))
+        assert turn.messages[-1]["content"].endswith("\nAnswer: " + join_names(far))
         answers = [writer.questions.entity_labels.index(a) for a in far]
         group = group_of(writer, turn, [(0, i) for i in range(1, len(lines))], e, answers)
         group.relations = (0, 0)  # two hops

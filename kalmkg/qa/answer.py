@@ -37,6 +37,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from kalmkg.encode import Encoder
+from kalmkg.prompts import join_names
 from kalmkg.qa.retrieve import STOPWORDS, Fact, Link, Path, content_words, far_end, same_word, select_facts, standardize, words
 from kalmkg.text import normalize
 
@@ -272,8 +273,7 @@ def citations(group: AnswerGroup) -> str:
 
 def answer_names(group: AnswerGroup) -> str:
     """"A", "A and B", "A, B and C"."""
-    labels = [label for _, _, label in group.answers]
-    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+    return join_names([label for _, _, label in group.answers])
 
 
 def plain_sentence(group: AnswerGroup) -> str:

@@ -181,7 +181,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
             index = state.step * cfg.grad_accum + j
             chats = {"l_qa": questions.batch(cfg.question_examples, cfg.seed, index) if questions else None,
                      "l_read": reading.batch(cfg.reading_examples, cfg.seed, index) if reading else None}
-            views = questions.views(cfg.question_examples, cfg.seed, index) if questions else None
+            views = questions.views(cfg.question_examples, cfg.seed, index) \
+                if questions and cfg.question_view_weight > 0 else None
             with autocast:
                 out = kalm_step(step_context, examples, prebatch, chats, views)
             (out.loss / cfg.grad_accum).backward()

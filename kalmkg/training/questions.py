@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kalmkg.evaluation.metrics import known_answers
+from kalmkg.prompts import join_names
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 _LINKING = {"of", "in", "where", "which", "who", "whom", "with", "to", "by", "that", "from", "for", "on", "at",
@@ -116,8 +117,7 @@ def question_forms(label: str, description: str | None, entity: str, inverse: bo
 
 def answer_text(labels: list[str]) -> str:
     """The reply a question is trained to get: "Paris.", "Steve Jobs, Steve Wozniak and Ronald Wayne."."""
-    names = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
-    return names.rstrip(".") + "."
+    return join_names(labels).rstrip(".") + "."
 
 
 MAX_ANSWERS = 5  # a query with more answers ("Which country is member of the EU?") makes a list, not a reply

@@ -24,7 +24,7 @@ from functools import cached_property
 
 import numpy as np
 
-from kalmkg.prompts import build_messages, fact_text
+from kalmkg.prompts import build_messages, fact_text, join_names
 from kalmkg.training.questions import MAX_ANSWERS, QuestionQuery, QuestionWriter, label_kind, question_forms
 
 N_FACTS = 8  # as many facts as `ask` gives by default (--max-facts)
@@ -42,11 +42,6 @@ class Said:
 
     def text(self) -> str:
         return fact_text(self.head, self.relation, self.tail)
-
-
-def names(labels: list[str]) -> str:
-    """"A", "A and B", "A, B and C"."""
-    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
 
 
 def fact_sentence(head: str, label: str, tail: str) -> str:
@@ -102,43 +97,51 @@ class ReadingWriter:
         e = self.questions.entity_labels
         return Said(e[h], self.questions.relation_labels[r], e[t])
 
+    def _slot(self, query: QuestionQuery) -> tuple[int, bool]:
+        """(relation, whether the query asks for its head)."""
+        R = len(self.questions.relation_labels)
+        return query.relation % R, query.relation >= R
+
     def _query_triples(self, query: QuestionQuery) -> list[int]:
         """The train triples that answer `query`, in its answers' order."""
-        R = len(self.questions.relation_labels)
-        rel, inverse = query.relation % R, query.relation >= R
+        rel, inverse = self._slot(query)
         want = {(a, rel, query.entity) if inverse else (query.entity, rel, a) for a in query.answers}
         found = {tuple(self.train[i].tolist()): int(i) for i in self.touching(query.entity)}
         return [found[t] for t in sorted(want)]
 
     def _sentence(self, query: QuestionQuery) -> str:
-        R = len(self.questions.relation_labels)
         e = self.questions.entity_labels
-        rel, inverse = query.relation % R, query.relation >= R
-        answers = names([e[a] for a in query.answers])
+        rel, inverse = self._slot(query)
+        answers = join_names([e[a] for a in query.answers])
         head, tail = (answers, e[query.entity]) if inverse else (e[query.entity], answers)
         return fact_sentence(head, self.questions.relation_labels[rel], tail)
 
     def answer_turn(self, query: QuestionQuery, pick: int, rng: np.random.Generator) -> ReadingTurn:
         facts = [self.said(i) for i in rng.permutation(self._query_triples(query)).tolist()]
         question = self.questions.pair(query, pick)[0]
-        answer = names([self.questions.entity_labels[a] for a in query.answers])
+        answer = join_names([self.questions.entity_labels[a] for a in query.answers])
         reply = f"{self._sentence(query)} {_cite(list(range(1, len(facts) + 1)))}."
         return ReadingTurn("answer", build_messages(question, facts, answer=answer), reply)
 
     def read_turn(self, query: QuestionQuery, pick: int, rng: np.random.Generator) -> ReadingTurn:
         right = self._query_triples(query)
-        R = len(self.questions.relation_labels)
-        rel = query.relation % R
-        # a distractor never holds the asked relation at the entity (it could be another true answer)
-        allowed = lambda i: not (self.train[i, 1] == rel and query.entity in (self.train[i, 0], self.train[i, 2]))  # noqa: E731
-        near = [int(i) for i in rng.permutation(self.touching(query.entity)) if allowed(i) and i not in right]
+        rel, _ = self._slot(query)
+        taken = set(right)
+
+        def distractor(i: int) -> bool:
+            # never the asked relation at the entity: it could be another true answer
+            h, r, t = self.train[i].tolist()
+            return i not in taken and not (r == rel and query.entity in (h, t))
+
         room = max(N_FACTS - len(right), 0)
-        picked = near[:room]
+        picked = [i for i in rng.permutation(self.touching(query.entity)).tolist() if distractor(i)][:room]
+        taken.update(picked)
         for i in rng.integers(len(self.train), size=4 * room).tolist():
             if len(picked) >= room:
                 break
-            if allowed(i) and i not in right and i not in picked:
+            if distractor(i):
                 picked.append(i)
+                taken.add(i)
         order = rng.permutation(len(right) + len(picked)).tolist()
         rows = [(right + picked)[j] for j in order]
         cited = [n + 1 for n, i in enumerate(rows) if i in right]
@@ -170,7 +173,7 @@ class ReadingWriter:
             forms = question_forms(rel_labels[r2], self.questions.relation_descriptions[r2], asked, inverse)
             question = forms[int(rng.integers(len(forms)))]
             facts = [self.said(first)] + [self.said(i) for i in same]
-            answer = names([labels[a] for a in far])
+            answer = join_names([labels[a] for a in far])
             head, tail = (answer, labels[b]) if inverse else (labels[b], answer)
             bridge = fact_sentence(labels[e], rel_labels[r1], labels[b])
             onward = fact_sentence(head, rel_labels[r2], tail)
