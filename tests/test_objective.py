@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from kalmkg.training.objective import (
     LearnableTemperature,
     completion_loss,
+    distillation_kl,
     false_negative_mask,
     info_nce,
     kalm_loss,
@@ -247,6 +248,35 @@ def test_completion_loss_is_float32_and_differentiable_from_half_logits():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert logits[0].grad is not None and torch.isfinite(logits[0].grad.float()).all()
+
+
+def test_distillation_kl_is_the_mean_over_replies_of_each_replys_mean_kl_from_the_reference():
+    torch.manual_seed(2)
+    run = [torch.randn(2, 6), torch.randn(5, 6)]
+    base = [torch.randn(2, 6), torch.randn(5, 6)]
+
+    def kl(p_logits, q_logits):  # KL(p || q) per position, summed over the vocabulary
+        p, q = p_logits.softmax(-1), q_logits.softmax(-1)
+        return (p * (p.log() - q.log())).sum(-1)
+
+    expected = (kl(base[0], run[0]).mean() + kl(base[1], run[1]).mean()) / 2
+    assert distillation_kl(run, base).item() == pytest.approx(expected.item(), abs=1e-6)
+    # the direction counts: KL(base || run), not KL(run || base)
+    assert distillation_kl(run, base).item() != pytest.approx(((kl(run[0], base[0]).mean() +
+                                                              kl(run[1], base[1]).mean()) / 2).item(), abs=1e-4)
+    assert distillation_kl(base, base).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_kl_moves_only_the_run_and_pulls_it_to_the_reference():
+    torch.manual_seed(3)
+    run = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    base = torch.randn(4, 8, requires_grad=True)
+    loss = distillation_kl([run], [base])
+    assert loss.dtype == torch.float32 and loss.item() > 0
+    loss.backward()
+    assert base.grad is None and run.grad is not None
+    stepped = run.detach().float() - 5.0 * run.grad.float()
+    assert distillation_kl([stepped], [base.detach()]).item() < loss.item()
 
 
 def test_kalm_loss():

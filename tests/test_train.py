@@ -418,6 +418,24 @@ def batch_for_the_step(tokens, cfg: TrainConfig) -> np.ndarray:
     return ex[[lm[lm_at.index(p)] if p in lm_at else next(others) for p in range(cfg.batch_size)]]
 
 
+def plain_base_kl(model, pairs) -> "torch.Tensor":
+    """L_kl the obvious way: each whole chat row through the model with and without its adapters, the
+    summed KL(base || run) of the reply positions' distributions over their count, mean over rows."""
+    import torch
+
+    def reply_logits(prompt, reply):
+        logits = model(input_ids=torch.tensor([prompt + reply])).logits[0]
+        return logits[len(prompt) - 1: len(prompt) + len(reply) - 1].float()
+
+    per_row = []
+    for prompt, reply in pairs:
+        with torch.no_grad(), model.disable_adapter():
+            base = reply_logits(prompt, reply).log_softmax(-1)
+        run = reply_logits(prompt, reply).log_softmax(-1)
+        per_row.append((base.exp() * (base - run)).sum() / len(reply))
+    return torch.stack(per_row).mean()
+
+
 def plain_step(model, tokens, batch: np.ndarray, cfg: TrainConfig, temperature, known) -> dict:
     """The KaLM loss the slow, obvious way: every view through the whole causal LM on its own,
     last-token pooling, objective's InfoNCE, and the LM loss of a plain forward of hr + target with
@@ -508,7 +526,7 @@ def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_
     cfg = TrainConfig(batch_size=12, lm_examples=3, lm_weight=0.5, lora_dropout=0.0, max_entity_tokens=24,
                       self_negatives=self_negatives, question_weight=0.7 if questions else 0.0,
                       reading_weight=0.4 if questions else 0.0, question_view_weight=0.6 if questions else 0.0,
-                      lora_layers=1 if kept else 0)
+                      base_kl_weight=0.3 if questions else 0.0, lora_layers=1 if kept else 0)
     model, tokens, known = tiny_lora(sample_ws, tiny_model, cfg)
     temperature = LearnableTemperature(0.05, learnable=True)
     batch = batch_for_the_step(tokens, cfg)
@@ -535,7 +553,10 @@ def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_
         if kept:
             stats = prefix.stats()
             assert not stats["off"] and stats["layers"] == 1
-            assert (stats["hits"] > 0) == (repeat == 1) and stats["rows"] == stats["misses"] > 10
+            # the first step's L_kl pass finds its chat rows' bottom states kept by the main pass
+            base_pass = len(asked) + len(read) if cfg.base_kl_weight else 0
+            assert (stats["hits"] > base_pass) == (repeat == 1) and stats["hits"] >= base_pass
+            assert stats["rows"] == stats["misses"] > 10
     plain = plain_step(model, tokens, batch, cfg, temperature, known)
     if questions:
         for term, pairs, weight in (("l_qa", asked, cfg.question_weight), ("l_read", read, cfg.reading_weight)):
@@ -544,12 +565,15 @@ def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_
             plain["loss"] = plain["loss"] + weight * plain[term]
         plain["l_qv"] = plain_question_views(model, tokens, batch, views, [p for p, _ in asked], cfg, temperature, known)
         plain["loss"] = plain["loss"] + cfg.question_view_weight * plain["l_qv"]
+        plain["l_kl"] = plain_base_kl(model, asked + read)
+        plain["loss"] = plain["loss"] + cfg.base_kl_weight * plain["l_kl"]
     plain["loss"].backward()
     plain_grads = grads(model, temperature)
 
     for fast, fast_grads in steps:
         assert ("l_qa" in fast.terms) == ("l_read" in fast.terms) == ("l_qv" in fast.terms) == questions
-        for term in ("loss", "l_exp", "l_imp") + (("l_qa", "l_read", "l_qv") if questions else ()):
+        assert ("l_kl" in fast.terms) == questions and (not questions or fast.terms["l_kl"] > 1e-3)
+        for term in ("loss", "l_exp", "l_imp") + (("l_qa", "l_read", "l_qv", "l_kl") if questions else ()):
             assert fast.terms[term] == pytest.approx(plain[term].item(), rel=1e-5, abs=1e-6), term
         assert fast.terms["l_imp"] > 0.1 and cfg.lm_weight * fast.terms["l_imp"] > 1e-3  # the LM part counts
         assert fast_grads.keys() == plain_grads.keys()
@@ -557,6 +581,49 @@ def test_fast_step_loss_and_gradients_equal_a_plain_computation(sample_ws, tiny_
         for name, g in plain_grads.items():
             assert g.abs().max() > 0, name  # every LoRA weight takes part
             torch.testing.assert_close(fast_grads[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=name)
+
+
+def test_the_base_guard_is_zero_until_the_adapters_move_and_then_pulls_the_replies_back(sample_ws, tiny_model):
+    """L_kl compares the run with the model its adapters came from: at LoRA's start (B = 0) the two are
+    one model and the term is 0; once B has moved it is positive, and a gradient step on L_kl alone
+    brings the run's replies back toward the base's."""
+    import torch
+
+    from kalmkg.models import load_tokenizer
+    from kalmkg.prompts import no_context_messages
+    from kalmkg.training.data import chat_example
+    from kalmkg.training.objective import LearnableTemperature
+    from kalmkg.training.step import StepContext, kalm_step
+
+    cfg = TrainConfig(batch_size=12, lm_examples=3, lora_dropout=0.0, max_entity_tokens=24, question_weight=0.5,
+                      base_kl_weight=1.0)
+    model, tokens, known = tiny_lora(sample_ws, tiny_model, cfg)
+    tokenizer = load_tokenizer(str(tiny_model), "tiny")
+    asked = [chat_example(tokenizer, no_context_messages("Where is Paris?"), "In France.")]
+    ctx = StepContext(model, LearnableTemperature(0.05), tokens, known, cfg)
+    batch = batch_for_the_step(tokens, cfg)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    saved = [p.detach().clone() for p in lora_b]
+    with torch.no_grad():
+        for p in lora_b:
+            p.zero_()
+    assert kalm_step(ctx, batch, chats={"l_qa": asked}).terms["l_kl"] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for p, v in zip(lora_b, saved):
+            p.copy_(v)
+    moved = kalm_step(ctx, batch, chats={"l_qa": asked}).terms["l_kl"]
+    assert moved > 1e-3
+    model.zero_grad()
+    cfg_kl_only = TrainConfig(batch_size=12, lm_examples=0, lora_dropout=0.0, max_entity_tokens=24,
+                              question_weight=1e-9, base_kl_weight=1e6)  # the loss is L_kl, in effect
+    out = kalm_step(StepContext(model, LearnableTemperature(0.05), tokens, known, cfg_kl_only), batch,
+                    chats={"l_qa": asked})
+    out.loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-2 / cfg_kl_only.base_kl_weight * p.grad
+    assert kalm_step(ctx, batch, chats={"l_qa": asked}).terms["l_kl"] < moved
 
 
 # ------------------------------------------------------------------ early stopping

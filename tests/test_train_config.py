@@ -36,6 +36,10 @@ def test_the_defaults_are_valid():
     ({"checkpoint_every": 0}, "--checkpoint-every must be at least 1"),
     ({"frozen_cache_mb": -1}, "--frozen-cache-mb must be 0 (off) or more"),
     ({"precision": "fp16"}, "unknown precision 'fp16'; use auto, fp32 or bf16"),
+    ({"base_kl_weight": -0.1, "reading_weight": 1.0}, "--base-kl-weight must be 0 (off) or more"),
+    ({"base_kl_weight": 0.5, "reading_weight": 1.0, "full": True},
+     "--base-kl-weight needs LoRA: with --full no frozen base is kept"),
+    ({"base_kl_weight": 0.5}, "--base-kl-weight guards the chat turns: give --question-weight or --reading-weight too"),
 ])
 def test_a_bad_value_is_one_clear_error_when_the_config_is_made(overrides, message):
     with pytest.raises(KalmkgError) as info:
@@ -46,7 +50,8 @@ def test_a_bad_value_is_one_clear_error_when_the_config_is_made(overrides, messa
 def test_edges_that_train():
     low, high = TEMPERATURE_RANGE
     for cfg in (TrainConfig(temperature=low), TrainConfig(temperature=high), TrainConfig(epochs=0, max_steps=5),
-                TrainConfig(batch_size=2, lm_examples=0), TrainConfig(lm_examples=24), TrainConfig(precision="bf16")):
+                TrainConfig(batch_size=2, lm_examples=0), TrainConfig(lm_examples=24), TrainConfig(precision="bf16"),
+                TrainConfig(base_kl_weight=0.5, question_weight=1.0), TrainConfig(base_kl_weight=0.5, reading_weight=1.0)):
         assert config_problem(cfg) is None
 
 

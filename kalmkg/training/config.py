@@ -83,6 +83,11 @@ class TrainConfig:
                                     "train graph (numbered facts, the answer, distractors, 2-hop paths), answered "
                                     "with a sentence that cites its facts (0: off).", "Objective")
     reading_examples: int = _option(8, "Fact-reading examples per batch (with --reading-weight > 0).", "Objective")
+    base_kl_weight: float = _option(0.0, "Weight of a guard on the chat turns (--question-weight, --reading-weight): "
+                                    "KL from the frozen base's next-token distributions (LoRA switched off) to the "
+                                    "run's at every reply position, so the replies move to the graph's answers "
+                                    "without drifting from how the base follows instructions (0: off; LoRA only).",
+                                    "Objective")
     self_negatives: bool = _option(False, "Use each head as a negative for its own query.", "Objective")
     prebatch: int = _option(0, "Also contrast against the tails of the previous K batches.", "Objective")
     # the structure model fused with the text scores for link prediction (kalmkg/structure)
@@ -155,6 +160,10 @@ def config_problem(cfg: TrainConfig) -> str | None:
         (cfg.reading_weight >= 0, "--reading-weight must be 0 (off) or more"),
         (cfg.question_view_weight >= 0, "--question-view-weight must be 0 (off) or more"),
         (cfg.reading_examples >= 0, "--reading-examples must be 0 or more"),
+        (cfg.base_kl_weight >= 0, "--base-kl-weight must be 0 (off) or more"),
+        (cfg.base_kl_weight == 0 or not cfg.full, "--base-kl-weight needs LoRA: with --full no frozen base is kept"),
+        (cfg.base_kl_weight == 0 or cfg.question_weight > 0 or cfg.reading_weight > 0,
+         "--base-kl-weight guards the chat turns: give --question-weight or --reading-weight too"),
         (cfg.max_entity_tokens is None or cfg.max_entity_tokens >= 1, "--max-entity-tokens must be at least 1"),
         (cfg.log_every >= 1, "--log-every must be at least 1"),
         (cfg.frozen_cache_mb >= 0, "--frozen-cache-mb must be 0 (off) or more"),

@@ -163,6 +163,23 @@ def completion_loss(logits: Sequence[Tensor], targets: Sequence[Tensor]) -> Tens
     return torch.stack(per_example).mean()
 
 
+def distillation_kl(logits: Sequence[Tensor], reference: Sequence[Tensor]) -> Tensor:
+    """A guard against drift: KL(reference || run) of the next-token distributions at each reply's
+    positions, mean over its positions, then over the replies (as completion_loss, so it averages
+    across processes the same way).
+
+        KL_i = 1/|y_i| sum_j sum_v p_ref(v | j) (log p_ref(v | j) - log p_run(v | j))
+
+    logits_i, reference_i: [L_i, V] at the same positions; the reference (the frozen base) gets no
+    gradient. The forward KL from the base puts weight where the base is confident, which is where
+    its instruction following lives; zero when the run's distributions are the base's. n >= 1.
+    """
+    per_reply = [F.kl_div(F.log_softmax(x.float(), dim=-1), F.log_softmax(ref.detach().float().to(x.device), dim=-1),
+                          log_target=True, reduction="batchmean")
+                 for x, ref in zip(logits, reference, strict=True)]
+    return torch.stack(per_reply).mean()
+
+
 def kalm_loss(l_exp: Tensor, l_imp: Tensor | None, lm_weight: float) -> Tensor:
     """L_KaLM = L_exp + lm_weight * L_imp (just L_exp when there is no LM part this step)."""
     return l_exp if l_imp is None else l_exp + lm_weight * l_imp

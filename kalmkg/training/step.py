@@ -6,6 +6,7 @@
           -> L_exp: InfoNCE over the global batch (embeddings all-gathered with gradients)
           -> L_imp: the LM head on those positions only
           -> L_exp + lambda * L_imp                              (both in objective.py)
+             + the chat terms (CHAT_TERMS), L_qv, and L_kl (the chat rows again through the base)
 
 The hr view is a token-identical prefix of its completion sequence, so under a causal model the
 completion row's hidden state at the prefix's last token is the hr view's embedding: one pass
@@ -191,15 +192,21 @@ def kalm_step(ctx: StepContext, examples: np.ndarray, prebatch: list | None = No
 
     # L_imp: the LM head only at the positions that predict each completion target; the chat terms likewise
     head = ctx.model.get_output_embeddings()
-    chat_rows = {r for rows in inputs.chat.values() for r in rows}
-    l_imp = _lm_loss(head, lm_hidden, inputs.lm_labels, [r for r in lm_hidden if r not in chat_rows], ctx.device)
+    logits = {r: head(h) for r, h in lm_hidden.items()}
+    chat_rows = sorted({r for rows in inputs.chat.values() for r in rows})
+    l_imp = _lm_loss(logits, inputs.lm_labels, [r for r in logits if r not in set(chat_rows)], ctx.device)
     loss = objective.kalm_loss(out["loss"], l_imp, cfg.lm_weight)
     terms = {"l_exp": out["loss"].item(), "l_imp": l_imp.item() if l_imp is not None else None,
              "tau": tau.item(), "acc": out["accuracy"].item()}
     for term, rows in inputs.chat.items():
-        value = _lm_loss(head, lm_hidden, inputs.lm_labels, rows, ctx.device)
+        value = _lm_loss(logits, inputs.lm_labels, rows, ctx.device)
         loss = loss + getattr(cfg, CHAT_TERMS[term]) * value
         terms[term] = value.item()
+    if cfg.base_kl_weight > 0 and chat_rows:
+        # L_kl: the chat replies' next-token distributions held near the frozen base's
+        kl = objective.distillation_kl([logits[r] for r in chat_rows], base_logits(ctx, inputs, chat_rows))
+        loss = loss + cfg.base_kl_weight * kl
+        terms["l_kl"] = kl.item()
     if viewed:
         # L_qv: a question's view against its answer's tail view, the other questions' answers and the
         # batch's tails; every known answer of the question's query other than its positive is masked
@@ -217,11 +224,22 @@ def kalm_step(ctx: StepContext, examples: np.ndarray, prebatch: list | None = No
     return StepOutput(loss, terms, (tails.detach(), torch.as_tensor(examples)[:, 2].clone()))
 
 
-def _lm_loss(head, hidden: dict, labels: dict, rows: list[int], device) -> torch.Tensor | None:
+def base_logits(ctx: StepContext, inputs: StepInputs, rows: list[int]) -> list[torch.Tensor]:
+    """The frozen base's logits ([span, V] each) at the LM positions of `rows`: the same rows through
+    the model with its LoRA adapters switched off, without gradients. The kept bottom states serve
+    here too: LoRA is not in those layers, so they are the base's."""
+    sub = StepInputs([inputs.rows[r] for r in rows], [inputs.pool_at[r] for r in rows],
+                     {i: inputs.lm_spans[r] for i, r in enumerate(rows)}, {}, [], [], [])
+    with torch.no_grad(), ctx.model.disable_adapter():
+        _, hidden = run_backbone(backbone(ctx.model), sub, ctx.tokens.pad_id, ctx.device, ctx.prefix)
+        head = ctx.model.get_output_embeddings()
+        return [head(hidden[i]) for i in range(len(rows))]
+
+
+def _lm_loss(logits: dict, labels: dict, rows: list[int], device) -> torch.Tensor | None:
     if not rows:
         return None
-    return objective.completion_loss([head(hidden[r]) for r in rows],
-                                     [torch.tensor(labels[r], device=device) for r in rows])
+    return objective.completion_loss([logits[r] for r in rows], [torch.tensor(labels[r], device=device) for r in rows])
 
 
 class _Masks(NamedTuple):
