@@ -418,7 +418,7 @@ def batch_for_the_step(tokens, cfg: TrainConfig) -> np.ndarray:
     return ex[[lm[lm_at.index(p)] if p in lm_at else next(others) for p in range(cfg.batch_size)]]
 
 
-def plain_base_kl(model, pairs) -> "torch.Tensor":
+def plain_base_kl(model, pairs):
     """L_kl the obvious way: each whole chat row through the model with and without its adapters, the
     summed KL(base || run) of the reply positions' distributions over their count, mean over rows."""
     import torch
