@@ -258,7 +258,7 @@ with torch.no_grad():  # non-zero LoRA B so every LoRA weight gets a gradient
         if "lora_B" in n:
             p.normal_(0, 0.5)
 cfg = TrainConfig(batch_size=8, lm_examples=2, lm_weight=0.5, self_negatives=True, question_weight=0.7,
-                  question_view_weight=0.6, reading_weight=0.4)
+                  question_view_weight=0.6, reading_weight=0.4, base_kl_weight=0.3)
 temp = LearnableTemperature(0.05, True)
 known = {k: frozenset(v) for k, v in known_answers(train, texts.num_relations).items()}
 batch = tokens.examples[np.arange(8) * 7]
