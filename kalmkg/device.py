@@ -17,3 +17,24 @@ def pick_device(spec: str) -> str:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def inference_precision(device: str, precision: str = "auto") -> str:
+    """The weights `embed`, `predict` and `evaluate` load for the torch backend: "fp32" or "bf16".
+    `auto`: bf16 on a CUDA GPU that runs it natively (half the memory: a 7B base is 14 GB, not 28), fp32
+    elsewhere (a CPU's vectors stay the exact ones the GGUF export is checked against). Picking fp32 or
+    a CPU's auto imports nothing."""
+    from kalmkg.errors import KalmkgError
+
+    if precision not in INFERENCE_PRECISIONS:
+        raise KalmkgError(f"unknown precision '{precision}'; use {', '.join(INFERENCE_PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if not device.startswith("cuda"):
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp32"

@@ -160,9 +160,12 @@ def embed(workspace: Workspace, loaded, encoder: Encoder | None = None, *, batch
         raise KalmkgError("the graph has no entities to embed (run `kalmkg ingest FILE` first)")
     table = _open_table(workspace)
     meta = _read_meta(table) if table is not None else {}
-    # vectors of another backend (torch vs a GGUF) are near, not equal: one table holds one backend's
+    # vectors of another backend (torch vs a GGUF) or precision are near, not equal: one table holds
+    # one backend's, and one precision's
+    precision = loaded.precision if backend == "torch" else "gguf"
+    built_in = meta.get("precision") or ("fp32" if meta.get("backend", "torch") == "torch" else "gguf")  # older tables
     rebuild = full or table is None or _staleness(meta, loaded) is not None or \
-        meta.get("backend", "torch") != backend
+        meta.get("backend", "torch") != backend or built_in != precision
 
     # which rows to (re)write
     todo, removed = list(range(n)), 0
@@ -182,7 +185,7 @@ def embed(workspace: Workspace, loaded, encoder: Encoder | None = None, *, batch
     if encoder is None and todo:  # nothing to encode: the weights never load
         encoder = torch_encoder(loaded)
     base_meta = {"format": FORMAT, "model": loaded.fingerprint, "weights": loaded.weights, "name": loaded.name,
-                 "backend": backend, "max_entity_tokens": str(loaded.max_entity_tokens)}
+                 "backend": backend, "precision": precision, "max_entity_tokens": str(loaded.max_entity_tokens)}
     writer = _TableWriter(workspace, _RowFields(keys, list(loaded.entity_labels or keys), hashes), base_meta,
                           table=None if rebuild else table, dim=0 if rebuild else int(meta.get("dim", 0)))
     texts = [tail_view(t) for t in loaded.entity_texts(todo)]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kalmkg import runs
-from kalmkg.device import pick_device
+from kalmkg.device import inference_precision, pick_device
 from kalmkg.encode import GGUFEncoder, TorchEncoder
 from kalmkg.errors import KalmkgError
 from kalmkg.export.registry import list_exports
@@ -58,6 +58,7 @@ class LoadedModel:
     base_spec: str | None = None  # what --base named (an untrained base only)
     latest: bool = False  # the workspace's latest run (what commands pick without --run)
     gguf: Path | None = None  # a base given as a GGUF file (embedded or .gguf): what the gguf backend runs
+    precision: str = "fp32"  # the torch weights: "fp32" or "bf16" (device.inference_precision)
     loader: Callable[[], Any] | None = field(default=None, repr=False)
     _model: Any = field(default=None, repr=False)
     _texts: Any = field(default=None, repr=False)
@@ -106,16 +107,18 @@ class LoadedModel:
 
 
 def load_model(workspace: Workspace, *, run: str | None = None, base: str | None = None, device: str = "cpu",
-               tables: tuple | None = None, tokenizer=None) -> LoadedModel:
+               tables: tuple | None = None, tokenizer=None, precision: str = "auto") -> LoadedModel:
     """The run's model (default: the latest run), or the untrained `base` when given.
 
     `tables` = (entity_table, relation_table, graph_fingerprint) saves reading the store again.
     `tokenizer` cuts the entity texts instead of the run's own (`ask` passes its GGUF's, so no
-    transformers is loaded; the torch model then cannot be used).
+    transformers is loaded; the torch model then cannot be used). `precision`: the torch weights'
+    (auto, fp32, bf16: `device.inference_precision`).
     """
     if run is not None and base is not None:
         raise KalmkgError("give --run or --base, not both")
     device = pick_device(device)
+    precision = inference_precision(device, precision)
     if tables is None:
         tables = read_tables(workspace)
     entity_table, relation_table, graph_fp = tables
@@ -131,7 +134,7 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
         gguf = _base_gguf(resolved)
 
         def loader():
-            return load_base(resolved, device=device)[0]
+            return load_base(resolved, dtype=torch_dtype(precision), device=device)[0]
     else:
         rdir = runs.find_run(workspace, run)
         latest = run is None or runs.latest_run(workspace).resolve() == rdir.resolve()
@@ -157,14 +160,21 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
         gguf = None  # a run's GGUF is what `kalmkg export` writes (see make_encoder)
 
         def loader():
-            return merged_model(resolved, adapter, device)
+            return merged_model(resolved, adapter, device, torch_dtype(precision))
 
     # the texts of text.graph_texts, cut lazily (LoadedModel.texts)
     raw, relations = store_entity_texts(entity_table), store_relation_texts(relation_table)
     return LoadedModel(tokenizer, raw, relations, fingerprint, weights, name, rdir, max_tokens, graph_fp, device, warnings,
                        entity_table["key"].to_pylist(), entity_table["label"].to_pylist(),
                        relation_table["key"].to_pylist(), relation_table["label"].to_pylist(),
-                       base, latest, gguf, loader)
+                       base, latest, gguf, loader=loader, precision=precision)
+
+
+def torch_dtype(precision: str):
+    """The torch dtype of an inference precision ("fp32", "bf16"); imported only when weights load."""
+    import torch
+
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def _base_gguf(resolved) -> Path | None:

@@ -298,15 +298,18 @@ def load_base(resolved: ResolvedBase, *, dtype: torch.dtype | None = None, devic
     from safetensors import SafetensorError
 
     dtype = dtype or torch.float32
+    # a GPU gets the weights straight from the files, in `dtype`: no float32 copy on the host first
+    # (a 7B base: 14 GB in bf16 on the GPU instead of 28 GB of host memory per process)
+    placement = {"device_map": device} if str(device).startswith("cuda") else {}
     if Path(resolved.path).is_dir():  # a hub id resolved online is checked by use_safetensors below
         require_safetensors(Path(resolved.path), f"base model {resolved.name!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         try:
             model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, attn_implementation="sdpa",
-                                                         use_safetensors=True)
+                                                         use_safetensors=True, **placement)
         except (ValueError, ImportError):  # the architecture has no SDPA attention
-            model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, use_safetensors=True, **placement)
     except OSError as e:
         raise KalmkgError(f"cannot load base model {resolved.name!r}: {_first_line(e)}") from e
     except SafetensorError as e:  # a truncated or damaged weights file
@@ -318,15 +321,16 @@ def load_base(resolved: ResolvedBase, *, dtype: torch.dtype | None = None, devic
     return model.to(device), tokenizer
 
 
-def merged_model(resolved, adapter: Path, device: str = "cpu"):
+def merged_model(resolved, adapter: Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """Base + LoRA adapter merged into plain weights (no LoRA matmuls at inference: faster, and the same
-    weights `kalmkg export` merges), or a full fine-tune saved in place of the adapter."""
+    weights `kalmkg export` merges), or a full fine-tune saved in place of the adapter. `dtype`: the
+    weights' (default float32); the adapter's update is added in it."""
     if (adapter / "adapter_config.json").is_file():
         from peft import PeftModel
         from safetensors import SafetensorError
 
         require_safetensors(adapter, "the LoRA adapter", "adapter_model.safetensors")
-        model, _ = load_base(resolved, device=device)
+        model, _ = load_base(resolved, dtype=dtype, device=device)
         try:
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         except (ValueError, KeyError, RuntimeError, SafetensorError) as e:
@@ -337,7 +341,8 @@ def merged_model(resolved, adapter: Path, device: str = "cpu"):
         from transformers import AutoModelForCausalLM
 
         require_safetensors(adapter, "the fine-tuned model")
-        return AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32, use_safetensors=True).to(device)
+        return AutoModelForCausalLM.from_pretrained(adapter, dtype=dtype or torch.float32,
+                                                    use_safetensors=True).to(device)
     raise KalmkgError(f"{adapter} holds neither a LoRA adapter nor a model")
 
 

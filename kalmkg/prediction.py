@@ -142,8 +142,10 @@ class Predictor:
     @classmethod
     def open(cls, workspace: Workspace, *, run: str | None = None, base: str | None = None,
              backend: str = "torch", device: str = "cpu", loaded=None, encoder=None,
-             triples: np.ndarray | None = None, tables: tuple | None = None, gguf: str | None = None) -> "Predictor":
-        """`gguf` picks one of a run's exports in models/ for the gguf backend (default: the newest)."""
+             triples: np.ndarray | None = None, tables: tuple | None = None, gguf: str | None = None,
+             precision: str = "auto") -> "Predictor":
+        """`gguf` picks one of a run's exports in models/ for the gguf backend (default: the newest);
+        `precision` the torch backend's weights (`device.inference_precision`)."""
         if backend not in BACKENDS:
             raise KalmkgError(f"unknown backend '{backend}'; use one of: {', '.join(BACKENDS)}")
         if triples is None or (loaded is None and tables is None):
@@ -158,7 +160,7 @@ class Predictor:
                 loaded = load_model(workspace, run=run, base=base, device=device, tables=tables,
                                     tokenizer=encoder.text_tokenizer())
         if loaded is None:
-            loaded = load_model(workspace, run=run, base=base, device=device, tables=tables)
+            loaded = load_model(workspace, run=run, base=base, device=device, tables=tables, precision=precision)
         index = EntityIndex.open(workspace, loaded)  # raises when missing or stale: never search stale vectors
         if encoder is None:
             encoder = make_encoder(loaded, backend, gguf=gguf)
@@ -238,7 +240,7 @@ class Predictor:
 
 def predict(workspace: Workspace, head: str, relation: str, tail: str, *, k: int = 10, filter_known: bool = False,
             run: str | None = None, base: str | None = None, backend: str = "torch", device: str = "cpu",
-            gguf: str | None = None, predictor: Predictor | None = None) -> PredictionResult:
+            gguf: str | None = None, predictor: Predictor | None = None, precision: str = "auto") -> PredictionResult:
     """Resolve the names, then rank every entity for the open slot. Names are resolved before the model
     loads, so a typo fails in a fraction of a second."""
     direction, entity_name, relation_name = parse_query(head, relation, tail)
@@ -253,5 +255,5 @@ def predict(workspace: Workspace, head: str, relation: str, tail: str, *, k: int
             tables = (store.entity_table(), relation_table, store.fingerprint())
     if predictor is None:
         predictor = Predictor.open(workspace, run=run, base=base, backend=backend, device=device,
-                                   triples=triples, tables=tables, gguf=gguf)
+                                   triples=triples, tables=tables, gguf=gguf, precision=precision)
     return predictor.query(ent, rel, direction, k, filter_known)

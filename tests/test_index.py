@@ -266,6 +266,34 @@ def test_another_backend_rebuilds_the_index(ws):
     assert not embed(ws, loaded, backend="gguf").rebuilt
 
 
+def test_bf16_weights_give_near_vectors_in_an_index_of_their_own(ws):
+    """`--precision bf16` loads the run's merged weights in bf16: the vectors are the fp32 ones up to
+    rounding, and, being near rather than equal, they rebuild the index instead of mixing into it."""
+    import torch
+
+    from kalmkg.index import EntityIndex, embed
+
+    fp32 = load(ws, precision="fp32")
+    embed(ws, fp32)
+    exact = EntityIndex.open(ws, fp32).vectors().copy()
+    bf16 = load(ws, precision="bf16")
+    assert bf16.precision == "bf16" and next(bf16.model.parameters()).dtype == torch.bfloat16
+    again = embed(ws, bf16)
+    assert again.rebuilt and again.encoded == len(bf16.entity_keys)
+    near = EntityIndex.open(ws, bf16).vectors()
+    cosines = (exact * near).sum(axis=1)
+    assert cosines.min() > 0.99 and not np.array_equal(exact, near)
+    assert not embed(ws, bf16).rebuilt and embed(ws, fp32).rebuilt
+
+
+def test_auto_precision_is_fp32_on_a_cpu_and_a_bad_one_is_one_line(ws):
+    from kalmkg.device import inference_precision
+
+    assert inference_precision("cpu") == "fp32" and load(ws).precision == "fp32"
+    with pytest.raises(KalmkgError, match="^unknown precision 'fp16'; use auto, fp32, bf16$"):
+        load(ws, precision="fp16")
+
+
 def test_an_ann_index_leaves_no_snapshot(ws):
     from kalmkg.index import SNAPSHOT_META, SNAPSHOT_VECTORS, embed
 

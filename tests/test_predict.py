@@ -240,6 +240,24 @@ def test_predict_loads_run_and_index_and_fails_on_names_before_loading(trained, 
         predict(ws, "Berlin", "capitl of", "?")
 
 
+def test_predict_in_bf16_ranks_like_fp32_and_a_bad_precision_is_one_line(trained, tmp_path):
+    """`--precision bf16` queries with bf16 weights against the fp32 index: near vectors, the same
+    ranking at the top; an unknown precision is one line and exit code 1."""
+    from helpers_graph import run_kalmkg
+
+    from kalmkg.prediction import predict
+
+    ws = Workspace(trained)
+    exact = predict(ws, "Berlin", "capital of", "?", k=3, precision="fp32")
+    near = predict(ws, "Berlin", "capital of", "?", k=3, precision="bf16")
+    assert near.candidates[0].key == exact.candidates[0].key
+    assert [c.score for c in near.candidates] == pytest.approx([c.score for c in exact.candidates], abs=0.02)
+    assert [c.score for c in near.candidates] != [c.score for c in exact.candidates]
+    bad = run_kalmkg("-w", trained, "predict", "Berlin", "capital of", "?", "--precision", "fp16", cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].endswith(
+        "unknown precision 'fp16'; use auto, fp32, bf16")
+
+
 def test_predict_refuses_a_stale_index(trained, tmp_path):
     from kalmkg.prediction import predict
 

@@ -38,6 +38,32 @@ def test_loss_decreases_on_the_sample_graph(sample_ws, tiny_model):
     assert np.mean(losses[-20:]) < np.mean(losses[:20]) - 0.4
 
 
+def test_a_bf16_run_loads_its_frozen_base_in_bf16_and_trains_fp32_adapters(sample_ws, tiny_model, monkeypatch):
+    """The frozen weights of a bf16 run are read from the files in bf16 (no float32 copy of a 7B base on
+    the host first); LoRA's weights, which the optimizer steps, stay float32."""
+    import torch
+    from safetensors.torch import load_file
+
+    import kalmkg.training.loop as loop
+
+    loaded_as = []
+
+    def spy(resolved, *, dtype=None, device="cpu"):
+        model, tokenizer = load_base(resolved, dtype=dtype, device=device)
+        loaded_as.append(next(model.parameters()).dtype)
+        return model, tokenizer
+
+    load_base = loop.load_base
+    monkeypatch.setattr(loop, "load_base", spy)
+    result = train(sample_ws, tiny_config(tiny_model, precision="bf16", max_steps=12, eval_every=12,
+                                          checkpoint_every=12), run_id="bf16")
+    assert loaded_as == [torch.bfloat16]
+    saved = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+    assert saved and {t.dtype for t in saved.values()} == {torch.float32}
+    assert all(t.abs().max() > 0 for n, t in saved.items() if "lora_B" in n)  # stepped from LoRA's zero start
+    assert all(np.isfinite(m["loss"]) for m in metrics(result.run_dir) if "loss" in m)
+
+
 def test_run_folder_has_everything_to_reproduce_and_use_the_run(sample_ws, tiny_model):
     from kalmkg.runs import read_config
     from kalmkg.store import Store

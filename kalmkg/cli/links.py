@@ -7,18 +7,20 @@ from typing import Optional
 
 import typer
 
-from kalmkg.cli.options import backend_option, base_option, device_option, gguf_option, json_option, run_option
+from kalmkg.cli.options import (backend_option, base_option, device_option, gguf_option, json_option,
+                                precision_option, run_option)
 from kalmkg.cli.output import console, print_json, warn
 from kalmkg.cli.progress import CountBar
 from kalmkg.errors import KalmkgError
 from kalmkg.workspace import Workspace
 
 
-def load_for_command(workspace: Workspace, run: Optional[str], base: Optional[str], device: str, stderr):
+def load_for_command(workspace: Workspace, run: Optional[str], base: Optional[str], device: str, stderr,
+                     precision: str = "auto"):
     """The run's (or base's) model; its warnings go to stderr as one line each."""
     from kalmkg.loaded import load_model
 
-    loaded = load_model(workspace, run=run, base=base, device=device)
+    loaded = load_model(workspace, run=run, base=base, device=device, precision=precision)
     for warning in loaded.warnings:
         warn(stderr, warning)
     return loaded
@@ -91,6 +93,7 @@ def embed(
     backend: str = backend_option("torch, or gguf: encode through the run's `kalmkg export` with llama.cpp (the vectors `predict --backend gguf` queries are made by; not faster than torch on a CPU)."),
     gguf: Optional[str] = gguf_option(),
     device: str = device_option(),
+    precision: str = precision_option(),
     as_json: bool = json_option("Print the summary as JSON."),
 ) -> None:
     """Encode every entity (as a tail view) into the workspace's vector index, for predict and evaluate.
@@ -106,20 +109,21 @@ def embed(
       kalmkg embed --full
       kalmkg embed --base smollm2-135m        # the untrained baseline's vectors
       kalmkg embed --backend gguf             # through the run's export (llama.cpp)
+      kalmkg embed --device cuda --precision bf16
     """
     if batch_size < 1:
         raise KalmkgError("--batch-size must be at least 1")
     with ctx.obj.writer("embed"):
-        _embed(ctx.obj, run, base, batch_size, full, ann_threshold, backend, gguf, device, as_json)
+        _embed(ctx.obj, run, base, batch_size, full, ann_threshold, backend, gguf, device, precision, as_json)
 
 
 def _embed(workspace: Workspace, run, base, batch_size: int, full: bool, ann_threshold: int, backend: str, gguf,
-           device: str, as_json: bool) -> None:
+           device: str, precision: str, as_json: bool) -> None:
     from kalmkg.index import embed as run_embed
     from kalmkg.loaded import make_encoder
 
     stderr = console(stderr=True)
-    loaded = load_for_command(workspace, run, base, device, stderr)
+    loaded = load_for_command(workspace, run, base, device, stderr, precision)
     # torch: None, so that an index already up to date never loads the weights
     encoder = make_encoder(loaded, backend, gguf=gguf) if backend != "torch" else None
     with CountBar(stderr, quiet=as_json) as bar:
@@ -151,6 +155,7 @@ def predict(
     backend: str = backend_option(),
     gguf: Optional[str] = gguf_option(),
     device: str = device_option("cpu", "cpu, cuda, mps (one query: the CPU is usually fastest to start)."),
+    precision: str = precision_option(),
     as_json: bool = json_option("Print the results as JSON."),
 ) -> None:
     """Rank every entity for the open slot of HEAD RELATION ? or ? RELATION TAIL.
@@ -170,7 +175,7 @@ def predict(
     from kalmkg.prediction import predict as run_predict
 
     result = run_predict(ctx.obj, head, relation, tail, k=k, filter_known=filter_known, run=run, base=base,
-                         backend=backend, device=device, gguf=gguf)
+                         backend=backend, device=device, gguf=gguf, precision=precision)
     if as_json:
         print_json(result.to_json())
         return
@@ -207,6 +212,7 @@ def evaluate(
     gguf: Optional[str] = gguf_option(),
     generative: bool = typer.Option(False, "--generative", help="Generation-based evaluation instead: tail, head and relation prediction and triple classification (3-shot, greedy), the run beside its untrained base."),
     device: str = device_option(),
+    precision: str = precision_option(),
     as_json: bool = json_option("Print the result as JSON."),
 ) -> None:
     """Filtered link-prediction metrics (MR, MRR, Hits@1/3/10) for tail, head and both, as the paper does.
@@ -237,7 +243,7 @@ def evaluate(
         _evaluate_generative(ctx.obj, run=run, split=split, limit=limit, seed=seed, device=device, as_json=as_json)
         return
     stderr = console(stderr=True)
-    loaded = load_model(ctx.obj, run=run, base=base, device=device)  # its warnings come back in `out`
+    loaded = load_model(ctx.obj, run=run, base=base, device=device, precision=precision)  # warnings: in `out`
     encoder = make_encoder(loaded, backend, gguf=gguf) if backend != "torch" else None
     with CountBar(stderr, quiet=as_json) as bar:
         out = evaluate_run(ctx.obj, split=split, limit=limit, seed=seed, batch_size=batch_size, device=device,

@@ -40,6 +40,12 @@ def device_option(default: str = "auto", help: str = DEVICE_HELP) -> Any:
     return typer.Option(default, "--device", help=help)
 
 
+def precision_option() -> Any:
+    return typer.Option("auto", "--precision",
+                        help="The torch backend's weights: auto (bf16 on a CUDA GPU that runs it natively, else "
+                             "fp32), fp32, bf16 (half the memory; vectors within about 1e-2 of fp32's).")
+
+
 def backend_option(help: str = "torch, or gguf (the run's `kalmkg export` through llama.cpp).") -> Any:
     return typer.Option("torch", "--backend", help=help)
 

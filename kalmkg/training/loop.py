@@ -33,7 +33,7 @@ from kalmkg.training.learner import build_learner
 from kalmkg.training.card import write_model_card
 from kalmkg.training.plot import plot_metrics
 from kalmkg.training.report import Reporter, check_reporter, open_reporter
-from kalmkg.training.precision import make_autocast
+from kalmkg.training.precision import make_autocast, use_bf16
 from kalmkg.training.record import open_run, record_end, record_start, write_config
 from kalmkg.training.stopping import EarlyStopper
 from kalmkg.workspace import Workspace
@@ -100,7 +100,10 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     # load data: the graph read once, its texts cut with the base's tokenizer, token ids (kept in the run)
     graph = read_graph(workspace)
     resolved = resolve_base(cfg.base)
-    model, tokenizer = load_base(resolved, device=device)
+    # frozen weights that train in bf16 load in bf16 (LoRA's own weights are made in fp32 by peft):
+    # a 7B base never exists in float32 on the host
+    frozen_bf16 = use_bf16(device, cfg.precision) and not cfg.full
+    model, tokenizer = load_base(resolved, dtype=torch.bfloat16 if frozen_bf16 else None, device=device)
     # settings left unset take the defaults for the base's size (what config.toml then records)
     n_params = sum(p.numel() for p in model.parameters())
     by_size = [name for name in SIZED if getattr(cfg, name) is None]
