@@ -83,6 +83,9 @@ def print_dry_run(info: dict) -> None:
     if info.get("by_size"):
         out.append(f"# {', '.join(info['by_size'])}: the defaults for a base of {info['parameters'] / 1e6:,.0f}M "
                    f"parameters (--preset {info['config']['preset']})")
+    if info.get("memory"):
+        each = " each" if info["memory"]["processes"] > 1 else ""
+        out.append(f"# memory{each}: {info['memory']['text']}")
     out += [config_to_toml({"train": info["config"]}),
            "# first batch (8 examples shown)"]
     for i, ex in enumerate(info["first_batch"]):

@@ -23,13 +23,14 @@ from kalmkg.device import pick_device
 from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.metrics import known_answers
 from kalmkg.evaluation.ranking import rank_queries, sample_triples
-from kalmkg.models import load_base, num_layers, resolve_base
+from kalmkg.models import apply_lora, load_base, num_layers, resolve_base
 from kalmkg.text import graph_texts
 from kalmkg.training.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from kalmkg.training.config import SIZED, TrainConfig, with_size_defaults
 from kalmkg.training.data import QuestionData, ReadingData, batch_groups, describe_batch, epoch_batches, load_tokens, read_graph
 from kalmkg.training.distributed import World, agree, barrier, init_world
 from kalmkg.training.learner import build_learner
+from kalmkg.training.memory import MemoryEstimate, ModelShape, estimate_memory
 from kalmkg.training.card import write_model_card
 from kalmkg.training.plot import plot_metrics
 from kalmkg.training.report import Reporter, check_reporter, open_reporter
@@ -120,8 +121,12 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     reading = ReadingData.build(graph, tokenizer) if cfg.reading_weight > 0 and cfg.reading_examples else None
     if dry_run is not None:
         first = epoch_batches(len(tokens.examples), cfg.batch_size, cfg.seed, 0, tokens.lengths, cfg.bucket)[0]
+        chats = [batch for data, k in ((questions, cfg.question_examples), (reading, cfg.reading_examples))
+                 if data is not None for batch in [data.batch(k, cfg.seed, 0)]]
+        memory = plan_memory(model, cfg, tokens, tokens.examples[first], chats, world, device)
         dry_run({"config": runs.as_dict(cfg), "base": resolved.name, "device": device, "parameters": n_params,
-                 "by_size": by_size,
+                 "by_size": by_size, "memory": {"bytes": asdict(memory), "total": memory.total,
+                                                "text": memory.describe(), "processes": world.size},
                  "train_examples": len(tokens.examples), "steps": total_steps,
                  "first_batch": describe_batch(tokens, first, tokenizer, cfg),
                  "questions": None if questions is None else questions.describe(cfg.question_examples, cfg.seed),
@@ -243,6 +248,35 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
 
 
 # ------------------------------------------------------------------ pieces of the run
+def plan_memory(model, cfg: TrainConfig, tokens, examples, chats: list, world: World,
+                device: str) -> MemoryEstimate:
+    """The memory one process of this run needs at its first step (training/memory.py), from the loaded
+    base with the run's LoRA applied (a dry run's model, which it changes) and the first batch's rows."""
+    from kalmkg.training.data import lm_flags
+    from kalmkg.training.step import build_inputs
+
+    mine = world.slice(len(examples))
+    inputs = build_inputs(tokens, examples[mine], lm_flags(len(examples), cfg)[mine], cfg.self_negatives)
+    for pairs in chats:
+        inputs.add_chat("chat", pairs[world.slice(len(pairs))])
+    lm_positions = sum(b - a for a, b in inputs.lm_spans.values())
+    kl_positions = sum(inputs.lm_spans[r][1] - inputs.lm_spans[r][0] for r in inputs.chat.get("chat", ()))
+    n_layers = num_layers(model)
+    c = model.config
+    model = apply_lora(model, cfg)
+    shape = ModelShape(parameters=sum(p.numel() for p in model.parameters()),
+                       trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       hidden=c.hidden_size, intermediate=c.intermediate_size, heads=c.num_attention_heads,
+                       layers=n_layers, vocab=c.vocab_size)
+    bf16 = use_bf16(device, cfg.precision)
+    return estimate_memory(shape, [len(r) for r in inputs.rows], lm_positions,
+                           adapted_layers=n_layers if cfg.full else (cfg.lora_layers or n_layers),
+                           frozen_bf16=bf16 and not cfg.full, activation_bytes=2 if bf16 else 4,
+                           grad_checkpointing=cfg.grad_checkpointing,
+                           kl_positions=kl_positions if cfg.base_kl_weight > 0 else 0,
+                           cache_mb=cfg.frozen_cache_mb if cfg.lora_layers else 0.0)
+
+
 def _train_structure(folder: Path, graph, cfg: TrainConfig, progress: TrainProgress, device: str) -> None:
     """The structure model fused with the text scores (kalmkg/structure), trained on the same split,
     validated on the same sample of valid."""
