@@ -259,8 +259,8 @@ import json, os, sys
 import numpy as np, torch
 from pathlib import Path
 from kalmkg.training.loop import TrainConfig
-from kalmkg.training.distributed import average_gradients, init_world
-from kalmkg.training.step import StepContext, kalm_step
+from kalmkg.training.distributed import init_world, replicate
+from kalmkg.training.step import KaLMStep, StepContext
 from kalmkg.text import graph_texts
 from kalmkg.training.data import tokenize_examples, with_inverses
 from kalmkg.evaluation.metrics import known_answers
@@ -294,10 +294,10 @@ asked = [chat_example(tok, no_context_messages(q), a) for q, a in
          (("What is the capital of France?", "Paris."), ("Who founded Apple?", "Steve Jobs and Steve Wozniak."))]
 chats = {"l_qa": asked, "l_read": asked[::-1]}
 views = np.stack([tokens.examples[0], batch[3]])  # the questions' (entity, relation, answer)
-loss, terms, _ = kalm_step(StepContext(model, temp, tokens, known, cfg, world), batch, chats=chats,
-                           question_views=views)
-loss.backward()
-average_gradients(list(model.parameters()) + list(temp.parameters()), world)
+stepper = replicate(KaLMStep(StepContext(model, temp, tokens, known, cfg, world)), world, "cpu")
+assert (type(stepper).__name__ == "DistributedDataParallel") == (world.size > 1)
+loss, terms, _ = stepper(batch, chats=chats, question_views=views)
+loss.backward()  # the replicas average the gradients here
 if world.size > 1:
     import torch.distributed as dist
     t = torch.tensor([loss.item()]); dist.all_reduce(t); mean_loss = t.item() / world.size
@@ -324,7 +324,7 @@ def test_each_cuda_process_takes_its_local_gpu_before_the_group_starts(monkeypat
     monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
     monkeypatch.setattr(dist, "get_rank", lambda: 3)
     monkeypatch.setattr(dist, "get_world_size", lambda: 4)
-    assert init_world("cuda") == World(3, 4)
+    assert init_world("cuda") == World(3, 4, "cuda")
     assert calls == [("set_device", 3), ("init", "nccl")]
     calls.clear()
     init_world("cpu")
@@ -355,13 +355,28 @@ def test_two_process_gloo_training_step_equals_single_process(sample_ws, tiny_mo
                                    err_msg=name)
 
 
+def test_a_collective_refuses_a_tensor_off_the_training_device():
+    """NCCL moves only CUDA tensors; the CPU tests run gloo, which would take a CPU tensor in a CUDA run
+    silently: the check makes that mistake fail here."""
+    import torch
+
+    from kalmkg.training.distributed import World, check_device, gather
+
+    cuda_run = World(rank=0, size=2, device_type="cuda")
+    with pytest.raises(RuntimeError, match="gather: a cpu tensor in a collective of a cuda run"):
+        gather(torch.ones(2, 3), cuda_run)
+    check_device(torch.ones(1), World(rank=0, size=2), "agree")  # a CPU run's CPU tensor is fine
+
+
 def test_torchrun_trains_a_run_with_two_processes(sample_ws, tiny_model):
+    """Through the CLI: replicas, accumulated batches (no_sync), validation and early stopping on every
+    process, and the time limit's agreement."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518",
          "-m", "kalmkg", "-w", str(sample_ws.root), "train", "--base", str(tiny_model), "--max-steps", "4",
-         "--batch-size", "8", "--eval-every", "2", "--eval-limit", "10", "--patience", "1", "--run-name", "ddp",
-         "--precision", "fp32"],
+         "--batch-size", "8", "--grad-accum", "2", "--eval-every", "2", "--eval-limit", "10", "--patience", "1",
+         "--max-minutes", "30", "--run-name", "ddp", "--precision", "fp32"],
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = sample_ws.runs_dir / "ddp"

@@ -1,23 +1,26 @@
-"""Training across processes (torchrun / accelerate launch): who this process is, and the few
-collective operations the loop needs.
+"""Training across processes (torchrun / accelerate launch): who this process is, the replicas that keep
+the processes' weights equal, and the few collectives the loop needs beside them.
 
 Every process takes its slice of the same global batch, embeddings are all-gathered with gradients
-(`gather`) so every process contrasts against the whole batch, and gradients are averaged
-(`average_gradients`): the update equals the single-process update on that batch. With one
-process every function here is a no-op and torch.distributed is never touched.
+(`gather`) so every process contrasts against the whole batch, and PyTorch's DistributedDataParallel
+averages the gradients in buckets while backward runs (`replicate`): the update equals the
+single-process update on that batch. Every collective checks that its tensor lives on the process's
+training device (NCCL moves only CUDA tensors; the CPU tests run gloo, which would take either), so a
+tensor on the wrong device fails in the tests and not first on a GPU node. With one process every
+function here is a no-op and torch.distributed is never touched.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable
 
 
 @dataclass(frozen=True)
 class World:
     rank: int = 0
     size: int = 1
+    device_type: str = "cpu"  # where the collectives' tensors must be: the training device's type
 
     @property
     def main(self) -> bool:
@@ -33,7 +36,7 @@ def init_world(device_type: str) -> World:
     """Join the process group that torchrun / accelerate launch describe in the environment."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
-        return World()
+        return World(device_type=device_type)
     import torch
     import torch.distributed as dist
 
@@ -43,7 +46,31 @@ def init_world(device_type: str) -> World:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return World(dist.get_rank(), dist.get_world_size())
+    return World(dist.get_rank(), dist.get_world_size(), device_type)
+
+
+def replicate(module, world: World, device: str):
+    """`module` as this process's DistributedDataParallel replica: its weights broadcast from the main
+    process once, its gradients averaged over the processes during each backward (call it, not the
+    inner module; `no_sync()` for all but the last batch of an accumulated step). The module itself
+    with one process."""
+    if world.size == 1:
+        return module
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    where = torch.device(device)
+    # some steps leave a weight without gradient (the LM head of an untied model without LM rows, the
+    # temperature when fixed): DDP then must look for them instead of waiting for their bucket
+    return DistributedDataParallel(module, device_ids=[where.index] if where.type == "cuda" else None,
+                                   broadcast_buffers=False, find_unused_parameters=True)
+
+
+def check_device(x, world: World, what: str) -> None:
+    """Refuse a collective on a tensor that is not on the training device."""
+    if x.device.type != world.device_type:
+        raise RuntimeError(f"{what}: a {x.device.type} tensor in a collective of a {world.device_type} run "
+                           "(NCCL moves only CUDA tensors)")
 
 
 def gather(x, world: World):
@@ -53,19 +80,8 @@ def gather(x, world: World):
     import torch
     from torch.distributed.nn.functional import all_gather
 
+    check_device(x, world, "gather")
     return torch.cat(all_gather(x.contiguous()), dim=0)
-
-
-def average_gradients(parameters: Iterable, world: World) -> None:
-    """Mean of every process's gradients, in place."""
-    if world.size == 1:
-        return
-    import torch.distributed as dist
-
-    for p in parameters:
-        if p.requires_grad and p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world.size
 
 
 def barrier(world: World) -> None:
@@ -82,8 +98,13 @@ def agree(flag: bool, world: World) -> bool:
     import torch
     import torch.distributed as dist
 
-    # NCCL moves only CUDA tensors
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1 if flag else 0], device=device)
+    t = torch.tensor([1 if flag else 0], device=_device(world))
+    check_device(t, world, "agree")
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def _device(world: World):
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if world.device_type == "cuda" else torch.device("cpu")

@@ -9,7 +9,6 @@ from typing import Any
 
 from kalmkg.models import apply_lora
 from kalmkg.training.config import TrainConfig
-from kalmkg.training.distributed import World, average_gradients
 from kalmkg.training.precision import freeze_in_bf16, use_bf16
 
 
@@ -25,12 +24,11 @@ class Learner:
     def parameters(self) -> list:
         return list(self.model.parameters()) + list(self.temperature.parameters())
 
-    def update(self, world: World, grad_clip: float) -> None:
-        """One optimizer step on the accumulated gradients: averaged over the processes, clipped
-        (model weights only), then the schedule moves on."""
+    def update(self, grad_clip: float) -> None:
+        """One optimizer step on the accumulated gradients (averaged over the processes by their
+        replicas' backward): clipped (model weights only), then the schedule moves on."""
         import torch
 
-        average_gradients(self.parameters(), world)
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], grad_clip)
         self.optimizer.step()

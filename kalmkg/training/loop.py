@@ -12,6 +12,7 @@ batch (see distributed.py); the main process alone writes the run folder.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from kalmkg.text import graph_texts
 from kalmkg.training.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from kalmkg.training.config import SIZED, TrainConfig, with_size_defaults
 from kalmkg.training.data import QuestionData, ReadingData, batch_groups, describe_batch, epoch_batches, load_tokens, read_graph
-from kalmkg.training.distributed import World, agree, barrier, init_world
+from kalmkg.training.distributed import World, agree, barrier, init_world, replicate
 from kalmkg.training.learner import build_learner
 from kalmkg.training.memory import MemoryEstimate, ModelShape, estimate_memory
 from kalmkg.training.card import write_model_card
@@ -84,7 +85,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     import torch
 
     from kalmkg.training.prefix import prefix_for  # these import torch: loaded when training starts
-    from kalmkg.training.step import StepContext, kalm_step
+    from kalmkg.training.step import KaLMStep, StepContext
 
     progress = progress or TrainProgress()
 
@@ -170,6 +171,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
 
     # the loop: one optimizer step per group of grad_accum batches, from where the run stands
     step_context = StepContext(learner.model, learner.temperature, tokens, known, cfg, world, device, prefix)
+    stepper = replicate(KaLMStep(step_context), world, device)  # gradients averaged over the processes
     autocast = make_autocast(device, cfg.precision)
     groups = batch_groups(tokens, cfg, state.epoch, state.batch_in_epoch)
     rate = _Rate()
@@ -182,7 +184,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
            and (stop_after is None or steps_here < stop_after)):
         epoch, next_batch, group = next(groups)
 
-        # the step: gradients of every batch of the group, averaged over processes, one update
+        # the step: gradients of every batch of the group, averaged over processes (by the last batch's
+        # backward), one update
         learner.optimizer.zero_grad(set_to_none=True)
         batch_terms = []
         for j, examples in enumerate(group):
@@ -191,13 +194,15 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
                      "l_read": reading.batch(cfg.reading_examples, cfg.seed, index) if reading else None}
             views = questions.views(cfg.question_examples, cfg.seed, index) \
                 if questions and cfg.question_view_weight > 0 else None
-            with autocast:
-                out = kalm_step(step_context, examples, prebatch, chats, views)
-            (out.loss / cfg.grad_accum).backward()
+            accumulating = world.size > 1 and j < len(group) - 1
+            with stepper.no_sync() if accumulating else contextlib.nullcontext():
+                with autocast:
+                    out = stepper(examples, prebatch, chats, views)
+                (out.loss / cfg.grad_accum).backward()
             batch_terms.append(out.terms)
             if cfg.prebatch:
                 prebatch = (prebatch + [out.tails])[-cfg.prebatch:]
-        learner.update(world, cfg.grad_clip)
+        learner.update(cfg.grad_clip)
         state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, next_batch
         steps_here += 1
         state.seconds, out_of_time = clock.read()

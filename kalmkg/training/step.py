@@ -44,6 +44,20 @@ class StepContext:
     prefix: Any = None  # prefix.FrozenPrefix: the frozen layers' kept outputs (None: run the whole model)
 
 
+class KaLMStep(torch.nn.Module):
+    """`kalm_step` as a module over the weights it trains (the model and the temperature), so that
+    DistributedDataParallel (`distributed.replicate`) can average their gradients during backward."""
+
+    def __init__(self, ctx: StepContext):
+        super().__init__()
+        self.model, self.temperature = ctx.model, ctx.temperature
+        self.ctx = ctx
+
+    def forward(self, examples: np.ndarray, prebatch: list | None = None, chats: Mapping[str, list] | None = None,
+                question_views: np.ndarray | None = None) -> "StepOutput":
+        return kalm_step(self.ctx, examples, prebatch, chats, question_views)
+
+
 class StepOutput(NamedTuple):
     loss: torch.Tensor
     terms: dict  # loss, l_exp, l_imp (None without LM examples), tau, acc, as floats
