@@ -85,7 +85,8 @@ def drift(base, run, tokenizer, conversations) -> dict:
     eos = tokenizer.eos_token_id
     kls, agree, same = [], [], []
     for messages in conversations:
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]  # as training's chat_example
         reply = greedy(base, prompt, eos)
         if not reply:
             continue

@@ -190,6 +190,25 @@ def test_known_answers_both_directions():
     }
 
 
+def test_known_answers_are_the_sets_a_dict_would_hold_in_arrays():
+    rng = np.random.default_rng(0)
+    triples = np.stack([rng.integers(0, 40, 500), rng.integers(0, 3, 500), rng.integers(0, 40, 500)], 1)
+    plain: dict = {}
+    for h, r, t in triples.tolist():
+        plain.setdefault((h, r), set()).add(t)
+        plain.setdefault((t, r + 3), set()).add(h)
+    answers = known_answers(triples, num_relations=3)
+    assert answers == plain and len(answers) == len(plain)
+    assert answers.get((41, 0)) is None and (41, 0) not in answers and answers.get((0, 7), ()) == ()
+    some = next(iter(plain))
+    assert answers[some] == frozenset(plain[some])
+    with pytest.raises(KeyError):
+        answers[(99, 1)]
+    # a relation id past 2R never reads another entity's answers (its key would be theirs)
+    h, r = some
+    assert (h - 1, r + 6) not in answers
+
+
 def test_known_answers_of_no_triples_is_empty():
     assert known_answers(np.zeros((0, 3), dtype=np.int64), 5) == {}
 

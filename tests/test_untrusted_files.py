@@ -32,14 +32,16 @@ def _pickle_bomb(path: Path, marker: Path) -> None:
 
 
 def test_the_token_cache_is_plain_arrays_and_a_pickle_in_its_place_runs_no_code(tmp_path):
-    from kalmkg.training.data import TokenizedExamples, read_tokens, write_tokens
+    from kalmkg.training.data import TokenizedExamples, TokenRows, read_tokens, write_tokens
 
-    tokens = TokenizedExamples(np.array([[0, 1, 2], [2, 3, 0]]), np.array([0, 1]), [[5, 6], [7]],
-                               [[1], [2, 3], [4, 5, 6]], [[9, 2], [], [8, 2]], pad_id=2, lengths=np.array([3, 4]))
+    tokens = TokenizedExamples(np.array([[0, 1, 2], [2, 3, 0]]), np.array([0, 1]), TokenRows.of([[[5, 6], [7]]]),
+                               TokenRows.of([[[1], [2, 3]], [[4, 5, 6]]]), TokenRows.of([[[9, 2], [], [8, 2]]]),
+                               pad_id=2, lengths=np.array([3, 4]))
     path = tmp_path / "tokens.npz"
     write_tokens(tokens, path)
     back = read_tokens(path)
     assert back.hr_ids == tokens.hr_ids and back.tail_ids == tokens.tail_ids and back.target_ids == tokens.target_ids
+    assert list(back.tail_ids) == [[1], [2, 3], [4, 5, 6]] and back.target_ids[1] == []
     assert np.array_equal(back.examples, tokens.examples) and np.array_equal(back.lengths, tokens.lengths)
     assert back.pad_id == 2 and back.hr_index_of(np.array([[2, 3, 0]])) == [1]
 

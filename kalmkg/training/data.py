@@ -7,11 +7,12 @@ Relation ids >= R are inverses.
 
 from __future__ import annotations
 
+import itertools
 import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -56,45 +57,89 @@ def with_inverses(triples: np.ndarray, num_relations: int) -> np.ndarray:
     return np.concatenate([triples, inverse]).astype(np.int64)
 
 
+class TokenRows(Sequence):
+    """Token rows end to end in one array, and the offset where each starts: a row is a slice, so a graph
+    of millions of views holds 4 bytes per token instead of a Python list per row (and an int object per
+    token). `rows[i]` is row i as a list, as the step concatenates and hashes them."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat, self.offsets = flat, offsets
+
+    @classmethod
+    def of(cls, chunks: Iterable[list[list[int]]]) -> "TokenRows":
+        """Rows from chunks of token lists (each chunk let go once copied)."""
+        flats, lengths = [np.zeros(0, dtype=np.int32)], [np.zeros(0, dtype=np.int64)]
+        for rows in chunks:
+            lengths.append(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
+            flats.append(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths[-1].sum())))
+        return cls(np.concatenate(flats), np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64))
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.flat[self.offsets[i]:self.offsets[i + 1]].tolist()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __eq__(self, other) -> bool:
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @dataclass
 class TokenizedExamples:
     """Token ids of every view an epoch needs, computed once per run."""
 
     examples: np.ndarray  # [n, 3] query entity, relation (>= R: inverse), answer entity
     hr_index: np.ndarray  # [n] row of `hr_ids` for each example
-    hr_ids: list[list[int]]  # unique (query, relation) views
-    tail_ids: list[list[int]]  # per entity: its tail view
-    target_ids: list[list[int]]  # per entity: completion target + EOS
+    hr_ids: TokenRows  # unique (query, relation) views, in (query, relation) order
+    tail_ids: TokenRows  # per entity: its tail view
+    target_ids: TokenRows  # per entity: completion target + EOS
     pad_id: int = 0
     lengths: np.ndarray = field(default=None)  # [n] tokens of hr view + tail view (for bucketing)
 
     def hr_index_of(self, examples: np.ndarray) -> list[int]:
-        """Row of `hr_ids` for each example of `examples` (any [m, 3] array of examples)."""
-        return [self._hr_rows[(q, r)] for q, r in examples[:, :2].tolist()]
+        """Row of `hr_ids` for each example of `examples` (any [m, 3] array of this run's examples)."""
+        keys, width = self._hr_keys
+        return np.searchsorted(keys, examples[:, 0] * width + examples[:, 1]).tolist()
 
     @cached_property
-    def _hr_rows(self) -> dict[tuple[int, int], int]:
-        return {(q, r): i for (q, r), i in zip(self.examples[:, :2].tolist(), self.hr_index.tolist())}
+    def _hr_keys(self) -> tuple[np.ndarray, int]:
+        """The hr views' (query, relation) as sorted keys query * width + relation: the order of `hr_ids`."""
+        width = int(self.examples[:, 1].max()) + 1 if len(self.examples) else 1
+        return np.unique(self.examples[:, 0] * width + self.examples[:, 1]), width
+
+
+# texts tokenized at a time: the tokenizer's output for all of a large graph's views at once is many GB
+TOKENIZE_CHUNK = 16384
+
+
+def _chunks(n: int) -> Iterator[slice]:
+    return (slice(a, min(a + TOKENIZE_CHUNK, n)) for a in range(0, n, TOKENIZE_CHUNK))
 
 
 def tokenize_examples(texts: GraphTexts, examples: np.ndarray, tokenizer, max_seq_len: int = 256) -> TokenizedExamples:
     keys, hr_index = np.unique(examples[:, :2], axis=0, return_inverse=True) if len(examples) else \
         (np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64))
-    hr_texts = [text.hr_view(texts.entities[q], texts.relations[r]) for q, r in keys.tolist()]
     tok = lambda xs: tokenizer(xs, add_special_tokens=False)["input_ids"] if xs else []  # noqa: E731
-    hr_ids = tok(hr_texts)
-    tail_ids = tok([text.tail_view(t) for t in texts.entities])
+    hr_ids = TokenRows.of(tok([text.hr_view(texts.entities[q], texts.relations[r]) for q, r in keys[part].tolist()])
+                          for part in _chunks(len(keys)))
+    tail_ids = TokenRows.of(tok([text.tail_view(t) for t in texts.entities[part]])
+                            for part in _chunks(len(texts.entities)))
     eos = tokenizer.eos_token_id
-    target_ids = [ids + [eos] for ids in tok([text.completion_target(t) for t in texts.entities])]
     # The completion sequence is hr + target; keep it within max_seq_len by cutting the target.
-    hr_len = np.array([len(x) for x in hr_ids], dtype=np.int64)
-    tail_len = np.array([len(x) for x in tail_ids], dtype=np.int64)
+    hr_len, tail_len = hr_ids.lengths(), tail_ids.lengths()
     hr_index = hr_index.reshape(-1)
     longest_hr = int(hr_len.max()) if len(hr_len) else 0
     if longest_hr + 2 > max_seq_len:
         raise ValueError(f"a head-relation view has {longest_hr} tokens, over max_seq_len={max_seq_len}")
     room = max_seq_len - longest_hr
-    target_ids = [t if len(t) <= room else t[: room - 1] + [eos] for t in target_ids]
+    target_ids = TokenRows.of([t + [eos] if len(t) < room else t[: room - 1] + [eos]
+                               for t in tok([text.completion_target(e) for e in texts.entities[part]])]
+                              for part in _chunks(len(texts.entities)))
     lengths = hr_len[hr_index] + tail_len[examples[:, 2]] if len(examples) else np.zeros(0, dtype=np.int64)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return TokenizedExamples(examples, hr_index, hr_ids, tail_ids, target_ids, pad, lengths)
@@ -122,13 +167,12 @@ _RAGGED = ("hr_ids", "tail_ids", "target_ids")
 
 def write_tokens(tokens: TokenizedExamples, path: Path) -> None:
     """`tokens` as plain arrays (numpy's format, no pickle: a run folder from elsewhere runs no code); each
-    list of token lists is its ids end to end and the offsets where each list starts."""
+    set of token rows is its ids end to end and the offsets where each row starts."""
     arrays = {"examples": tokens.examples, "hr_index": tokens.hr_index, "lengths": tokens.lengths,
               "pad_id": np.asarray(tokens.pad_id)}
     for name in _RAGGED:
         rows = getattr(tokens, name)
-        arrays[f"{name}.flat"] = np.fromiter((t for row in rows for t in row), dtype=np.int64)
-        arrays[f"{name}.offsets"] = np.cumsum([0] + [len(row) for row in rows], dtype=np.int64)
+        arrays[f"{name}.flat"], arrays[f"{name}.offsets"] = rows.flat, rows.offsets
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
 
@@ -136,10 +180,8 @@ def write_tokens(tokens: TokenizedExamples, path: Path) -> None:
 def read_tokens(path: Path) -> TokenizedExamples:
     try:
         with np.load(path, allow_pickle=False) as data:
-            ragged = {}
-            for name in _RAGGED:
-                flat, offsets = data[f"{name}.flat"].tolist(), data[f"{name}.offsets"].tolist()
-                ragged[name] = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+            ragged = {name: TokenRows(data[f"{name}.flat"].astype(np.int32), data[f"{name}.offsets"].astype(np.int64))
+                      for name in _RAGGED}
             return TokenizedExamples(data["examples"], data["hr_index"], pad_id=int(data["pad_id"]),
                                      lengths=data["lengths"], **ragged)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # damaged, or another version

@@ -115,7 +115,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
         run.path.mkdir(parents=True, exist_ok=True)
     tokens = load_tokens(texts, graph.train, tokenizer, cfg.max_seq_len, run.path / "tokens.npz" if writes else None)
     _check_batch_size(cfg, len(tokens.examples), world)
-    known = {k: frozenset(v) for k, v in known_answers(graph.train, texts.num_relations).items()}
+    known = known_answers(graph.train, texts.num_relations)
     steps_per_epoch = len(tokens.examples) // cfg.batch_size // cfg.grad_accum
     total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
     questions = QuestionData.build(graph, tokenizer) if cfg.question_weight > 0 and cfg.question_examples else None
