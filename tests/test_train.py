@@ -355,6 +355,57 @@ def test_two_process_gloo_training_step_equals_single_process(sample_ws, tiny_mo
                                    err_msg=name)
 
 
+SHARD_WORKER = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+from kalmkg.evaluation.ranking import rank_queries
+from kalmkg.models import load_base, resolve_base
+from kalmkg.store import Store
+from kalmkg.text import graph_texts
+from kalmkg.training.distributed import init_world, shard
+from kalmkg.workspace import Workspace
+
+ws, tiny, out = Workspace(Path(sys.argv[1])), sys.argv[2], Path(sys.argv[3])
+world = init_world("cpu")
+with Store.open(ws) as store:
+    every = store.triples_array(); ents, rels = store.entity_table(), store.relation_table()
+model, tok = load_base(resolve_base(tiny))
+texts = graph_texts(ents, rels, tok, 24)
+got = rank_queries(model, tok, texts, every[:12], every, shard=shard(len(texts.entities), world))
+if world.rank == 0:
+    out.write_text(json.dumps({"ranks": got["ranks"].tolist(), "mrr": got["both"]["mrr"]}))
+"""
+
+
+def test_validation_shares_the_entities_between_processes_and_ranks_as_one(sample_ws, tiny_model, tmp_path):
+    """Each process encodes its share of the entities; joined, every process ranks with all of them,
+    and the ranks are one process's."""
+    worker = tmp_path / "shard.py"
+    worker.write_text(SHARD_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    single, double = tmp_path / "single.json", tmp_path / "double.json"
+    subprocess.run([sys.executable, str(worker), str(sample_ws.root), str(tiny_model), str(single)],
+                   check=True, env=env, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29519", str(worker), str(sample_ws.root), str(tiny_model), str(double)],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = json.loads(single.read_text()), json.loads(double.read_text())
+    assert len(a["ranks"]) == len(b["ranks"]) == 24
+    assert a["ranks"] == b["ranks"] and a["mrr"] == pytest.approx(b["mrr"], abs=1e-9)
+
+
+def test_shares_cover_the_rows_once():
+    from kalmkg.training.distributed import World, shard
+
+    assert shard(10, World()) is None
+    slices = [shard(10, World(rank=r, size=3))[0] for r in range(3)]
+    assert [list(range(10))[s] for s in slices] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    with pytest.raises(ValueError, match="2 rows cannot be shared by 3 processes"):
+        shard(2, World(rank=0, size=3))
+
+
 def test_a_collective_refuses_a_tensor_off_the_training_device():
     """NCCL moves only CUDA tensors; the CPU tests run gloo, which would take a CPU tensor in a CUDA run
     silently: the check makes that mistake fail here."""

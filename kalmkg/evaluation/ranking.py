@@ -100,14 +100,20 @@ def encode_texts(encoder, texts: list[str], batch_size: int, progress=None, stag
 
 
 def rank_queries(model, tokenizer, texts, triples: np.ndarray, all_triples: np.ndarray, *, device: str = "cpu",
-                 batch_size: int = 64, prefix=None) -> dict:
+                 batch_size: int = 64, prefix=None, shard=None) -> dict:
     """Training's validation: encode every entity and the queries of `triples` with the model being
     trained (`prefix`: with the run's kept frozen-layer states), then `rank_with_vectors`; summaries
-    per direction and for both, plus the raw ranks."""
+    per direction and for both, plus the raw ranks.
+
+    `shard` (several processes): (the slice of the entities this process encodes, a function that joins
+    every process's vectors in entity order); each process then ranks the queries with all of them."""
     from kalmkg.encode import TorchEncoder
 
     encoder = TorchEncoder(model, tokenizer, device, prefix)
-    vectors = encode_texts(encoder, [text.tail_view(t) for t in texts.entities], batch_size)
+    share, join = shard if shard is not None else (slice(None), None)
+    vectors = encode_texts(encoder, [text.tail_view(t) for t in texts.entities[share]], batch_size)
+    if join is not None:
+        vectors = join(vectors)
     ranks = rank_with_vectors(encoder, texts, triples, all_triples, vectors, batch_size=batch_size)["ranks"]
     return {**by_direction(ranks), "ranks": ranks}
 

@@ -66,6 +66,32 @@ def replicate(module, world: World, device: str):
                                    broadcast_buffers=False, find_unused_parameters=True)
 
 
+def shard(n: int, world: World) -> tuple[slice, object] | None:
+    """For validation across processes (`evaluation.ranking.rank_queries`): this process's share of n
+    rows (shares differ by one at most) and the function that joins every process's [share, D] numpy
+    array into the [n, D] whole, in order, on every process. None with one process."""
+    if world.size == 1:
+        return None
+    if n < world.size:
+        raise ValueError(f"{n} rows cannot be shared by {world.size} processes")
+    bounds = [n * i // world.size for i in range(world.size + 1)]
+
+    def join(mine):
+        import numpy as np
+        import torch
+        import torch.distributed as dist
+
+        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        padded = torch.zeros(longest, mine.shape[1], device=_device(world))  # all_gather takes equal shapes
+        padded[: len(mine)] = torch.as_tensor(mine, device=padded.device)
+        check_device(padded, world, "shard join")
+        parts = [torch.empty_like(padded) for _ in range(world.size)]
+        dist.all_gather(parts, padded)
+        return np.concatenate([p[: b - a].cpu().numpy() for p, a, b in zip(parts, bounds[:-1], bounds[1:])])
+
+    return slice(bounds[world.rank], bounds[world.rank + 1]), join
+
+
 def check_device(x, world: World, what: str) -> None:
     """Refuse a collective on a tensor that is not on the training device."""
     if x.device.type != world.device_type:

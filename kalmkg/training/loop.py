@@ -29,7 +29,7 @@ from kalmkg.text import graph_texts
 from kalmkg.training.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from kalmkg.training.config import SIZED, TrainConfig, with_size_defaults
 from kalmkg.training.data import QuestionData, ReadingData, batch_groups, describe_batch, epoch_batches, load_tokens, read_graph
-from kalmkg.training.distributed import World, agree, barrier, init_world, replicate
+from kalmkg.training.distributed import World, agree, barrier, init_world, replicate, shard
 from kalmkg.training.learner import build_learner
 from kalmkg.training.memory import MemoryEstimate, ModelShape, estimate_memory
 from kalmkg.training.card import write_model_card
@@ -163,7 +163,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
         sample = sample_triples(graph.valid, cfg.eval_limit, seed=cfg.seed)
         stopper = EarlyStopper(
             validate=lambda: rank_queries(learner.model, tokenizer, texts, sample, graph.all, device=device,
-                                          prefix=prefix)["both"],
+                                          prefix=prefix, shard=shard(len(texts.entities), world))["both"],
             keep_best=lambda: save_adapter(learner.model, run.path / "adapter"),
             log=lambda entry: (record(entry), plot_metrics(run.path)),  # the plot drawn again at each validation
             say=progress.message, patience=cfg.patience, world=world)

@@ -24,14 +24,14 @@ class EarlyStopper:
     world: World = World()
 
     def should_stop(self, state: Any) -> bool:
-        """Validate now (the main process only) and update `state` (a TrainState); True on every
-        process when patience ran out."""
-        if not self.world.main:
-            return agree(False, self.world)  # the main process decides
-        return agree(self._validate(state), self.world)
-
-    def _validate(self, state: Any) -> bool:
+        """Validate now (every process takes part: each encodes its share) and update `state` (a
+        TrainState); True on every process when patience ran out (the main process decides)."""
         metrics = self.validate()
+        if not self.world.main:
+            return agree(False, self.world)
+        return agree(self._record(state, metrics), self.world)
+
+    def _record(self, state: Any, metrics: dict) -> bool:
         record = {"step": state.step, "epoch": state.epoch, "seconds": round(getattr(state, "seconds", 0.0), 1),
                   "valid": metrics}
         state.history.append(record)

@@ -1,0 +1,87 @@
+"""Peak memory of a short training run as the graph grows: the model and its optimizer should be the
+floor, not the graph (issue 16 part 3).
+
+    python bench/train_memory.py                              # 300k, 1M and 3M triples
+    python bench/train_memory.py --sizes 300000,10000000      # up to 10M
+
+Synthetic TSV graphs of n triples over n/10 entities and 50 relations (fixed seed; entity names are
+their keys). Each size: `kalmkg ingest`, then `kalmkg train --max-steps 2 --batch-size 8 --no-embed` with
+the embedded SmolLM2-135M and the training defaults (the text model: `--structure none`; the structure
+model is one row per entity by design), in a fresh process whose peak resident memory
+(`os.wait4`'s ru_maxrss) is the figure. The baseline is the smallest size of the same run; the target:
+the largest within 1.2x of it. Graphs and workspaces are kept in bench/_work/memory/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / "_work" / "memory"
+RELATIONS = 50
+
+
+def synthetic_graph(n: int, path: Path, seed: int = 0) -> Path:
+    """n (head, relation, tail) lines over n // 10 entities, written in chunks (no n-sized strings)."""
+    if path.is_file():
+        return path
+    rng = np.random.default_rng(seed)
+    entities = max(n // 10, 2)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as out:
+        for start in range(0, n, 1_000_000):
+            m = min(1_000_000, n - start)
+            h, r, t = rng.integers(0, entities, m), rng.integers(0, RELATIONS, m), rng.integers(0, entities, m)
+            out.writelines(f"e{a}\tr{b}\te{c}\n" for a, b, c in zip(h.tolist(), r.tolist(), t.tolist()))
+    tmp.replace(path)
+    return path
+
+
+def peak_mb(cmd: list[str]) -> tuple[float, float, int]:
+    """(peak RSS in MB, wall seconds, exit code) of a command in a child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr.read().decode()[-2000:])
+    return usage.ru_maxrss / 1024, time.perf_counter() - t0, proc.returncode
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="300000,1000000,3000000", help="triples per graph, comma-separated")
+    args = p.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    WORK.mkdir(parents=True, exist_ok=True)
+    kalmkg = [sys.executable, "-m", "kalmkg"]
+    rows = []
+    for n in sizes:
+        graph = synthetic_graph(n, WORK / f"graph-{n}.tsv")
+        ws = WORK / f"ws-{n}"
+        if not (ws / "kg.duckdb").exists():
+            mb, seconds, rc = peak_mb([*kalmkg, "-w", str(ws), "ingest", str(graph)])
+            if rc:
+                raise SystemExit(f"ingest of {n:,} triples failed")
+            print(f"ingest {n:,}: {seconds:.0f} s, peak {mb:,.0f} MB", file=sys.stderr)
+        mb, seconds, rc = peak_mb([*kalmkg, "-w", str(ws), "train", "--max-steps", "2", "--batch-size", "8",
+                                   "--no-embed", "--structure", "none"])
+        rows.append((n, mb, seconds, rc))
+        print(f"train {n:,}: {seconds:.0f} s, peak {mb:,.0f} MB", file=sys.stderr, flush=True)
+    floor = rows[0][1]
+    print("\n| triples | entities | peak RSS (MB) | vs the smallest | wall s (ingest not counted) |")
+    print("|---|---|---|---|---|")
+    for n, mb, seconds, rc in rows:
+        print(f"| {n:,} | {max(n // 10, 2):,} | {mb:,.0f}{'' if rc == 0 else ' (failed)'} | {mb / floor:.2f}x | "
+              f"{seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
