@@ -18,6 +18,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,12 +48,14 @@ def synthetic_graph(n: int, path: Path, seed: int = 0) -> Path:
 def peak_mb(cmd: list[str]) -> tuple[float, float, int]:
     """(peak RSS in MB, wall seconds, exit code) of a command in a child process."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr.read().decode()[-2000:])
-    return usage.ru_maxrss / 1024, time.perf_counter() - t0, proc.returncode
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child cannot block on a full pipe
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code:
+            err.seek(0)
+            sys.stderr.write(err.read().decode(errors="replace")[-2000:])
+    return usage.ru_maxrss / 1024, time.perf_counter() - t0, code
 
 
 def main() -> None:

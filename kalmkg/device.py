@@ -37,4 +37,5 @@ def inference_precision(device: str, precision: str = "auto") -> str:
         return "fp32"
     import torch
 
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    # Ampere and later run bf16 natively; is_bf16_supported() also says yes where it is emulated (slowly)
+    return "bf16" if torch.cuda.get_device_properties(torch.device(device)).major >= 8 else "fp32"

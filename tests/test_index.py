@@ -294,6 +294,22 @@ def test_auto_precision_is_fp32_on_a_cpu_and_a_bad_one_is_one_line(ws):
         load(ws, precision="fp16")
 
 
+def test_auto_precision_is_bf16_only_on_a_gpu_that_runs_it_natively(monkeypatch):
+    """Ampere and later (compute capability 8+) run bf16 natively; an older GPU would emulate it slowly."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from kalmkg.device import inference_precision
+
+    asked = []
+    for major, want in ((7, "fp32"), (8, "bf16"), (9, "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda d, m=major: asked.append(str(d)) or SimpleNamespace(major=m))
+        assert inference_precision("cuda:1") == want
+    assert asked == ["cuda:1"] * 3  # the GPU the command runs on, not the current one
+
+
 def test_an_ann_index_leaves_no_snapshot(ws):
     from kalmkg.index import SNAPSHOT_META, SNAPSHOT_VECTORS, embed
 

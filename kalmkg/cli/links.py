@@ -27,7 +27,7 @@ def load_for_command(workspace: Workspace, run: Optional[str], base: Optional[st
 
 
 def embed_after_training(workspace: Workspace, run_id: str, device: str, calibrate_on: int | None = None,
-                         quiet: bool = False) -> dict:
+                         quiet: bool = False, precision: str = "auto") -> dict:
     """What `kalmkg train` ends with: the new run's entity index, for predict; with `calibrate_on` (a
     number of valid triples, 0: all) the precision of its predictions on held-out triples, for ask.
     Says each in a line (unless `quiet`) and returns them (for --json)."""
@@ -36,7 +36,7 @@ def embed_after_training(workspace: Workspace, run_id: str, device: str, calibra
     from kalmkg.store import Store
 
     stderr = console(stderr=True)
-    loaded = load_for_command(workspace, run_id, None, device, stderr)
+    loaded = load_for_command(workspace, run_id, None, device, stderr, precision)
     with CountBar(stderr) as bar:
         result = run_embed(workspace, loaded, progress=lambda d, t: bar.stage("embedding", d, t))
     done = {"index": {"path": str(workspace.vectors_dir), "entities": result.total, "encoded": result.encoded}}
@@ -240,7 +240,8 @@ def evaluate(
     if generative:
         if base is not None:
             raise KalmkgError("--generative evaluates a run beside its own base; drop --base (use --run)")
-        _evaluate_generative(ctx.obj, run=run, split=split, limit=limit, seed=seed, device=device, as_json=as_json)
+        _evaluate_generative(ctx.obj, run=run, split=split, limit=limit, seed=seed, device=device, as_json=as_json,
+                             precision=precision)
         return
     stderr = console(stderr=True)
     loaded = load_model(ctx.obj, run=run, base=base, device=device, precision=precision)  # warnings: in `out`
@@ -279,13 +280,13 @@ def evaluate(
         stderr.print(f"note: entity index not used: {out['index_not_used']}", style="dim", soft_wrap=True)
 
 
-def _evaluate_generative(workspace: Workspace, *, run, split, limit, seed, device, as_json) -> None:
+def _evaluate_generative(workspace: Workspace, *, run, split, limit, seed, device, as_json, precision) -> None:
     """`evaluate --generative`: the run beside its base on the four generation tasks."""
     from kalmkg.evaluation.generative import TASKS, evaluate_generative
 
     with CountBar(console(stderr=True), quiet=as_json) as bar:
         out = evaluate_generative(workspace, run=run, split=split, limit=limit, seed=seed, device=device,
-                                  progress=bar.stage)
+                                  progress=bar.stage, precision=precision)
     if as_json:
         print_json(out)
         return

@@ -70,8 +70,10 @@ def train(
                             f"{' (time limit)' if result.out_of_time else ''} -> {result.run_dir}")
         # The main process builds the entity index for predict (other torchrun processes just end).
         if embed_after and (result.run_dir / "adapter").is_dir() and main_process:
+            # a run trained in fp32 gets an fp32 index; else the inference default (bf16 on a native-bf16 GPU)
+            precision = "fp32" if config.precision == "fp32" else "auto"
             done.update(embed_after_training(ctx.obj, result.run_id, config.device, calibrate_on=config.eval_limit,
-                                             quiet=as_json))
+                                             quiet=as_json, precision=precision))
         if as_json and main_process:
             print_json(done)
 

@@ -178,7 +178,7 @@ def run_cases(model, tokenizer, cases: list[Case], progress=None, label: str = "
 
 
 def evaluate_generative(workspace, *, run: str | None = None, split: str = "test", limit: int = 100, seed: int = 0,
-                        with_base: bool = True, device: str = "cpu", progress=None) -> dict:
+                        with_base: bool = True, device: str = "cpu", progress=None, precision: str = "auto") -> dict:
     """The four tasks for the run's model and (with `with_base`) its untrained base, side by side. Writes
     `eval-generative-<split>.json` and `predictions-generative-<split>.jsonl` into the run folder."""
     if split not in SPLITS:
@@ -191,7 +191,7 @@ def evaluate_generative(workspace, *, run: str | None = None, split: str = "test
     if len(triples) == 0:
         raise KalmkgError(f"the {split} split is empty (ingest one, or run `kalmkg split`)")
     sample = sample_triples(triples, limit, seed)
-    loaded = load_model(workspace, run=run, device=device, tables=tables)
+    loaded = load_model(workspace, run=run, device=device, tables=tables, precision=precision)
     known = set(map(tuple, everything.tolist()))
     cases = build_cases(sample, train, known, loaded.entity_labels, loaded.relation_labels, seed=seed,
                         texts=loaded.texts)
@@ -200,7 +200,7 @@ def evaluate_generative(workspace, *, run: str | None = None, split: str = "test
     results = {"run": run_cases(loaded.model, loaded.tokenizer, cases, progress, "run")}
     if with_base:
         base_spec = read_config(loaded.run_dir)["train"]["base"]
-        base = load_model(workspace, base=base_spec, device=device, tables=tables)
+        base = load_model(workspace, base=base_spec, device=device, tables=tables, precision=precision)
         results["base"] = run_cases(base.model, base.tokenizer, cases, progress, "base")
     summary = {
         "model": loaded.fingerprint, "split": split, "triples": int(len(sample)), "limit": int(limit),

@@ -162,7 +162,8 @@ def config_problem(cfg: TrainConfig) -> str | None:
         (cfg.reading_examples >= 0, "--reading-examples must be 0 or more"),
         (cfg.base_kl_weight >= 0, "--base-kl-weight must be 0 (off) or more"),
         (cfg.base_kl_weight == 0 or not cfg.full, "--base-kl-weight needs LoRA: with --full no frozen base is kept"),
-        (cfg.base_kl_weight == 0 or cfg.question_weight > 0 or cfg.reading_weight > 0,
+        (cfg.base_kl_weight == 0 or (cfg.question_weight > 0 and cfg.question_examples > 0)
+         or (cfg.reading_weight > 0 and cfg.reading_examples > 0),
          "--base-kl-weight guards the chat turns: give --question-weight or --reading-weight too"),
         (cfg.max_entity_tokens is None or cfg.max_entity_tokens >= 1, "--max-entity-tokens must be at least 1"),
         (cfg.log_every >= 1, "--log-every must be at least 1"),

@@ -126,8 +126,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
                  if data is not None for batch in [data.batch(k, cfg.seed, 0)]]
         memory = plan_memory(model, cfg, tokens, tokens.examples[first], chats, world, device)
         dry_run({"config": runs.as_dict(cfg), "base": resolved.name, "device": device, "parameters": n_params,
-                 "by_size": by_size, "memory": {"bytes": asdict(memory), "total": memory.total,
-                                                "text": memory.describe(), "processes": world.size},
+                 "by_size": by_size, "memory": memory and {"bytes": asdict(memory), "total": memory.total,
+                                                           "text": memory.describe(), "processes": world.size},
                  "train_examples": len(tokens.examples), "steps": total_steps,
                  "first_batch": describe_batch(tokens, first, tokenizer, cfg),
                  "questions": None if questions is None else questions.describe(cfg.question_examples, cfg.seed),
@@ -254,7 +254,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
 
 # ------------------------------------------------------------------ pieces of the run
 def plan_memory(model, cfg: TrainConfig, tokens, examples, chats: list, world: World,
-                device: str) -> MemoryEstimate:
+                device: str) -> MemoryEstimate | None:
     """The memory one process of this run needs at its first step (training/memory.py), from the loaded
     base with the run's LoRA applied (a dry run's model, which it changes) and the first batch's rows."""
     from kalmkg.training.data import lm_flags
@@ -268,11 +268,16 @@ def plan_memory(model, cfg: TrainConfig, tokens, examples, chats: list, world: W
     kl_positions = sum(inputs.lm_spans[r][1] - inputs.lm_spans[r][0] for r in inputs.chat.get("chat", ()))
     n_layers = num_layers(model)
     c = model.config
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None)
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None)
+    if not (hidden and heads and n_layers):
+        return None  # a decoder whose config names its shape otherwise: no estimate rather than a wrong one
+    intermediate = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or \
+        getattr(c, "n_inner", None) or 4 * hidden
     model = apply_lora(model, cfg)
     shape = ModelShape(parameters=sum(p.numel() for p in model.parameters()),
                        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                       hidden=c.hidden_size, intermediate=c.intermediate_size, heads=c.num_attention_heads,
-                       layers=n_layers, vocab=c.vocab_size)
+                       hidden=hidden, intermediate=intermediate, heads=heads, layers=n_layers, vocab=c.vocab_size)
     bf16 = use_bf16(device, cfg.precision)
     return estimate_memory(shape, [len(r) for r in inputs.rows], lm_positions,
                            adapted_layers=n_layers if cfg.full else (cfg.lora_layers or n_layers),
