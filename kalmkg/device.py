@@ -19,7 +19,7 @@ def pick_device(spec: str) -> str:
     return "cpu"
 
 
-INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # training's --precision and inference's
 
 
 def inference_precision(device: str, precision: str = "auto") -> str:
@@ -29,8 +29,8 @@ def inference_precision(device: str, precision: str = "auto") -> str:
     a CPU's auto imports nothing."""
     from kalmkg.errors import KalmkgError
 
-    if precision not in INFERENCE_PRECISIONS:
-        raise KalmkgError(f"unknown precision '{precision}'; use {', '.join(INFERENCE_PRECISIONS)}")
+    if precision not in PRECISIONS:
+        raise KalmkgError(f"unknown precision '{precision}'; use {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     if not device.startswith("cuda"):

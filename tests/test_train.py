@@ -331,21 +331,27 @@ def test_each_cuda_process_takes_its_local_gpu_before_the_group_starts(monkeypat
     assert calls == [("init", "gloo")]
 
 
-def test_two_process_gloo_training_step_equals_single_process(sample_ws, tiny_model, tmp_path):
-    """Every process contrasts against the global batch (all-gather with gradients); the averaged
-    loss and gradients equal the single-process ones on the same global batch, the chat terms and the
-    question views included."""
+def one_and_two_processes(script: str, sample_ws, tiny_model, tmp_path, port: int) -> tuple[dict, dict]:
+    """What a worker script writes (its last argument: a JSON file) run as one process, and as two under
+    torchrun with gloo (the main process writes)."""
     worker = tmp_path / "worker.py"
-    worker.write_text(DDP_WORKER)
+    worker.write_text(script)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     single, double = tmp_path / "single.json", tmp_path / "double.json"
     subprocess.run([sys.executable, str(worker), str(sample_ws.root), str(tiny_model), str(single)],
                    check=True, env=env, capture_output=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29517", str(worker), str(sample_ws.root), str(tiny_model), str(double)],
+                           "--master-port", str(port), str(worker), str(sample_ws.root), str(tiny_model), str(double)],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = json.loads(single.read_text()), json.loads(double.read_text())
+    return json.loads(single.read_text()), json.loads(double.read_text())
+
+
+def test_two_process_gloo_training_step_equals_single_process(sample_ws, tiny_model, tmp_path):
+    """Every process contrasts against the global batch (all-gather with gradients); the averaged
+    loss and gradients equal the single-process ones on the same global batch, the chat terms and the
+    question views included."""
+    a, b = one_and_two_processes(DDP_WORKER, sample_ws, tiny_model, tmp_path, port=29517)
     assert a["l_exp"] == pytest.approx(b["l_exp"], abs=1e-5)
     assert a["l_qv"] == pytest.approx(b["l_qv"], abs=1e-5)  # question views contrast the global batch too
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
@@ -381,17 +387,7 @@ if world.rank == 0:
 def test_validation_shares_the_entities_between_processes_and_ranks_as_one(sample_ws, tiny_model, tmp_path):
     """Each process encodes its share of the entities; joined, every process ranks with all of them,
     and the ranks are one process's."""
-    worker = tmp_path / "shard.py"
-    worker.write_text(SHARD_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    single, double = tmp_path / "single.json", tmp_path / "double.json"
-    subprocess.run([sys.executable, str(worker), str(sample_ws.root), str(tiny_model), str(single)],
-                   check=True, env=env, capture_output=True)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29519", str(worker), str(sample_ws.root), str(tiny_model), str(double)],
-                          env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = json.loads(single.read_text()), json.loads(double.read_text())
+    a, b = one_and_two_processes(SHARD_WORKER, sample_ws, tiny_model, tmp_path, port=29519)
     assert len(a["ranks"]) == len(b["ranks"]) == 24
     assert a["ranks"] == b["ranks"] and a["mrr"] == pytest.approx(b["mrr"], abs=1e-9)
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from kalmkg.device import PRECISIONS
 from kalmkg.errors import KalmkgError
 from kalmkg.runs import dataclass_from
 
 # Where tau may lie (the objective clamps it here): below, logits overflow bf16; above, no contrast.
 TEMPERATURE_RANGE = (1e-3, 1.0)
-PRECISIONS = ("auto", "fp32", "bf16")
 PRESETS = ("size", "paper")
 STRUCTURES = ("complex", "none")
 REPORTERS = ("none", "tensorboard", "mlflow")

@@ -4,9 +4,10 @@ the processes' weights equal, and the few collectives the loop needs beside them
 Every process takes its slice of the same global batch, embeddings are all-gathered with gradients
 (`gather`) so every process contrasts against the whole batch, and PyTorch's DistributedDataParallel
 averages the gradients in buckets while backward runs (`replicate`): the update equals the
-single-process update on that batch. Every collective checks that its tensor lives on the process's
-training device (NCCL moves only CUDA tensors; the CPU tests run gloo, which would take either), so a
-tensor on the wrong device fails in the tests and not first on a GPU node. With one process every
+single-process update on that batch. The collectives make their tensors on the process's training
+device, and `gather`, which takes the caller's, checks it (NCCL moves only CUDA tensors; the CPU tests
+run gloo, which would take either), so a tensor on the wrong device fails in the tests and not first on
+a GPU node. With one process every
 function here is a no-op and torch.distributed is never touched.
 """
 
@@ -84,7 +85,6 @@ def shard(n: int, world: World) -> tuple[slice, object] | None:
         longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         padded = torch.zeros(longest, mine.shape[1], device=_device(world))  # all_gather takes equal shapes
         padded[: len(mine)] = torch.as_tensor(mine, device=padded.device)
-        check_device(padded, world, "shard join")
         parts = [torch.empty_like(padded) for _ in range(world.size)]
         dist.all_gather(parts, padded)
         return np.concatenate([p[: b - a].cpu().numpy() for p, a, b in zip(parts, bounds[:-1], bounds[1:])])
@@ -125,7 +125,6 @@ def agree(flag: bool, world: World) -> bool:
     import torch.distributed as dist
 
     t = torch.tensor([1 if flag else 0], device=_device(world))
-    check_device(t, world, "agree")
     dist.broadcast(t, src=0)
     return bool(t.item())
 
