@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml kalmkg/llamacpp/build.py
 	@# llama.cpp compiled for the instructions this machine really runs (+ CUDA with a GPU and nvcc), the wheel
 	@# cached in ~/.cache/kalmkg/llama-cpp by source and flags; then kalmkg, which finds it installed
 	$(BIN)/python -m kalmkg.llamacpp.build
-	$(BIN)/pip install -e '.[train,test]'
+	$(BIN)/pip install -e '.[train,test,quantize]'
 	touch $@
 
 demo: install

@@ -84,6 +84,7 @@ def run(mode: str, args, workspace, cfg, n_steps: int, precision: str = "fp32", 
     from kalmkg.store import Store
     from kalmkg.text import graph_texts
     from kalmkg.training.data import epoch_batches, load_tokens
+    from kalmkg.training.dropout import use_word_dropout
     from kalmkg.training.learner import make_optimizer, use_plain_attention
     from kalmkg.training.objective import LearnableTemperature
     from kalmkg.training.precision import freeze_in_bf16, make_autocast, use_bf16
@@ -101,6 +102,8 @@ def run(mode: str, args, workspace, cfg, n_steps: int, precision: str = "fp32", 
     if mode == "kalmkg" and args.device == "cpu":
         use_plain_attention(model)
     model = apply_lora(model, cfg).to(args.device)
+    if mode == "kalmkg" and args.device == "cpu":
+        use_word_dropout(model)
     if mode == "kalmkg" and use_bf16(args.device, precision):
         freeze_in_bf16(model)
     model.train()

@@ -160,7 +160,7 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
         gguf = None  # a run's GGUF is what `kalmkg export` writes (see make_encoder)
 
         def loader():
-            return merged_model(resolved, adapter, device, torch_dtype(precision))
+            return merged_model(resolved, adapter, device, torch_dtype(precision), quantize=cfg.quantize)
 
     # the texts of text.graph_texts, cut lazily (LoadedModel.texts)
     raw, relations = store_entity_texts(entity_table), store_relation_texts(relation_table)

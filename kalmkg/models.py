@@ -290,8 +290,11 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_base(resolved: ResolvedBase, *, dtype: torch.dtype | None = None, device: str = "cpu") -> tuple[Any, Any]:
-    """Load (model, tokenizer). The tokenizer always has a pad token and pads on the right."""
+def load_base(resolved: ResolvedBase, *, dtype: torch.dtype | None = None, device: str = "cpu",
+              quantize: str = "none") -> tuple[Any, Any]:
+    """Load (model, tokenizer). The tokenizer always has a pad token and pads on the right. `quantize`
+    "8bit" or "4bit": the linear layers held in that many bits by bitsandbytes (`quantization_config`),
+    computing in `dtype`; the weights are then frozen where they are (they cannot move or train)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -301,6 +304,8 @@ def load_base(resolved: ResolvedBase, *, dtype: torch.dtype | None = None, devic
     # a GPU gets the weights straight from the files, in `dtype`: no float32 copy on the host first
     # (a 7B base: 14 GB in bf16 on the GPU instead of 28 GB of host memory per process)
     placement = {"device_map": device} if str(device).startswith("cuda") else {}
+    if quantize != "none":  # bitsandbytes quantizes while loading, on the device it is placed on
+        placement = {"device_map": {"": device}, "quantization_config": quantization_config(quantize, dtype)}
     if Path(resolved.path).is_dir():  # a hub id resolved online is checked by use_safetensors below
         require_safetensors(Path(resolved.path), f"base model {resolved.name!r}")
     try:
@@ -318,21 +323,50 @@ def load_base(resolved: ResolvedBase, *, dtype: torch.dtype | None = None, devic
     prepare_tokenizer(tokenizer, resolved.name)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device), tokenizer
+    return (model if quantize != "none" else model.to(device)), tokenizer
 
 
-def merged_model(resolved, adapter: Path, device: str = "cpu", dtype: torch.dtype | None = None):
+def quantization_config(quantize: str, dtype: torch.dtype) -> Any:
+    """bitsandbytes' settings for `--quantize`: LLM.int8, or QLoRA's NF4 with double quantization
+    (the quantization constants quantized too: about 4.1 bits a weight), computing in `dtype`."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise KalmkgError(f"--quantize {quantize} needs the bitsandbytes package: pip install 'kalmkg[quantize]'")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    raise KalmkgError(f"unknown --quantize '{quantize}'; use none, 8bit or 4bit")
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether `model` (plain or peft-wrapped) holds bitsandbytes-quantized weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None)
+
+
+def merged_model(resolved, adapter: Path, device: str = "cpu", dtype: torch.dtype | None = None,
+                 quantize: str = "none"):
     """Base + LoRA adapter merged into plain weights (no LoRA matmuls at inference: faster, and the same
     weights `kalmkg export` merges), or a full fine-tune saved in place of the adapter. `dtype`: the
-    weights' (default float32); the adapter's update is added in it."""
+    weights' (default float32); the adapter's update is added in it. `quantize`: the base quantized as
+    the run trained on it, the adapter kept beside it unmerged (merging into 4 or 8 bits would round
+    the update away), so the vectors are the ones training's own index was built with."""
     if (adapter / "adapter_config.json").is_file():
         from peft import PeftModel
         from safetensors import SafetensorError
 
         require_safetensors(adapter, "the LoRA adapter", "adapter_model.safetensors")
-        model, _ = load_base(resolved, dtype=dtype, device=device)
+        model, _ = load_base(resolved, dtype=dtype, device=device, quantize=quantize)
         try:
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            model = PeftModel.from_pretrained(model, adapter)
+            if quantize != "none":
+                return model
+            model = model.merge_and_unload()
         except (ValueError, KeyError, RuntimeError, SafetensorError) as e:
             raise KalmkgError(f"cannot apply the adapter in {adapter}: {str(e).splitlines()[0]}") from e
         return model.to(device)

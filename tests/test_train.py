@@ -48,8 +48,8 @@ def test_a_bf16_run_loads_its_frozen_base_in_bf16_and_trains_fp32_adapters(sampl
 
     loaded_as = []
 
-    def spy(resolved, *, dtype=None, device="cpu"):
-        model, tokenizer = load_base(resolved, dtype=dtype, device=device)
+    def spy(resolved, *, dtype=None, device="cpu", quantize="none"):
+        model, tokenizer = load_base(resolved, dtype=dtype, device=device, quantize=quantize)
         loaded_as.append(next(model.parameters()).dtype)
         return model, tokenizer
 

@@ -4,6 +4,7 @@ saved configs read back as they were written."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -105,3 +106,43 @@ def test_unset_settings_take_the_defaults_for_the_base_size():
 def test_a_saved_config_with_a_bad_value_says_which():
     with pytest.raises(KalmkgError, match="--temperature"):
         saved_train_config({"train": {"temperature": 5.0}})
+
+
+# ------------------------------------------------------------------ --precision auto on a CPU: measured
+def test_auto_precision_on_a_cpu_follows_a_measurement_remembered_per_machine(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    import torch
+
+    from kalmkg.training import precision
+
+    monkeypatch.setenv("KALMKG_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    timings = {torch.float32: 2.0, torch.bfloat16: 3.1}  # the Xeon whose VM grants no AMX
+    monkeypatch.setattr(precision, "_matmul_ms", lambda dtype: timings[dtype])
+    precision.cpu_bf16_is_faster.cache_clear()
+    try:
+        assert precision.use_bf16("cpu", "auto") is False
+        assert precision.use_bf16("cpu", "bf16") is True and precision.use_bf16("cpu", "fp32") is False
+        memo = json.loads((tmp_path / "cpu-bf16.json").read_text())
+        (entry,) = memo.values()
+        assert entry == {"fp32_ms": 2.0, "bf16_ms": 3.1, "bf16": False}
+
+        # another process on the same machine reads the verdict instead of measuring again
+        precision.cpu_bf16_is_faster.cache_clear()
+        monkeypatch.setattr(precision, "_matmul_ms", lambda dtype: pytest.fail("measured twice"))
+        assert precision.use_bf16("cpu", "auto") is False
+
+        # a CPU that is fast at bf16 (a Zen 4 EPYC): at least 1.25x the fp32 speed picks it
+        (tmp_path / "cpu-bf16.json").unlink()
+        precision.cpu_bf16_is_faster.cache_clear()
+        timings = {torch.float32: 2.0, torch.bfloat16: 1.0}
+        monkeypatch.setattr(precision, "_matmul_ms", lambda dtype: timings[dtype])
+        assert precision.use_bf16("cpu", "auto") is True
+
+        # no bf16 instructions at all: not measured
+        precision.cpu_bf16_is_faster.cache_clear()
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+        monkeypatch.setattr(precision, "_matmul_ms", lambda dtype: pytest.fail("measured without bf16"))
+        assert precision.use_bf16("cpu", "auto") is False
+    finally:
+        precision.cpu_bf16_is_faster.cache_clear()

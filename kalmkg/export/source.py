@@ -50,7 +50,8 @@ def _resolve_run_base(config: dict, warn: Callable[[str], None]) -> ResolvedBase
 
 def merge(run: ExportSource) -> tuple[Any, Any]:
     """The base in float32 with the run's LoRA folded into its weights (a plain transformers model), and
-    the tokenizer the run trained with (pad token included; the base's for runs that saved none)."""
+    the tokenizer the run trained with (pad token included; the base's for runs that saved none). A run
+    trained on a quantized base (--quantize) merges into the full-precision base too, as QLoRA deploys."""
     model = merged_model(run.base, run.folder / "adapter")
     saved = run.folder / "tokenizer"
     tokenizer = load_tokenizer(saved if saved.is_dir() else run.base.path, run.run_id)

@@ -19,6 +19,7 @@ TEMPERATURE_RANGE = (1e-3, 1.0)
 PRESETS = ("size", "paper")
 STRUCTURES = ("complex", "none")
 REPORTERS = ("none", "tensorboard", "mlflow")
+QUANTIZATIONS = ("none", "8bit", "4bit")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class TrainConfig:
     lora_layers: int | None = _option(None, "Adapt only the top N layers (0: all; faster on a CPU). "
                                       "Default: by the base's size (see --preset).", "Model")
     full: bool = _option(False, "Full fine-tuning instead of LoRA (small models).", "Model")
+    quantize: str = _option("none", "Hold the frozen base's linear layers in 8 bits (LLM.int8) or 4 bits (NF4 with "
+                            "double quantization: QLoRA) through bitsandbytes, LoRA training on top in full "
+                            "precision: a 7B base in about 7 or 4 GB (pip install 'kalmkg[quantize]'); none: "
+                            "the base at --precision.", "Model")
     # objective
     margin: float = _option(0.02, "Additive margin gamma on the positive logit.", "Objective")
     temperature: float = _option(0.05, "InfoNCE temperature tau (initial value if learned).", "Objective")
@@ -162,6 +167,8 @@ def config_problem(cfg: TrainConfig) -> str | None:
         (cfg.reading_examples >= 0, "--reading-examples must be 0 or more"),
         (cfg.base_kl_weight >= 0, "--base-kl-weight must be 0 (off) or more"),
         (cfg.base_kl_weight == 0 or not cfg.full, "--base-kl-weight needs LoRA: with --full no frozen base is kept"),
+        (cfg.quantize in QUANTIZATIONS, f"unknown --quantize '{cfg.quantize}'; use none, 8bit or 4bit"),
+        (cfg.quantize == "none" or not cfg.full, "--quantize needs LoRA: quantized weights cannot train (--full)"),
         (cfg.base_kl_weight == 0 or (cfg.question_weight > 0 and cfg.question_examples > 0)
          or (cfg.reading_weight > 0 and cfg.reading_examples > 0),
          "--base-kl-weight guards the chat turns: give --question-weight or --reading-weight too"),

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from kalmkg.models import apply_lora
+from kalmkg.models import apply_lora, is_quantized
 from kalmkg.training.config import TrainConfig
 from kalmkg.training.precision import freeze_in_bf16, use_bf16
 
@@ -40,16 +40,21 @@ def build_learner(model, cfg: TrainConfig, total_steps: int, device: str) -> Lea
     temperature, optimizer and schedule."""
     import torch
 
+    from kalmkg.training.dropout import use_word_dropout
     from kalmkg.training.objective import LearnableTemperature
 
-    if torch.device(device).type == "cpu":
+    on_cpu = torch.device(device).type == "cpu"
+    if on_cpu:
         use_plain_attention(model)
     model = apply_lora(model, cfg)
+    if on_cpu:
+        use_word_dropout(model)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    model.to(device)
+    if not is_quantized(model):  # bitsandbytes placed its weights while loading; they do not move
+        model.to(device)
     if use_bf16(device, cfg.precision) and not cfg.full:
         freeze_in_bf16(model)
     temperature = LearnableTemperature(cfg.temperature, cfg.learn_temperature).to(device)

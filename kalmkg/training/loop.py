@@ -24,7 +24,7 @@ from kalmkg.device import pick_device
 from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.metrics import known_answers
 from kalmkg.evaluation.ranking import rank_queries, sample_triples
-from kalmkg.models import apply_lora, load_base, num_layers, resolve_base
+from kalmkg.models import apply_lora, describe_base, load_base, num_layers, resolve_base
 from kalmkg.text import graph_texts
 from kalmkg.training.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from kalmkg.training.config import SIZED, TrainConfig, with_size_defaults
@@ -105,9 +105,12 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     # frozen weights that train in bf16 load in bf16 (LoRA's own weights are made in fp32 by peft):
     # a 7B base never exists in float32 on the host
     frozen_bf16 = use_bf16(device, cfg.precision) and not cfg.full
-    model, tokenizer = load_base(resolved, dtype=torch.bfloat16 if frozen_bf16 else None, device=device)
-    # settings left unset take the defaults for the base's size (what config.toml then records)
-    n_params = sum(p.numel() for p in model.parameters())
+    model, tokenizer = load_base(resolved, dtype=torch.bfloat16 if frozen_bf16 else None, device=device,
+                                 quantize=cfg.quantize)
+    # settings left unset take the defaults for the base's size (what config.toml then records);
+    # quantized weights are packed (two 4-bit weights a byte): their count comes from the config
+    n_params = (describe_base(resolved.path, resolved.fingerprint)[0] if cfg.quantize != "none"
+                else sum(p.numel() for p in model.parameters()))
     by_size = [name for name in SIZED if getattr(cfg, name) is None]
     cfg = run.cfg = with_size_defaults(cfg, n_params, num_layers(model))
     texts = graph_texts(graph.entity_table, graph.relation_table, tokenizer, cfg.max_entity_tokens)
@@ -275,16 +278,30 @@ def plan_memory(model, cfg: TrainConfig, tokens, examples, chats: list, world: W
     intermediate = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or \
         getattr(c, "n_inner", None) or 4 * hidden
     model = apply_lora(model, cfg)
-    shape = ModelShape(parameters=sum(p.numel() for p in model.parameters()),
+    quantized = quantized_weights(model)
+    shape = ModelShape(parameters=quantized + sum(p.numel() for p in model.parameters() if not _packed(p)),
                        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                        hidden=hidden, intermediate=intermediate, heads=heads, layers=n_layers, vocab=c.vocab_size)
     bf16 = use_bf16(device, cfg.precision)
     return estimate_memory(shape, [len(r) for r in inputs.rows], lm_positions,
                            adapted_layers=n_layers if cfg.full else (cfg.lora_layers or n_layers),
                            frozen_bf16=bf16 and not cfg.full, activation_bytes=2 if bf16 else 4,
+                           quantized=quantized, quantize=cfg.quantize,
                            grad_checkpointing=cfg.grad_checkpointing,
                            kl_positions=kl_positions if cfg.base_kl_weight > 0 else 0,
                            cache_mb=cfg.frozen_cache_mb if cfg.lora_layers else 0.0)
+
+
+def quantized_weights(model) -> int:
+    """How many weights of `model` bitsandbytes holds quantized (their unpacked count: a 4-bit matrix
+    is stored as bytes of two weights each)."""
+    return sum(m.in_features * m.out_features for m in model.modules()
+               if any(_packed(p) for p in m.parameters(recurse=False)))
+
+
+def _packed(p) -> bool:
+    """A bitsandbytes weight (Params4bit, Int8Params): integer storage, not its weights' count."""
+    return not p.dtype.is_floating_point
 
 
 def _train_structure(folder: Path, graph, cfg: TrainConfig, progress: TrainProgress, device: str) -> None:

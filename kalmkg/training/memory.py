@@ -2,7 +2,8 @@
 
 Pure arithmetic on the model's shape and a batch's token rows, so a 7B plan can be checked on a laptop:
 
-    weights      frozen parameters at their stored width (bf16: 2 bytes, fp32: 4) + trainable ones (fp32)
+    weights      frozen parameters at their stored width (bf16: 2 bytes, fp32: 4; --quantize: 1 byte for 8
+                 bits, about 0.52 for NF4 with its double-quantized constants) + trainable ones (fp32)
     optimizer    per trainable parameter: its gradient (4) and AdamW's two moments (8)
     activations  what backward keeps, in the adapted layers only (below them nothing is kept): per token and
                  layer about 10 hidden-sized and 4 FFN-sized tensors (norms, q/k/v, attention and FFN
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 GIB = 2**30
+# bytes a quantized weight takes: LLM.int8 (one byte, a float per row aside); NF4 with double
+# quantization (4 bits, an 8-bit constant per 64 weights and a float per 256 constants: 4.127 bits)
+QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 4.127 / 8}
 
 
 @dataclass(frozen=True)
@@ -59,13 +63,16 @@ class MemoryEstimate:
 
 def estimate_memory(shape: ModelShape, rows: Sequence[int], lm_positions: int, *, adapted_layers: int,
                     frozen_bf16: bool, activation_bytes: int, grad_checkpointing: bool = False,
-                    kl_positions: int = 0, cache_mb: float = 0.0) -> MemoryEstimate:
+                    kl_positions: int = 0, cache_mb: float = 0.0, quantized: int = 0,
+                    quantize: str = "none") -> MemoryEstimate:
     """`rows`: the token lengths of one process's rows in a step (views, completion and chat rows);
     `lm_positions`: how many of their positions get an LM loss; `kl_positions`: those the KL guard
     compares with the base; `adapted_layers`: the layers that train (backward runs through them only);
-    `activation_bytes`: 2 under bf16 autocast, else 4."""
-    frozen = shape.parameters - shape.trainable
-    weights = frozen * (2 if frozen_bf16 else 4) + shape.trainable * 4
+    `activation_bytes`: 2 under bf16 autocast, else 4; `quantized`: how many of the frozen weights
+    `quantize` ("8bit", "4bit") holds in fewer bits."""
+    frozen = shape.parameters - shape.trainable - quantized
+    weights = (frozen * (2 if frozen_bf16 else 4) + shape.trainable * 4
+               + (int(quantized * QUANTIZED_BYTES[quantize]) if quantized else 0))
     optimizer = shape.trainable * (4 + 8)
     tokens = sum(rows)
     if grad_checkpointing:
