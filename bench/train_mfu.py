@@ -88,7 +88,7 @@ def model_shape(model, cfg) -> Shape:
     decoder = backbone(model)
     layer = decoder.layers[0]
     # base projections only: peft's LoRA matrices are Linear modules too
-    linear = {n: m.weight.numel() for n, m in layer.named_modules()
+    linear = {n: m.in_features * m.out_features for n, m in layer.named_modules()  # not the packed bytes of 4 bits
               if isinstance(m, torch.nn.Linear) and "lora_" not in n}
     down = sum(v for n, v in linear.items() if n.startswith("mlp.down_proj"))
     config = model.config
@@ -176,13 +176,13 @@ def prepare(graph: Path, workdir: Path, device: str, precision: str, base: str =
 
     from kalmkg.evaluation.metrics import known_answers
     from kalmkg.ingestion import ingest, resolve_sources
-    from kalmkg.models import load_base, num_layers, resolve_base
+    from kalmkg.models import describe_base, load_base, num_layers, resolve_base
     from kalmkg.store import Store
     from kalmkg.text import graph_texts
     from kalmkg.training.config import TrainConfig, with_size_defaults
     from kalmkg.training.data import load_tokens
     from kalmkg.training.learner import build_learner
-    from kalmkg.training.precision import make_autocast
+    from kalmkg.training.precision import make_autocast, use_bf16
     from kalmkg.training.step import StepContext
     from kalmkg.workspace import Workspace
 
@@ -192,9 +192,14 @@ def prepare(graph: Path, workdir: Path, device: str, precision: str, base: str =
         train = store.triples_array(("train",))
         entities, relations = store.entity_table(), store.relation_table()
     torch.manual_seed(0)
-    model, tokenizer = load_base(resolve_base(base), device=device)
     cfg = TrainConfig(**{"base": base, "precision": precision, "device": device, **settings, "frozen_cache_mb": 0})
-    cfg = with_size_defaults(cfg, sum(p.numel() for p in model.parameters()), num_layers(model))
+    resolved = resolve_base(base)
+    # as `kalmkg train` loads it: frozen weights in bf16 where the step runs in it, or quantized
+    model, tokenizer = load_base(resolved, device=device, quantize=cfg.quantize,
+                                 dtype=torch.bfloat16 if use_bf16(device, precision) else None)
+    n_params = (describe_base(resolved.path)[0] if cfg.quantize != "none"
+                else sum(p.numel() for p in model.parameters()))
+    cfg = with_size_defaults(cfg, n_params, num_layers(model))
     texts = graph_texts(entities, relations, tokenizer, cfg.max_entity_tokens)
     tokens = load_tokens(texts, train, tokenizer, cfg.max_seq_len, None)
     known = {k: frozenset(v) for k, v in known_answers(train, texts.num_relations).items()}

