@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -100,9 +99,9 @@ class GGUFEncoder:
         self.tokenizer = tokenizer
         self.truncate = truncate  # cut long texts to the context (and embed "" as " ") instead of refusing
         # llama.cpp's threads busy-wait: more threads than free cores costs orders of magnitude (seen:
-        # 8 s instead of 0.15 s per query on 2 cores with another job running). Default: half the
-        # logical cores (the physical ones on SMT machines), for prompt processing too.
-        n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
+        # 8 s instead of 0.15 s per query on 2 cores with another job running). Default: the physical
+        # cores this process may use, for prompt processing too.
+        n_threads = n_threads or runtime.default_threads()
         # embedding=True makes llama-cpp-python allow many sequences in one batch over a unified KV cache
         self.llm = llama_cpp.Llama(
             self.path, embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_LAST, n_ctx=n_ctx, n_batch=n_ctx,

@@ -321,3 +321,22 @@ def test_build_step_needs_only_the_standard_library(tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "-DGGML_NATIVE=OFF"
+
+
+def test_llama_cpp_threads_default_to_the_physical_cores_this_process_may_use(tmp_path, monkeypatch):
+    import os
+
+    from kalmkg.llamacpp.runtime import default_threads
+
+    # 4 logical CPUs, two hyperthreads per core; the process may use CPUs 0, 1 and 2
+    for cpu, siblings in enumerate(["0-1", "0-1", "2-3", "2-3"]):
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "thread_siblings_list").write_text(siblings + "\n")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert default_threads(str(tmp_path)) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert default_threads(str(tmp_path)) == 1
+    # no topology to read (a container without sysfs): every allowed CPU counts
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert default_threads(str(tmp_path / "missing")) == 3

@@ -86,7 +86,7 @@ def ask(
     predict: bool = typer.Option(True, "--predict/--no-predict", help="When no fact answers a clear question, let the run's link predictor answer, said as a prediction."),
     min_precision: float = typer.Option(0.5, "--min-precision", help="Say a prediction only where held-out predictions scoring as high were right this often (0-1]."),
     paraphrase: bool = typer.Option(True, "--paraphrase/--no-paraphrase", help="When the question's words name no relation (\"money\" for currency), let the model read which one it asks (about a second on 2 cores)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads.", show_default="every core this process may use"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads.", show_default="one per physical core this process may use"),
     as_json: bool = json_option("Print answer, facts, linked entities and timings as JSON."),
 ) -> None:
     """Answer QUESTION from the graph, offline, with an exported GGUF through llama.cpp.
@@ -194,7 +194,7 @@ def serve(
     port: int = typer.Option(8000, "--port", "-p", help="TCP port (0: any free one, printed)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KALMKG_API_KEY", show_envvar=True,
                                           help="Require 'Authorization: Bearer KEY' on /v1 (the openai client's api_key)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads.", show_default="every core this process may use"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp threads.", show_default="one per physical core this process may use"),
 ) -> None:
     """Serve the graph and its model over HTTP: OpenAI-compatible and kalmkg's own endpoints.
 

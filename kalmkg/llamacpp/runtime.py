@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 _LOG_CALLBACK = None  # kept referenced: llama.cpp calls it from C
 
 
@@ -14,6 +16,24 @@ def load():
 
     quiet(llama_cpp)
     return llama_cpp
+
+
+def default_threads(sysfs: str = "/sys/devices/system/cpu") -> int:
+    """One thread per physical core this process may use. llama.cpp's threads busy-wait at every
+    operation, so a second thread on a core's hyperthread slows it, while each real core speeds it up
+    (the embedded model's 15-token view: 191 ms on one thread, 122 ms on two cores)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS: no affinity, no sysfs topology
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"{sysfs}/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
 
 
 def quiet(llama_cpp) -> None:

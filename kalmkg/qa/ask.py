@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,20 +320,12 @@ def resolve_model(workspace: Workspace, model: str | None) -> ModelChoice:
     return ModelChoice(path, path.stem, info.get("run_id"))
 
 
-def default_threads() -> int:
-    """Every core this process may use: generation on a small model is bound by memory and compute alike."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
-
-
 class LlamaChat:
     """Chat generation with llama.cpp and the chat template stored in the GGUF."""
 
     def __init__(self, path: Path, *, n_ctx: int = 4096, n_threads: int | None = None):
         llama_cpp = runtime.load()
-        n_threads = n_threads or default_threads()
+        n_threads = n_threads or runtime.default_threads()
         try:
             self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                                        n_gpu_layers=runtime.gpu_layers(llama_cpp), verbose=False)
@@ -360,7 +351,7 @@ class Asker:
                  embed: bool = True):
         self.workspace = workspace
         self.choice = resolve_model(workspace, model)
-        n_threads = n_threads or default_threads()
+        n_threads = n_threads or runtime.default_threads()
         self.generator = LlamaChat(self.choice.path, n_threads=n_threads)
         self.embedder = GGUFEncoder(self.choice.path, n_threads=n_threads, truncate=True) if embed else None
         # the embedding context scores too (switched to logits per call): no second KV cache
