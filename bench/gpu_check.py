@@ -53,8 +53,11 @@ def peak_mb(device: str) -> float:
 
 
 def reset_peak(device: str) -> None:
+    import gc
+
     import torch
 
+    gc.collect()  # the previous check's model, if anything still holds it
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(torch.device(device))

@@ -35,7 +35,12 @@ def inference_precision(device: str, precision: str = "auto") -> str:
         return precision
     if not device.startswith("cuda"):
         return "fp32"
+    return "bf16" if cuda_runs_bf16(device) else "fp32"
+
+
+def cuda_runs_bf16(device: str) -> bool:
+    """Whether the CUDA `device` runs bf16 natively: Ampere (compute capability 8) and later.
+    torch.cuda.is_bf16_supported() also says yes where it is emulated, slowly (T4, V100)."""
     import torch
 
-    # Ampere and later run bf16 natively; is_bf16_supported() also says yes where it is emulated (slowly)
-    return "bf16" if torch.cuda.get_device_properties(torch.device(device)).major >= 8 else "fp32"
+    return torch.cuda.get_device_properties(torch.device(device)).major >= 8

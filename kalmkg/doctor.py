@@ -53,7 +53,9 @@ def _torch() -> dict[str, Any]:
                             "cuda_available": torch.cuda.is_available(), "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        info["bf16"] = torch.cuda.is_bf16_supported()
+        from kalmkg.device import cuda_runs_bf16
+
+        info["bf16"] = cuda_runs_bf16("cuda:0")  # native, as training's and inference's auto decide
     mps = getattr(torch.backends, "mps", None)
     info["mps_available"] = bool(mps and mps.is_available())
     return info

@@ -10,6 +10,7 @@ change when a run is resumed) to tell when it was built by another model.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,13 +108,14 @@ class LoadedModel:
 
 
 def load_model(workspace: Workspace, *, run: str | None = None, base: str | None = None, device: str = "cpu",
-               tables: tuple | None = None, tokenizer=None, precision: str = "auto") -> LoadedModel:
+               tables: tuple | None = None, tokenizer=None, precision: str = "auto", quantize: str = "none") -> LoadedModel:
     """The run's model (default: the latest run), or the untrained `base` when given.
 
     `tables` = (entity_table, relation_table, graph_fingerprint) saves reading the store again.
     `tokenizer` cuts the entity texts instead of the run's own (`ask` passes its GGUF's, so no
     transformers is loaded; the torch model then cannot be used). `precision`: the torch weights'
-    (auto, fp32, bf16: `device.inference_precision`).
+    (auto, fp32, bf16: `device.inference_precision`). `quantize`: an untrained base held as a run
+    trained on it (a run's own base always loads as the run recorded).
     """
     if run is not None and base is not None:
         raise KalmkgError("give --run or --base, not both")
@@ -134,7 +136,7 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
         gguf = _base_gguf(resolved)
 
         def loader():
-            return load_base(resolved, dtype=torch_dtype(precision), device=device)[0]
+            return load_base(resolved, dtype=torch_dtype(precision), device=device, quantize=quantize)[0]
     else:
         rdir = runs.find_run(workspace, run)
         latest = run is None or runs.latest_run(workspace).resolve() == rdir.resolve()
@@ -160,6 +162,9 @@ def load_model(workspace: Workspace, *, run: str | None = None, base: str | None
         gguf = None  # a run's GGUF is what `kalmkg export` writes (see make_encoder)
 
         def loader():
+            if cfg.quantize != "none" and importlib.util.find_spec("bitsandbytes") is None:
+                raise KalmkgError(f"run {rdir.name} trained on its base in {cfg.quantize} (--quantize), and uses it so: "
+                                  "that needs the bitsandbytes package: pip install 'kalmkg[quantize]'")
             return merged_model(resolved, adapter, device, torch_dtype(precision), quantize=cfg.quantize)
 
     # the texts of text.graph_texts, cut lazily (LoadedModel.texts)

@@ -305,6 +305,9 @@ def load_base(resolved: ResolvedBase, *, dtype: torch.dtype | None = None, devic
     # (a 7B base: 14 GB in bf16 on the GPU instead of 28 GB of host memory per process)
     placement = {"device_map": device} if str(device).startswith("cuda") else {}
     if quantize != "none":  # bitsandbytes quantizes while loading, on the device it is placed on
+        if str(device).startswith("mps"):
+            raise KalmkgError(f"--quantize {quantize}: bitsandbytes runs on CUDA and CPUs, not on MPS; "
+                              "use --device cpu or --quantize none")
         placement = {"device_map": {"": device}, "quantization_config": quantization_config(quantize, dtype)}
     if Path(resolved.path).is_dir():  # a hub id resolved online is checked by use_safetensors below
         require_safetensors(Path(resolved.path), f"base model {resolved.name!r}")
@@ -344,9 +347,15 @@ def quantization_config(quantize: str, dtype: torch.dtype) -> Any:
 
 
 def is_quantized(model: Any) -> bool:
-    """Whether `model` (plain or peft-wrapped) holds bitsandbytes-quantized weights."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None)
+    """Whether `model` (plain or peft-wrapped) holds bitsandbytes-quantized weights (also a base saved
+    quantized, which transformers loads so whatever --quantize says)."""
+    return quantized_kind(model) != "none"
+
+
+def quantized_kind(model: Any) -> str:
+    """"4bit", "8bit" or "none": how bitsandbytes holds `model`'s linear layers, read off the layers."""
+    kinds = {type(m).__name__ for m in model.modules()}
+    return "4bit" if "Linear4bit" in kinds else "8bit" if "Linear8bitLt" in kinds else "none"
 
 
 def merged_model(resolved, adapter: Path, device: str = "cpu", dtype: torch.dtype | None = None,

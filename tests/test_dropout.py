@@ -72,3 +72,22 @@ def test_replaces_lora_dropout_of_a_peft_model(tiny_model):
     assert not any(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules()
                    if m is not None and hasattr(m, "p"))
     assert sum(isinstance(m, WordDropout) for m in model.modules()) == n_lora
+
+
+def test_training_on_a_cpu_uses_it(tiny_model):
+    from kalmkg.models import load_base, resolve_base
+    from kalmkg.training.config import TrainConfig
+    from kalmkg.training.learner import build_learner
+
+    model, _ = load_base(resolve_base(str(tiny_model)))
+    learner = build_learner(model, TrainConfig(lora_dropout=0.1, lora_layers=0, lr=1e-3, precision="fp32"),
+                            total_steps=10, device="cpu")
+    assert any(isinstance(m, WordDropout) for m in learner.model.modules())
+
+
+def test_a_dropout_of_one_or_more_is_refused():
+    from kalmkg.errors import KalmkgError
+    from kalmkg.training.config import TrainConfig
+
+    with pytest.raises(KalmkgError, match=r"--lora-dropout must be in \[0, 1\)"):
+        TrainConfig(lora_dropout=1.0)

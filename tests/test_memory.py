@@ -22,6 +22,16 @@ def test_each_part_of_the_estimate_by_hand():
     assert m.total == m.weights + m.optimizer + m.activations + m.logits + m.cache
 
 
+def test_quantized_weights_take_their_width():
+    # 600 of the 900 frozen weights held in 4 or 8 bits, the other 300 (embeddings, norms) in bf16
+    four = estimate_memory(SHAPE, [4], lm_positions=0, adapted_layers=1, frozen_bf16=True, activation_bytes=2,
+                           quantized=600, quantize="4bit")
+    eight = estimate_memory(SHAPE, [4], lm_positions=0, adapted_layers=1, frozen_bf16=True, activation_bytes=2,
+                            quantized=600, quantize="8bit")
+    assert four.weights == 300 * 2 + 100 * 4 + int(600 * 4.127 / 8)
+    assert eight.weights == 300 * 2 + 100 * 4 + 600
+
+
 def test_checkpointing_keeps_only_each_layers_input_and_fp32_doubles_the_widths():
     full = estimate_memory(SHAPE, [4], lm_positions=0, adapted_layers=4, frozen_bf16=False, activation_bytes=4)
     kept = estimate_memory(SHAPE, [4], lm_positions=0, adapted_layers=4, frozen_bf16=False, activation_bytes=4,

@@ -105,4 +105,15 @@ def test_without_bitsandbytes_the_error_says_what_to_install(sample_ws, wide_tin
     with pytest.raises(KalmkgError, match=r"--quantize 4bit needs the bitsandbytes package: "
                                           r"pip install 'kalmkg\[quantize\]'"):
         train(sample_ws, tiny_config(wide_tiny, quantize="4bit"), run_id="nobnb")
-    assert not (sample_ws.runs_dir / "nobnb" / "adapter").exists()
+
+
+def test_a_killed_4bit_run_resumes_on_its_quantized_base(sample_ws, wide_tiny):
+    from kalmkg.runs import read_config
+
+    cfg = tiny_config(wide_tiny, quantize="4bit", max_steps=6, eval_every=6, checkpoint_every=3)
+    train(sample_ws, cfg, run_id="q4r", stop_after=3)
+    result = train(sample_ws, TrainConfig(), resume="q4r")  # the saved config wins
+    assert result.steps == 6
+    assert read_config(result.run_dir)["train"]["quantize"] == "4bit"
+    steps = [m["step"] for m in metrics(result.run_dir) if "loss" in m]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # each step once, across the two processes

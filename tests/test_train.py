@@ -767,3 +767,15 @@ def test_unset_settings_are_chosen_for_the_base_size_and_recorded(sample_ws, tin
           run_id="d", dry_run=given.append)
     assert given[0]["by_size"] == ["lora_layers", "max_entity_tokens"]
     assert (given[0]["config"]["lr"], given[0]["config"]["max_entity_tokens"]) == (2e-4, 50)
+
+
+def test_auto_precision_is_decided_once_and_recorded_so_a_resume_keeps_it(sample_ws, tiny_model):
+    from kalmkg.runs import read_config
+    from kalmkg.training.precision import use_bf16
+
+    cfg = tiny_config(tiny_model, precision="auto", max_steps=4, eval_every=4, checkpoint_every=2)
+    train(sample_ws, cfg, run_id="auto", stop_after=2)
+    recorded = read_config(sample_ws.runs_dir / "auto")["train"]["precision"]
+    assert recorded == ("bf16" if use_bf16("cpu", "auto") else "fp32")
+    result = train(sample_ws, TrainConfig(), resume="auto")
+    assert result.steps == 4 and read_config(result.run_dir)["train"]["precision"] == recorded

@@ -32,6 +32,7 @@ from kalmkg.loaded import load_model
 from kalmkg.files import atomic_write_text
 from kalmkg.runs import read_config
 from kalmkg.store import SPLITS, Store
+from kalmkg.training.config import saved_train_config
 from kalmkg import text
 from kalmkg.text import GraphTexts, normalize_label
 
@@ -199,8 +200,9 @@ def evaluate_generative(workspace, *, run: str | None = None, split: str = "test
     t0 = time.perf_counter()
     results = {"run": run_cases(loaded.model, loaded.tokenizer, cases, progress, "run")}
     if with_base:
-        base_spec = read_config(loaded.run_dir)["train"]["base"]
-        base = load_model(workspace, base=base_spec, device=device, tables=tables, precision=precision)
+        trained = saved_train_config(read_config(loaded.run_dir))  # the base as the run trained on it
+        base = load_model(workspace, base=trained.base, device=device, tables=tables, precision=precision,
+                          quantize=trained.quantize)
         results["base"] = run_cases(base.model, base.tokenizer, cases, progress, "base")
     summary = {
         "model": loaded.fingerprint, "split": split, "triples": int(len(sample)), "limit": int(limit),

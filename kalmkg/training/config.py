@@ -167,6 +167,7 @@ def config_problem(cfg: TrainConfig) -> str | None:
         (cfg.reading_examples >= 0, "--reading-examples must be 0 or more"),
         (cfg.base_kl_weight >= 0, "--base-kl-weight must be 0 (off) or more"),
         (cfg.base_kl_weight == 0 or not cfg.full, "--base-kl-weight needs LoRA: with --full no frozen base is kept"),
+        (0 <= cfg.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
         (cfg.quantize in QUANTIZATIONS, f"unknown --quantize '{cfg.quantize}'; use none, 8bit or 4bit"),
         (cfg.quantize == "none" or not cfg.full, "--quantize needs LoRA: quantized weights cannot train (--full)"),
         (cfg.base_kl_weight == 0 or (cfg.question_weight > 0 and cfg.question_examples > 0)

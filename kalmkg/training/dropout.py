@@ -40,7 +40,7 @@ def word_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout of `x` with probability `p` (in training), masks from `keep_mask`."""
     if p <= 0:
         return x
-    if p >= 1:
+    if effective_p(p) >= 1:  # p within 2^-17 of 1 rounds to every level
         return torch.zeros_like(x)
     keep = keep_mask(x.shape, p, x.device)
     return torch.where(keep, x * (1.0 / (1.0 - effective_p(p))), x.new_zeros(()))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +24,8 @@ from kalmkg.device import pick_device
 from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.metrics import known_answers
 from kalmkg.evaluation.ranking import rank_queries, sample_triples
-from kalmkg.models import apply_lora, describe_base, load_base, num_layers, resolve_base
+from kalmkg.models import (apply_lora, describe_base, is_quantized, load_base, num_layers, quantized_kind,
+                           resolve_base)
 from kalmkg.text import graph_texts
 from kalmkg.training.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from kalmkg.training.config import SIZED, TrainConfig, with_size_defaults
@@ -98,6 +99,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     world = init_world(torch.device(device).type)
     torch.manual_seed(cfg.seed)
     writes = world.main and dry_run is None
+    if cfg.precision == "auto":  # decided once, by the main process for all, and recorded: a resume keeps it
+        cfg = run.cfg = replace(cfg, precision="bf16" if agree(use_bf16(device, "auto"), world) else "fp32")
 
     # load data: the graph read once, its texts cut with the base's tokenizer, token ids (kept in the run)
     graph = read_graph(workspace)
@@ -109,7 +112,7 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
                                  quantize=cfg.quantize)
     # settings left unset take the defaults for the base's size (what config.toml then records);
     # quantized weights are packed (two 4-bit weights a byte): their count comes from the config
-    n_params = (describe_base(resolved.path, resolved.fingerprint)[0] if cfg.quantize != "none"
+    n_params = (describe_base(resolved.path, resolved.fingerprint)[0] if is_quantized(model)
                 else sum(p.numel() for p in model.parameters()))
     by_size = [name for name in SIZED if getattr(cfg, name) is None]
     cfg = run.cfg = with_size_defaults(cfg, n_params, num_layers(model))
@@ -286,7 +289,7 @@ def plan_memory(model, cfg: TrainConfig, tokens, examples, chats: list, world: W
     return estimate_memory(shape, [len(r) for r in inputs.rows], lm_positions,
                            adapted_layers=n_layers if cfg.full else (cfg.lora_layers or n_layers),
                            frozen_bf16=bf16 and not cfg.full, activation_bytes=2 if bf16 else 4,
-                           quantized=quantized, quantize=cfg.quantize,
+                           quantized=quantized, quantize=quantized_kind(model),
                            grad_checkpointing=cfg.grad_checkpointing,
                            kl_positions=kl_positions if cfg.base_kl_weight > 0 else 0,
                            cache_mb=cfg.frozen_cache_mb if cfg.lora_layers else 0.0)

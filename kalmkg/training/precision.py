@@ -10,6 +10,7 @@ import platform
 import time
 
 from kalmkg.cache import cache_root
+from kalmkg.device import cuda_runs_bf16
 from kalmkg.errors import KalmkgError
 
 
@@ -22,7 +23,7 @@ def use_bf16(device: str, precision: str) -> bool:
         raise KalmkgError(f"unknown precision '{precision}'; use auto, fp32 or bf16")
     kind = torch.device(device).type
     if kind == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return cuda_runs_bf16(device)
     if kind == "cpu":
         return cpu_bf16_is_faster(torch.get_num_threads())
     return False
