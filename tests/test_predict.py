@@ -342,11 +342,14 @@ def test_gguf_backend_predicts_like_torch_on_the_exported_run(exported):
     texts = [torch_side.query_text(*q) for q in queries]
     a, b = torch_side.encoder.encode(texts), gguf_side.encoder.encode(texts)
     assert (a * b).sum(1).min() > 0.99
-    # the same index answers both; the top results agree up to near ties
+    # the same index answers both; the top results agree up to near ties (seen: 0.10485 against 0.10481,
+    # which F16 rounding reverses): the GGUF's first answer is torch's first or within 1e-3 of it
     for q in queries:
-        ta = [c.id for c in torch_side.query(*q, k=5).candidates]
+        by_torch = {c.id: c.score for c in torch_side.query(*q, k=5).candidates}
         tb = [c.id for c in gguf_side.query(*q, k=5).candidates]
-        assert ta[0] == tb[0] and len(set(ta) & set(tb)) >= 4
+        top = max(by_torch.values())
+        assert tb[0] in by_torch and by_torch[tb[0]] >= top - 1e-3
+        assert len(set(by_torch) & set(tb)) >= 4
     result = predict(exported, "Paris", "capital of", "?", k=3, backend="gguf")
     assert len(result.candidates) == 3
 
