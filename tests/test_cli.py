@@ -513,3 +513,21 @@ def test_exit_code_for_each_kind_of_exception(capsys):
         "error: no graph", "interrupted", "interrupted",
         "error: unexpected ValueError (run with KALMKG_DEBUG=1 for the traceback)"]
     assert one_line(OSError("a\n b\tc")) == "OSError: a b c"
+
+
+def test_the_cli_silences_library_advice_that_would_land_in_its_tables(monkeypatch):
+    import logging
+    import warnings
+
+    from kalmkg.cli.app import _quiet_libraries
+
+    for name in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # restored after the test
+        monkeypatch.delenv(name)
+    logger = logging.getLogger("bitsandbytes")
+    monkeypatch.setattr(logger, "level", logger.level)
+    with warnings.catch_warnings():
+        _quiet_libraries()
+    # bitsandbytes, imported by peft whenever installed, warns about an optional kernel package on every
+    # AVX512-BF16 CPU: it printed between `predict`'s command and its table in `make demo`
+        assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() >= logging.ERROR

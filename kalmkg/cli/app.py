@@ -8,6 +8,7 @@ of the library inside the command, so `kalmkg --help` stays fast and loads no to
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 import traceback
@@ -79,6 +80,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+    # imported by peft whenever installed, it logs on every AVX512-BF16 CPU that an optional faster
+    # 4-bit kernel package is missing: a line in the middle of `predict`'s table
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _stdout_to_devnull() -> None:
