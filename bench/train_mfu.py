@@ -176,7 +176,7 @@ def prepare(graph: Path, workdir: Path, device: str, precision: str, base: str =
 
     from kalmkg.evaluation.metrics import known_answers
     from kalmkg.ingestion import ingest, resolve_sources
-    from kalmkg.models import describe_base, load_base, num_layers, resolve_base
+    from kalmkg.models import load_base, num_layers, parameter_count, resolve_base
     from kalmkg.store import Store
     from kalmkg.text import graph_texts
     from kalmkg.training.config import TrainConfig, with_size_defaults
@@ -197,9 +197,7 @@ def prepare(graph: Path, workdir: Path, device: str, precision: str, base: str =
     # as `kalmkg train` loads it: frozen weights in bf16 where the step runs in it, or quantized
     model, tokenizer = load_base(resolved, device=device, quantize=cfg.quantize,
                                  dtype=torch.bfloat16 if use_bf16(device, precision) else None)
-    n_params = (describe_base(resolved.path)[0] if cfg.quantize != "none"
-                else sum(p.numel() for p in model.parameters()))
-    cfg = with_size_defaults(cfg, n_params, num_layers(model))
+    cfg = with_size_defaults(cfg, parameter_count(model), num_layers(model))
     texts = graph_texts(entities, relations, tokenizer, cfg.max_entity_tokens)
     tokens = load_tokens(texts, train, tokenizer, cfg.max_seq_len, None)
     known = {k: frozenset(v) for k, v in known_answers(train, texts.num_relations).items()}

@@ -358,6 +358,23 @@ def quantized_kind(model: Any) -> str:
     return "4bit" if "Linear4bit" in kinds else "8bit" if "Linear8bitLt" in kinds else "none"
 
 
+def quantized_weights(model: Any) -> int:
+    """How many weights of `model` bitsandbytes holds quantized, unpacked (a 4-bit matrix is stored
+    as bytes of two weights each): the in x out of every layer whose own weight is integer storage."""
+    return sum(m.in_features * m.out_features for m in model.modules()
+               if any(_packed(p) for p in m.parameters(recurse=False)))
+
+
+def parameter_count(model: Any) -> int:
+    """The weights of `model` as its config counts them, quantized ones unpacked."""
+    return quantized_weights(model) + sum(p.numel() for p in model.parameters() if not _packed(p))
+
+
+def _packed(p: Any) -> bool:
+    """A bitsandbytes weight (Params4bit, Int8Params): integer storage, not its weights' count."""
+    return not p.dtype.is_floating_point
+
+
 def merged_model(resolved, adapter: Path, device: str = "cpu", dtype: torch.dtype | None = None,
                  quantize: str = "none"):
     """Base + LoRA adapter merged into plain weights (no LoRA matmuls at inference: faster, and the same

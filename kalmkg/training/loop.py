@@ -24,7 +24,7 @@ from kalmkg.device import pick_device
 from kalmkg.errors import KalmkgError
 from kalmkg.evaluation.metrics import known_answers
 from kalmkg.evaluation.ranking import rank_queries, sample_triples
-from kalmkg.models import (apply_lora, describe_base, is_quantized, load_base, num_layers, quantized_kind,
+from kalmkg.models import (apply_lora, load_base, num_layers, parameter_count, quantized_kind, quantized_weights,
                            resolve_base)
 from kalmkg.text import graph_texts
 from kalmkg.training.checkpoint import load_checkpoint, save_adapter, save_checkpoint
@@ -110,10 +110,8 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     frozen_bf16 = use_bf16(device, cfg.precision) and not cfg.full
     model, tokenizer = load_base(resolved, dtype=torch.bfloat16 if frozen_bf16 else None, device=device,
                                  quantize=cfg.quantize)
-    # settings left unset take the defaults for the base's size (what config.toml then records);
-    # quantized weights are packed (two 4-bit weights a byte): their count comes from the config
-    n_params = (describe_base(resolved.path, resolved.fingerprint)[0] if is_quantized(model)
-                else sum(p.numel() for p in model.parameters()))
+    # settings left unset take the defaults for the base's size (what config.toml then records)
+    n_params = parameter_count(model)
     by_size = [name for name in SIZED if getattr(cfg, name) is None]
     cfg = run.cfg = with_size_defaults(cfg, n_params, num_layers(model))
     texts = graph_texts(graph.entity_table, graph.relation_table, tokenizer, cfg.max_entity_tokens)
@@ -282,7 +280,7 @@ def plan_memory(model, cfg: TrainConfig, tokens, examples, chats: list, world: W
         getattr(c, "n_inner", None) or 4 * hidden
     model = apply_lora(model, cfg)
     quantized = quantized_weights(model)
-    shape = ModelShape(parameters=quantized + sum(p.numel() for p in model.parameters() if not _packed(p)),
+    shape = ModelShape(parameters=parameter_count(model),
                        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                        hidden=hidden, intermediate=intermediate, heads=heads, layers=n_layers, vocab=c.vocab_size)
     bf16 = use_bf16(device, cfg.precision)
@@ -293,18 +291,6 @@ def plan_memory(model, cfg: TrainConfig, tokens, examples, chats: list, world: W
                            grad_checkpointing=cfg.grad_checkpointing,
                            kl_positions=kl_positions if cfg.base_kl_weight > 0 else 0,
                            cache_mb=cfg.frozen_cache_mb if cfg.lora_layers else 0.0)
-
-
-def quantized_weights(model) -> int:
-    """How many weights of `model` bitsandbytes holds quantized (their unpacked count: a 4-bit matrix
-    is stored as bytes of two weights each)."""
-    return sum(m.in_features * m.out_features for m in model.modules()
-               if any(_packed(p) for p in m.parameters(recurse=False)))
-
-
-def _packed(p) -> bool:
-    """A bitsandbytes weight (Params4bit, Int8Params): integer storage, not its weights' count."""
-    return not p.dtype.is_floating_point
 
 
 def _train_structure(folder: Path, graph, cfg: TrainConfig, progress: TrainProgress, device: str) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import platform
 import time
 
 from kalmkg.cache import cache_root
 from kalmkg.device import cuda_runs_bf16
+from kalmkg.files import atomic_write_text
+from kalmkg.llamacpp.environment import cpu_model, simd_flags
 from kalmkg.errors import KalmkgError
 
 
@@ -56,10 +56,7 @@ def cpu_bf16_is_faster(threads: int) -> bool:
     faster = bf16_ms < _BF16_MARGIN * fp32_ms
     known[key] = {"fp32_ms": round(fp32_ms, 3), "bf16_ms": round(bf16_ms, 3), "bf16": faster}
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1) + "\n")
-        os.replace(tmp, memo)
+        atomic_write_text(memo, json.dumps(known, indent=1) + "\n")
     except OSError:  # a read-only cache: measured again by the next process
         pass
     return faster
@@ -83,20 +80,11 @@ def _matmul_ms(dtype) -> float:
 
 
 def _cpu_model() -> str:
-    """The CPU's name and a hash of its feature flags (a VM's name may be generic: "Intel Xeon Processor")."""
+    """The CPU's name and a hash of its vector/matrix flags (a VM's name may be generic: "Intel Xeon Processor")."""
     import hashlib
 
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                fields.setdefault(name.strip(), value.strip())
-    except OSError:
-        pass
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    flags = fields.get("flags", "")
-    return f"{name} [{hashlib.sha256(flags.encode()).hexdigest()[:8]}]" if flags else name
+    flags = " ".join(simd_flags())
+    return f"{cpu_model()} [{hashlib.sha256(flags.encode()).hexdigest()[:8]}]" if flags else cpu_model()
 
 
 def freeze_in_bf16(model) -> None:
