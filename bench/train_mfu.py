@@ -180,7 +180,7 @@ def prepare(graph: Path, workdir: Path, device: str, precision: str, base: str =
     from kalmkg.store import Store
     from kalmkg.text import graph_texts
     from kalmkg.training.config import TrainConfig, with_size_defaults
-    from kalmkg.training.data import load_tokens
+    from kalmkg.training.data import load_tokens, with_inverses
     from kalmkg.training.learner import build_learner
     from kalmkg.training.precision import make_autocast, use_bf16
     from kalmkg.training.step import StepContext
@@ -199,7 +199,7 @@ def prepare(graph: Path, workdir: Path, device: str, precision: str, base: str =
                                  dtype=torch.bfloat16 if use_bf16(device, precision) else None)
     cfg = with_size_defaults(cfg, parameter_count(model), num_layers(model))
     texts = graph_texts(entities, relations, tokenizer, cfg.max_entity_tokens)
-    tokens = load_tokens(texts, train, tokenizer, cfg.max_seq_len, None)
+    tokens = load_tokens(texts, with_inverses(train, texts.num_relations), tokenizer, cfg.max_seq_len, None)
     known = {k: frozenset(v) for k, v in known_answers(train, texts.num_relations).items()}
     learner = build_learner(model, cfg, total_steps=1000, device=device)
     learner.model.train()

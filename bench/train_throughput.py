@@ -83,7 +83,7 @@ def run(mode: str, args, workspace, cfg, n_steps: int, precision: str = "fp32", 
     from kalmkg.models import apply_lora, load_base, resolve_base
     from kalmkg.store import Store
     from kalmkg.text import graph_texts
-    from kalmkg.training.data import epoch_batches, load_tokens
+    from kalmkg.training.data import epoch_batches, load_tokens, with_inverses
     from kalmkg.training.dropout import use_word_dropout
     from kalmkg.training.learner import make_optimizer, use_plain_attention
     from kalmkg.training.objective import LearnableTemperature
@@ -97,7 +97,7 @@ def run(mode: str, args, workspace, cfg, n_steps: int, precision: str = "fp32", 
     torch.manual_seed(0)
     model, tokenizer = load_base(resolve_base(cfg.base), device=args.device)
     texts = graph_texts(ents, rels, tokenizer, cfg.max_entity_tokens)
-    tokens = load_tokens(texts, train, tokenizer, cfg.max_seq_len, None)
+    tokens = load_tokens(texts, with_inverses(train, texts.num_relations), tokenizer, cfg.max_seq_len, None)
     known = {k: frozenset(v) for k, v in known_answers(train, texts.num_relations).items()}
     if mode == "kalmkg" and args.device == "cpu":
         use_plain_attention(model)

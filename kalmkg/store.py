@@ -243,8 +243,8 @@ class Store:
         # (beside the store) instead of growing with the file.
         con.execute("SET preserve_insertion_order = false")
         con.execute(f"SET memory_limit = '{os.environ.get('KALMKG_MEMORY_LIMIT', '256MB')}'")
-        if write:
-            con.execute(f"SET temp_directory = '{path.parent / '.tmp'}'")
+        # sorts too large for the budget spill there, in read-only sessions too (training's known answers)
+        con.execute(f"SET temp_directory = '{path.parent / '.tmp'}'")
         return cls(con, path, write)
 
     def schema_version(self) -> int:
@@ -549,6 +549,62 @@ class Store:
         ).fetchnumpy()
         return np.stack([rows["head"], rows["relation"], rows["tail"]], axis=1).astype(np.int64) \
             if len(rows["head"]) else np.zeros((0, 3), dtype=np.int64)
+
+    def write_triples(self, path: Path, splits: tuple[str, ...] = SPLITS, *, inverses_of: int | None = None,
+                      batch_rows: int = 1 << 20) -> None:
+        """`triples_array(splits)` written to a `.npy` file in pieces (npy.py), so a graph of any size passes
+        through a fixed amount of memory. `inverses_of` (the relation count R): the triples, then their
+        inverses (t, r + R, h) in the same order, which are training's (query, relation, answer) examples."""
+        from kalmkg.npy import NpyWriter
+
+        placeholders = ", ".join("?" for _ in splits)
+        select = "SELECT {} FROM triples WHERE split IN (" + placeholders + ") ORDER BY head, relation, tail"
+        columns = ["head, relation, tail"] + ([] if inverses_of is None else [f"tail, relation + {int(inverses_of)}, head"])
+        with NpyWriter(path, "int64", (3,)) as out:
+            for cols in columns:
+                for batch in self._batches(select.format(cols), list(splits), batch_rows):
+                    out.write(batch)
+
+    def write_known_answers(self, folder: Path, splits: tuple[str, ...], num_relations: int, *,
+                            batch_rows: int = 1 << 20) -> None:
+        """The true answers of every (query, relation) of the splits, both directions ((h, r) -> t and
+        (t, r + R) -> h), as the three sorted arrays of `evaluation.metrics.KnownAnswers` in `folder`:
+        DuckDB sorts within its memory budget (spilling beyond it), the arrays are written in pieces."""
+        import numpy as np
+
+        from kalmkg.npy import NpyWriter
+
+        width, placeholders = max(2 * num_relations, 1), ", ".join("?" for _ in splits)
+        pairs = (f"SELECT head * {width} + relation AS key, tail AS answer FROM triples WHERE split IN ({placeholders}) "
+                 f"UNION SELECT tail * {width} + relation + {int(num_relations)}, head FROM triples "
+                 f"WHERE split IN ({placeholders})")
+        folder.mkdir(parents=True, exist_ok=True)
+        with NpyWriter(folder / "keys.npy", "int64") as keys, NpyWriter(folder / "starts.npy", "int64") as starts, \
+                NpyWriter(folder / "answers.npy", "int64") as answers:
+            last, count = None, 0  # the last key seen and where its answers start
+            for batch in self._batches(f"SELECT key, answer FROM ({pairs}) ORDER BY key, answer", list(splits) * 2,
+                                      batch_rows):
+                key, answer = batch[:, 0], batch[:, 1]
+                fresh = np.ones(len(key), dtype=bool)
+                fresh[1:] = key[1:] != key[:-1]
+                if last is not None and len(key):
+                    fresh[0] = key[0] != last
+                keys.write(key[fresh])
+                starts.write(count + np.flatnonzero(fresh))
+                answers.write(answer)
+                count += len(key)
+                last = key[-1] if len(key) else last
+            starts.write(np.asarray([count]))
+            np.save(folder / "width.npy", np.asarray(width))
+
+    def _batches(self, sql: str, params: list, rows: int = 1 << 20):
+        """The rows of an integer query as [m, columns] int64 arrays of at most `rows` rows each."""
+        import numpy as np
+
+        reader = self.con.sql(sql, params=params).to_arrow_reader(rows)
+        for batch in reader:
+            if batch.num_rows:
+                yield np.stack([c.to_numpy(zero_copy_only=False) for c in batch.columns], axis=1).astype(np.int64)
 
     def fingerprint(self) -> str:
         """Changes whenever entities, texts, triples or splits change (for stale run/index detection)."""

@@ -65,19 +65,23 @@ def truncate_texts(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int) 
     replacement character behind.
     """
     texts = list(texts)
-    if not texts:
-        return []
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     out = []
-    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
-        if len(ids) <= max_tokens:
-            out.append(text)
-            continue
-        # A character split over several tokens keeps its full span: cut before it instead.
-        end = offsets[max_tokens - 1][1] if offsets[max_tokens][0] >= offsets[max_tokens - 1][1] \
-            else offsets[max_tokens][0]
-        out.append(text[:end].rstrip())
+    # in chunks: the tokenizer's ids and offsets of a million descriptions at once take gigabytes
+    for start in range(0, len(texts), TRUNCATE_CHUNK):
+        part = texts[start:start + TRUNCATE_CHUNK]
+        enc = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)
+        for text, ids, offsets in zip(part, enc["input_ids"], enc["offset_mapping"]):
+            if len(ids) <= max_tokens:
+                out.append(text)
+                continue
+            # A character split over several tokens keeps its full span: cut before it instead.
+            end = offsets[max_tokens - 1][1] if offsets[max_tokens][0] >= offsets[max_tokens - 1][1] \
+                else offsets[max_tokens][0]
+            out.append(text[:end].rstrip())
     return out
+
+
+TRUNCATE_CHUNK = 16384
 
 
 @dataclass

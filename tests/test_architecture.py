@@ -77,20 +77,20 @@ def test_training_sees_ranking_not_evaluation():
     graph = import_graph()
     assert "kalmkg.evaluation.ranking" in graph["kalmkg.training.loop"]
     assert "kalmkg.evaluation.link_prediction" not in graph["kalmkg.training.loop"]
-    assert graph["kalmkg.evaluation.ranking"] <= {"kalmkg.evaluation.metrics", "kalmkg.text", "kalmkg.encode"}
+    assert graph["kalmkg.evaluation.ranking"] <= {"kalmkg.evaluation.metrics", "kalmkg.text", "kalmkg.encode", "kalmkg.npy"}
 
 
 # Layers, lowest first: a module imports modules of its own layer or below, never above. Each module is
 # placed by its longest matching prefix; a new module without a place fails the test until it gets one.
 LAYERS = [
     # foundation: no knowledge of graphs or models
-    ["kalmkg.errors", "kalmkg.workspace", "kalmkg.files", "kalmkg.cache", "kalmkg.formatting", "kalmkg.system", "kalmkg.device",
+    ["kalmkg.errors", "kalmkg.workspace", "kalmkg.files", "kalmkg.npy", "kalmkg.cache", "kalmkg.formatting", "kalmkg.system", "kalmkg.device",
      "kalmkg.text", "kalmkg.prompts", "kalmkg.llamacpp.environment", "kalmkg.llamacpp.build"],
     # storage, configuration and the raw model: the graph store, runs on disk, base models, llama.cpp
     ["kalmkg.store", "kalmkg.split", "kalmkg.names", "kalmkg.ingestion", "kalmkg.dump", "kalmkg.runs", "kalmkg.models",
      "kalmkg.llamacpp", "kalmkg.training.config", "kalmkg.evaluation.metrics"],
     # model-free pieces the stages share: encoders, training data and losses, ranking, export files
-    ["kalmkg.encode", "kalmkg.training.data", "kalmkg.training.objective", "kalmkg.evaluation.ranking",
+    ["kalmkg.encode", "kalmkg.training.data", "kalmkg.training.permutation", "kalmkg.training.objective", "kalmkg.evaluation.ranking",
      "kalmkg.evaluation.calibration", "kalmkg.training.questions", "kalmkg.training.reading", "kalmkg.structure",
      "kalmkg.export.registry", "kalmkg.export.gguf_meta"],
     # a run's model and its entity index

@@ -149,28 +149,28 @@ def test_load_texts_of_empty_tables(tokenizer):
 
 
 # ------------------------------------------------------------------ tokenize_examples
-def test_tokenize_examples_hr_views_are_unique_and_indexed(tokenizer, texts):
+def test_hr_views_are_tokenized_on_demand_and_shared_by_their_query(tokenizer, texts):
     examples = with_inverses(TRIPLES, texts.num_relations)
     tok = tokenize_examples(texts, examples, tokenizer, max_seq_len=256)
     np.testing.assert_array_equal(tok.examples, examples)
-    unique_pairs = {tuple(p) for p in examples[:, :2].tolist()}
-    assert len(tok.hr_ids) == len(unique_pairs) < len(examples)  # (0, 1) and (1, 2) repeat
-    assert tok.hr_index.shape == (len(examples),)
-    for i, (q, r, _) in enumerate(examples.tolist()):
-        want = ids(tokenizer, verbalize.hr_view(texts.entities[q], texts.relations[r]))
-        assert tok.hr_ids[tok.hr_index[i]] == want
+    keys = tok.hr_index_of(examples)
+    for key, (q, r, _) in zip(keys, examples.tolist()):
+        assert tok.hr_ids[key] == ids(tokenizer, verbalize.hr_view(texts.entities[q], texts.relations[r]))
     # examples with the same (query, relation) share one view, different ones never do
     for i in range(len(examples)):
         for j in range(len(examples)):
-            same = tuple(examples[i, :2]) == tuple(examples[j, :2])
-            assert (tok.hr_index[i] == tok.hr_index[j]) == same
+            assert (keys[i] == keys[j]) == (tuple(examples[i, :2]) == tuple(examples[j, :2]))
+    assert tok.hr_index_of(examples[[3, 0, 3]]) == [keys[3], keys[0], keys[3]]
 
 
-def test_hr_index_of_finds_the_view_of_any_examples(tokenizer, texts):
-    examples = with_inverses(TRIPLES, texts.num_relations)
-    tok = tokenize_examples(texts, examples, tokenizer, max_seq_len=256)
-    picked = examples[[3, 0, 3, len(examples) - 1]]
-    assert tok.hr_index_of(picked) == tok.hr_index[[3, 0, 3, len(examples) - 1]].tolist()
+def test_hr_views_keep_only_the_latest(tokenizer, texts):
+    from kalmkg.training.data import HrViews
+
+    views = HrViews(texts, tokenizer, keep=2)
+    first = views[views.key(0, 0)]
+    views[views.key(1, 0)], views[views.key(2, 1)]
+    assert len(views._kept) == 2 and views.key(0, 0) not in views._kept
+    assert views[views.key(0, 0)] == first  # tokenized again, the same
 
 
 def test_tokenize_examples_tail_views_and_targets_per_entity(tokenizer, texts):
@@ -184,20 +184,48 @@ def test_tokenize_examples_tail_views_and_targets_per_entity(tokenizer, texts):
     assert tok.pad_id == tokenizer.pad_token_id
 
 
-def test_tokenize_examples_lengths_are_hr_plus_tail_tokens(tokenizer, texts):
+def longest_hr(tok, examples):
+    return max(len(tok.hr_ids[k]) for k in tok.hr_index_of(examples))
+
+
+def test_example_lengths_are_near_hr_plus_tail_tokens(tokenizer, texts):
     examples = with_inverses(TRIPLES, 2)
     tok = tokenize_examples(texts, examples, tokenizer, max_seq_len=256)
-    assert tok.lengths.shape == (len(examples),)
-    for i, (_, _, a) in enumerate(examples.tolist()):
-        assert tok.lengths[i] == len(tok.hr_ids[tok.hr_index[i]]) + len(tok.tail_ids[a])
+    lengths = tok.lengths[np.arange(len(examples))]
+    assert lengths.shape == (len(examples),)
+    for length, key, (_, _, a) in zip(lengths.tolist(), tok.hr_index_of(examples), examples.tolist()):
+        exact = len(tok.hr_ids[key]) + len(tok.tail_ids[a])
+        assert exact <= length <= exact + 3
+
+
+def test_the_hr_bound_holds_for_every_view_of_a_real_graph(tokenizer):
+    """The bound on hr views (`longest_hr_view`), which sizes the room for targets without tokenizing
+    every view, is never below a view's own length: every (entity, relation) of the sample graph, with
+    and without descriptions."""
+    from kalmkg.training.data import longest_hr_view
+
+    folder = Path(__file__).resolve().parents[1] / "sample_graphs" / "world_tsv"
+    rows = [line.split("\t") for line in (folder / "entities.tsv").read_text().splitlines()]
+    entities = [verbalize.entity_text(label, None) for _, label, _ in rows] + \
+        [verbalize.entity_text(label, description) for _, label, description in rows]
+    relations = [line.split("\t")[1] for line in (folder / "relations.tsv").read_text().splitlines()]
+    texts = GraphTexts(entities, [verbalize.relation_text(r) for r in relations] +
+                       [verbalize.relation_text(r, True) for r in relations])
+    tok = tokenize_examples(texts, np.zeros((0, 3), dtype=np.int64), tokenizer, 4096)
+    tails = tok.tail_ids.lengths()
+    every = np.array([[e, r, 0] for e in range(len(entities)) for r in range(len(texts.relations))])
+    for (e, r, _), k in zip(every.tolist(), tok.hr_index_of(every)):
+        assert len(tok.hr_ids[k]) <= tails[e] + tok.relation_lengths[r] <= longest_hr_view(tails, tok.relation_lengths)
 
 
 def test_tokenize_examples_cuts_long_targets_to_fit_max_seq_len(tokenizer, texts):
+    from kalmkg.training.data import longest_hr_view
+
     examples = with_inverses(TRIPLES, 2)
     full = tokenize_examples(texts, examples, tokenizer, max_seq_len=1024)
-    longest_hr = max(len(h) for h in full.hr_ids)
+    bound = longest_hr_view(full.tail_ids.lengths(), full.relation_lengths)
     longest_target = max(len(t) for t in full.target_ids)
-    max_seq_len = longest_hr + 12
+    max_seq_len = bound + 12
     assert longest_target > 12  # the Vienna target must be cut
     tok = tokenize_examples(texts, examples, tokenizer, max_seq_len=max_seq_len)
     eos = tokenizer.eos_token_id
@@ -211,26 +239,30 @@ def test_tokenize_examples_cuts_long_targets_to_fit_max_seq_len(tokenizer, texts
             cut_any = True
             assert len(t) == 12 and t[:-1] == f[: len(t) - 1]  # the beginning is kept
     assert cut_any
-    for i, (_, _, a) in enumerate(examples.tolist()):
-        assert len(tok.hr_ids[tok.hr_index[i]]) + len(tok.target_ids[a]) <= max_seq_len
+    for key, (_, _, a) in zip(tok.hr_index_of(examples), examples.tolist()):
+        assert len(tok.hr_ids[key]) + len(tok.target_ids[a]) <= max_seq_len
     # tail views (embedded, not generated) are never cut
     assert tok.tail_ids == full.tail_ids
 
 
 def test_tokenize_examples_smallest_room_keeps_one_token_and_eos(tokenizer, texts):
-    examples = with_inverses(TRIPLES, 2)
-    longest_hr = max(len(h) for h in tokenize_examples(texts, examples, tokenizer, 1024).hr_ids)
-    tok = tokenize_examples(texts, examples, tokenizer, max_seq_len=longest_hr + 2)
+    from kalmkg.training.data import longest_hr_view
+
+    full = tokenize_examples(texts, TRIPLES, tokenizer, 1024)
+    tok = tokenize_examples(texts, TRIPLES, tokenizer, max_seq_len=longest_hr_view(full.tail_ids.lengths(),
+                                                                                  full.relation_lengths) + 2)
     assert all(len(t) <= 2 and t[-1] == tokenizer.eos_token_id for t in tok.target_ids)
 
 
 def test_tokenize_examples_rejects_hr_view_longer_than_max_seq_len(tokenizer, texts):
-    examples = with_inverses(TRIPLES, 2)
-    longest_hr = max(len(h) for h in tokenize_examples(texts, examples, tokenizer, 1024).hr_ids)
+    from kalmkg.training.data import longest_hr_view
+
+    full = tokenize_examples(texts, TRIPLES, tokenizer, 1024)
+    bound = longest_hr_view(full.tail_ids.lengths(), full.relation_lengths)
+    assert bound >= longest_hr(full, with_inverses(TRIPLES, 2))
     with pytest.raises(ValueError, match="max_seq_len"):
-        tokenize_examples(texts, examples, tokenizer, max_seq_len=longest_hr - 1)
-    with pytest.raises(ValueError):
-        tokenize_examples(texts, examples, tokenizer, max_seq_len=longest_hr)
+        tokenize_examples(texts, TRIPLES, tokenizer, max_seq_len=bound + 1)
+    tokenize_examples(texts, TRIPLES, tokenizer, max_seq_len=bound + 2)
 
 
 def test_tokenize_examples_pad_falls_back_to_eos(tokenizer, texts):
@@ -240,7 +272,7 @@ def test_tokenize_examples_pad_falls_back_to_eos(tokenizer, texts):
 
 def test_tokenize_examples_without_examples(tokenizer, texts):
     tok = tokenize_examples(texts, np.zeros((0, 3), dtype=np.int64), tokenizer, max_seq_len=256)
-    assert tok.hr_ids == [] and len(tok.hr_index) == 0 and len(tok.lengths) == 0
+    assert len(tok.examples) == 0 and len(tok.lengths) == 0
     assert len(tok.tail_ids) == len(texts.entities)
 
 
@@ -281,8 +313,24 @@ def test_epoch_batches_shuffle_the_examples():
 
 
 def test_epoch_batches_fewer_examples_than_a_batch():
-    assert epoch_batches(5, 8, seed=0, epoch=0, lengths=np.arange(5)) == []
-    assert epoch_batches(0, 8, seed=0, epoch=0, lengths=np.zeros(0, dtype=np.int64)) == []
+    assert list(epoch_batches(5, 8, seed=0, epoch=0, lengths=np.arange(5))) == []
+    assert list(epoch_batches(0, 8, seed=0, epoch=0, lengths=np.zeros(0, dtype=np.int64))) == []
+
+
+def test_epoch_batches_are_computed_per_batch():
+    """A batch is computed when asked for: any batch of an epoch of 20M examples at once, the same
+    each time, and its examples a window's neighbours in length."""
+    n = 20_000_000
+    lengths = np.arange(n) % 97
+    batches = epoch_batches(n, 256, seed=1, epoch=4, lengths=lengths)
+    assert len(batches) == n // 256
+    a, b = batches[12345], batches[12345]
+    np.testing.assert_array_equal(a, b)
+    assert len(np.unique(a)) == 256 and a.max() < n
+    assert np.ptp(lengths[a]) <= 10
+    np.testing.assert_array_equal(batches[-1], batches[len(batches) - 1])
+    with pytest.raises(IndexError):
+        batches[len(batches)]
 
 
 def test_bucketing_without_lengths_still_gives_valid_batches():

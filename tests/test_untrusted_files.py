@@ -32,23 +32,28 @@ def _pickle_bomb(path: Path, marker: Path) -> None:
 
 
 def test_the_token_cache_is_plain_arrays_and_a_pickle_in_its_place_runs_no_code(tmp_path):
-    from kalmkg.training.data import TokenizedExamples, TokenRows, read_tokens, write_tokens
+    from kalmkg.npy import write_npy
+    from kalmkg.text import GraphTexts
+    from kalmkg.training.data import HrViews, TokenizedExamples, TokenRows, read_tokens, write_tokens
 
-    tokens = TokenizedExamples(np.array([[0, 1, 2], [2, 3, 0]]), np.array([0, 1]), TokenRows.of([[[5, 6], [7]]]),
+    texts = GraphTexts(["a", "b", "c"], ["r", "inverse of r"])
+    tokens = TokenizedExamples(np.array([[0, 1, 2], [2, 1, 0]]), HrViews(texts, None),
                                TokenRows.of([[[1], [2, 3]], [[4, 5, 6]]]), TokenRows.of([[[9, 2], [], [8, 2]]]),
-                               pad_id=2, lengths=np.array([3, 4]))
-    path = tmp_path / "tokens.npz"
-    write_tokens(tokens, path)
-    back = read_tokens(path)
-    assert back.hr_ids == tokens.hr_ids and back.tail_ids == tokens.tail_ids and back.target_ids == tokens.target_ids
+                               relation_lengths=np.array([5, 7]), pad_id=2)
+    folder = tmp_path / "tokens"
+    folder.mkdir()
+    write_tokens(tokens, folder)
+    write_npy(folder / "examples.npy", tokens.examples)
+    back = read_tokens(folder, texts, None)
+    assert back.tail_ids == tokens.tail_ids and back.target_ids == tokens.target_ids
     assert list(back.tail_ids) == [[1], [2, 3], [4, 5, 6]] and back.target_ids[1] == []
-    assert np.array_equal(back.examples, tokens.examples) and np.array_equal(back.lengths, tokens.lengths)
-    assert back.pad_id == 2 and back.hr_index_of(np.array([[2, 3, 0]])) == [1]
+    assert np.array_equal(back.examples, tokens.examples) and back.relation_lengths.tolist() == [5, 7]
+    assert back.pad_id == 2 and back.hr_index_of(np.array([[2, 1, 0]])) == [5]
 
     marker = tmp_path / "ran"
-    _pickle_bomb(path, marker)
+    _pickle_bomb(folder / "tail_ids.flat.npy", marker)
     with pytest.raises(KalmkgError, match="cannot read the run's token cache"):
-        read_tokens(path)
+        read_tokens(folder, texts, None)
     assert not marker.exists()
 
 
@@ -74,7 +79,7 @@ def test_a_checkpoint_kalmkg_wrote_resumes_under_weights_only(sample_ws, tiny_mo
     run = train(sample_ws, cfg, run_id="w", stop_after=1)
     payload = torch.load(run.run_dir / "checkpoint" / "state.pt", weights_only=True)
     assert payload["state"]["step"] == 1 and payload["prebatch"]
-    assert (run.run_dir / "tokens.npz").is_file() and not (run.run_dir / "tokens.pt").exists()
+    assert (run.run_dir / "tokens" / "examples.npy").is_file() and not (run.run_dir / "tokens.pt").exists()
     assert train(sample_ws, TrainConfig(), resume="w").steps == 2
 
 

@@ -130,6 +130,13 @@ def test_text_of_exactly_max_tokens_is_unchanged(tokenizer):
     assert truncate_texts([text], tokenizer, n - 1) != [text]
 
 
+def test_texts_are_cut_in_chunks_alike(tokenizer, monkeypatch):
+    texts = [f"Entity {i}, a place of the {i}th kind in the list of the Europe river valley" for i in range(9)] + [""]
+    whole = truncate_texts(texts, tokenizer, 6)
+    monkeypatch.setattr(verbalize, "TRUNCATE_CHUNK", 4)
+    assert truncate_texts(texts, tokenizer, 6) == whole and len(whole) == len(texts)
+
+
 @pytest.mark.parametrize("max_tokens", [1, 2, 3, 5, 8, 13])
 def test_long_texts_are_cut_to_max_tokens_and_keep_their_beginning(tokenizer, max_tokens):
     text = ("Vienna, the capital of Austria, a country in Europe; the city is located in the "

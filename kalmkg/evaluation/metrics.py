@@ -7,6 +7,7 @@ the mean of the optimistic rank (1 + #better) and the pessimistic rank (#better 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -77,6 +78,18 @@ class KnownAnswers(Mapping):
         key, self._answers = key[fresh], answer[fresh]
         self._keys, starts = np.unique(key, return_index=True)
         self._starts = np.append(starts, len(key)).astype(np.int64)
+
+    @classmethod
+    def open(cls, folder: Path) -> "KnownAnswers":
+        """The arrays `Store.write_known_answers` wrote to `folder`, memory-mapped: a lookup reads the pages
+        of its own query, so a 10M-triple graph's answers stay on disk."""
+        from kalmkg.npy import open_npy
+
+        known = cls.__new__(cls)
+        known._width = int(np.load(folder / "width.npy"))
+        known._keys, known._starts, known._answers = (open_npy(folder / f"{name}.npy")
+                                                      for name in ("keys", "starts", "answers"))
+        return known
 
     def _find(self, query) -> int:
         entity, relation = query

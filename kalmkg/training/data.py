@@ -8,9 +8,10 @@ Relation ids >= R are inverses.
 from __future__ import annotations
 
 import itertools
-import zipfile
-from dataclasses import dataclass, field
-from functools import cached_property
+import shutil
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -18,11 +19,14 @@ import numpy as np
 
 from kalmkg import text
 from kalmkg.errors import KalmkgError
+from kalmkg.evaluation.metrics import KnownAnswers
 from kalmkg.files import atomic_path
+from kalmkg.npy import write_npy
 from kalmkg.prompts import no_context_messages
-from kalmkg.store import Store
+from kalmkg.store import SPLITS, Store
 from kalmkg.text import GraphTexts
 from kalmkg.training.config import TrainConfig
+from kalmkg.training.permutation import Permutation
 from kalmkg.training.questions import QuestionQuery, QuestionWriter, question_queries, sample_questions
 from kalmkg.training.reading import ReadingWriter
 from kalmkg.workspace import Workspace
@@ -31,21 +35,44 @@ from kalmkg.workspace import Workspace
 @dataclass
 class TrainingGraph:
     """What training reads from the store, read once and then let go (other commands may use the
-    workspace meanwhile)."""
+    workspace meanwhile). The triples and the known answers are files of a folder this process alone
+    uses (removed when it ends), memory-mapped: a graph of 10M triples is not held in memory."""
 
-    train: np.ndarray  # [n, 3] triples of the train split
+    train: np.ndarray  # [n, 3] triples of the train split (memory-mapped)
     valid: np.ndarray  # the valid split (validation samples from it)
-    all: np.ndarray  # every split (validation filters known answers against it)
+    all: np.ndarray  # every split (memory-mapped; the structure model reads it)
+    known_train: KnownAnswers  # (query, relation) -> answers in train, both directions: the false negatives
+    known_all: KnownAnswers  # ... in every split: validation's filter
+    examples: Path  # the train triples and their inverses (`with_inverses`) as a `.npy` file
     fingerprint: str
     entity_table: Any
     relation_table: Any
+    folder: Path
 
 
 def read_graph(workspace: Workspace) -> TrainingGraph:
-    with Store.open(workspace) as store:
-        graph = TrainingGraph(store.triples_array(("train",)), store.triples_array(("valid",)),
-                              store.triples_array(), store.fingerprint(), store.entity_table(),
-                              store.relation_table())
+    from kalmkg.files import staging_dir
+    from kalmkg.npy import open_npy
+
+    folder = staging_dir(workspace.root, ".train-graph.")
+    try:
+        with Store.open(workspace) as store:
+            entity_table, relation_table = store.entity_table(), store.relation_table()
+            R = relation_table.num_rows
+            for name, splits in (("train", ("train",)), ("valid", ("valid",)), ("all", SPLITS)):
+                store.write_triples(folder / f"{name}.npy", splits)
+            store.write_triples(folder / "examples.npy", ("train",), inverses_of=R)
+            store.write_known_answers(folder / "known-train", ("train",), R)
+            store.write_known_answers(folder / "known-all", SPLITS, R)
+            fingerprint = store.fingerprint()
+        graph = TrainingGraph(open_npy(folder / "train.npy"), np.array(open_npy(folder / "valid.npy")),
+                              open_npy(folder / "all.npy"), KnownAnswers.open(folder / "known-train"),
+                              KnownAnswers.open(folder / "known-all"), folder / "examples.npy", fingerprint,
+                              entity_table, relation_table, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(graph, shutil.rmtree, folder, True)  # gone with the graph (a killed process's: swept later)
     if len(graph.train) == 0:
         raise KalmkgError("the train split is empty: ingest a graph (and `kalmkg split` if needed) first")
     return graph
@@ -53,8 +80,13 @@ def read_graph(workspace: Workspace) -> TrainingGraph:
 
 def with_inverses(triples: np.ndarray, num_relations: int) -> np.ndarray:
     """[n, 3] (h, r, t) -> [2n, 3] (query, relation, answer): the triples, then their inverses."""
-    inverse = np.stack([triples[:, 2], triples[:, 1] + num_relations, triples[:, 0]], axis=1)
-    return np.concatenate([triples, inverse]).astype(np.int64)
+    return np.concatenate([triples, inverses(triples, num_relations)]).astype(np.int64)
+
+
+def inverses(triples: np.ndarray, num_relations: int) -> np.ndarray:
+    """[n, 3] (h, r, t) -> [n, 3] (t, r + R, h)."""
+    triples = np.asarray(triples, dtype=np.int64)
+    return np.stack([triples[:, 2], triples[:, 1] + num_relations, triples[:, 0]], axis=1)
 
 
 class TokenRows(Sequence):
@@ -89,28 +121,73 @@ class TokenRows(Sequence):
     __hash__ = None  # type: ignore[assignment]
 
 
+class HrViews:
+    """Token ids of the head-relation views, by key `entity * 2R + relation`, tokenized when a batch
+    asks for them: a graph of 10M triples has some 20M, which would take minutes to tokenize and
+    gigabytes to hold; a batch needs a few dozen (a tokenizer call of well under a millisecond).
+    The last `keep` views asked for are kept."""
+
+    def __init__(self, texts: GraphTexts, tokenizer, keep: int = 1 << 16):
+        self.texts, self.tokenizer, self.keep = texts, tokenizer, keep
+        self.width = max(len(texts.relations), 1)
+        self._kept: OrderedDict[int, list[int]] = OrderedDict()
+
+    def key(self, entity: int, relation: int) -> int:
+        return int(entity) * self.width + int(relation)
+
+    def text(self, key: int) -> str:
+        entity, relation = divmod(int(key), self.width)
+        return text.hr_view(self.texts.entities[entity], self.texts.relations[relation])
+
+    def __getitem__(self, key: int) -> list[int]:
+        ids = self._kept.get(key)
+        if ids is None:
+            ids = self.tokenizer(self.text(key), add_special_tokens=False)["input_ids"]
+            self._kept[key] = ids
+            if len(self._kept) > self.keep:
+                self._kept.popitem(last=False)
+        else:
+            self._kept.move_to_end(key)
+        return ids
+
+
 @dataclass
 class TokenizedExamples:
-    """Token ids of every view an epoch needs, computed once per run."""
+    """The run's examples and the token ids of every view an epoch needs: the entities' tail views and
+    completion targets tokenized once per run, the head-relation views when a batch draws them."""
 
-    examples: np.ndarray  # [n, 3] query entity, relation (>= R: inverse), answer entity
-    hr_index: np.ndarray  # [n] row of `hr_ids` for each example
-    hr_ids: TokenRows  # unique (query, relation) views, in (query, relation) order
+    examples: np.ndarray  # [n, 3] query entity, relation (>= R: inverse), answer entity (memory-mapped in a run)
+    hr_ids: HrViews  # the head-relation views, by `hr_index_of`'s keys
     tail_ids: TokenRows  # per entity: its tail view
     target_ids: TokenRows  # per entity: completion target + EOS
+    relation_lengths: np.ndarray  # per relation (2R): tokens of its hr view with an empty head
     pad_id: int = 0
-    lengths: np.ndarray = field(default=None)  # [n] tokens of hr view + tail view (for bucketing)
 
     def hr_index_of(self, examples: np.ndarray) -> list[int]:
-        """Row of `hr_ids` for each example of `examples` (any [m, 3] array of this run's examples)."""
-        keys, width = self._hr_keys
-        return np.searchsorted(keys, examples[:, 0] * width + examples[:, 1]).tolist()
+        """The `hr_ids` key of each example of `examples` (any [m, 3] array of this run's examples)."""
+        examples = np.asarray(examples, dtype=np.int64).reshape(-1, 3)
+        return (examples[:, 0] * self.hr_ids.width + examples[:, 1]).tolist()
 
-    @cached_property
-    def _hr_keys(self) -> tuple[np.ndarray, int]:
-        """The hr views' (query, relation) as sorted keys query * width + relation: the order of `hr_ids`."""
-        width = int(self.examples[:, 1].max()) + 1 if len(self.examples) else 1
-        return np.unique(self.examples[:, 0] * width + self.examples[:, 1]), width
+    @property
+    def lengths(self) -> "ExampleLengths":
+        return ExampleLengths(self)
+
+
+class ExampleLengths:
+    """`lengths[indices]`: about how many tokens the hr view and the tail view of those examples have,
+    from counts per entity and per relation (within a token or two of the views' own: enough to bucket
+    batches by, and nothing per example is held)."""
+
+    def __init__(self, tokens: TokenizedExamples):
+        self.tokens = tokens
+        self._tail = tokens.tail_ids.lengths()
+
+    def __getitem__(self, indices) -> np.ndarray:
+        ex = np.asarray(self.tokens.examples[np.asarray(indices)], dtype=np.int64).reshape(-1, 3)
+        return self._tail[ex[:, 0]] + self.tokens.relation_lengths[ex[:, 1]] + self._tail[ex[:, 2]]
+
+    def __len__(self) -> int:
+        return len(self.tokens.examples)
 
 
 # texts tokenized at a time: the tokenizer's output for all of a large graph's views at once is many GB
@@ -121,93 +198,132 @@ def _chunks(n: int) -> Iterator[slice]:
     return (slice(a, min(a + TOKENIZE_CHUNK, n)) for a in range(0, n, TOKENIZE_CHUNK))
 
 
+def longest_hr_view(tail_lengths: np.ndarray, relation_lengths: np.ndarray) -> int:
+    """A bound on the tokens of any head-relation view: the longest entity's tail view (its text and the
+    two braces, which stand for the comma and space the head takes in the hr view) in the longest
+    relation's view with an empty head."""
+    return int(tail_lengths.max(initial=0)) + int(relation_lengths.max(initial=0))
+
+
 def tokenize_examples(texts: GraphTexts, examples: np.ndarray, tokenizer, max_seq_len: int = 256) -> TokenizedExamples:
-    keys, hr_index = np.unique(examples[:, :2], axis=0, return_inverse=True) if len(examples) else \
-        (np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64))
     tok = lambda xs: tokenizer(xs, add_special_tokens=False)["input_ids"] if xs else []  # noqa: E731
-    hr_ids = TokenRows.of(tok([text.hr_view(texts.entities[q], texts.relations[r]) for q, r in keys[part].tolist()])
-                          for part in _chunks(len(keys)))
     tail_ids = TokenRows.of(tok([text.tail_view(t) for t in texts.entities[part]])
                             for part in _chunks(len(texts.entities)))
+    relation_lengths = np.asarray([len(ids) for ids in tok([text.hr_view("", r) for r in texts.relations])],
+                                  dtype=np.int64)
     eos = tokenizer.eos_token_id
     # The completion sequence is hr + target; keep it within max_seq_len by cutting the target.
-    hr_len, tail_len = hr_ids.lengths(), tail_ids.lengths()
-    hr_index = hr_index.reshape(-1)
-    longest_hr = int(hr_len.max()) if len(hr_len) else 0
+    longest_hr = longest_hr_view(tail_ids.lengths(), relation_lengths)
     if longest_hr + 2 > max_seq_len:
-        raise ValueError(f"a head-relation view has {longest_hr} tokens, over max_seq_len={max_seq_len}")
+        raise ValueError(f"a head-relation view can have {longest_hr} tokens, over max_seq_len={max_seq_len}")
     room = max_seq_len - longest_hr
     target_ids = TokenRows.of([t + [eos] if len(t) < room else t[: room - 1] + [eos]
                                for t in tok([text.completion_target(e) for e in texts.entities[part]])]
                               for part in _chunks(len(texts.entities)))
-    lengths = hr_len[hr_index] + tail_len[examples[:, 2]] if len(examples) else np.zeros(0, dtype=np.int64)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return TokenizedExamples(examples, hr_index, hr_ids, tail_ids, target_ids, pad, lengths)
+    return TokenizedExamples(examples, HrViews(texts, tokenizer), tail_ids, target_ids, relation_lengths, pad)
 
 
-def load_tokens(texts: GraphTexts, train_triples: np.ndarray, tokenizer, max_seq_len: int,
+def load_tokens(texts: GraphTexts, examples: Path | np.ndarray, tokenizer, max_seq_len: int,
                 cache: Path | None) -> TokenizedExamples:
-    """The run's examples (train triples and their inverses) tokenized, kept in `cache` (the run
-    folder's tokens.npz) so that a resumed run reuses them; `cache` None: not kept."""
+    """The run's examples and their token ids, kept in the folder `cache` (the run folder's tokens/) so
+    that a resumed run reuses them. `examples`: the train triples and their inverses (`with_inverses`),
+    as an array or a `.npy` file (`TrainingGraph.examples`), which is copied into `cache` (by the
+    system: a 10M-triple graph's file passes through no memory of this process). `cache` None: in memory."""
+    from kalmkg.npy import open_npy
+
     if cache is not None and cache.exists():
-        return read_tokens(cache)
+        return read_tokens(cache, texts, tokenizer)
     try:
-        tokens = tokenize_examples(texts, with_inverses(train_triples, texts.num_relations), tokenizer, max_seq_len)
+        tokens = tokenize_examples(texts, np.zeros((0, 3), dtype=np.int64), tokenizer, max_seq_len)
     except ValueError as exc:  # a head-relation view longer than the sequence
         raise KalmkgError(f"--max-seq-len {max_seq_len} is too small: {exc} (raise --max-seq-len or "
                           "lower --max-entity-tokens)") from None
-    if cache is not None:
-        with atomic_path(cache) as tmp:
-            write_tokens(tokens, tmp)
-    return tokens
+    if cache is None:
+        tokens.examples = open_npy(examples) if isinstance(examples, Path) else np.asarray(examples)
+        return tokens
+    with atomic_path(cache) as tmp:
+        tmp.mkdir()
+        if isinstance(examples, Path):
+            shutil.copyfile(examples, tmp / "examples.npy")
+        else:
+            write_npy(tmp / "examples.npy", np.asarray(examples, dtype=np.int64).reshape(-1, 3))
+        write_tokens(tokens, tmp)
+    return read_tokens(cache, texts, tokenizer)
 
 
-_RAGGED = ("hr_ids", "tail_ids", "target_ids")
+_RAGGED = ("tail_ids", "target_ids")
 
 
-def write_tokens(tokens: TokenizedExamples, path: Path) -> None:
-    """`tokens` as plain arrays (numpy's format, no pickle: a run folder from elsewhere runs no code); each
-    set of token rows is its ids end to end and the offsets where each row starts."""
-    arrays = {"examples": tokens.examples, "hr_index": tokens.hr_index, "lengths": tokens.lengths,
-              "pad_id": np.asarray(tokens.pad_id)}
+def write_tokens(tokens: TokenizedExamples, folder: Path) -> None:
+    """`tokens`' per-entity and per-relation arrays as `.npy` files in `folder` (numpy's format, no
+    pickle: a run folder from elsewhere runs no code); each set of token rows is its ids end to end and
+    the offsets where each row starts. The examples are `examples.npy` beside them (`load_tokens`)."""
+    arrays = {"relation_lengths": tokens.relation_lengths, "pad_id": np.asarray([tokens.pad_id])}
     for name in _RAGGED:
         rows = getattr(tokens, name)
         arrays[f"{name}.flat"], arrays[f"{name}.offsets"] = rows.flat, rows.offsets
-    with open(path, "wb") as fh:
-        np.savez(fh, **arrays)
+    for name, array in arrays.items():
+        write_npy(folder / f"{name}.npy", array)
 
 
-def read_tokens(path: Path) -> TokenizedExamples:
+def read_tokens(folder: Path, texts: GraphTexts, tokenizer) -> TokenizedExamples:
+    from kalmkg.npy import open_npy
+
     try:
-        with np.load(path, allow_pickle=False) as data:
-            ragged = {name: TokenRows(data[f"{name}.flat"].astype(np.int32), data[f"{name}.offsets"].astype(np.int64))
-                      for name in _RAGGED}
-            return TokenizedExamples(data["examples"], data["hr_index"], pad_id=int(data["pad_id"]),
-                                     lengths=data["lengths"], **ragged)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # damaged, or another version
-        raise KalmkgError(f"cannot read the run's token cache {path} ({exc}); delete it and it is made again") from None
+        data = {name: open_npy(folder / f"{name}.npy") for name in
+                ("examples", "relation_lengths", "pad_id", *(f"{r}.{p}" for r in _RAGGED for p in ("flat", "offsets")))}
+        ragged = {name: TokenRows(data[f"{name}.flat"], data[f"{name}.offsets"]) for name in _RAGGED}
+        examples = data["examples"]
+        if examples.ndim != 2 or examples.shape[1] != 3 or len(data["relation_lengths"]) != len(texts.relations):
+            raise ValueError("its arrays do not fit the graph")
+        return TokenizedExamples(examples, HrViews(texts, tokenizer), relation_lengths=np.array(data["relation_lengths"]),
+                                 pad_id=int(data["pad_id"][0]), **ragged)
+    except (OSError, ValueError, KeyError, EOFError, IndexError) as exc:  # damaged, or another version
+        raise KalmkgError(f"cannot read the run's token cache {folder} ({exc}); delete it and it is made again") from None
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths: np.ndarray | None = None,
-                  bucket: bool = True, bucket_span: int = 32) -> list[np.ndarray]:
-    """Deterministic batches of example indices for one epoch (full batches only).
+class EpochBatches(Sequence):
+    """One epoch's batches of example indices (full batches only), each computed when it is asked for:
+    nothing per example is held, so an epoch of 20M examples costs no index array.
 
-    With `bucket`, a random window of `bucket_span` batches is sorted by length before it is cut, so
-    batches pad little; the batch order is then shuffled again. Same (seed, epoch) -> same batches,
-    which is what makes resuming exact.
+    The examples are in a random order (`Permutation`, keyed by seed and epoch). With `bucket`, each
+    window of `bucket_span` batches of that order is sorted by length before it is cut, so batches pad
+    little, and the batches are then taken in a second random order. Same (seed, epoch) -> same
+    batches, which is what makes resuming exact.
     """
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(n)
-    if bucket and lengths is not None:
-        window = batch_size * bucket_span
-        order = np.concatenate([
-            chunk[np.argsort(lengths[chunk], kind="stable")]
-            for chunk in np.array_split(order, max(1, -(-n // window)))
-        ]) if n else order
-    batches = [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-    if bucket:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, lengths=None, bucket: bool = True,
+                 bucket_span: int = 32):
+        self.n, self.batch_size, self.lengths, self.bucket = n, batch_size, lengths, bucket
+        self.window = batch_size * bucket_span
+        self.order = Permutation(n, [seed, epoch])
+        self.count = n // batch_size if batch_size > 0 else 0
+        self.batch_order = Permutation(self.count, [seed, epoch, 1]) if bucket else None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.count))]
+        if not -self.count <= i < self.count:
+            raise IndexError(f"batch {i} of an epoch of {self.count}")
+        i %= self.count
+        j = int(self.batch_order[[i]][0]) if self.bucket else i
+        start = j * self.batch_size
+        if not (self.bucket and self.lengths is not None):
+            return self.order[start:start + self.batch_size]
+        lo = start - start % self.window  # the window this batch is cut from
+        window = self.order[lo:min(lo + self.window, self.n)]
+        window = window[np.argsort(np.asarray(self.lengths[window]), kind="stable")]
+        return window[start - lo:start - lo + self.batch_size]
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, lengths=None,
+                  bucket: bool = True, bucket_span: int = 32) -> EpochBatches:
+    """The batches of one epoch (`EpochBatches`); `lengths[indices]` gives the examples' lengths."""
+    return EpochBatches(n, batch_size, seed, epoch, lengths, bucket, bucket_span)
 
 
 def lm_positions(batch_size: int, lm_examples: int) -> np.ndarray:
@@ -247,7 +363,7 @@ def describe_batch(tokens: TokenizedExamples, batch: np.ndarray, tokenizer, cfg:
     out = []
     for pos, i in enumerate(batch.tolist()[:8]):
         _q, _r, a = tokens.examples[i].tolist()
-        hr = tokens.hr_ids[tokens.hr_index[i]]
+        hr = tokens.hr_ids[tokens.hr_index_of(tokens.examples[[i]])[0]]
         out.append({"hr_view": tokenizer.decode(hr), "tail_view": tokenizer.decode(tokens.tail_ids[a]),
                     "lm_target": tokenizer.decode(tokens.target_ids[a]) if lm[pos] else None})
     return out

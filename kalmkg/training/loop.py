@@ -22,7 +22,6 @@ from typing import Callable
 from kalmkg import runs
 from kalmkg.device import pick_device
 from kalmkg.errors import KalmkgError
-from kalmkg.evaluation.metrics import known_answers
 from kalmkg.evaluation.ranking import rank_queries, sample_triples
 from kalmkg.models import (apply_lora, load_base, num_layers, parameter_count, quantized_kind, quantized_weights,
                            resolve_base)
@@ -117,9 +116,12 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     texts = graph_texts(graph.entity_table, graph.relation_table, tokenizer, cfg.max_entity_tokens)
     if writes:
         run.path.mkdir(parents=True, exist_ok=True)
-    tokens = load_tokens(texts, graph.train, tokenizer, cfg.max_seq_len, run.path / "tokens.npz" if writes else None)
+    # the examples and the entities' token ids: in the run folder (a resume reuses them), or in this
+    # process's own folder for a dry run and the other processes of a distributed run
+    tokens = load_tokens(texts, graph.examples, tokenizer, cfg.max_seq_len,
+                         (run.path if writes else graph.folder) / "tokens")
     _check_batch_size(cfg, len(tokens.examples), world)
-    known = known_answers(graph.train, texts.num_relations)
+    known = graph.known_train
     steps_per_epoch = len(tokens.examples) // cfg.batch_size // cfg.grad_accum
     total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
     questions = QuestionData.build(graph, tokenizer) if cfg.question_weight > 0 and cfg.question_examples else None
@@ -166,8 +168,9 @@ def train(workspace: Workspace, cfg: TrainConfig, *, run_id: str | None = None, 
     if len(graph.valid):
         sample = sample_triples(graph.valid, cfg.eval_limit, seed=cfg.seed)
         stopper = EarlyStopper(
-            validate=lambda: rank_queries(learner.model, tokenizer, texts, sample, graph.all, device=device,
-                                          prefix=prefix, shard=shard(len(texts.entities), world))["both"],
+            validate=lambda: rank_queries(learner.model, tokenizer, texts, sample, graph.known_all, device=device,
+                                          prefix=prefix, shard=shard(len(texts.entities), world),
+                                          scratch=graph.folder)["both"],
             keep_best=lambda: save_adapter(learner.model, run.path / "adapter"),
             log=lambda entry: (record(entry), plot_metrics(run.path)),  # the plot drawn again at each validation
             say=progress.message, patience=cfg.patience, world=world)
