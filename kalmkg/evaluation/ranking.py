@@ -75,21 +75,15 @@ def rank_with_vectors(encoder, texts, triples: np.ndarray, all_triples, entity_v
         extra = torch.as_tensor(fusion.extra(queries[sl], R, n_ent)) if fusion is not None else None
         rows = torch.arange(len(tgt))
 
-        def blocks():
-            for lo in range(0, n_ent, step):
-                hi = min(lo + step, n_ent)
-                scores = q @ torch.as_tensor(np.asarray(entity_vectors[lo:hi], dtype=np.float32)).T
-                yield lo, hi, scores if extra is None else scores + extra[:, lo:hi]
-
         target_scores = torch.empty(len(tgt))
-        for lo, hi, scores in blocks():
+        for lo, hi, scores in _score_blocks(q, entity_vectors, step, extra):
             inside = (tgt >= lo) & (tgt < hi)
             target_scores[inside] = scores[rows[inside], tgt[inside] - lo]
         # every other known answer of a query leaves its candidates (the filtered setting)
         known_rows, known_cols = _other_answers(queries[sl], targets[sl], answers)
         better, tied = torch.zeros(len(tgt), dtype=torch.long), torch.zeros(len(tgt), dtype=torch.long)
         best_scores, best_ids = torch.full((len(tgt), 0), float("-inf")), torch.zeros((len(tgt), 0), dtype=torch.long)
-        for lo, hi, scores in blocks():
+        for lo, hi, scores in _score_blocks(q, entity_vectors, step, extra):
             inside = (known_cols >= lo) & (known_cols < hi)
             scores[known_rows[inside], known_cols[inside] - lo] = float("-inf")
             better += (scores > target_scores[:, None]).sum(dim=1)
@@ -105,6 +99,18 @@ def rank_with_vectors(encoder, texts, triples: np.ndarray, all_triples, entity_v
     t2 = time.perf_counter()
     return {"ranks": ranks, "queries": queries, "targets": targets, "top_ids": top_ids, "top_scores": top_scores,
             "query_vectors": qvecs.numpy(), "query_encoding_s": t1 - t0, "ranking_s": t2 - t1}
+
+
+def _score_blocks(queries, entity_vectors, step: int, extra=None):
+    """(lo, hi, [Q, hi - lo] scores) of the query vectors against entities lo..hi, `step` entities at a time;
+    `extra` ([Q, N]): added to the scores."""
+    import torch
+
+    n = len(entity_vectors)
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        scores = queries @ torch.as_tensor(np.asarray(entity_vectors[lo:hi], dtype=np.float32)).T
+        yield lo, hi, scores if extra is None else scores + extra[:, lo:hi]
 
 
 def _other_answers(queries: np.ndarray, targets: np.ndarray, answers) -> tuple:
