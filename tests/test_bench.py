@@ -189,3 +189,22 @@ def test_the_gpu_check_runs_every_check_on_a_cpu(tmp_path, tiny_model):
     assert rows["small 4-bit"]["weights_mb"] < 0.5 * rows["small random"]["weights_mb"]
     assert rows["llama.cpp"]["texts_per_s"] > 0
     assert "5 of 5 checks ok" in run.stdout
+
+
+def test_the_memory_benchmark_measures_a_child_peak_and_its_anonymous_part(tmp_path):
+    """bench/train_memory.py's figures: a child that holds 300 MB of its own memory for a second shows
+    it in both peaks; one that maps a 300 MB file and reads it shows it in the kernel's peak only."""
+    from train_memory import peak_mb, synthetic_graph
+
+    held = "import time; b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1)"
+    mb, anon, _, code = peak_mb([sys.executable, "-c", held])
+    assert code == 0 and mb > 290 and anon > 290
+    (tmp_path / "f").write_bytes(b"\1" * (300 << 20))
+    mapped = (f"import mmap, time; f = open({str(tmp_path / 'f')!r}, 'rb'); m = mmap.mmap(f.fileno(), 0, "
+              "access=mmap.ACCESS_READ); s = sum(m[i] for i in range(0, len(m), 4096)); time.sleep(1)")
+    mb, anon, _, code = peak_mb([sys.executable, "-c", mapped])
+    assert code == 0 and mb > 290 and anon < 100
+    assert peak_mb([sys.executable, "-c", "raise SystemExit(3)"])[3] == 3
+    graph = synthetic_graph(1000, tmp_path / "g.tsv")
+    lines = graph.read_text().splitlines()
+    assert len(lines) == 1000 and all(len(line.split("\t")) == 3 for line in lines)
