@@ -71,12 +71,14 @@ def test_kept_states_give_the_whole_models_hidden_states_and_stay_in_budget(tiny
         torch.testing.assert_close(split[real], whole[real], rtol=1e-5, atol=1e-5)
     stats = prefix.stats()
     assert 1 <= stats["rows"] < len(rows) and prefix.bytes <= prefix.budget  # least recently used out
+    assert sum(b.numel() for b in prefix.kept.buffers) <= prefix.budget
     assert stats["misses"] >= 4 and not stats["off"]
     # a row met again is found, whatever it is batched with and however wide the batch
+    j = next(j for j, r in enumerate(rows) if (None, *r) in prefix.kept)
     with torch.no_grad():
-        alone = last_hidden(None, rows[-1:], 0, "cpu", prefix)[0]
+        alone = last_hidden(None, rows[j:j + 1], 0, "cpu", prefix)[0]
     assert prefix.stats()["hits"] == stats["hits"] + 1
-    torch.testing.assert_close(alone[0, : len(rows[-1])], whole[-1, : len(rows[-1])], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone[0, : len(rows[j])], whole[j, : len(rows[j])], rtol=1e-5, atol=1e-5)
 
 
 def test_a_decoder_that_does_not_split_turns_the_cache_off_and_still_answers_right(tiny_model):
@@ -141,3 +143,31 @@ def test_a_validation_scan_larger_than_the_budget_keeps_the_training_rows(tiny_m
         last_hidden(None, rows[:1], 0, "cpu", prefix)[0]  # a training row
     TorchEncoder(model, tokenizer, prefix=prefix).encode(TEXTS[1:] * 3)
     assert (None, *rows[0]) in prefix.kept and prefix.bytes <= prefix.budget
+
+
+def test_slabs_keep_rows_within_the_budget_and_empty_the_least_recently_used_slab_whole():
+    import torch
+
+    from kalmkg.training.prefix import Slabs
+
+    row = torch.arange(12, dtype=torch.float32).reshape(3, 4)  # 48 bytes, 64 with alignment
+    slabs = Slabs(budget=3 * 128, slab_bytes=128)  # three slabs of two rows each
+    for i in range(6):
+        assert slabs.put(("r", i), row + i)
+    assert len(slabs) == 6 and len(slabs.buffers) == 3 and slabs.bytes == 6 * 64
+    torch.testing.assert_close(slabs.get(("r", 0)), row)  # slab 0 is now the most recently used
+    assert slabs.put(("r", 6), row + 6)  # no room: slab 1 (rows 2, 3) is the least recently used
+    assert ("r", 2) not in slabs and ("r", 3) not in slabs and ("r", 0) in slabs and ("r", 5) in slabs
+    torch.testing.assert_close(slabs.get(("r", 6)), row + 6)
+    torch.testing.assert_close(slabs.get(("r", 5)), row + 5)  # other slabs' rows untouched
+    assert sum(b.numel() for b in slabs.buffers) <= 3 * 128  # the budget bounds what is reserved
+    # a validation scan (evict off) fills free room only; a row larger than a slab is never kept
+    assert slabs.put(("r", 7), row + 7, evict=False)
+    assert not slabs.put(("r", 8), row + 8, evict=False) and ("r", 8) not in slabs
+    assert not slabs.put(("big",), torch.zeros(40)) and ("big",) not in slabs
+    # rows of other dtypes share the slabs, each read back as it was written
+    half = torch.linspace(0, 1, 6, dtype=torch.bfloat16).reshape(2, 3)
+    assert slabs.put(("h",), half)
+    got = slabs.get(("h",))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, half)
+    assert Slabs(budget=0).put(("x",), row) is False  # no budget: nothing kept

@@ -16,14 +16,17 @@ with. A decoder whose forward does more than embed -> layers -> norm (Gemma scal
 not split this way, nor one whose layers differ by kind (`config.layer_types`: sliding-window and full
 attention, looked up by position in the layer list, which a slice shifts): the latter gets no cache, and
 the first calls (the first step's chunks) compare the split with the whole pass and turn the cache
-off if they differ. The kept states live on the training device. This module imports torch at the top: import it lazily from light modules.
+off if they differ. The kept states live on the training device, packed into a few large slabs
+(`Slabs`), never as one tensor per row: on a CPU, glibc's heap held twice the states' bytes when each
+row was its own tensor (its mmap threshold rises to the largest block freed, a step's activations then
+come from the heap between the kept rows, and the heap cannot shrink past them). This module imports
+torch at the top: import it lazily from light modules.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -32,6 +35,12 @@ import torch
 # gives cosines far below this.
 AGREEMENT = 0.9999
 CHECKED_CALLS = 3  # a step's chunks (views, longer views, completion rows), shortest to longest
+# Above glibc's largest dynamic mmap threshold (32 MiB on 64-bit): each slab is a mapping of its own,
+# outside the heap; small enough that evicting one drops a small share of a default 2 GiB budget.
+SLAB_BYTES = 64 * 2**20
+MIN_SLABS = 8  # a smaller budget is cut in at least this many slabs of at least 8 MiB, so an eviction
+MIN_SLAB_BYTES = 8 * 2**20  # drops an eighth of it, not all (a budget below 8 MiB is one slab)
+_ALIGN = 64  # bytes: every row starts where any dtype's view of it is aligned
 
 
 def trained_from(decoder) -> int | None:
@@ -61,6 +70,89 @@ def lowest_trained(decoder) -> int | None:
                 None)
 
 
+class Slabs:
+    """Token rows' states packed into at most `budget` bytes of large buffers, filled one after another;
+    when none has room, the least recently used slab is emptied whole (an LRU at the slab's grain). A
+    row is read back as a view of its slab: copy it before the next `put`, which may reuse the slab."""
+
+    def __init__(self, budget: int, slab_bytes: int | None = None):
+        if slab_bytes is None:
+            slab_bytes = min(SLAB_BYTES, max(budget // MIN_SLABS, MIN_SLAB_BYTES))
+        self.slab_bytes = min(budget, slab_bytes)
+        self.count = budget // self.slab_bytes if self.slab_bytes > 0 else 0
+        self.buffers: list[torch.Tensor] = []  # uint8, allocated as they are first needed
+        self.fill: list[int] = []  # bytes used in each buffer
+        self.used: list[int] = []  # when each was last read or written (a counter)
+        self.members: list[list[tuple]] = []  # the keys each holds
+        self.where: dict[tuple, tuple[int, int, torch.Size, torch.dtype]] = {}  # key -> slab, offset, shape, dtype
+        self.current = -1  # the slab being filled
+        self.clock = 0
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self.where
+
+    @property
+    def bytes(self) -> int:
+        """The bytes the rows take (their slabs reserve at most the budget)."""
+        return sum(self.fill)
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        at = self.where.get(key)
+        if at is None:
+            return None
+        slab, offset, shape, dtype = at
+        self._touch(slab)
+        return self._view(slab, offset, shape, dtype)
+
+    def put(self, key: tuple, state: torch.Tensor, evict: bool = True) -> bool:
+        """Keep a copy of `state` under `key`; False when it does not fit (larger than a slab, or no slab
+        has room and `evict` is off)."""
+        size = state.numel() * state.element_size()
+        slab = self._room(size, evict, state.device)
+        if slab is None:
+            return False
+        offset = self.fill[slab]
+        self._view(slab, offset, state.shape, state.dtype).copy_(state)
+        self.fill[slab] = offset + -(-size // _ALIGN) * _ALIGN
+        self.where[key] = (slab, offset, state.shape, state.dtype)
+        self.members[slab].append(key)
+        self._touch(slab)
+        return True
+
+    def _room(self, size: int, evict: bool, device: torch.device) -> int | None:
+        if size > self.slab_bytes:
+            return None
+        if self.current >= 0 and self.fill[self.current] + size <= self.slab_bytes:
+            return self.current
+        if len(self.buffers) < self.count:
+            self.buffers.append(torch.empty(self.slab_bytes, dtype=torch.uint8, device=device))
+            self.fill.append(0)
+            self.used.append(0)
+            self.members.append([])
+        elif evict:
+            victim = min(range(len(self.buffers)), key=self.used.__getitem__)
+            for key in self.members[victim]:
+                del self.where[key]
+            self.members[victim], self.fill[victim] = [], 0
+            self.current = victim
+            return victim
+        else:
+            return None
+        self.current = len(self.buffers) - 1
+        return self.current
+
+    def _view(self, slab: int, offset: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        n = shape.numel() * dtype.itemsize
+        return self.buffers[slab][offset: offset + n].view(dtype).view(shape)
+
+    def _touch(self, slab: int) -> None:
+        self.clock += 1
+        self.used[slab] = self.clock
+
+
 class FrozenPrefix:
     """The kept outputs of a decoder's frozen layers, by token row."""
 
@@ -68,8 +160,7 @@ class FrozenPrefix:
         self.decoder = decoder
         self.k = first_trained
         self.budget = int(budget_mb * 2**20)
-        self.kept: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (autocast dtype or None, *tokens)
-        self.bytes = 0
+        self.kept = Slabs(self.budget)  # by (autocast dtype or None, *tokens)
         self.hits = self.misses = 0
         self.checks_left = CHECKED_CALLS  # the first calls compare the split with the whole pass
         self.off = False
@@ -88,65 +179,54 @@ class FrozenPrefix:
         scan larger than the budget cannot push out the training rows."""
         if self.off:
             return self._whole(ids, mask)
-        bottom = self._bottom(rows, ids, mask, evict)
-        states = torch.zeros(*ids.shape, bottom[0].shape[-1], dtype=bottom[0].dtype, device=ids.device)
-        for j, s in enumerate(bottom):
-            states[j, : len(s)] = s
+        states = self._bottom(rows, ids, mask, evict)
         if self.checks_left:
             agree = self._splits(ids, mask, states)
             self.checks_left -= 1  # after the check: one that raised is made again
             if not agree:
                 self.off = True
-                self.kept.clear()
-                self.bytes = 0
+                self.kept = Slabs(0)
                 warnings.warn(f"{type(self.decoder).__name__} does not split at layer {self.k}: the frozen "
                               "layers' outputs are not kept (each step runs the whole model)", stacklevel=3)
                 return self._whole(ids, mask)
         return self._top(states, mask)
+
+    @property
+    def bytes(self) -> int:
+        return self.kept.bytes
 
     def stats(self) -> dict:
         return {"layers": self.k, "rows": len(self.kept), "mb": round(self.bytes / 2**20, 1),
                 "hits": self.hits, "misses": self.misses, "off": self.off}
 
     # ------------------------------------------------------------------ pieces
-    def _bottom(self, rows: list[list[int]], ids: torch.Tensor, mask: torch.Tensor, evict: bool) -> list[torch.Tensor]:
-        """Each row's [len, D] output of layers 0..k-1: kept, or run now (all missing rows in one pass)."""
+    def _bottom(self, rows: list[list[int]], ids: torch.Tensor, mask: torch.Tensor, evict: bool) -> torch.Tensor:
+        """[n, T, D]: each row's output of layers 0..k-1 (zeros past its end), kept or run now (all missing
+        rows in one pass, then kept)."""
         # states made under bf16 autocast (training) and without it (validation) differ in rounding: each
         # mode keeps its own, so a state is only ever reused under the arithmetic that made it
         mode = _autocast_mode(ids.device.type)
         keys = [(mode, *r) for r in rows]
-        found: dict[tuple, torch.Tensor] = {}
-        missing = []
+        first = {}  # each distinct key's first row
         for j, key in enumerate(keys):
-            if key in found:
-                continue
-            state = self.kept.get(key)
-            if state is None:
-                missing.append(j)
-                found[key] = None  # type: ignore[assignment]  # filled below
-            else:
-                self.kept.move_to_end(key)
-                found[key] = state
-                self.hits += 1
+            first.setdefault(key, j)
+        found = {key: self.kept.get(key) for key in first}  # views of slabs: copied before anything is kept
+        missing = [key for key, state in found.items() if state is None]
+        self.hits += len(found) - len(missing)
+        self.misses += len(missing)
         if missing:
-            self.misses += len(missing)
             with torch.no_grad(), self._layers(slice(0, self.k)), self._without_norm():
-                out = self.decoder(input_ids=ids[missing], attention_mask=mask[missing]).last_hidden_state
-            for i, j in enumerate(missing):
-                state = out[i, : len(rows[j])].clone()  # its own storage: the batch tensor is not kept alive
-                found[keys[j]] = state
-                self._keep(keys[j], state, evict)
-        return [found[key] for key in keys]
-
-    def _keep(self, key: tuple, state: torch.Tensor, evict: bool = True) -> None:
-        size = state.numel() * state.element_size()
-        if size > self.budget or (not evict and self.bytes + size > self.budget):
-            return
-        self.kept[key] = state
-        self.bytes += size
-        while self.bytes > self.budget:
-            _, old = self.kept.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+                out = self.decoder(input_ids=ids[[first[k] for k in missing]],
+                                   attention_mask=mask[[first[k] for k in missing]]).last_hidden_state
+            for i, key in enumerate(missing):
+                found[key] = out[i, : len(key) - 1]
+        like = next(iter(found.values()))
+        states = torch.zeros(*ids.shape, like.shape[-1], dtype=like.dtype, device=ids.device)
+        for j, key in enumerate(keys):
+            states[j, : len(key) - 1] = found[key]
+        for key in missing:
+            self.kept.put(key, found[key], evict)
+        return states
 
     def _whole(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
