@@ -54,6 +54,10 @@ MIGRATIONS: list[list[str]] = [
             path VARCHAR NOT NULL, graph_fingerprint VARCHAR NOT NULL, config VARCHAR NOT NULL,
             steps INTEGER NOT NULL DEFAULT 0, best_metric DOUBLE, finished_at TIMESTAMP)""",
     ],
+    [
+        # a compressed file's own bytes, hashed without decompressing it: the same file is known again
+        "ALTER TABLE ingests ADD COLUMN file_sha256 VARCHAR",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -327,13 +331,30 @@ class Store:
 
     # ---------------------------------------------------------------- ingest
     def source_ingested(self, sha256: str) -> bool:
-        return self.con.execute("SELECT count(*) FROM ingests WHERE sha256 = ?", [sha256]).fetchall()[0][0] > 0
+        """Whether a source of this fingerprint was ingested: its content's, or its compressed file's."""
+        return self.con.execute("SELECT count(*) FROM ingests WHERE sha256 = $1 OR file_sha256 = $1",
+                                [sha256]).fetchall()[0][0] > 0
 
     def reset_staging(self) -> None:
         """Empty staging tables. They are temporary (this connection only) and live outside the ingest
         transaction: inside one, DuckDB keeps every Arrow batch alive until the commit."""
         for name, cols in _STAGING.items():
             self.con.execute(f"CREATE OR REPLACE TEMP TABLE {name}_all (src INTEGER, {cols})")
+
+    def unstage(self, src: int) -> None:
+        """Drop what source `src` staged (it turned out to be a content ingested before)."""
+        for name in _STAGING:
+            self.con.execute(f"DELETE FROM {name}_all WHERE src = {int(src)}")
+
+    def rename_staged_blank_nodes(self, src: int, old: str, new: str) -> None:
+        """Give source `src`'s staged blank nodes the keys its content's fingerprint makes: every key that
+        starts with `old` starts with `new` instead."""
+        for table, columns in (("stage_edges_all", ("h", "t")), ("stage_texts_all", ("key",)),
+                               ("stage_attrs_all", ("key",))):
+            for col in columns:
+                self.con.execute(
+                    f"UPDATE {table} SET {col} = $new || {col}[length($old) + 1:] "
+                    f"WHERE src = {int(src)} AND starts_with({col}, $old)", {"old": old, "new": new})
 
     def stage(self, table: str, src: int, batch: "pa.Table") -> None:
         """Append an Arrow batch (columns as in STAGING_COLUMNS[table]) of source `src`."""
@@ -502,11 +523,13 @@ class Store:
         return self.con.execute("SELECT coalesce(max(id), -1) + 1 FROM ingests").fetchall()[0][0]
 
     def log_ingest(self, ingest_id: int, source: str, fmt: str, sha256: str, counts: MergeCounts,
-                   started: float) -> None:
+                   started: float, file_sha256: str = "") -> None:
         self.con.execute(
-            "INSERT INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?), ?)",
+            """INSERT INTO ingests (id, source, format, sha256, entities, relations, triples, attributes,
+                                    texts_updated, started_at, seconds, file_sha256)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?), ?, ?)""",
             [ingest_id, source, fmt, sha256, counts.entities, counts.relations, counts.triples,
-             counts.attributes, counts.texts_updated, started, time.time() - started],
+             counts.attributes, counts.texts_updated, started, time.time() - started, file_sha256 or None],
         )
 
     # ---------------------------------------------------------------- splits

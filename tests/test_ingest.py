@@ -10,7 +10,7 @@ import pytest
 import rdflib
 
 from helpers_graph import (
-    DATASETS, PREFIXES, SAMPLE_TTL, XSD, dump, dump_con, graph_of, ingest_into, ingest_read, write,
+    DATASETS, PREFIXES, SAMPLE_TTL, XSD, dump, dump_con, graph_of, ingest_into, ingest_read, query, write,
 )
 from kalmkg.errors import KalmkgError
 from kalmkg.ingestion import ingest, resolve_sources
@@ -834,6 +834,62 @@ def test_a_compressed_rdf_file_is_the_same_graph_and_the_same_source(tmp_path, k
     # the fingerprint is the content's: the uncompressed file adds nothing to the same store
     again, after = ingest_read(tmp_path / "ws", [SAMPLE_TTL])
     assert again[0].skipped and graph_of(after) == graph_of(got)
+
+
+def _count_decompressions(monkeypatch) -> list:
+    from kalmkg.ingestion import sources
+
+    opened = []
+    for kind, opener in list(sources._OPENERS.items()):
+        monkeypatch.setitem(sources._OPENERS, kind, lambda f, opener=opener, kind=kind: opened.append(kind) or opener(f))
+    return opened
+
+
+@pytest.mark.parametrize("kind", ["gz", "bz2"])
+def test_a_compressed_rdf_file_is_decompressed_once_and_known_again_without_decompressing(tmp_path, monkeypatch,
+                                                                                          kind):
+    packed = _compress(write(tmp_path / "world.ttl", SAMPLE_TTL.read_bytes()), kind)
+    opened = _count_decompressions(monkeypatch)
+    results, got = ingest_read(tmp_path / "ws", [packed])
+    assert opened == [kind] and not results[0].skipped  # hashed and checked as it was parsed
+    again, after = ingest_read(tmp_path / "ws", [packed, tmp_path / "world.ttl"])
+    assert opened == [kind] and again[0].skipped and again[1].skipped and after == got
+    # the store records the content's fingerprint (as for the plain file) and the compressed file's
+    (content, on_disk), = query(tmp_path / "ws", "SELECT sha256, file_sha256 FROM ingests")
+    plain, _ = ingest_read(tmp_path / "ws-plain", [tmp_path / "world.ttl"])
+    assert query(tmp_path / "ws-plain", "SELECT sha256, file_sha256 FROM ingests") == [(content, None)]
+    assert on_disk and on_disk != content
+
+
+def test_another_compression_of_an_ingested_content_adds_nothing(tmp_path):
+    plain = write(tmp_path / "world.ttl", SAMPLE_TTL.read_bytes())
+    gz, xz = _compress(plain, "gz"), _compress(plain, "xz")
+    results, got = ingest_read(tmp_path / "ws", [gz, xz, plain])  # one command: the first of one content counts
+    assert [r.skipped for r in results] == [False, True, True] and results[1].rows_read == 0
+    again, after = ingest_read(tmp_path / "ws", [xz])  # a later command: found the same once parsed, dropped
+    assert again[0].skipped and after == got
+
+
+def test_non_utf8_in_a_compressed_file_names_the_line(shared_ws, tmp_path):
+    line = "<http://x.org/a> <http://x.org/p> <http://x.org/b> .\n"
+    n = (3 << 20) // len(line)  # past the first pieces the parser reads
+    packed = _compress(write(tmp_path / "big.nt", (line * n).encode() + b'<http://x.org/a> <http://x.org/p> "\xff" .\n'),
+                       "gz")
+    with pytest.raises(KalmkgError, match=rf"big\.nt\.gz:{n + 1}: not valid UTF-8"):
+        ingest_into(shared_ws, [packed])
+
+
+def test_an_older_store_gains_the_compressed_files_fingerprint(tmp_path):
+    from kalmkg.store import SCHEMA_VERSION
+
+    ws = tmp_path / "ws"
+    ingest_into(ws, [SAMPLE_TTL])
+    with Store.open(Workspace(ws), write=True) as store:  # as kalmkg before the column wrote it
+        store.con.execute("ALTER TABLE ingests DROP COLUMN file_sha256")
+        store.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION - 1)])
+    results = ingest_into(ws, [SAMPLE_TTL, _compress(write(tmp_path / "w.ttl", SAMPLE_TTL.read_bytes()), "gz")])
+    assert all(r.skipped for r in results)  # what it had ingested is still known, compressed or not
+    assert query(ws, "SELECT count(*), count(file_sha256) FROM ingests") == [(1, 0)]
 
 
 @pytest.mark.parametrize("kind", ["gz", "xz"])

@@ -13,7 +13,18 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from kalmkg.errors import KalmkgError
-from kalmkg.ingestion.sources import RDF_FORMATS, Source, fingerprint, resolve_source
+from kalmkg.ingestion.sources import (
+    PENDING_TAG,
+    RDF_FORMATS,
+    ContentCheck,
+    Source,
+    blank_prefix,
+    file_fingerprint,
+    fingerprint,
+    resolve_source,
+    source_digest,
+    streams_once,
+)
 from kalmkg.store import MergeCounts, Store
 
 __all__ = ["IngestResult", "IngestProgress", "ingest", "resolve_sources"]
@@ -58,18 +69,31 @@ def ingest(store: Store, sources: list[Source], *, lang: str = "en",
     for src, source in enumerate(sources):
         started = time.time()
         progress.start(source, "checking")
-        fingerprint(source, on_bytes=lambda n: progress.advance(nbytes=n))
+        # a compressed file oxigraph parses is hashed and checked as it is parsed (decompressed once); its
+        # compressed bytes are what is known before (sources.py)
+        check = ContentCheck(source.files[0].path) if streams_once(source) else None
+        (fingerprint if check is None else file_fingerprint)(source, on_bytes=lambda n: progress.advance(nbytes=n))
         result = IngestResult(source.name, source.format, skipped=True)
         results.append(result)
-        if source.sha256 in seen or store.source_ingested(source.sha256):
+        known = source.file_sha256 or source.sha256
+        if known in seen or store.source_ingested(known):
             progress.done(result)
             continue
-        seen.add(source.sha256)
+        seen.add(known)
         progress.start(source, "reading")
-        for table, batch in _read(source, on_bytes=lambda n: progress.advance(nbytes=n)):
+        for table, batch in _read(source, lambda n: progress.advance(nbytes=n), check):
             store.stage(table, src, batch)
             result.rows_read += batch.num_rows
             progress.advance(rows=batch.num_rows)
+        if check is not None:
+            source.sha256 = source_digest(source, [check.finish()])
+            if source.sha256 in seen or store.source_ingested(source.sha256):  # another compression of it
+                store.unstage(src)
+                result.rows_read = 0
+                progress.done(result)
+                continue
+            seen.add(source.sha256)
+            store.rename_staged_blank_nodes(src, blank_prefix(PENDING_TAG), blank_prefix(source.tag))
         if result.rows_read == 0:
             if source.format in RDF_FORMATS.values():  # valid RDF with nothing in it: said, not refused
                 result.empty, result.skipped = True, False
@@ -85,20 +109,21 @@ def ingest(store: Store, sources: list[Source], *, lang: str = "en",
             merge_started = time.time()
             ingest_id = store.next_ingest_id()
             result.counts = store.merge_staged(src, ingest_id, lang)
-            store.log_ingest(ingest_id, source.name, source.format, source.sha256, result.counts, started)
+            store.log_ingest(ingest_id, source.name, source.format, source.sha256, result.counts, started,
+                             source.file_sha256)
             result.seconds += time.time() - merge_started
             progress.done(result)
     store.reset_staging()
     return results
 
 
-def _read(source: Source, on_bytes: Callable[[int], None]):
+def _read(source: Source, on_bytes: Callable[[int], None], check: ContentCheck | None = None):
     from kalmkg.ingestion.delimited import read_texts, read_triples
     from kalmkg.ingestion.rdf import read_rdf
 
     for f in source.files:
         if f.kind == "rdf":
-            yield from read_rdf(f.path, f.format, source.sha256[:12], on_bytes, f.compression)
+            yield from read_rdf(f.path, f.format, source.tag, on_bytes, f.compression, check)
         elif f.kind == "triples":
             yield from read_triples(f, on_bytes)
         else:

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from kalmkg.errors import KalmkgError
 from kalmkg.ingestion.batches import MAX_VALUE_CHARS, Batch, Batcher, value_too_long
-from kalmkg.ingestion.sources import broken_archive, open_source
+from kalmkg.ingestion.sources import OXIGRAPH_FORMATS, ContentCheck, blank_prefix, broken_archive, open_source
 
 RDFS = "http://www.w3.org/2000/01/rdf-schema#"
 SKOS = "http://www.w3.org/2004/02/skos/core#"
@@ -76,16 +76,17 @@ class _Router:
         self.b.rows += 1
 
 
-OXIGRAPH_FORMATS = ("ntriples", "nquads", "turtle", "trig")
 
 
 def read_rdf(path: Path, fmt: str, source_tag: str, on_bytes: Callable[[int], None] | None = None,
-             compression: str | None = None) -> Iterator[Batch]:
+             compression: str | None = None, check: ContentCheck | None = None) -> Iterator[Batch]:
     """Yield staging batches for one RDF file (`compression`: 'gz', 'bz2', 'xz', streamed). Blank nodes
-    get keys `_:<source_tag>:<id>`."""
+    get keys `_:<source_tag>:<id>`. `check` (oxigraph's formats) sees every byte of the content as the
+    parser reads it."""
     if fmt in OXIGRAPH_FORMATS:
-        yield from _read_oxigraph(path, fmt, source_tag, on_bytes, compression)
+        yield from _read_oxigraph(path, fmt, source_tag, on_bytes, compression, check)
     else:
+        assert check is None, "rdflib's formats are checked before they are read"
         yield from _read_rdflib(path, fmt, source_tag, on_bytes, compression)
 
 
@@ -115,18 +116,19 @@ class _BlankNodes:
         return key
 
 
-def _read_oxigraph(path: Path, fmt: str, source_tag: str, on_bytes, compression: str | None) -> Iterator[Batch]:
+def _read_oxigraph(path: Path, fmt: str, source_tag: str, on_bytes, compression: str | None,
+                   check: ContentCheck | None = None) -> Iterator[Batch]:
     import pyoxigraph as ox
 
     batcher = Batcher()
     route = _Router(batcher, path)
-    blank_key = _BlankNodes(f"_:{source_tag}:", keep_labels=fmt in ("ntriples", "nquads")).key
+    blank_key = _BlankNodes(blank_prefix(source_tag), keep_labels=fmt in ("ntriples", "nquads")).key
     named, blank, literal = ox.NamedNode, ox.BlankNode, ox.Literal
     rdf_format = {"ntriples": ox.RdfFormat.N_TRIPLES, "nquads": ox.RdfFormat.N_QUADS,
                   "turtle": ox.RdfFormat.TURTLE, "trig": ox.RdfFormat.TRIG}[fmt]
     # the edge columns' appends bound once: this loop runs once per triple of a dump
     heads, relations, tails, splits = (column.append for column in batcher.columns["stage_edges"])
-    reader = open_source(path, compression, on_bytes)
+    reader = open_source(path, compression, on_bytes, check)
     try:
         # relative IRIs resolve against the file itself, as rdflib resolved them
         for s, p, o, _ in ox.parse(reader, format=rdf_format, base_iri=base_iri(path, compression)):
@@ -148,6 +150,8 @@ def _read_oxigraph(path: Path, fmt: str, source_tag: str, on_bytes, compression:
                 raise KalmkgError(f"{path}: RDF-star quoted triples are not supported")
             if batcher.rows >= batcher.batch_rows:
                 yield from batcher.flush()
+        while check is not None and reader.read(1 << 16):  # the parser stopped at its end: the check sees all
+            pass
     except SyntaxError as exc:
         raise KalmkgError(f"{path}: syntax error: {_oxigraph_message(exc)}") from None
     except MemoryError:  # oxigraph's lexer refuses a term longer than its buffer, which is MAX_VALUE_CHARS
@@ -188,7 +192,7 @@ def _read_rdflib(path: Path, fmt: str, source_tag: str, on_bytes, compression: s
         term_log.setLevel(level)
     if on_bytes:
         on_bytes(path.stat().st_size)
-    keys = _blank_node_keys(graph, f"_:{source_tag}:")
+    keys = _blank_node_keys(graph, blank_prefix(source_tag))
     batcher = Batcher()
     route = _Router(batcher, path)
     for s, p, o in graph.triples((None, None, None)):
