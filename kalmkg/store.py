@@ -55,8 +55,9 @@ MIGRATIONS: list[list[str]] = [
             steps INTEGER NOT NULL DEFAULT 0, best_metric DOUBLE, finished_at TIMESTAMP)""",
     ],
     [
-        # a compressed file's own bytes, hashed without decompressing it: the same file is known again
-        "ALTER TABLE ingests ADD COLUMN file_sha256 VARCHAR",
+        # compressed files by the hash of their own bytes (no decompression needed to know them again),
+        # and the content's fingerprint each holds: one content may come in several compressions
+        "CREATE TABLE source_files (file_sha256 VARCHAR NOT NULL, sha256 VARCHAR NOT NULL)",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -332,8 +333,16 @@ class Store:
     # ---------------------------------------------------------------- ingest
     def source_ingested(self, sha256: str) -> bool:
         """Whether a source of this fingerprint was ingested: its content's, or its compressed file's."""
-        return self.con.execute("SELECT count(*) FROM ingests WHERE sha256 = $1 OR file_sha256 = $1",
-                                [sha256]).fetchall()[0][0] > 0
+        return self._scalar("""SELECT (SELECT count(*) FROM ingests WHERE sha256 = $1)
+                                      + (SELECT count(*) FROM source_files WHERE file_sha256 = $1)""", [sha256]) > 0
+
+    def log_source_file(self, file_sha256: str, sha256: str) -> None:
+        """Remember that the compressed file of this hash holds the content of that fingerprint, once the
+        content is in the store (a file of no triples is not)."""
+        self.con.execute("""INSERT INTO source_files SELECT $1, $2
+                            WHERE NOT EXISTS (SELECT 1 FROM source_files WHERE file_sha256 = $1)
+                              AND EXISTS (SELECT 1 FROM ingests WHERE sha256 = $2)""",
+                         [file_sha256, sha256])
 
     def reset_staging(self) -> None:
         """Empty staging tables. They are temporary (this connection only) and live outside the ingest
@@ -348,13 +357,19 @@ class Store:
 
     def rename_staged_blank_nodes(self, src: int, old: str, new: str) -> None:
         """Give source `src`'s staged blank nodes the keys its content's fingerprint makes: every key that
-        starts with `old` starts with `new` instead."""
-        for table, columns in (("stage_edges_all", ("h", "t")), ("stage_texts_all", ("key",)),
-                               ("stage_attrs_all", ("key",))):
-            for col in columns:
-                self.con.execute(
-                    f"UPDATE {table} SET {col} = $new || {col}[length($old) + 1:] "
-                    f"WHERE src = {int(src)} AND starts_with({col}, $old)", {"old": old, "new": new})
+        starts with `old` starts with `new` instead. The tables are written anew where they hold such a
+        key (DuckDB keeps an UPDATE's changes in memory, a table it writes spills to disk)."""
+        params = {"old": old, "new": new}
+        for name, keys in (("stage_edges", ("h", "t")), ("stage_texts", ("key",)), ("stage_attrs", ("key",))):
+            table = f"{name}_all"
+            mine = f"src = {int(src)} AND ({' OR '.join(f'starts_with({k}, $old)' for k in keys)})"
+            if not self._scalar(f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {mine} LIMIT 1)", {"old": old}):
+                continue
+            columns = ", ".join(
+                f"CASE WHEN src = {int(src)} AND starts_with({c}, $old) THEN $new || {c}[length($old) + 1:] "
+                f"ELSE {c} END AS {c}" if c in keys else c
+                for c in ("src", *STAGING_COLUMNS[name]))
+            self.con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT {columns} FROM {table}", params)
 
     def stage(self, table: str, src: int, batch: "pa.Table") -> None:
         """Append an Arrow batch (columns as in STAGING_COLUMNS[table]) of source `src`."""
@@ -523,13 +538,11 @@ class Store:
         return self.con.execute("SELECT coalesce(max(id), -1) + 1 FROM ingests").fetchall()[0][0]
 
     def log_ingest(self, ingest_id: int, source: str, fmt: str, sha256: str, counts: MergeCounts,
-                   started: float, file_sha256: str = "") -> None:
+                   started: float) -> None:
         self.con.execute(
-            """INSERT INTO ingests (id, source, format, sha256, entities, relations, triples, attributes,
-                                    texts_updated, started_at, seconds, file_sha256)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?), ?, ?)""",
+            "INSERT INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?), ?)",
             [ingest_id, source, fmt, sha256, counts.entities, counts.relations, counts.triples,
-             counts.attributes, counts.texts_updated, started, time.time() - started, file_sha256 or None],
+             counts.attributes, counts.texts_updated, started, time.time() - started],
         )
 
     # ---------------------------------------------------------------- splits

@@ -855,19 +855,33 @@ def test_a_compressed_rdf_file_is_decompressed_once_and_known_again_without_deco
     again, after = ingest_read(tmp_path / "ws", [packed, tmp_path / "world.ttl"])
     assert opened == [kind] and again[0].skipped and again[1].skipped and after == got
     # the store records the content's fingerprint (as for the plain file) and the compressed file's
-    (content, on_disk), = query(tmp_path / "ws", "SELECT sha256, file_sha256 FROM ingests")
+    (content,), = query(tmp_path / "ws", "SELECT sha256 FROM ingests")
+    assert query(tmp_path / "ws", "SELECT sha256 FROM source_files") == [(content,)]
     plain, _ = ingest_read(tmp_path / "ws-plain", [tmp_path / "world.ttl"])
-    assert query(tmp_path / "ws-plain", "SELECT sha256, file_sha256 FROM ingests") == [(content, None)]
-    assert on_disk and on_disk != content
+    assert query(tmp_path / "ws-plain", "SELECT sha256 FROM ingests") == [(content,)]
+    assert query(tmp_path / "ws-plain", "SELECT count(*) FROM source_files") == [(0,)]
 
 
-def test_another_compression_of_an_ingested_content_adds_nothing(tmp_path):
+def test_another_compression_of_an_ingested_content_adds_nothing_and_is_known_after(tmp_path, monkeypatch):
     plain = write(tmp_path / "world.ttl", SAMPLE_TTL.read_bytes())
     gz, xz = _compress(plain, "gz"), _compress(plain, "xz")
-    results, got = ingest_read(tmp_path / "ws", [gz, xz, plain])  # one command: the first of one content counts
-    assert [r.skipped for r in results] == [False, True, True] and results[1].rows_read == 0
-    again, after = ingest_read(tmp_path / "ws", [xz])  # a later command: found the same once parsed, dropped
-    assert again[0].skipped and after == got
+    results, got = ingest_read(tmp_path / "ws", [plain, gz])  # one command: the first of one content counts
+    assert [r.skipped for r in results] == [False, True] and results[1].rows_read == 0
+    opened = _count_decompressions(monkeypatch)
+    again, after = ingest_read(tmp_path / "ws", [xz, gz])  # found the same once parsed (xz), dropped
+    assert [r.skipped for r in again] == [True, True] and after == got and opened == ["xz"]
+    assert ingest_read(tmp_path / "ws", [xz, gz])[0][0].skipped and opened == ["xz"]  # both known by their files
+
+
+def test_blank_nodes_of_compressed_files_keep_their_contents_keys(tmp_path):
+    one = "_:b1 <http://x.org/p> <http://x.org/a> .\n_:b1 <http://x.org/v> \"7\" .\n_:b1 <http://www.w3.org/2000/01/rdf-schema#label> \"B\" .\n"
+    two = "_:b1 <http://x.org/p> <http://x.org/c> .\n"
+    files = [_compress(write(tmp_path / "one.nt", one), "gz"), _compress(write(tmp_path / "two.nt", two), "bz2")]
+    _, packed = ingest_read(tmp_path / "ws", files)  # one command, the same label in both files
+    _, plain = ingest_read(tmp_path / "ws-plain", [tmp_path / "one.nt", tmp_path / "two.nt"])
+    assert graph_of(packed) == graph_of(plain) and packed["attributes"] == plain["attributes"]
+    heads = {h for h, _, _, _ in packed["triples"]}
+    assert len(heads) == 2 and all(h.startswith("_:") and "~" not in h for h in heads)  # two nodes, renamed
 
 
 def test_non_utf8_in_a_compressed_file_names_the_line(shared_ws, tmp_path):
@@ -885,11 +899,12 @@ def test_an_older_store_gains_the_compressed_files_fingerprint(tmp_path):
     ws = tmp_path / "ws"
     ingest_into(ws, [SAMPLE_TTL])
     with Store.open(Workspace(ws), write=True) as store:  # as kalmkg before the column wrote it
-        store.con.execute("ALTER TABLE ingests DROP COLUMN file_sha256")
+        store.con.execute("DROP TABLE source_files")
         store.con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION - 1)])
     results = ingest_into(ws, [SAMPLE_TTL, _compress(write(tmp_path / "w.ttl", SAMPLE_TTL.read_bytes()), "gz")])
     assert all(r.skipped for r in results)  # what it had ingested is still known, compressed or not
-    assert query(ws, "SELECT count(*), count(file_sha256) FROM ingests") == [(1, 0)]
+    assert query(ws, "SELECT count(*) FROM ingests") == [(1,)]
+    assert query(ws, "SELECT count(*) FROM source_files") == [(1,)]  # the compressed copy is now known as such
 
 
 @pytest.mark.parametrize("kind", ["gz", "xz"])

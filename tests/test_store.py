@@ -15,7 +15,7 @@ from kalmkg.errors import KalmkgError
 from kalmkg.store import MIGRATIONS, SCHEMA_VERSION, Store
 from kalmkg.workspace import DEFAULT_WORKSPACE, ENV_VAR, Workspace
 
-TABLES = {"meta", "entities", "relations", "triples", "attributes", "ingests"}
+TABLES = {"meta", "entities", "relations", "triples", "attributes", "ingests", "source_files"}
 KG = "http://example.org/kg/"
 
 

@@ -64,6 +64,7 @@ def ingest(store: Store, sources: list[Source], *, lang: str = "en",
     progress = progress or IngestProgress()
     results: list[IngestResult] = []
     staged: list[tuple[int, Source, IngestResult, float]] = []
+    compressed: list[Source] = []  # read once each: their files' hashes are remembered with the content's
     seen: set[str] = set()
     store.reset_staging()
     for src, source in enumerate(sources):
@@ -87,6 +88,7 @@ def ingest(store: Store, sources: list[Source], *, lang: str = "en",
             progress.advance(rows=batch.num_rows)
         if check is not None:
             source.sha256 = source_digest(source, [check.finish()])
+            compressed.append(source)
             if source.sha256 in seen or store.source_ingested(source.sha256):  # another compression of it
                 store.unstage(src)
                 result.rows_read = 0
@@ -109,10 +111,11 @@ def ingest(store: Store, sources: list[Source], *, lang: str = "en",
             merge_started = time.time()
             ingest_id = store.next_ingest_id()
             result.counts = store.merge_staged(src, ingest_id, lang)
-            store.log_ingest(ingest_id, source.name, source.format, source.sha256, result.counts, started,
-                             source.file_sha256)
+            store.log_ingest(ingest_id, source.name, source.format, source.sha256, result.counts, started)
             result.seconds += time.time() - merge_started
             progress.done(result)
+        for source in compressed:
+            store.log_source_file(source.file_sha256, source.sha256)
     store.reset_staging()
     return results
 

@@ -236,11 +236,13 @@ class ContentCheck:
 
     def update(self, chunk: bytes) -> None:
         self.sha.update(chunk)
+        held = self.decoder.getstate()[0]  # a character's first bytes from the piece before (no newline)
         try:
             self.decoder.decode(chunk)
-        except UnicodeDecodeError as exc:
-            line = self.lines + chunk.count(b"\n", 0, exc.start) + 1
-            raise KalmkgError(f"{self.path}:{line}: not valid UTF-8 (byte 0x{chunk[exc.start]:02x})") from None
+        except UnicodeDecodeError as exc:  # its positions count from the held bytes
+            data = held + chunk
+            line = self.lines + data.count(b"\n", 0, exc.start) + 1
+            raise KalmkgError(f"{self.path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x})") from None
         self.lines += chunk.count(b"\n")
         self.nonblank = self.nonblank or bool(chunk.strip())
 

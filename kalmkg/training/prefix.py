@@ -38,8 +38,8 @@ CHECKED_CALLS = 3  # a step's chunks (views, longer views, completion rows), sho
 # Above glibc's largest dynamic mmap threshold (32 MiB on 64-bit): each slab is a mapping of its own,
 # outside the heap; small enough that evicting one drops a small share of a default 2 GiB budget.
 SLAB_BYTES = 64 * 2**20
-MIN_SLABS = 8  # a smaller budget is cut in at least this many slabs of at least 8 MiB, so an eviction
-MIN_SLAB_BYTES = 8 * 2**20  # drops an eighth of it, not all (a budget below 8 MiB is one slab)
+MIN_SLABS = 8  # a budget below 512 MiB is cut in 8 slabs, so an eviction drops an eighth of it, not all;
+MIN_SLAB_BYTES = 2**20  # ... a budget below 8 MiB is one slab
 _ALIGN = 64  # bytes: every row starts where any dtype's view of it is aligned
 
 
@@ -77,7 +77,7 @@ class Slabs:
 
     def __init__(self, budget: int, slab_bytes: int | None = None):
         if slab_bytes is None:
-            slab_bytes = min(SLAB_BYTES, max(budget // MIN_SLABS, MIN_SLAB_BYTES))
+            slab_bytes = min(SLAB_BYTES, budget // MIN_SLABS) if budget >= MIN_SLABS * MIN_SLAB_BYTES else budget
         self.slab_bytes = min(budget, slab_bytes)
         self.count = budget // self.slab_bytes if self.slab_bytes > 0 else 0
         self.buffers: list[torch.Tensor] = []  # uint8, allocated as they are first needed
@@ -110,6 +110,8 @@ class Slabs:
     def put(self, key: tuple, state: torch.Tensor, evict: bool = True) -> bool:
         """Keep a copy of `state` under `key`; False when it does not fit (larger than a slab, or no slab
         has room and `evict` is off)."""
+        if key in self.where:
+            return True
         size = state.numel() * state.element_size()
         slab = self._room(size, evict, state.device)
         if slab is None:
@@ -123,7 +125,7 @@ class Slabs:
         return True
 
     def _room(self, size: int, evict: bool, device: torch.device) -> int | None:
-        if size > self.slab_bytes:
+        if size > self.slab_bytes or self.count == 0:
             return None
         if self.current >= 0 and self.fill[self.current] + size <= self.slab_bytes:
             return self.current
