@@ -76,8 +76,6 @@ class _Router:
         self.b.rows += 1
 
 
-
-
 def read_rdf(path: Path, fmt: str, source_tag: str, on_bytes: Callable[[int], None] | None = None,
              compression: str | None = None, check: ContentCheck | None = None) -> Iterator[Batch]:
     """Yield staging batches for one RDF file (`compression`: 'gz', 'bz2', 'xz', streamed). Blank nodes

@@ -134,16 +134,14 @@ class Slabs:
             self.fill.append(0)
             self.used.append(0)
             self.members.append([])
+            self.current = len(self.buffers) - 1
         elif evict:
-            victim = min(range(len(self.buffers)), key=self.used.__getitem__)
-            for key in self.members[victim]:
+            self.current = min(range(len(self.buffers)), key=self.used.__getitem__)
+            for key in self.members[self.current]:
                 del self.where[key]
-            self.members[victim], self.fill[victim] = [], 0
-            self.current = victim
-            return victim
+            self.members[self.current], self.fill[self.current] = [], 0
         else:
             return None
-        self.current = len(self.buffers) - 1
         return self.current
 
     def _view(self, slab: int, offset: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
