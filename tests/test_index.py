@@ -185,7 +185,7 @@ def test_ann_index_above_the_threshold_finds_what_exact_search_finds(ws, tmp_pat
     result = embed(ws, loaded, ann_threshold=50)
     assert result.ann == "IvfHnswSq"
     index = EntityIndex.open(ws, loaded)
-    assert index.ann == "IvfHnswSq"
+    assert index.ann == "IvfHnswSq" and index.meta["ann_partitions"] == "1"
     queries = index.vectors()[[3, 40, 77]] + 0.05 * np.random.default_rng(0).standard_normal((3, 32))
     exclude = [[3], [], [1, 2]]
     ann_ids, ann_scores = index.search(queries, 5, exclude=exclude)
@@ -203,6 +203,36 @@ def test_ann_index_above_the_threshold_finds_what_exact_search_finds(ws, tmp_pat
     lyon = loaded.entity_keys.index(KG + "Lyon")
     ids, scores = index.search(index.vectors()[[lyon]], 3)
     assert index.ann and ids[0, 0] == lyon and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+    assert index.meta["ann_partitions"] == "1"  # the partitions the index was built with, kept
+
+
+def test_ann_partitions_grow_with_the_rows_and_queries_probe_most_of_them():
+    from kalmkg.index import ann_partitions, ann_probes
+
+    assert [ann_partitions(n) for n in (1, 10_000, 10_001, 100_000, 1_000_000)] == [1, 1, 2, 10, 100]
+    assert ann_probes({"ann_partitions": "10"}, 100_000) == 8
+    assert ann_probes({"ann_partitions": "1"}, 50) == 1
+    # an index built before the count was stamped had one partition per million rows, all probed
+    assert ann_probes({}, 100_000) == 1 and ann_probes({}, 3_000_000) == 3
+
+
+def test_a_rebuild_appends_its_rows_instead_of_merging_them(ws, monkeypatch):
+    """Merging by id joins each batch against the whole table; a table the rebuild creates needs none."""
+    import lancedb.table
+
+    import kalmkg.index as index_module
+    from kalmkg.index import EntityIndex, embed
+
+    def refuse(*a, **k):
+        raise AssertionError("merge_insert during a rebuild")
+
+    monkeypatch.setattr(index_module, "_WRITE_ROWS", 8)  # several writes
+    monkeypatch.setattr(lancedb.table.LanceTable, "merge_insert", refuse)
+    loaded = load(ws)
+    result = embed(ws, loaded, full=True, batch_size=4)
+    assert result.rebuilt and result.total == len(loaded.entity_keys)
+    index = EntityIndex.open(ws, loaded)
+    np.testing.assert_array_equal(np.sort(index.table.to_arrow()["id"].to_numpy()), np.arange(result.total))
 
 
 def test_exact_search_opens_from_the_snapshot_without_lancedb_and_never_from_a_stale_one(ws, tmp_path, monkeypatch):
