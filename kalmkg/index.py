@@ -49,9 +49,9 @@ TABLE = "entities"
 FORMAT = "1"  # bump when rows or metadata change meaning: older tables then read as stale
 ANN_THRESHOLD = 100_000
 META = "kalmkg:"
-# Rows per IVF partition, each with its own HNSW graph. Graphs of 10k rows build in a fraction of the
-# time of one large graph (bench/ann_build.py: 100k rows 33 s in 32 partitions against 85-119 s in one;
-# 1M rows 522 s in 100), and a query probes three quarters of them (recall@10 .99 on clustered vectors, bench/ann_build.py).
+# Rows per IVF partition, each with its own HNSW graph: graphs of 10k rows build in a fraction of the
+# time of one large graph, and a query probes three quarters of them (bench/ann_build.py, clustered
+# vectors: 100k rows 47 s against 95 s as one graph, 300k rows 121 s against 322 s; recall@10 .998-1.0).
 _ROWS_PER_PARTITION = 10_000
 _LEGACY_ROWS_PER_PARTITION = 1_000_000  # tables indexed before the partition count was stamped
 ANN_PROBE_SHARE = 0.75
@@ -195,18 +195,20 @@ def embed(workspace: Workspace, loaded, encoder: Encoder | None = None, *, batch
                           table=None if rebuild else table, dim=0 if rebuild else int(meta.get("dim", 0)))
     encode_s = _encode_into(writer, encoder, todo, loaded, batch_size, progress)
 
-    # index, stamp and compact the table
+    # compact, index and stamp the table
     table = writer.table
-    ann, partitions = _update_ann(table, n, ann_threshold, changed=bool(todo or removed),
-                                  partitions=None if rebuild else meta.get("ann_partitions"))
+    if _has_ann(table) is None or todo or removed:
+        # Old versions hold whole copies after a rebuild, and every write adds small files: compact, and
+        # drop versions older than an hour (a reader that opened one just now keeps its files); with an
+        # ANN index this also folds the changed rows into it. Before any index is built: optimizing a
+        # fresh index again rewrites its graphs, which took longer than the build (100k rows: 95 s).
+        table.optimize(cleanup_older_than=timedelta(hours=1))
+    ann, partitions = _update_ann(table, n, ann_threshold, partitions=None if rebuild else meta.get("ann_partitions"))
     table.update_field_metadata({"path": "vector", "metadata": _meta_fields({
         **base_meta, "dim": str(writer.dim), "graph": graph_hash(hashes), "store": loaded.graph_fingerprint,
         "rows": str(n), "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **({"ann_partitions": partitions} if partitions else {}),
     })})
-    # Old versions hold whole copies after a rebuild, and every merge adds small files: compact, and
-    # drop versions older than an hour (a reader that opened one just now keeps its files).
-    table.optimize(cleanup_older_than=timedelta(hours=1))
     _write_snapshot(workspace, table if ann is None else None)
     return EmbedResult(len(todo), n - len(todo), removed, n, rebuild, ann, writer.dim,
                        time.perf_counter() - t_start, encode_s)
@@ -311,16 +313,13 @@ def _encode_into(writer: _TableWriter, encoder: Encoder, ids: list[int], loaded,
     return seconds
 
 
-def _update_ann(table, rows: int, ann_threshold: int, *, changed: bool,
-                partitions: str | None) -> tuple[str | None, str | None]:
-    """Build the ANN index once the table reaches `ann_threshold` rows, or fold changed rows into the one
-    it has; the index type (None: exact search) and its partition count (as the metadata holds it)."""
+def _update_ann(table, rows: int, ann_threshold: int, *, partitions: str | None) -> tuple[str | None, str | None]:
+    """Build the ANN index once the table reaches `ann_threshold` rows; the index type (None: exact
+    search) and its partition count (as the metadata holds it)."""
     ann = _has_ann(table)
     if rows >= ann_threshold and ann is None:
         _build_ann(table, rows)
         return _has_ann(table), str(ann_partitions(rows))
-    if ann is not None and changed:
-        table.optimize()  # folds the new rows into the existing ANN index's partitions
     return ann, partitions if ann is not None else None
 
 
