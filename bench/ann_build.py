@@ -5,7 +5,8 @@ kalmkg's partitioning against the rule it replaced, in the same run (issue 16 pa
     python bench/ann_build.py --sizes 1000000 --baseline-max 0  # 1M rows, kalmkg's rule alone
 
 Each (size, rule) runs in a fresh process: a LanceDB table of n unit vectors of SmolLM2's width (576)
-is written the way `kalmkg embed` writes it (8,192 rows at a time), then the index is built with
+is written the way `kalmkg embed` writes it (8,192 rows at a time; `embed` then compacts the table, 1.2 s
+for 100k rows, which this bench leaves out for both rules), then the index is built with
 `kalmkg.index._build_ann` (kalmkg: IVF partitions of 10,000 rows, each its own HNSW graph, three quarters
 of them probed) or with the rule before it (the baseline: one partition per million rows, all probed), and
 queried through `EntityIndex.search`, the code `predict` runs (refined on the full vectors).

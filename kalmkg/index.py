@@ -109,6 +109,14 @@ def _open_table(workspace: Workspace):
     return db.open_table(TABLE)
 
 
+def _unindexed_rows(table) -> int:
+    for ix in table.list_indices():
+        if "vector" in ix.columns:
+            stats = table.index_stats(ix.name)
+            return stats.num_unindexed_rows if stats is not None else 0
+    return 0
+
+
 def _has_ann(table) -> str | None:
     for ix in table.list_indices():
         if "vector" in ix.columns:
@@ -197,11 +205,12 @@ def embed(workspace: Workspace, loaded, encoder: Encoder | None = None, *, batch
 
     # compact, index and stamp the table
     table = writer.table
-    if _has_ann(table) is None or todo or removed:
+    if _has_ann(table) is None or todo or removed or _unindexed_rows(table):
         # Old versions hold whole copies after a rebuild, and every write adds small files: compact, and
         # drop versions older than an hour (a reader that opened one just now keeps its files); with an
         # ANN index this also folds the changed rows into it. Before any index is built: optimizing a
         # fresh index again rewrites its graphs, which took longer than the build (100k rows: 95 s).
+        # Rows left outside an index (an embed stopped while folding them in) are folded in now.
         table.optimize(cleanup_older_than=timedelta(hours=1))
     ann, partitions = _update_ann(table, n, ann_threshold, partitions=None if rebuild else meta.get("ann_partitions"))
     table.update_field_metadata({"path": "vector", "metadata": _meta_fields({
@@ -233,8 +242,9 @@ class _RowFields:
 
 class _TableWriter:
     """Collects encoded rows and writes them `_WRITE_ROWS` at a time: the first write of a rebuild
-    creates the table (replacing a stale one), later ones merge rows by id. Every write marks the table's
-    graph hash 'pending', so an interrupted embed leaves a table that reads as stale."""
+    creates the table (replacing a stale one) with its graph hash 'pending', later ones append to it; an
+    incremental embed merges rows by id into the table it has, whose graph hash is the old graph's. Either
+    way an interrupted embed leaves a table that reads as stale until an embed completes."""
 
     def __init__(self, workspace: Workspace, fields: _RowFields, base_meta: dict[str, str], *, table, dim: int):
         self.workspace = workspace

@@ -178,14 +178,18 @@ def test_interrupted_embed_reads_stale_and_the_next_one_finishes_the_rest(ws, mo
     EntityIndex.open(ws, loaded)
 
 
-def test_ann_index_above_the_threshold_finds_what_exact_search_finds(ws, tmp_path):
+def test_ann_index_above_the_threshold_finds_what_exact_search_finds(ws, tmp_path, monkeypatch):
+    import kalmkg.index as index_module
     from kalmkg.index import EntityIndex, embed
 
+    monkeypatch.setattr(index_module, "_ROWS_PER_PARTITION", 25)  # several partitions on a tiny graph
     loaded = load(ws)
+    built = -(-len(loaded.entity_keys) // 25)
+    assert built >= 3
     result = embed(ws, loaded, ann_threshold=50)
     assert result.ann == "IvfHnswSq"
     index = EntityIndex.open(ws, loaded)
-    assert index.ann == "IvfHnswSq" and index.meta["ann_partitions"] == "1"
+    assert index.ann == "IvfHnswSq" and index.meta["ann_partitions"] == str(built)
     queries = index.vectors()[[3, 40, 77]] + 0.05 * np.random.default_rng(0).standard_normal((3, 32))
     exclude = [[3], [], [1, 2]]
     ann_ids, ann_scores = index.search(queries, 5, exclude=exclude)
@@ -198,12 +202,13 @@ def test_ann_index_above_the_threshold_finds_what_exact_search_finds(ws, tmp_pat
     ingest_into(ws.root, [write(tmp_path / "new.ttl", PREFIXES.replace("http://x.org/", KG)
                                 + 'ex:Lyon rdfs:label "Lyon"@en ; ex:located_in ex:France .\n')])
     loaded = load(ws)
+    monkeypatch.setattr(index_module, "_ROWS_PER_PARTITION", 10)  # a recount now would differ
     assert embed(ws, loaded, ann_threshold=50).encoded == 1
     index = EntityIndex.open(ws, loaded)
     lyon = loaded.entity_keys.index(KG + "Lyon")
     ids, scores = index.search(index.vectors()[[lyon]], 3)
     assert index.ann and ids[0, 0] == lyon and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
-    assert index.meta["ann_partitions"] == "1"  # the partitions the index was built with, kept
+    assert index.meta["ann_partitions"] == str(built)  # the partitions the index was built with, kept
 
 
 def test_ann_partitions_grow_with_the_rows_and_queries_probe_most_of_them():
@@ -229,6 +234,31 @@ def test_a_fresh_ann_index_is_built_on_the_compacted_table_and_not_optimized_aga
     monkeypatch.setattr(index_module, "_build_ann", lambda table, rows: calls.append("build") or build(table, rows))
     assert index_module.embed(ws, load(ws), ann_threshold=50).ann == "IvfHnswSq"
     assert calls == ["optimize", "build"]
+
+
+def test_rows_left_outside_the_ann_index_by_a_stopped_embed_are_folded_in_by_the_next(ws, tmp_path, monkeypatch):
+    import lancedb.table
+
+    import kalmkg.index as index_module
+    from kalmkg.index import embed
+
+    assert embed(ws, load(ws), ann_threshold=50).ann == "IvfHnswSq"
+    ingest_into(ws.root, [write(tmp_path / "new.ttl", PREFIXES.replace("http://x.org/", KG)
+                                + 'ex:Lyon rdfs:label "Lyon"@en ; ex:located_in ex:France .\n')])
+    optimize = lancedb.table.LanceTable.optimize
+
+    def stopped(self, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lancedb.table.LanceTable, "optimize", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        embed(ws, load(ws), ann_threshold=50)  # Lyon written, not yet in the index
+    monkeypatch.setattr(lancedb.table.LanceTable, "optimize", optimize)
+    table = index_module._open_table(ws)
+    assert index_module._unindexed_rows(table) == 1
+    result = embed(ws, load(ws), ann_threshold=50)
+    assert result.encoded == 0  # nothing to encode, but the row is folded in
+    assert index_module._unindexed_rows(index_module._open_table(ws)) == 0
 
 
 def test_a_rebuild_appends_its_rows_instead_of_merging_them(ws, monkeypatch):
