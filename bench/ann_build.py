@@ -75,11 +75,13 @@ def child(n: int, rule: str, queries: int) -> dict:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t0 = time.perf_counter()
         if rule == "kalmkg":
+            partitions = index.ann_partitions(n)
             index._build_ann(table, n)
-            meta = {"rows": str(n), "ann_partitions": str(index.ann_partitions(n))}
+            meta = {"rows": str(n), "ann_partitions": str(partitions)}
         else:
-            table.create_index("vector", config=HnswSq(distance_type="cosine", num_partitions=max(1, n // 1_000_000)))
-            meta = {"rows": str(n)}
+            partitions = max(1, n // 1_000_000)
+            table.create_index("vector", config=HnswSq(distance_type="cosine", num_partitions=partitions))
+            meta = {"rows": str(n)}  # unstamped: probed by the rule of then
         build_s = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         ix = index.EntityIndex(table, meta, index._has_ann(table))
@@ -90,7 +92,6 @@ def child(n: int, rule: str, queries: int) -> dict:
         ids, _ = ix.search(q, 10)
         query_ms = 1000 * (time.perf_counter() - t0) / queries
         recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(ids, truth)])
-        partitions = int(meta.get("ann_partitions", max(1, n // 1_000_000)))
         return {"rows": n, "rule": rule, "partitions": partitions, "probes": index.ann_probes(meta, n),
                 "build_s": build_s, "peak_mb": peak, "build_mb": peak - before, "recall": float(recall),
                 "query_ms": query_ms}

@@ -109,19 +109,20 @@ def _open_table(workspace: Workspace):
     return db.open_table(TABLE)
 
 
+def _vector_index(table):
+    """The table's index on the vector column (LanceDB's IndexConfig), or None."""
+    return next((ix for ix in table.list_indices() if "vector" in ix.columns), None)
+
+
 def _unindexed_rows(table) -> int:
-    for ix in table.list_indices():
-        if "vector" in ix.columns:
-            stats = table.index_stats(ix.name)
-            return stats.num_unindexed_rows if stats is not None else 0
-    return 0
+    ix = _vector_index(table)
+    stats = table.index_stats(ix.name) if ix is not None else None
+    return stats.num_unindexed_rows if stats is not None else 0
 
 
 def _has_ann(table) -> str | None:
-    for ix in table.list_indices():
-        if "vector" in ix.columns:
-            return ix.index_type
-    return None
+    ix = _vector_index(table)
+    return ix.index_type if ix is not None else None
 
 
 def _staleness(meta: dict[str, str], loaded) -> str | None:
