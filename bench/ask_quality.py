@@ -3,6 +3,7 @@ for the untrained base and a KaLM run, on the 38 questions of tests/data/world_q
 
     python bench/ask_quality.py
     python bench/ask_quality.py --steps 120 --lm-weight 1 --lm-examples 16   # a run that leans on the LM loss
+    python bench/ask_quality.py --facts 60 --train --question-weight 1   # what the weights alone say of train facts
 
 Both models are Q8_0 GGUFs through llama.cpp, greedy: the run's `kalmkg export`, and the base converted
 by the same converter from the same float32 weights training started from (so quantization is not a
@@ -13,6 +14,13 @@ of answerable questions whose supporting facts all reached the prompt (with an a
 the prompt holds only the chosen path's facts), and how often the model's sentence around the chosen
 answer was kept (else kalmkg's plain "ANSWER [n]." replaced it). Answers go to
 bench/_work/ask-quality-*.jsonl.
+
+`--facts N` asks instead N questions about facts of the run's train split, `--no-context` only (issue 10:
+does the model alone know the facts it was trained on?): a fixed-seed draw of train queries (entity,
+relation, either direction), each written in one of the training templates' forms
+(`kalmkg/training/questions.py`); right when the reply names one of the query's known answers. Question-
+form training trains these very forms, so this measures recall of trained facts, not generalisation; the
+fixtures above measure that.
 """
 
 from __future__ import annotations
@@ -75,6 +83,27 @@ def reads(asker, question: str):
     return Answer(question, text, True, found.links, found.facts)
 
 
+def train_fact_rows(ws, n: int, seed: int = 0) -> list[dict]:
+    """`n` questions about train-split facts, written with the training templates (see the module's doc)."""
+    import numpy as np
+
+    from kalmkg.store import Store
+    from kalmkg.training.questions import QuestionWriter, question_queries
+
+    with Store.open(ws) as store:
+        train, entities, relations = store.triples_array(("train",)), store.entity_table(), store.relation_table()
+    labels = entities["label"].to_pylist()
+    writer = QuestionWriter(labels, relations["label"].to_pylist(), relations["description"].to_pylist())
+    queries = question_queries(train, relations.num_rows)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in rng.choice(len(queries), size=min(n, len(queries)), replace=False).tolist():
+        forms = writer.forms(queries[i])
+        rows.append({"id": f"train-{i}", "question": forms[int(rng.integers(len(forms)))], "kind": "one-hop",
+                     "answers": [labels[a] for a in queries[i].answers]})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=120)
@@ -86,6 +115,8 @@ def main() -> None:
     p.add_argument("--questions", type=Path, default=QUESTIONS,
                    help="a question fixture (default: the 38 of tests/data/world_questions.jsonl; "
                         "tests/data/world_questions_people.jsonl: 51 phrased as people ask)")
+    p.add_argument("--facts", type=int, default=0,
+                   help="instead of a fixture, N questions about train-split facts, --no-context only")
     args = p.parse_args()
 
     from world_run import prepare
@@ -96,15 +127,17 @@ def main() -> None:
 
     root = prepare(args.steps, args.lm_weight, args.lm_examples, tuple(args.train))
     ws = Workspace(root)
-    rows = load_questions(args.questions)
+    rows = train_fact_rows(ws, args.facts) if args.facts else load_questions(args.questions)
+    modes = ("--no-context",) if args.facts else MODES
+    fixture = f"train-facts-{args.facts}" if args.facts else args.questions.stem
     recipe = " ".join([f"{args.steps} steps, lambda {args.lm_weight:g}", *args.train])
     models = {"SmolLM2-135M, untrained": base_q8(root.parent), f"KaLM run ({recipe})": root / "models" / "world-Q8_0.gguf"}
-    log = root.parent / f"ask-quality-{root.name}-{args.questions.stem}.jsonl"
+    log = root.parent / f"ask-quality-{root.name}-{fixture}.jsonl"
     table = []
     with log.open("w") as out:
         for label, path in models.items():
             asker = Asker(ws, str(path), n_threads=args.threads)
-            for mode in MODES:
+            for mode in modes:
                 no_context = mode == "--no-context"
                 t0 = time.perf_counter()
                 right = {k: [] for k in KINDS}

@@ -4,6 +4,7 @@ and the benchmark folders (WN18RR, UMLS)."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -962,13 +963,41 @@ def test_progress_counts_the_bytes_on_disk_of_a_compressed_file(tmp_path):
 
         def advance(self, nbytes=0, rows=0):
             self.bytes[self.stage] = self.bytes.get(self.stage, 0) + nbytes
+            self.threads.add(threading.current_thread())
 
     packed = _compress(write(tmp_path / "world.ttl", SAMPLE_TTL.read_bytes()), "gz")
     counter = Counter()
+    counter.threads = set()
     with Store.open(Workspace(tmp_path / "ws"), create=True) as store:
         ingest(store, resolve_sources([packed]), progress=counter)
     size = packed.stat().st_size
     assert counter.bytes["checking"] == size and counter.bytes["reading"] == size and counter.total == size
+    # decompression runs in a thread ahead of the parser, but the progress bar hears only from the caller's
+    assert counter.threads == {threading.main_thread()}
+
+
+@pytest.mark.parametrize("kind", ["gz", "bz2"])
+def test_a_compressed_file_reads_ahead_in_a_thread_that_ends_with_the_reader(tmp_path, kind):
+    from kalmkg.ingestion.sources import ContentCheck, open_source
+
+    content = b"".join(b"<http://x.org/e%d> <http://x.org/p> <http://x.org/o> .\n" % i for i in range(60_000))
+    packed = _compress(write(tmp_path / "big.nt", content), kind)
+    with open_source(packed, kind) as reader:
+        assert [t for t in threading.enumerate() if t.name == "kalmkg-read-ahead"]  # decompressing ahead
+        assert reader.read() == content  # every byte, in order, across the thread's chunks
+    check = ContentCheck(packed)
+    reader = open_source(packed, kind, check=check)
+    assert reader.read(10) == content[:10]  # a parser that stops early (a syntax error) closes its reader
+    reader.close()
+    assert not [t for t in threading.enumerate() if t.name == "kalmkg-read-ahead"]
+
+
+def test_a_parse_error_early_in_a_large_compressed_file_stops_its_reading_thread(shared_ws, tmp_path):
+    line = "<http://x.org/a> <http://x.org/p> <http://x.org/b> .\n"
+    packed = _compress(write(tmp_path / "bad.nt", "<http://x.org/a> oops .\n" + line * 100_000), "bz2")
+    with pytest.raises(KalmkgError, match=r"bad\.nt\.bz2: syntax error"):
+        ingest_into(shared_ws, [packed])
+    assert not [t for t in threading.enumerate() if t.name == "kalmkg-read-ahead"]
 
 
 @pytest.mark.parametrize("name, content", [
