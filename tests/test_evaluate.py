@@ -229,7 +229,7 @@ def test_untrained_base_is_evaluated_into_its_own_folder(ws, tiny_model):
 
 # --------------------------------------------------------------------------------------------- generative
 def test_answers_are_compared_after_normalisation():
-    from kalmkg.evaluation.generative import NO, YES, Case, is_correct
+    from kalmkg.evaluation.generative import NO, YES, Case, is_correct, names_known
     from kalmkg.text import normalize_label as normalize
 
     assert normalize("  The Eiffel-Tower. ") == "eiffel tower" and normalize("Émile_Zola") == "emile zola"
@@ -238,7 +238,10 @@ def test_answers_are_compared_after_normalisation():
     yes, no = Case("classification", "", YES, (0, 0, 0)), Case("classification", "", NO, (0, 0, 0))
     assert is_correct(yes, "Yes, this is true") and not is_correct(yes, "No, this is not true")
     assert is_correct(no, "no") and not is_correct(no, "maybe") and not is_correct(no, "not sure")
-    view = Case("tail-completion", "", "Paris", (0, 0, 0))
+    view = Case("tail-completion", "", "Paris", (0, 0, 0), known=("Lyon", "Paris", "Tesla, Inc."))
+    assert names_known(view, "{ Lyon, a city }") and not is_correct(view, "{ Lyon, a city }")  # true, not held out
+    assert names_known(view, "{ Tesla, Inc., a company }") and not names_known(view, "{ Tesla, a scientist }")
+    assert not names_known(view, "{ Marseille }") and not names_known(view, "Lyon")
     assert is_correct(view, "{ Paris, the capital of France }") and is_correct(view, "{ paris }")
     assert is_correct(view, "{ Paris")  # cut by the token budget after the name
     assert not is_correct(view, "{ Paris Saint-Germain, a club }") and not is_correct(view, "Paris, the capital")
@@ -269,6 +272,10 @@ def test_generative_cases_have_fixed_shots_and_honest_corruptions(ws):
     assert first["tail-completion"].prompt.endswith("\n" + hr_view(texts.entities[h], texts.relations[r]))
     assert first["head-completion"].prompt.endswith("\n" + hr_view(texts.entities[t], "inverse of " + rels[r]))
     assert (first["tail-completion"].target, first["head-completion"].target) == (labels[t], labels[h])
+    # every known answer of the query, from any split, is what "names a known answer" accepts
+    assert set(first["tail-completion"].known) == {labels[c] for a, b, c in known if (a, b) == (h, r)}
+    assert set(first["head-completion"].known) == {labels[a] for a, b, c in known if (b, c) == (r, t)}
+    assert labels[t] in first["tail-completion"].known and labels[h] in first["head-completion"].known
     assert len(build_cases(test[:6], train, known, labels, rels, seed=0)) == 6 * (len(TASKS) - len(COMPLETION))
     tails = [c for c in cases if c.task == "tail"]
     assert [c.target for c in tails] == [labels[t] for _, _, t in test[:6].tolist()]
@@ -315,3 +322,20 @@ def test_generative_evaluation_of_the_tiny_run_and_its_base(ws, monkeypatch):
     out = generative.evaluate_generative(ws, limit=4, seed=0)
     assert all(a["accuracy"] == 1.0 for a in out["accuracy"]["run"].values())
     assert all(a["accuracy"] == 0.0 for a in out["accuracy"]["base"].values())
+    for task in generative.COMPLETION:  # the held-out answer is a known one; "zzz" names none
+        assert (out["accuracy"]["run"][task]["true"], out["accuracy"]["base"][task]["true"]) == (1.0, 0.0)
+    records = [json.loads(line) for line in Path(out["predictions_path"]).read_text().splitlines()]
+    assert all(("true" in r["run"]) == (r["task"] in generative.COMPLETION) for r in records)
+
+    # what the command prints: every task, the completion tasks with their known-answer rows
+    from typer.testing import CliRunner
+
+    from kalmkg.cli.app import app
+
+    calls.clear()
+    result = CliRunner().invoke(app, ["-w", str(ws.root), "evaluate", "--generative", "--limit", "4"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    for row in ("tail prediction", "triple classification", "tail, training's format", "head, training's format",
+                "names a known answer"):
+        assert row in result.output

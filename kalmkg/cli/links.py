@@ -299,8 +299,15 @@ def _evaluate_generative(workspace: Workspace, *, run, split, limit, seed, devic
     for name in acc:
         table.add_column("untrained base" if name == "base" else "run", justify="right")
     names = {"tail": "tail prediction", "head": "head prediction", "relation": "relation prediction",
-             "classification": "triple classification"}
+             "classification": "triple classification", "tail-completion": "tail, training's format",
+             "head-completion": "head, training's format"}
     for task in TASKS:
+        if task not in acc["run"]:  # the completion tasks need the run's entity texts
+            continue
         table.add_row(names[task], *[f"{acc[name][task]['accuracy']:.1%}" for name in acc])
-    table.caption = f"accuracy; answers in {out['predictions_path']}"
+        if "true" in acc["run"][task]:
+            table.add_row("  ... names a known answer", *[f"{acc[name][task]['true']:.1%}" for name in acc],
+                          style="dim")
+    table.caption = (f"accuracy: the held-out answer itself; a known answer: any of the query's answers, train "
+                     f"included; answers in {out['predictions_path']}")
     console().print(table)
