@@ -992,6 +992,31 @@ def test_a_compressed_file_reads_ahead_in_a_thread_that_ends_with_the_reader(tmp
     assert not [t for t in threading.enumerate() if t.name == "kalmkg-read-ahead"]
 
 
+def test_a_compressed_tsv_line_of_several_mib_reads_as_the_plain_one(tmp_path):
+    """pyarrow takes each read as a block: a read must fill its buffer, not stop at a chunk's end."""
+    long = "x" * (3 << 20)
+    content = f"a\tr\tb\nc\tr\t{long}\nd\tr\te\n"
+    _, got = ingest_read(tmp_path / "ws", [_compress(write(tmp_path / "t.tsv", content), "gz")])
+    assert got["triples"] == {("a", "r", "b", "train"), ("c", "r", long, "train"), ("d", "r", "e", "train")}
+
+
+def test_a_compressed_tsv_read_stopped_early_lets_the_process_end(tmp_path):
+    """pyarrow reads in a thread of its own; closing the stream must wake a read waiting on the chunks."""
+    import gzip
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.tsv.gz"
+    with gzip.open(path, "wb", compresslevel=1) as fh:
+        fh.write("".join(f"e{i}\tr\te{i + 1}\n" for i in range(3_000_000)).encode())
+    code = ("import sys; from pathlib import Path; from kalmkg.ingestion.delimited import read_triples; "
+            "from kalmkg.ingestion.sources import SourceFile; "
+            "g = read_triples(SourceFile(Path(sys.argv[1]), 'triples', 'tsv', compression='gz')); "
+            "next(g); g.close(); print('closed')")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "closed" in done.stdout, done.stderr
+
+
 def test_a_parse_error_early_in_a_large_compressed_file_stops_its_reading_thread(shared_ws, tmp_path):
     line = "<http://x.org/a> <http://x.org/p> <http://x.org/b> .\n"
     packed = _compress(write(tmp_path / "bad.nt", "<http://x.org/a> oops .\n" + line * 100_000), "bz2")

@@ -15,7 +15,7 @@ file is skipped again without decompressing it, and another compression of an in
 found the same once parsed, and dropped. Its blank nodes are staged under PENDING_TAG and renamed to the
 content's tag once it is known, so their keys are those the uncompressed file gets.
 
-A compressed file is decompressed (and checked) in a thread a few MiB ahead of the parser
+A compressed file is decompressed (and checked) in a thread up to 4 MiB ahead of the parser
 (`_ReadAhead`): the decompressors and hashlib release the GIL, so on a second core bzip2's 20 MB/s
 overlap the parse instead of adding to it.
 """
@@ -346,18 +346,21 @@ class _Checked(io.RawIOBase):
 
 class _ReadAhead(io.RawIOBase):
     """A reader filled by a thread that reads the stream under it CHUNK bytes at a time, at most DEPTH
-    chunks ahead. An error of the stream under it (a corrupt archive, a check's UTF-8 error) is raised by
-    the read that reaches it, after the bytes before it, as a plain reader raises it. `on_bytes` is called
-    here, by the reading thread's consumer, never from the thread (progress bars are not thread-safe)."""
+    chunks ahead. A read fills its buffer whole (pyarrow's CSV reader takes each read as one block) unless
+    the content ends or an error of the stream under it comes first (a corrupt archive, a check's UTF-8
+    error): that error is raised by the read that reaches it, after the bytes before its chunk, and by
+    every read after. `on_bytes` is called by the reading caller, never from the thread. Reads after
+    `close` raise ValueError, also one already waiting in another thread (pyarrow reads in its own)."""
 
-    CHUNK = 1 << 20
-    DEPTH = 4
+    CHUNK = 1 << 16  # an error loses at most the bytes decompressed in this chunk, as a parser's read did
+    DEPTH = 64
 
     def __init__(self, inner: io.RawIOBase, disk: CountingReader, on_bytes: Callable[[int], None] | None):
         self._inner, self._disk, self._on_bytes = inner, disk, on_bytes
         self._queue: queue.Queue = queue.Queue(self.DEPTH)
         self._stop = threading.Event()
-        self._chunk, self._at, self._reported, self._ended = memoryview(b""), 0, 0, False
+        self._chunk, self._at, self._reported = memoryview(b""), 0, 0
+        self._ended, self._error = False, None
         self._thread = threading.Thread(target=self._fill, name="kalmkg-read-ahead", daemon=True)
         self._thread.start()
 
@@ -379,28 +382,49 @@ class _ReadAhead(io.RawIOBase):
             except queue.Full:
                 continue
 
+    def _next(self) -> None:
+        """Take the thread's next chunk (or its end, or its error)."""
+        while True:
+            if self._stop.is_set():
+                raise ValueError("read of closed file")
+            try:
+                item, disk = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                continue
+        if self._on_bytes and disk > self._reported:
+            self._on_bytes(disk - self._reported)
+        self._reported = disk
+        if isinstance(item, BaseException):
+            self._error = item
+        elif not item:
+            self._ended = True
+        else:
+            self._chunk, self._at = memoryview(item), 0
+
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        if self._at >= len(self._chunk):
-            if self._ended:
-                return 0
-            item, disk = self._queue.get()
-            if self._on_bytes and disk > self._reported:
-                self._on_bytes(disk - self._reported)
-            self._reported = disk
-            if isinstance(item, BaseException):
-                self._ended = True
-                raise item
-            self._chunk, self._at = memoryview(item), 0
-            if not item:
-                self._ended = True
-                return 0
-        n = min(len(buffer), len(self._chunk) - self._at)
-        buffer[:n] = self._chunk[self._at:self._at + n]
-        self._at += n
-        return n
+        if self.closed:
+            raise ValueError("read of closed file")
+        out = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(out):
+            if self._at >= len(self._chunk):
+                if self._error is not None:
+                    if filled:
+                        break
+                    raise self._error
+                if self._ended:
+                    break
+                self._next()
+                continue
+            n = min(len(out) - filled, len(self._chunk) - self._at)
+            out[filled:filled + n] = self._chunk[self._at:self._at + n]
+            self._at += n
+            filled += n
+        return filled
 
     def close(self) -> None:
         if not self.closed:
