@@ -308,6 +308,6 @@ def _evaluate_generative(workspace: Workspace, *, run, split, limit, seed, devic
         if "true" in acc["run"][task]:
             table.add_row("  ... names a known answer", *[f"{acc[name][task]['true']:.1%}" for name in acc],
                           style="dim")
-    table.caption = (f"accuracy: the held-out answer itself; a known answer: any of the query's answers, train "
-                     f"included; answers in {out['predictions_path']}")
+    table.caption = "accuracy: the held-out answer; a known answer: any of the query's, train included"
     console().print(table)
+    console().print(f"answers: {out['predictions_path']}", soft_wrap=True)
