@@ -76,7 +76,8 @@ class IngestBar(Bar):
         self.task = self.progress.add_task(f"{stage} {Path(source.name).name}", total=total, rows=0, rate="")
 
     def advance(self, nbytes: int = 0, rows: int = 0) -> None:
-        self.rows += rows
+        if rows:  # bytes also come from pyarrow's reading thread: only the caller's thread writes the count
+            self.rows += rows
         elapsed = self.progress.tasks[-1].elapsed or 0.0
         rate = f"{self.rows / elapsed:,.0f} rows/s" if elapsed > 0 and self.rows else ""
         self.progress.update(self.task, advance=nbytes, rows=self.rows, rate=rate)

@@ -352,7 +352,7 @@ class _ReadAhead(io.RawIOBase):
     every read after. `on_bytes` is called by the reading caller, never from the thread. Reads after
     `close` raise ValueError, also one already waiting in another thread (pyarrow reads in its own)."""
 
-    CHUNK = 1 << 16  # an error loses at most the bytes decompressed in this chunk, as a parser's read did
+    CHUNK = 1 << 16  # an error loses at most the bytes decompressed before it in its piece
     DEPTH = 64
 
     def __init__(self, inner: io.RawIOBase, disk: CountingReader, on_bytes: Callable[[int], None] | None):
