@@ -93,7 +93,7 @@ def train_fact_rows(ws, n: int, seed: int = 0) -> list[dict]:
     with Store.open(ws) as store:
         train, entities, relations = store.triples_array(("train",)), store.entity_table(), store.relation_table()
     labels = entities["label"].to_pylist()
-    writer = QuestionWriter(labels, relations["label"].to_pylist(), relations["description"].to_pylist())
+    writer = QuestionWriter.from_tables(labels, relations)
     queries = question_queries(train, relations.num_rows)
     rng = np.random.default_rng(seed)
     rows = []

@@ -26,7 +26,7 @@ def question_prompts(loaded, relations, queries: np.ndarray, seed: int) -> list[
     from kalmkg.prompts import no_context_messages
     from kalmkg.training.questions import QuestionQuery, QuestionWriter
 
-    writer = QuestionWriter(loaded.entity_labels, relations["label"].to_pylist(), relations["description"].to_pylist())
+    writer = QuestionWriter.from_tables(loaded.entity_labels, relations)
     picks = np.random.default_rng(seed).integers(1 << 16, size=len(queries)).tolist()
     out = []
     for (q, r), pick in zip(queries.tolist(), picks):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kalmkg.errors import KalmkgError
+from kalmkg.evaluation.metrics import known_answers
 from kalmkg.evaluation.ranking import sample_triples
 from kalmkg.loaded import load_model
 from kalmkg.files import atomic_write_text
@@ -91,14 +92,12 @@ def build_cases(triples: np.ndarray, train: np.ndarray, known: set[tuple[int, in
     shots = train[rng.choice(len(train), SHOTS, replace=False)]
     n_ent = len(entity_labels)
     L, RL = entity_labels, relation_labels
-    answers: dict[tuple[str, int, int], set[int]] = {}  # ("tail", h, r) / ("head", t, r) -> known answers
-    for h, r, t in known:
-        answers.setdefault(("tail", h, r), set()).add(t)
-        answers.setdefault(("head", t, r), set()).add(h)
+    R = len(relation_labels)
+    answers = known_answers(np.array(sorted(known), dtype=np.int64).reshape(-1, 3), R)
 
     def known_labels(task: str, h: int, r: int, t: int) -> tuple[str, ...]:
-        key = ("tail", h, r) if task == "tail-completion" else ("head", t, r)
-        return tuple(sorted({L[e] for e in answers.get(key, ())}))
+        query = (h, r) if task == "tail-completion" else (t, r + R)
+        return tuple(sorted({L[e] for e in answers.get(query, ())}))
 
     def corrupt(h: int, r: int, t: int) -> int:
         for _ in range(100):

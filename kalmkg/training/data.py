@@ -395,8 +395,7 @@ class QuestionData:
     def build(cls, graph: TrainingGraph, tokenizer) -> "QuestionData":
         entities, relations = graph.entity_table, graph.relation_table
         R = relations.num_rows
-        writer = QuestionWriter(entities["label"].to_pylist(), relations["label"].to_pylist(),
-                                relations["description"].to_pylist())
+        writer = QuestionWriter.from_tables(entities["label"].to_pylist(), relations)
         return cls(question_queries(graph.train, R), writer, tokenizer)
 
     def describe(self, k: int, seed: int) -> dict:

@@ -147,6 +147,11 @@ class QuestionWriter:
     relation_labels: list[str]  # the R relations (not their inverses)
     relation_descriptions: list[str | None]
 
+    @classmethod
+    def from_tables(cls, entity_labels: list[str], relations) -> "QuestionWriter":
+        """From the entities' labels and the store's relation table (its label and description columns)."""
+        return cls(entity_labels, relations["label"].to_pylist(), relations["description"].to_pylist())
+
     def forms(self, query: QuestionQuery) -> list[str]:
         R = len(self.relation_labels)
         rel, inverse = query.relation % R, query.relation >= R
